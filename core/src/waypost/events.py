@@ -1,0 +1,254 @@
+"""The event envelope, typed payloads, UUIDv7 ids and the one place JSON coercion happens."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import decimal
+import enum
+import json
+import os
+import pathlib
+import platform
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Level = Literal["error", "usage", "all"]
+LEVELS: dict[str, int] = {"off": 0, "error": 1, "usage": 2, "all": 3}
+
+_UTC = _dt.timezone.utc
+
+
+# --- ids --------------------------------------------------------------------------------------
+
+
+class _UUID7:
+    """UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then a 12-bit counter that keeps ids made in
+    the same millisecond in order, then 62 random bits."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._counter = 0
+
+    def __call__(self, unix_seconds: float | None = None) -> str:
+        ms = int((time.time() if unix_seconds is None else unix_seconds) * 1000)
+        with self._lock:
+            if ms <= self._last_ms:
+                # Same (or an earlier, for backdated events) millisecond: keep strict order.
+                self._counter += 1
+                if self._counter > 0xFFF:
+                    self._last_ms += 1
+                    self._counter = 0
+                ms = self._last_ms
+            else:
+                self._last_ms = ms
+                self._counter = int.from_bytes(os.urandom(2), "big") & 0x3FF
+            counter = self._counter
+        rand = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
+        value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand
+        return str(uuid.UUID(int=value))
+
+
+uuid7 = _UUID7()
+"""Make a UUIDv7 string; ids made by one process sort in the order they were made."""
+
+
+# --- JSON coercion ----------------------------------------------------------------------------
+
+
+def coerce(value: Any, _depth: int = 0) -> Any:
+    """Turn a property value into plain JSON data, or raise ``TypeError`` naming the type.
+
+    The one documented place for coercion: ``datetime``/``date``/``time`` become ISO 8601
+    (naive datetimes are taken as UTC), ``Decimal`` a number, ``UUID`` and ``Path`` strings,
+    enums their value, sets/tuples lists, dataclasses and pydantic models dicts, bytes are refused
+    (they are rarely meant to leave), non-finite floats become ``None``.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if _depth > 32:
+        raise TypeError("nested deeper than 32 levels")
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                if isinstance(key, (int, float, bool, enum.Enum, uuid.UUID)):
+                    key = str(key.value if isinstance(key, enum.Enum) else key)
+                else:
+                    raise TypeError(f"key {key!r} of type {type(key).__name__} is not a string")
+            out[key] = coerce(item, _depth + 1)
+        return out
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [coerce(item, _depth + 1) for item in items]
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_UTC)
+        return value.astimezone(_UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, (_dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, _dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return None
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (uuid.UUID, pathlib.PurePath)):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return coerce(value.value, _depth + 1)
+    if isinstance(value, BaseModel):
+        return coerce(value.model_dump(mode="json", by_alias=True), _depth + 1)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return coerce(dataclasses.asdict(value), _depth + 1)
+    raise TypeError(f"value of type {type(value).__name__} is not JSON-serialisable")
+
+
+def dumps(data: Any) -> str:
+    """Compact JSON for the wire and the outbox (data must already be coerced)."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+# --- the envelope -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class Event:
+    """One event as sinks receive it: the envelope every destination is built from.
+
+    ``time`` is Unix seconds (UTC); ``timestamp`` gives the same instant as an aware datetime.
+    ``distinct_id`` is the id destinations count by: the instance id unless the application set
+    one. ``remarks`` lists what the privacy gate redacted (``"email@properties.owner"``).
+    """
+
+    id: str
+    name: str
+    time: float
+    instance_id: str
+    properties: dict[str, Any]
+    context: dict[str, Any]
+    distinct_id: str = ""
+    level: str = "usage"
+    remarks: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def timestamp(self) -> _dt.datetime:
+        return _dt.datetime.fromtimestamp(self.time, _UTC)
+
+    @property
+    def iso_timestamp(self) -> str:
+        """The timestamp as ISO 8601 with milliseconds and a ``Z``."""
+        return self.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The envelope as sent by generic sinks (``jsonl``, ``http``, warehouses)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "timestamp": self.iso_timestamp,
+            "instance_id": self.instance_id,
+            "distinct_id": self.distinct_id or self.instance_id,
+            "properties": self.properties,
+            "context": self.context,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        ts = data["timestamp"]
+        seconds = (
+            _dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+            if isinstance(ts, str)
+            else float(ts)
+        )
+        return cls(
+            id=data["id"],
+            name=data["name"],
+            time=seconds,
+            instance_id=data["instance_id"],
+            properties=dict(data.get("properties") or {}),
+            context=dict(data.get("context") or {}),
+            distinct_id=data.get("distinct_id") or "",
+            level=data.get("level", "usage"),
+            remarks=list(data.get("remarks") or []),
+        )
+
+
+# --- typed payloads ---------------------------------------------------------------------------
+
+
+class Payload(BaseModel):
+    """Base class of typed payloads: declare the event name and exactly the fields that leave.
+
+    ``class RunPayload(waypost.Payload, event="run")``; fields with ``serialization_alias`` go
+    out under the alias (camelCase on the wire). Field descriptions (``Field(description=...)``
+    or an attribute docstring) feed ``waypost manifest``. ``level`` classifies the event for the
+    configured telemetry level (``error``, ``usage`` or ``all``).
+    """
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True, frozen=False)
+
+    __event__: ClassVar[str] = ""
+    __level__: ClassVar[str] = "usage"
+
+    def __init_subclass__(cls, event: str | None = None, level: str = "usage", **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if level not in ("error", "usage", "all"):
+            raise ValueError(f"{cls.__name__}: level must be error, usage or all, not {level!r}")
+        cls.__event__ = event or cls.__dict__.get("__event__") or _snake(cls.__name__)
+        cls.__level__ = level
+        _PAYLOADS[cls.__event__] = cls
+
+    def undeclared(self) -> list[str]:
+        """Names of fields given to this payload that its class does not declare."""
+        return sorted(self.__pydantic_extra__ or ())
+
+    def wire(self) -> dict[str, Any]:
+        """The declared fields only, by alias, as JSON data."""
+        extra = self.__pydantic_extra__
+        return self.model_dump(
+            mode="json", by_alias=True, exclude=set(extra) if extra else None, warnings=False
+        )
+
+
+_PAYLOADS: dict[str, type[Payload]] = {}
+
+
+def registered_payloads() -> dict[str, type[Payload]]:
+    """Every Payload class defined so far, by event name."""
+    return dict(_PAYLOADS)
+
+
+def _snake(name: str) -> str:
+    base = name[: -len("Payload")] if name.endswith("Payload") and name != "Payload" else name
+    out = []
+    for i, ch in enumerate(base):
+        if ch.isupper() and i:
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+# --- context ----------------------------------------------------------------------------------
+
+
+def base_context(app: str, version: str) -> dict[str, Any]:
+    """Context shared by every event of one process: app, os, runtime and library versions."""
+    from waypost import __version__
+
+    uname = platform.uname()
+    return {
+        "app": {"name": app, "version": version},
+        "os": {"type": uname.system, "release": uname.release, "arch": uname.machine},
+        "python": platform.python_version(),
+        "waypost": __version__,
+        **({"implementation": sys.implementation.name} if sys.implementation.name != "cpython" else {}),
+    }

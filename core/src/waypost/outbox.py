@@ -1,0 +1,442 @@
+"""The durable outbox: SQLite in WAL mode, one row per (event, sink instance).
+
+Rows are ``pending`` until their sink delivers them (then deleted, or kept as ``sent`` for
+``outbox.keep_sent``) or refuses them for good (``failed``, kept for inspection until
+``outbox.max_age``). A sink leases the rows it is sending, so several processes sharing one
+data dir never send the same row at once; a lease held by a process that died is void.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from waypost.events import Event, dumps
+
+FILENAME = "outbox.sqlite3"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS contexts (
+  id INTEGER PRIMARY KEY,
+  body TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS outbox (
+  seq INTEGER PRIMARY KEY,
+  sink TEXT NOT NULL,
+  event_id TEXT NOT NULL,
+  name TEXT NOT NULL,
+  time REAL NOT NULL,
+  body TEXT NOT NULL,
+  context_id INTEGER NOT NULL,
+  remarks TEXT,
+  state TEXT NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_at REAL NOT NULL DEFAULT 0,
+  lease_pid INTEGER NOT NULL DEFAULT 0,
+  lease_until REAL NOT NULL DEFAULT 0,
+  last_error TEXT,
+  created_at REAL NOT NULL,
+  done_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_event_sink ON outbox (event_id, sink);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (sink, state, next_at, seq);
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created_at);
+"""
+
+
+@dataclass
+class Record:
+    """One outbox row, as ``waypost show`` and the admin page list it."""
+
+    seq: int
+    sink: str
+    event_id: str
+    name: str
+    timestamp: float
+    state: str
+    attempts: int
+    next_at: float
+    last_error: str | None
+    created_at: float
+    properties: dict[str, Any]
+    remarks: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        from datetime import datetime, timezone
+
+        def iso(t: float | None) -> str | None:
+            if not t:
+                return None
+            return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+        return {
+            "seq": self.seq,
+            "sink": self.sink,
+            "event_id": self.event_id,
+            "name": self.name,
+            "timestamp": iso(self.timestamp),
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt": iso(self.next_at) if self.state == "pending" else None,
+            "last_error": self.last_error,
+            "stored_at": iso(self.created_at),
+            "properties": self.properties,
+            "remarks": self.remarks,
+        }
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Outbox:
+    """Thread-safe access to the outbox file: one SQLite connection per thread."""
+
+    def __init__(self, data_dir: Path, *, sync: bool = False) -> None:
+        self.path = Path(data_dir) / FILENAME
+        self.sync = sync
+        self._local = threading.local()
+        self._context_ids: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._connect().executescript(_SCHEMA)
+
+    # --- connections ----------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'NORMAL'}")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+            with self._lock:
+                self._conns.append(db)
+            try:
+                os.chmod(self.path, 0o600)
+            except OSError:
+                pass
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def after_fork(self) -> None:
+        """Forget the parent's connections (never use them in a child)."""
+        self._local = threading.local()
+        self._conns = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for db in conns:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def _context_id(self, db: sqlite3.Connection, context: dict[str, Any]) -> int:
+        body = dumps(context)
+        cid = self._context_ids.get(body)
+        if cid is None:
+            db.execute("INSERT OR IGNORE INTO contexts (body) VALUES (?)", (body,))
+            row = db.execute("SELECT id FROM contexts WHERE body = ?", (body,)).fetchone()
+            cid = int(row[0])
+            self._context_ids[body] = cid
+        return cid
+
+    def add(self, events: Sequence[Event], sinks: Sequence[str], *, now: float | None = None) -> None:
+        """Store events for every sink in one transaction (a duplicate id is ignored)."""
+        if not events or not sinks:
+            return
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = []
+            ctx_cache: dict[int, int] = {}
+            for e in events:
+                key = id(e.context)
+                cid = ctx_cache.get(key)
+                if cid is None:
+                    cid = ctx_cache[key] = self._context_id(db, e.context)
+                body = dumps(
+                    {
+                        "properties": e.properties,
+                        "instance_id": e.instance_id,
+                        "distinct_id": e.distinct_id,
+                        "level": e.level,
+                    }
+                )
+                remarks = dumps(e.remarks) if e.remarks else None
+                for sink in sinks:
+                    rows.append((sink, e.id, e.name, e.time, body, cid, remarks, now))
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox "
+                "(sink, event_id, name, time, body, context_id, remarks, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    # --- delivery ---------------------------------------------------------------------------
+
+    def lease(
+        self, sink: str, limit: int, *, lease_seconds: float, now: float | None = None
+    ) -> list[tuple[int, int, Event]]:
+        """Take up to ``limit`` due rows of ``sink`` for this process, oldest first."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT o.seq, o.event_id, o.name, o.time, o.body, c.body, o.remarks, o.attempts "
+                "FROM outbox o JOIN contexts c ON c.id = o.context_id "
+                "WHERE o.sink = ? AND o.state = 'pending' AND o.next_at <= ? "
+                "AND o.lease_until <= ? ORDER BY o.seq LIMIT ?",
+                (sink, now, now, limit),
+            ).fetchall()
+            if not rows:
+                return []
+            db.executemany(
+                "UPDATE outbox SET lease_pid = ?, lease_until = ? WHERE seq = ?",
+                [(os.getpid(), now + lease_seconds, r[0]) for r in rows],
+            )
+        out = []
+        contexts: dict[str, dict[str, Any]] = {}
+        for seq, event_id, name, ts, body, ctx, remarks, attempts in rows:
+            data = json.loads(body)
+            context = contexts.get(ctx)
+            if context is None:
+                context = contexts[ctx] = json.loads(ctx)
+            out.append(
+                (
+                    seq,
+                    attempts,
+                    Event(
+                        id=event_id,
+                        name=name,
+                        time=ts,
+                        instance_id=data["instance_id"],
+                        properties=data["properties"],
+                        context=context,
+                        distinct_id=data.get("distinct_id") or "",
+                        level=data.get("level", "usage"),
+                        remarks=json.loads(remarks) if remarks else [],
+                    ),
+                )
+            )
+        return out
+
+    def delivered(self, seqs: Iterable[int], *, keep: bool, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        params = [(s,) for s in seqs]
+        if not params:
+            return
+        with self._tx() as db:
+            if keep:
+                db.executemany(
+                    "UPDATE outbox SET state = 'sent', done_at = ?, lease_until = 0, "
+                    "last_error = NULL WHERE seq = ?",
+                    [(now, s) for (s,) in params],
+                )
+            else:
+                db.executemany("DELETE FROM outbox WHERE seq = ?", params)
+
+    def retry(self, items: Iterable[tuple[int, float, str]]) -> None:
+        """Schedule rows again: (seq, next attempt time, reason)."""
+        params = [(next_at, reason[:1000], seq) for seq, next_at, reason in items]
+        if not params:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ?, "
+                "lease_until = 0, lease_pid = 0 WHERE seq = ?",
+                params,
+            )
+
+    def failed(self, items: Iterable[tuple[int, str]], *, now: float | None = None) -> None:
+        """Mark rows refused for good: (seq, reason)."""
+        now = time.time() if now is None else now
+        params = [(reason[:1000], now, seq) for seq, reason in items]
+        if not params:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?, "
+                "done_at = ?, lease_until = 0, lease_pid = 0 WHERE seq = ?",
+                params,
+            )
+
+    def release(self, seqs: Iterable[int]) -> None:
+        params = [(s,) for s in seqs]
+        if params:
+            with self._tx() as db:
+                db.executemany(
+                    "UPDATE outbox SET lease_until = 0, lease_pid = 0 WHERE seq = ?", params
+                )
+
+    def reclaim(self, *, now: float | None = None) -> int:
+        """Void leases held by processes that no longer exist; returns how many rows."""
+        now = time.time() if now is None else now
+        db = self._connect()
+        pids = [
+            r[0]
+            for r in db.execute(
+                "SELECT DISTINCT lease_pid FROM outbox WHERE lease_until > ? AND lease_pid != ?",
+                (now, os.getpid()),
+            )
+        ]
+        dead = [pid for pid in pids if not _pid_alive(pid)]
+        if not dead:
+            return 0
+        with self._tx() as db:
+            total = 0
+            for pid in dead:
+                total += db.execute(
+                    "UPDATE outbox SET lease_until = 0, lease_pid = 0 WHERE lease_pid = ?", (pid,)
+                ).rowcount
+        return total
+
+    def retry_now(self, sinks: Iterable[str] | None = None) -> int:
+        """Make every pending row due now (a restart or ``waypost flush`` is a retry point)."""
+        with self._tx() as db:
+            if sinks is None:
+                return db.execute(
+                    "UPDATE outbox SET next_at = 0 WHERE state = 'pending' AND next_at > 0"
+                ).rowcount
+            return sum(
+                db.execute(
+                    "UPDATE outbox SET next_at = 0 WHERE sink = ? AND state = 'pending' "
+                    "AND next_at > 0",
+                    (s,),
+                ).rowcount
+                for s in sinks
+            )
+
+    def next_due(self, sink: str) -> float | None:
+        """When the earliest pending row of ``sink`` becomes due (None if there is none)."""
+        row = self._connect().execute(
+            "SELECT MIN(MAX(next_at, lease_until)) FROM outbox WHERE sink = ? AND state = 'pending'",
+            (sink,),
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    # --- inspection and housekeeping --------------------------------------------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Row counts by sink and state."""
+        out: dict[str, dict[str, int]] = {}
+        for sink, state, n in self._connect().execute(
+            "SELECT sink, state, COUNT(*) FROM outbox GROUP BY sink, state"
+        ):
+            out.setdefault(sink, {})[state] = n
+        return out
+
+    def pending_events(self) -> int:
+        """Distinct events that some sink has still to deliver."""
+        row = self._connect().execute(
+            "SELECT COUNT(DISTINCT event_id) FROM outbox WHERE state = 'pending'"
+        ).fetchone()
+        return int(row[0])
+
+    def records(
+        self,
+        *,
+        sink: str | None = None,
+        state: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[Record], int]:
+        """A page of records, newest first, and the total that match the filters."""
+        where, params = [], []
+        for column, value in (("sink", sink), ("state", state), ("name", name)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        db = self._connect()
+        total = db.execute(f"SELECT COUNT(*) FROM outbox {clause}", params).fetchone()[0]
+        rows = db.execute(
+            "SELECT seq, sink, event_id, name, time, state, attempts, next_at, last_error, "
+            f"created_at, body, remarks FROM outbox {clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        ).fetchall()
+        records = [
+            Record(
+                seq=r[0], sink=r[1], event_id=r[2], name=r[3], timestamp=r[4], state=r[5],
+                attempts=r[6], next_at=r[7], last_error=r[8], created_at=r[9],
+                properties=json.loads(r[10]).get("properties", {}),
+                remarks=json.loads(r[11]) if r[11] else [],
+            )
+            for r in rows
+        ]  # fmt: skip
+        return records, int(total)
+
+    def purge(self, *, sent_only: bool) -> int:
+        """Delete every record, or only the delivered ones kept for inspection."""
+        with self._tx() as db:
+            if sent_only:
+                return db.execute("DELETE FROM outbox WHERE state = 'sent'").rowcount
+            return db.execute("DELETE FROM outbox").rowcount
+
+    def enforce_retention(
+        self, *, max_age: float, max_bytes: float, keep_sent: float, now: float | None = None
+    ) -> dict[str, int]:
+        """Drop what is past the limits, oldest first; returns counts by reason."""
+        now = time.time() if now is None else now
+        dropped = {"max_age": 0, "max_size": 0, "sent_expired": 0}
+        with self._tx() as db:
+            dropped["max_age"] = db.execute(
+                "DELETE FROM outbox WHERE state != 'sent' AND created_at < ?", (now - max_age,)
+            ).rowcount
+            dropped["sent_expired"] = db.execute(
+                "DELETE FROM outbox WHERE state = 'sent' AND done_at < ?", (now - keep_sent,)
+            ).rowcount
+        size = self.size_bytes()
+        if size > max_bytes:
+            db = self._connect()
+            total = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            if total:
+                excess = int(total * (1 - max_bytes / size)) + 1
+                with self._tx() as db:
+                    dropped["max_size"] = db.execute(
+                        "DELETE FROM outbox WHERE seq IN "
+                        "(SELECT seq FROM outbox ORDER BY state = 'pending', seq LIMIT ?)",
+                        (excess,),
+                    ).rowcount
+        return dropped
+
+    def size_bytes(self) -> int:
+        db = self._connect()
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)

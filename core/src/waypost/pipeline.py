@@ -1,0 +1,535 @@
+"""The delivery pipeline: buffer -> worker (gate, envelope, outbox) -> one delivery thread per
+sink instance, each inside its own error boundary, with retries and a circuit breaker."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from waypost.errors import PayloadTooLarge, SinkContractError, SinkError
+from waypost.events import Event, Payload, coerce, dumps, uuid7
+from waypost.outbox import Outbox
+from waypost.retry import Backoff
+from waypost.sinks import SendResult, Sink
+
+log = logging.getLogger("waypost")
+
+Item = tuple[Any, Any, float, "str | None", "str | None"]
+"""What ``track`` buffers: (name or payload, properties, unix time, level, distinct id)."""
+
+
+class LogOnce:
+    """Logs the first occurrence of a cause, then at most once a minute with a count."""
+
+    def __init__(self, logger: logging.Logger, period: float = 60.0) -> None:
+        self.logger = logger
+        self.period = period
+        self._seen: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._seen.get(key, (0.0, -1))
+            if suppressed >= 0 and now - last < self.period:
+                self._seen[key] = (last, suppressed + 1)
+                return
+            self._seen[key] = (now, 0)
+        if suppressed > 0:
+            message += f" ({suppressed} more like this since the last report)"
+        self.logger.log(level, message, *args)
+
+
+@dataclass
+class Counters:
+    """Process-wide counters; ``dropped`` is keyed by reason."""
+
+    accepted: int = 0
+    stored: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+
+class Runner:
+    """Delivers one sink instance's rows from the outbox, on its own thread."""
+
+    def __init__(self, pipeline: Pipeline, sink: Sink) -> None:
+        self.pipeline = pipeline
+        self.sink = sink
+        self.name = sink.name
+        self.delivered = 0
+        self.retried = 0
+        self.failed = 0
+        self.dropped_by_destination = 0
+        self.last_success: float | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.consecutive_failures = 0
+        self.open_until = 0.0
+        self.opened = False
+        self.open_error: str | None = None
+        self.receipts: deque[str] = deque(maxlen=20)
+        self._reset_sync()
+
+    def _reset_sync(self) -> None:
+        self.kick = threading.Event()
+        self.stop = False
+        self.thread: threading.Thread | None = None
+        self._pass_lock = threading.Condition()
+        self._requested = 0
+        self._completed = 0
+
+    @property
+    def state(self) -> str:
+        if self.open_error and not self.opened:
+            return "error"
+        if self.open_until > time.time():
+            return "circuit_open"
+        if self.consecutive_failures:
+            return "retrying"
+        return "ok"
+
+    # --- thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(
+            target=self._run, name=f"waypost-sink-{self.name}", daemon=True
+        )
+        self.thread.start()
+
+    def request_pass(self) -> int:
+        with self._pass_lock:
+            self._requested += 1
+            ticket = self._requested
+        self.kick.set()
+        return ticket
+
+    def wait_pass(self, ticket: int, deadline: float) -> bool:
+        with self._pass_lock:
+            while self._completed < ticket:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.thread is None or not self.thread.is_alive():
+                    return self._completed >= ticket
+                self._pass_lock.wait(min(left, 0.5))
+        return True
+
+    def _complete_pass(self) -> None:
+        with self._pass_lock:
+            if self._completed < self._requested:
+                self._completed = self._requested
+                self._pass_lock.notify_all()
+
+    def _run(self) -> None:
+        outbox = self.pipeline.outbox
+        idle_wait = self.pipeline.poll_interval
+        while not self.stop:
+            try:
+                if not self.opened and not self._open():
+                    self._complete_pass()
+                    self._sleep(min(30.0, max(1.0, self.open_until - time.time())))
+                    continue
+                now = time.time()
+                if self.open_until > now:
+                    self._complete_pass()
+                    self._sleep(self.open_until - now)
+                    continue
+                leased = outbox.lease(
+                    self.name, self.sink.batch_size, lease_seconds=self.pipeline.lease_seconds
+                )
+                if not leased:
+                    self._complete_pass()
+                    due = outbox.next_due(self.name)
+                    wait = idle_wait if due is None else max(0.01, min(idle_wait, due - now))
+                    self._sleep(wait)
+                    continue
+                self._deliver(leased)
+            except Exception as exc:  # the boundary: nothing escapes a sink's thread
+                self.pipeline.log_once(
+                    f"runner:{self.name}:{type(exc).__name__}",
+                    "waypost: sink %r: internal error %s: %s",
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                    level=logging.ERROR,
+                )
+                self._sleep(1.0)
+        self._complete_pass()
+
+    def _sleep(self, seconds: float) -> None:
+        self.kick.wait(seconds)
+        self.kick.clear()
+
+    def _open(self) -> bool:
+        try:
+            self.sink.open()
+        except Exception as exc:
+            self.open_error = f"{type(exc).__name__}: {exc}"
+            self.open_until = time.time() + self.pipeline.backoff.delay(
+                self.consecutive_failures + 1
+            )
+            self.consecutive_failures += 1
+            self.pipeline.log_once(
+                f"open:{self.name}", "waypost: sink %r cannot start: %s", self.name, self.open_error
+            )
+            return False
+        self.opened = True
+        self.open_error = None
+        self.consecutive_failures = 0
+        self.open_until = 0.0
+        return True
+
+    # --- one batch ----------------------------------------------------------------------------
+
+    def _deliver(self, leased: list[tuple[int, int, Event]]) -> None:
+        events = [e for _, _, e in leased]
+        result, batch_error = self._send(events)
+        by_id = {e.id: (seq, attempts) for seq, attempts, e in leased}
+        now = time.time()
+        outbox = self.pipeline.outbox
+        keep = self.pipeline.keep_sent
+        policy = self.pipeline.backoff
+        max_attempts = self.pipeline.max_attempts
+        retry_rows: list[tuple[int, float, str]] = []
+        failed_rows: list[tuple[int, str]] = []
+        ok_rows: list[int] = []
+        for event_id, (seq, attempts) in by_id.items():
+            if event_id in result.failed:
+                failed_rows.append((seq, result.failed[event_id]))
+            elif event_id in result.retry:
+                reason = result.retry[event_id]
+                if max_attempts is not None and attempts + 1 >= max_attempts:
+                    failed_rows.append((seq, f"gave up after {attempts + 1} attempts: {reason}"))
+                else:
+                    delay = policy.delay(max(attempts + 1, self.consecutive_failures + 1),
+                                         result.retry_after)  # fmt: skip
+                    retry_rows.append((seq, now + delay, reason))
+            else:
+                ok_rows.append(seq)
+        outbox.delivered(ok_rows, keep=keep > 0, now=now)
+        outbox.retry(retry_rows)
+        outbox.failed(failed_rows, now=now)
+        dropped = [i for i in result.dropped_by_destination if i in by_id]
+        self.delivered += len(ok_rows)
+        self.retried += len(retry_rows)
+        self.failed += len(failed_rows)
+        self.dropped_by_destination += len(dropped)
+        if failed_rows:
+            self.pipeline.counters.drop(f"refused:{self.name}", len(failed_rows))
+        if dropped:
+            self.pipeline.counters.drop(f"destination:{self.name}", len(dropped))
+        if result.receipt:
+            self.receipts.append(result.receipt)
+            log.info("waypost: sink %r: receipt %s", self.name, result.receipt)
+        if ok_rows:
+            self.last_success = now
+        if retry_rows or failed_rows:
+            sample = (result.retry or result.failed)
+            reason = batch_error or next(iter(sample.values()), "failed")
+            self.last_error, self.last_error_at = reason, now
+        if retry_rows and not ok_rows:
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.pipeline.breaker_threshold:
+                self.open_until = now + policy.delay(self.consecutive_failures, result.retry_after)
+            elif result.retry_after:
+                self.open_until = now + min(result.retry_after, 24 * 3600.0)
+            self.pipeline.log_once(
+                f"retry:{self.name}",
+                "waypost: sink %r: %d events will be retried: %s",
+                self.name,
+                len(retry_rows),
+                self.last_error,
+            )
+        elif ok_rows:
+            self.consecutive_failures = 0
+            self.open_until = 0.0
+        if failed_rows:
+            self.pipeline.log_once(
+                f"failed:{self.name}",
+                "waypost: sink %r refused %d events for good: %s",
+                self.name,
+                len(failed_rows),
+                failed_rows[0][1],
+            )
+
+    def _send(self, events: Sequence[Event]) -> tuple[SendResult, str | None]:
+        """Call the sink inside the error boundary; split on 413; always return a result."""
+        try:
+            result = self.sink.send(events)
+        except PayloadTooLarge as exc:
+            if len(events) == 1:
+                return SendResult.fail_all(events, f"event too large: {exc.reason}"), exc.reason
+            half = len(events) // 2
+            first, _ = self._send(events[:half])
+            second, _ = self._send(events[half:])
+            merged = SendResult(
+                retry={**first.retry, **second.retry},
+                failed={**first.failed, **second.failed},
+                retry_after=first.retry_after or second.retry_after,
+                dropped_by_destination={
+                    **first.dropped_by_destination,
+                    **second.dropped_by_destination,
+                },
+            )
+            return merged, None
+        except SinkError as exc:
+            if exc.retryable:
+                return SendResult.retry_all(events, exc.reason, exc.retry_after), exc.reason
+            return SendResult.fail_all(events, exc.reason), exc.reason
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            return SendResult.retry_all(events, reason), reason
+        if not isinstance(result, SendResult):
+            error = SinkContractError(
+                f"sink {self.name!r} (type {self.sink.type!r}) returned {result!r:.80} from "
+                "send(); expected a waypost.SendResult"
+            )
+            self.pipeline.contract_error(error)
+            return SendResult.retry_all(events, str(error)), str(error)
+        return result, None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.sink.type,
+            "state": self.state,
+            "delivered": self.delivered,
+            "retried": self.retried,
+            "failed": self.failed,
+            "dropped_by_destination": self.dropped_by_destination,
+            "last_success": self.last_success,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "error": self.open_error,
+            "deprecated": self.sink.deprecated,
+        }
+
+
+class Pipeline:
+    """Owns the buffer, the worker thread, the outbox and the runners of one Telemetry."""
+
+    def __init__(
+        self,
+        *,
+        outbox: Outbox | None,
+        sinks: Sequence[Sink],
+        build: Callable[[list[Item]], list[Event]],
+        counters: Counters,
+        batch_interval: float,
+        batch_size: int,
+        buffer_size: int,
+        backoff: Backoff,
+        max_attempts: int | None,
+        breaker_threshold: int,
+        keep_sent: float,
+        retention: Callable[[], None],
+        debug: bool = False,
+        strict: bool = False,
+    ) -> None:
+        self.outbox = outbox
+        self.build = build
+        self.counters = counters
+        self.interval = batch_interval
+        self.wake_at = batch_size
+        self.buffer_size = buffer_size
+        self.backoff = backoff
+        self.max_attempts = max_attempts
+        self.breaker_threshold = breaker_threshold
+        self.keep_sent = keep_sent
+        self.retention = retention
+        self.debug = debug
+        self.strict = strict
+        self.poll_interval = 5.0
+        self.lease_seconds = 120.0
+        self.log_once = LogOnce(log)
+        self.runners = [Runner(self, s) for s in sinks]
+        self._contract_errors: list[SinkContractError] = []
+        self._reset_sync()
+
+    def _reset_sync(self) -> None:
+        self.buffer: deque[Item] = deque()
+        self.lock = threading.RLock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.worker: threading.Thread | None = None
+        self.last_housekeeping = 0.0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.worker = threading.Thread(target=self._work, name="waypost-worker", daemon=True)
+        self.worker.start()
+        if not self.debug:
+            for runner in self.runners:
+                runner.start()
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's threads, locks and buffered events are not ours."""
+        self._reset_sync()
+        if self.outbox is not None:
+            self.outbox.after_fork()
+        for runner in self.runners:
+            runner._reset_sync()
+        self.start()
+
+    def contract_error(self, error: SinkContractError) -> None:
+        self.log_once(f"contract:{error}", "waypost: %s", error, level=logging.ERROR)
+        if self.strict:
+            self._contract_errors.append(error)
+
+    def raise_contract_errors(self) -> None:
+        if self._contract_errors:
+            error = self._contract_errors[0]
+            self._contract_errors.clear()
+            raise error
+
+    # --- the worker -------------------------------------------------------------------------
+
+    def nudge(self) -> None:
+        """Called by ``track`` when the buffer passed the batch size."""
+        if len(self.buffer) >= self.buffer_size:
+            # The host outruns the worker: spill to the outbox now rather than grow or drop.
+            self.drain()
+        else:
+            self.wake.set()
+
+    def _work(self) -> None:
+        while True:
+            self.wake.wait(self.interval)
+            self.wake.clear()
+            try:
+                self.drain()
+                now = time.monotonic()
+                if now - self.last_housekeeping > 60:
+                    self.last_housekeeping = now
+                    self.retention()
+            except Exception as exc:
+                self.log_once(
+                    f"worker:{type(exc).__name__}",
+                    "waypost: worker error %s: %s",
+                    type(exc).__name__,
+                    exc,
+                    level=logging.ERROR,
+                )
+                time.sleep(0.5)
+            if self.stopping and not self.buffer:
+                return
+
+    def drain(self) -> bool:
+        """Move everything buffered into the outbox (or, in debug mode, print it)."""
+        with self.lock:
+            buffer = self.buffer
+            stored_any = False
+            while buffer:
+                items: list[Item] = []
+                pop = buffer.popleft
+                try:
+                    for _ in range(5000):
+                        items.append(pop())
+                except IndexError:
+                    pass
+                self.counters.accepted += len(items)
+                events = self.build(items)
+                if not events:
+                    continue
+                if self.debug:
+                    self._print_debug(events)
+                    continue
+                assert self.outbox is not None
+                try:
+                    self.outbox.add(events, [r.name for r in self.runners])
+                except Exception as exc:
+                    self.counters.drop("outbox_error", len(events))
+                    self.log_once(
+                        "outbox-write",
+                        "waypost: cannot write the outbox (%s): %d events lost",
+                        exc,
+                        len(events),
+                        level=logging.ERROR,
+                    )
+                    continue
+                self.counters.stored += len(events)
+                stored_any = True
+        if stored_any:
+            for runner in self.runners:
+                runner.kick.set()
+        return True
+
+    def _print_debug(self, events: list[Event]) -> None:
+        for runner in self.runners:
+            try:
+                rendered = runner.sink.render(events)
+                text = dumps(coerce(rendered))
+            except Exception as exc:
+                text = f"<render failed: {type(exc).__name__}: {exc}>"
+            print(
+                f"[waypost debug] sink {runner.name!r} (type {runner.sink.type}) would send "
+                f"{len(events)} events (nothing sent): {text}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    # --- flush and shutdown -----------------------------------------------------------------
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + max(0.0, timeout)
+        if not self._acquire(deadline):
+            return False
+        try:
+            self.drain()
+        finally:
+            self.lock.release()
+        if self.buffer:
+            return False
+        if self.debug:
+            return True
+        tickets = [(r, r.request_pass()) for r in self.runners if r.thread is not None]
+        for runner, ticket in tickets:
+            runner.wait_pass(ticket, deadline)
+        return not self.buffer
+
+    def _acquire(self, deadline: float) -> bool:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self.lock.acquire(blocking=False)
+            if self.lock.acquire(timeout=min(left, 0.1)):
+                return True
+
+    def shutdown(self, timeout: float) -> bool:
+        deadline = time.monotonic() + max(0.0, timeout)
+        ok = self.flush(max(0.0, timeout * 0.9))
+        self.stopping = True
+        self.wake.set()
+        for runner in self.runners:
+            runner.stop = True
+            runner.kick.set()
+        if self.worker is not None:
+            self.worker.join(max(0.0, deadline - time.monotonic()))
+        stuck = False
+        for runner in self.runners:
+            if runner.thread is not None:
+                runner.thread.join(max(0.0, deadline - time.monotonic()))
+                if runner.thread.is_alive():
+                    stuck = True
+                    log.warning(
+                        "waypost: sink %r still busy at shutdown; its events stay in the outbox",
+                        runner.name,
+                    )
+                    continue
+            try:
+                if runner.opened:
+                    runner.sink.close()
+            except Exception as exc:
+                log.warning("waypost: sink %r failed to close: %s", runner.name, exc)
+        if self.outbox is not None and not stuck:
+            self.outbox.close()
+        return ok and not stuck

@@ -1,0 +1,668 @@
+"""``Telemetry``: the object an application holds. ``track`` only buffers; everything else
+happens on background threads, behind the privacy gate."""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from waypost import config as _config
+from waypost.config import TelemetryConfig
+from waypost.errors import ConfigError, PluginError, TrackError, WaypostError
+from waypost.events import Event, Payload, base_context, coerce, uuid7
+from waypost.pipeline import Counters, Item, LogOnce, Pipeline
+from waypost.plugins import PluginManager
+from waypost.privacy import Decision, Scrubber, StoredConsent, level_allows, resolve_consent
+from waypost.retry import Backoff
+from waypost.sinks import Sink, SinkContext
+
+log = logging.getLogger("waypost")
+
+_LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+_FORK_KEEP: list[Any] = []  # parent-process resources a forked child must never close
+
+
+def _after_fork_in_child() -> None:
+    for tel in list(_LIVE):
+        tel._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def default_data_dir(app: str) -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("waypost", appauthor=False)) / app
+
+
+class SinkStatus(BaseModel):
+    name: str
+    type: str
+    state: str
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    dropped_by_destination: int = 0
+    pending: int = 0
+    last_success: _dt.datetime | None = None
+    last_error: str | None = None
+    last_error_at: _dt.datetime | None = None
+    error: str | None = None
+    deprecated: str | None = None
+
+
+class CounterStatus(BaseModel):
+    accepted: int = 0
+    stored: int = 0
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    dropped: dict[str, int] = {}
+
+
+class Status(BaseModel):
+    """What ``status()`` and ``waypost status --json`` report."""
+
+    app: str
+    version: str
+    enabled: bool
+    rule: str
+    reason: str
+    mode: str
+    level: str
+    debug: bool
+    strict: bool
+    config_file: str | None
+    config_error: str | None = None
+    data_dir: str
+    instance_id: str | None
+    sinks: list[SinkStatus]
+    buffered: int
+    outbox_pending_events: int
+    outbox: dict[str, dict[str, int]]
+    counters: CounterStatus
+
+
+def _ts(value: float | None) -> _dt.datetime | None:
+    return None if value is None else _dt.datetime.fromtimestamp(value, _dt.timezone.utc)
+
+
+class Telemetry:
+    """Collects events for one application and delivers them to the configured sinks.
+
+    ``config`` is a path to a YAML/TOML file, a mapping (the ``telemetry`` section or a dict with
+    that key), or None (the ``WAYPOST_CONFIG`` file or a ``telemetry.yml`` in the working
+    directory if there is one, else the defaults: the ``log`` sink). ``strict=True`` raises on
+    bad input (tests, development); otherwise bad input is counted and logged once, and the host
+    is never interrupted.
+    """
+
+    def __init__(
+        self,
+        app: str | None = None,
+        version: str | None = None,
+        config: str | os.PathLike[str] | Mapping[str, Any] | TelemetryConfig | None = None,
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+        strict: bool | None = None,
+        debug: bool | None = None,
+        env: Mapping[str, str] | None = None,
+        plugins: Iterable[object] = (),
+        sinks: Iterable[type[Sink]] = (),
+        notice: Callable[[str], None] | None = None,
+        distinct_id: str | None = None,
+        start: bool = True,
+    ) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self._on = False
+        self._lock = threading.RLock()
+        self._closed = False
+        self.pipeline: Pipeline | None = None
+        self.outbox_: Any = None
+        self.counters = Counters()
+        self.instance_id: str | None = None
+        self.config_error: str | None = None
+        self._log_once = LogOnce(log)
+        self.plugins = PluginManager()
+        self._runners_by_name: dict[str, Any] = {}
+        self.sinks: dict[str, Sink] = {}
+        self.sink_errors: dict[str, tuple[str, str]] = {}
+
+        overrides: dict[str, Any] = {}
+        if strict is not None:
+            overrides["strict"] = strict
+        if debug is not None:
+            overrides["debug"] = debug
+        if config is None:
+            found = _config.find_config(self._env)
+            config = found if found is not None else None
+        try:
+            self.config, self.config_file = _config.load(config, self._env, overrides=overrides)
+        except ConfigError as exc:
+            if strict:
+                raise
+            self.config_error = str(exc)
+            log.error("waypost: telemetry is off: %s", exc)
+            self.config = TelemetryConfig(enabled=False, strict=False)
+            self.config_file = str(config) if isinstance(config, (str, os.PathLike)) else None
+        cfg = self.config
+        self.app = app or cfg.app or "app"
+        self.version = version or cfg.version or "0"
+        self.strict = cfg.strict
+        self.debug = cfg.debug
+        self.distinct_id = distinct_id or cfg.distinct_id or ""
+        env_home = self._env.get("WAYPOST_HOME")
+        self.data_dir = Path(
+            data_dir or env_home or cfg.data_dir or default_data_dir(self.app)
+        ).expanduser()
+
+        self.decision = self._decide()
+        for plugin in plugins:
+            self.plugins.register_module(plugin)
+        for module_name in cfg.plugins:
+            self._register_plugin_module(module_name)
+        for sink_class in sinks:
+            self.plugins.register_sink(sink_class)
+        self._notice_callback = notice
+        if self.decision.enabled and self.config_error is None and start:
+            self._start()
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def _decide(self) -> Decision:
+        if self.config_error is not None:
+            return Decision(False, "config_error", f"the configuration is invalid: {self.config_error}")
+        if self.config.level == "off":
+            base = resolve_consent(self.config, self._env, None, config_source=self.config_file)
+            if base.rule in ("do_not_track", "app_env"):
+                return base
+            return Decision(False, "level", "telemetry.level is off")
+        stored = StoredConsent.read(self.data_dir)
+        return resolve_consent(self.config, self._env, stored, config_source=self.config_file)
+
+    def _register_plugin_module(self, module_name: str) -> None:
+        import importlib
+
+        try:
+            self.plugins.register_module(importlib.import_module(module_name), name=module_name)
+        except Exception as exc:
+            error = PluginError(f"error importing plugin {module_name!r}: {type(exc).__name__}: {exc}")
+            if self.strict:
+                raise error from exc
+            log.error("waypost: %s", error)
+
+    def _start(self) -> None:
+        cfg = self.config
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.instance_id = _instance_id(self.data_dir)
+        except OSError as exc:
+            self._fail_start(f"cannot use the data dir {self.data_dir}: {exc}")
+            return
+        if not self._show_notice():
+            return
+        self.context = base_context(self.app, self.version)
+        for extra in self.plugins.call_chain("waypost_context", context=dict(self.context)):
+            if isinstance(extra, Mapping):
+                self.context = _config.merge(self.context, extra)
+        extra_rules: list[Any] = []
+        for _ in self.plugins.call_chain("register_scrubbers", register=extra_rules.append):
+            pass
+        self.scrubber = Scrubber.from_config(cfg, extra_rules) if cfg.scrub.enabled else None
+        self._before_send = self.plugins.has_impls("waypost_before_send")
+        self._make_sinks()
+        outbox = None
+        if not self.debug:
+            from waypost.outbox import Outbox
+
+            try:
+                outbox = Outbox(self.data_dir, sync=cfg.outbox.durability == "sync")
+                outbox.reclaim()
+                outbox.retry_now([s for s in self.sinks])
+            except Exception as exc:
+                self._fail_start(f"cannot open the outbox in {self.data_dir}: {exc}")
+                return
+        self.outbox_ = outbox
+        self.pipeline = Pipeline(
+            outbox=outbox,
+            sinks=list(self.sinks.values()),
+            build=self._build,
+            counters=self.counters,
+            batch_interval=cfg.batch.interval,
+            batch_size=cfg.batch.size,
+            buffer_size=cfg.outbox.buffer,
+            backoff=Backoff(initial=cfg.retry.initial, maximum=cfg.retry.maximum),
+            max_attempts=cfg.retry.max_attempts,
+            breaker_threshold=cfg.retry.breaker_threshold,
+            keep_sent=cfg.outbox.keep_sent,
+            retention=self._retention,
+            debug=self.debug,
+            strict=self.strict,
+        )
+        self._runners_by_name = {r.name: r for r in self.pipeline.runners}
+        self._buffer = self.pipeline.buffer
+        self._wake_at = cfg.batch.size
+        self._sync = cfg.outbox.durability == "sync"
+        self.pipeline.start()
+        self._on = True
+        _LIVE.add(self)
+        atexit.register(self._at_exit)
+
+    def _fail_start(self, reason: str) -> None:
+        if self.strict:
+            raise WaypostError(reason)
+        log.error("waypost: telemetry is off: %s", reason)
+        self.decision = Decision(False, "error", reason)
+
+    def _show_notice(self) -> bool:
+        cfg = self.config
+        if cfg.mode != "opt-out" or not cfg.notice.enabled or self.decision.rule != "default":
+            return True
+        marker = self.data_dir / "notice.json"
+        try:
+            if marker.read_text(encoding="utf-8").strip() == cfg.policy_version:
+                return True
+        except OSError:
+            pass
+        text = cfg.notice.text or (
+            f"{self.app} collects anonymous usage telemetry to help improve it. Nothing personal "
+            f"is collected. To opt out, set DO_NOT_TRACK=1"
+            + (f" or {cfg.disable_env}=true" if cfg.disable_env else "")
+            + ", or run `waypost consent off`."
+        )
+        try:
+            if self._notice_callback is not None:
+                self._notice_callback(text)
+            else:
+                print(text, file=sys.stderr, flush=True)
+            marker.write_text(cfg.policy_version, encoding="utf-8")
+        except Exception as exc:
+            self._fail_start(f"the first-run notice could not be shown: {exc}")
+            return False
+        return True
+
+    def _make_sinks(self) -> None:
+        context = SinkContext(
+            app=self.app,
+            version=self.version,
+            instance_id=self.instance_id or "",
+            data_dir=self.data_dir,
+            strict=self.strict,
+        )
+        for name, spec in self.config.sink_specs().items():
+            spec = dict(spec)
+            sink_type = str(spec.pop("type"))
+            key = f"telemetry.sinks.{name}"
+            try:
+                cls = self.plugins.load_sink_type(sink_type, key=key)
+                try:
+                    sink_config = cls.Config.model_validate(spec)
+                except ValidationError as exc:
+                    raise _config.validation_error(exc, source=self.config_file, prefix=key) from None
+                self.sinks[name] = cls(name, sink_config, context)
+            except (ConfigError, PluginError) as exc:
+                if isinstance(exc, ConfigError) and exc.source is None:
+                    exc = type(exc)(exc.reason, source=self.config_file, key=exc.key)
+                if self.strict:
+                    raise exc from None
+                self.sink_errors[name] = (sink_type, str(exc))
+                log.error("waypost: sink %r is off: %s", name, exc)
+
+    # --- the hot path -----------------------------------------------------------------------
+
+    def track(
+        self,
+        event: str | Payload,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        level: str | None = None,
+        distinct_id: str | None = None,
+        timestamp: float | _dt.datetime | None = None,
+    ) -> None:
+        """Record an event: a name and properties, or a typed :class:`waypost.Payload`.
+
+        Never blocks on I/O and never raises in production mode; in strict mode bad input
+        raises :class:`waypost.TrackError` at once.
+        """
+        if not self._on:
+            return
+        if self.strict:
+            self._check(event, properties, level)
+        if timestamp is None:
+            when = time.time()
+        elif isinstance(timestamp, _dt.datetime):
+            when = (timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=_dt.timezone.utc)).timestamp()
+        else:
+            when = float(timestamp)
+        buffer = self._buffer
+        buffer.append((event, properties.copy() if type(properties) is dict else properties,
+                       when, level, distinct_id))  # fmt: skip
+        if self._sync:
+            self.pipeline.drain()  # type: ignore[union-attr]
+        elif len(buffer) >= self._wake_at:
+            self.pipeline.nudge()  # type: ignore[union-attr]
+
+    def _check(self, event: Any, properties: Any, level: str | None) -> None:
+        if level is not None and level not in ("error", "usage", "all"):
+            raise TrackError(f"level must be error, usage or all, not {level!r}")
+        if isinstance(event, Payload):
+            if properties is not None:
+                raise TrackError("pass either a Payload or a name with properties, not both")
+            extra = event.undeclared()
+            if extra:
+                raise TrackError(
+                    f"{type(event).__name__} got undeclared field(s) {', '.join(extra)}: only "
+                    "declared fields may leave; declare them on the class or remove them"
+                )
+            return
+        _check_name(event)
+        if properties is not None:
+            if not isinstance(properties, Mapping):
+                raise TrackError(
+                    f"properties of event {event!r} must be a mapping, not {type(properties).__name__}"
+                )
+            for key, value in properties.items():
+                try:
+                    coerce({key: value})
+                except (TypeError, ValueError) as exc:
+                    raise TrackError(f"event {event!r}: property {key!r}: {exc}") from None
+
+    # --- the worker's side of the gate --------------------------------------------------------
+
+    def _build(self, items: list[Item]) -> list[Event]:
+        """Gate and envelope a batch of buffered items (runs on the worker thread)."""
+        cfg = self.config
+        configured = cfg.level
+        instance_id = self.instance_id or ""
+        context = self.context
+        scrubber = self.scrubber
+        out: list[Event] = []
+        for event, properties, when, level, distinct_id in items:
+            try:
+                remarks: list[str] = []
+                if isinstance(event, Payload):
+                    name = type(event).__event__
+                    level = level or type(event).__level__
+                    extra = event.undeclared()
+                    if extra:
+                        remarks.extend(f"undeclared@properties.{f}" for f in extra)
+                    props = event.wire()
+                else:
+                    name = _check_name(event)
+                    props = coerce(properties) if properties is not None else {}
+                    if not isinstance(props, dict):
+                        raise TrackError(f"properties must be a mapping, not {type(properties).__name__}")
+                if not level_allows(configured, level or "usage"):
+                    self.counters.drop("level")
+                    continue
+                if scrubber is not None:
+                    props = scrubber.scrub(props, "properties", remarks)
+                built = Event(
+                    id=uuid7(when),
+                    name=name,
+                    time=when,
+                    instance_id=instance_id,
+                    properties=props,
+                    context=context,
+                    distinct_id=distinct_id or self.distinct_id or instance_id,
+                    level=level or "usage",
+                    remarks=remarks,
+                )
+                if self._before_send:
+                    result = self._apply_before_send(built)
+                    if result is None:
+                        self.counters.drop("before_send")
+                        continue
+                    built = result
+                out.append(built)
+            except Exception as exc:
+                self.counters.drop("invalid")
+                self._log_once(
+                    f"invalid:{type(exc).__name__}",
+                    "waypost: event dropped: %s: %s",
+                    type(exc).__name__,
+                    exc,
+                )
+        return out
+
+    def _apply_before_send(self, event: Event) -> Event | None:
+        for result in self.plugins.call_chain("waypost_before_send", event=event):
+            if result is False:
+                return None
+            if isinstance(result, Event):
+                event = result
+        # Whatever a hook did, the scrubbers have the last word.
+        props = coerce(event.properties)
+        if self.scrubber is not None:
+            props = self.scrubber.scrub(props, "properties", event.remarks)
+        event.properties = props
+        return event
+
+    def _retention(self) -> None:
+        outbox = self.outbox_
+        if outbox is None:
+            return
+        o = self.config.outbox
+        dropped = outbox.enforce_retention(
+            max_age=o.max_age, max_bytes=o.max_size_mb * 1024 * 1024, keep_sent=o.keep_sent
+        )
+        for reason in ("max_age", "max_size"):
+            if dropped[reason]:
+                self.counters.drop(reason, dropped[reason])
+                log.warning(
+                    "waypost: dropped %d undelivered records past outbox.%s",
+                    dropped[reason],
+                    "max_age" if reason == "max_age" else "max_size_mb",
+                )
+        outbox.reclaim()
+
+    # --- flush, shutdown, fork --------------------------------------------------------------
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Process everything accepted so far and try to deliver it; True when all of it was
+        delivered or is safely in the outbox. Returns within ``timeout`` seconds."""
+        pipeline = self.pipeline
+        if pipeline is None or not self._on:
+            return True
+        ok = pipeline.flush(timeout)
+        if self.strict:
+            pipeline.raise_contract_errors()
+        return ok
+
+    def shutdown(self, timeout: float = 5.0) -> bool:
+        """Flush, stop the threads and close the sinks, within ``timeout`` seconds. Events not
+        delivered by then stay in the outbox for the next run. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return True
+            self._closed = True
+            on, self._on = self._on, False
+        _LIVE.discard(self)
+        try:
+            atexit.unregister(self._at_exit)
+        except Exception:
+            pass
+        if self.pipeline is None or not on:
+            return True
+        return self.pipeline.shutdown(timeout)
+
+    def _at_exit(self) -> None:
+        try:
+            self.shutdown(self.config.shutdown_timeout)
+        except Exception as exc:
+            log.warning("waypost: shutdown at exit failed: %s", exc)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.RLock()
+        if self.pipeline is not None and self._on:
+            if self.outbox_ is not None:
+                _FORK_KEEP.extend(self.outbox_._conns)
+            self.pipeline.after_fork()
+            self._buffer = self.pipeline.buffer
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # --- consent and status -----------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self._on
+
+    def set_consent(self, enabled: bool) -> Decision:
+        """Store the administrator's choice (rule 4) and apply it at once where it decides.
+
+        Returns the new decision: a higher rule (``DO_NOT_TRACK``, the app's variable, the config
+        file) still wins over the stored choice.
+        """
+        StoredConsent(bool(enabled), self.config.policy_version, time.time()).write(self.data_dir)
+        was_on = self._on
+        self.decision = self._decide()
+        if self.decision.enabled and not was_on and not self._closed and self.config_error is None:
+            self._start()
+        elif not self.decision.enabled and was_on:
+            self._on = False
+            if self.pipeline is not None:
+                self.pipeline.buffer.clear()
+        return self.decision
+
+    def status(self) -> Status:
+        """A snapshot: whether telemetry is on and which rule decided, sinks, depths, counters."""
+        outbox_counts: dict[str, dict[str, int]] = {}
+        pending_events = 0
+        outbox = self.outbox_
+        if outbox is None and (self.data_dir / "outbox.sqlite3").exists():
+            outbox = self.open_outbox()
+        if outbox is not None:
+            try:
+                outbox_counts = outbox.counts()
+                pending_events = outbox.pending_events()
+            except Exception as exc:
+                log.warning("waypost: cannot read the outbox: %s", exc)
+        sinks = []
+        names = list(self.config.sink_specs()) if self.config_error is None else []
+        for name in names:
+            runner = self._runners_by_name.get(name)
+            pending = outbox_counts.get(name, {}).get("pending", 0)
+            if runner is not None:
+                snap = runner.snapshot()
+                sinks.append(
+                    SinkStatus(
+                        **{
+                            **snap,
+                            "last_success": _ts(snap["last_success"]),
+                            "last_error_at": _ts(snap["last_error_at"]),
+                        },
+                        pending=pending,
+                    )
+                )
+            else:
+                sink_type, error = self.sink_errors.get(
+                    name, (str(self.config.sink_specs()[name]["type"]), None)
+                )
+                sinks.append(
+                    SinkStatus(
+                        name=name,
+                        type=sink_type,
+                        state="error" if error else ("off" if not self._on else "idle"),
+                        error=error,
+                        pending=pending,
+                    )
+                )
+        totals = CounterStatus(
+            accepted=self.counters.accepted + (len(self.pipeline.buffer) if self.pipeline else 0),
+            stored=self.counters.stored,
+            delivered=sum(s.delivered for s in sinks),
+            retried=sum(s.retried for s in sinks),
+            failed=sum(s.failed for s in sinks),
+            dropped=dict(self.counters.dropped),
+        )
+        return Status(
+            app=self.app,
+            version=self.version,
+            enabled=self._on,
+            rule=self.decision.rule,
+            reason=self.decision.reason,
+            mode=self.config.mode,
+            level=self.config.level,
+            debug=self.debug,
+            strict=self.strict,
+            config_file=self.config_file,
+            config_error=self.config_error,
+            data_dir=str(self.data_dir),
+            instance_id=self.instance_id or _read_instance_id(self.data_dir),
+            sinks=sinks,
+            buffered=len(self.pipeline.buffer) if self.pipeline else 0,
+            outbox_pending_events=pending_events,
+            outbox=outbox_counts,
+            counters=totals,
+        )
+
+    def open_outbox(self) -> Any:
+        """The outbox of this data dir (opened read-write; for inspection and purge)."""
+        if self.outbox_ is not None:
+            return self.outbox_
+        from waypost.outbox import Outbox
+
+        return Outbox(self.data_dir)
+
+    def __repr__(self) -> str:
+        return f"<Telemetry app={self.app!r} enabled={self._on} rule={self.decision.rule!r}>"
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise TrackError(
+            f"event name must be a non-empty string of at most 200 characters or a "
+            f"waypost.Payload, not {name!r:.60}"
+        )
+    return name
+
+
+def _read_instance_id(data_dir: Path) -> str | None:
+    try:
+        value = (data_dir / "instance_id").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return value or None
+
+
+def _instance_id(data_dir: Path) -> str:
+    """The installation's random id: created once (atomically, even with several processes)."""
+    import uuid
+
+    path = data_dir / "instance_id"
+    existing = _read_instance_id(data_dir)
+    if existing:
+        return existing
+    tmp = data_dir / f".instance_id.{os.getpid()}.{threading.get_ident()}"
+    tmp.write_text(str(uuid.uuid4()), encoding="utf-8")
+    try:
+        os.link(tmp, path)  # fails if another process won the race
+    except FileExistsError:
+        pass
+    except OSError:
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    value = _read_instance_id(data_dir)
+    if not value:
+        raise OSError(f"cannot create {path}")
+    return value
