@@ -261,40 +261,10 @@ class Runner:
             )
 
     def _send(self, events: Sequence[Event]) -> tuple[SendResult, str | None]:
-        """Call the sink inside the error boundary; split on 413; always return a result."""
-        try:
-            result = self.sink.send(events)
-        except PayloadTooLarge as exc:
-            if len(events) == 1:
-                return SendResult.fail_all(events, f"event too large: {exc.reason}"), exc.reason
-            half = len(events) // 2
-            first, _ = self._send(events[:half])
-            second, _ = self._send(events[half:])
-            merged = SendResult(
-                retry={**first.retry, **second.retry},
-                failed={**first.failed, **second.failed},
-                retry_after=first.retry_after or second.retry_after,
-                dropped_by_destination={
-                    **first.dropped_by_destination,
-                    **second.dropped_by_destination,
-                },
-            )
-            return merged, None
-        except SinkError as exc:
-            if exc.retryable:
-                return SendResult.retry_all(events, exc.reason, exc.retry_after), exc.reason
-            return SendResult.fail_all(events, exc.reason), exc.reason
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            return SendResult.retry_all(events, reason), reason
-        if not isinstance(result, SendResult):
-            error = SinkContractError(
-                f"sink {self.name!r} (type {self.sink.type!r}) returned {result!r:.80} from "
-                "send(); expected a waypost.SendResult"
-            )
-            self.pipeline.contract_error(error)
-            return SendResult.retry_all(events, str(error)), str(error)
-        return result, None
+        result, reason, contract = call_send(self.sink, events)
+        if contract is not None:
+            self.pipeline.contract_error(contract)
+        return result, reason
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -311,6 +281,51 @@ class Runner:
             "error": self.open_error,
             "deprecated": self.sink.deprecated,
         }
+
+
+def call_send(
+    sink: Sink, events: Sequence[Event]
+) -> tuple[SendResult, str | None, SinkContractError | None]:
+    """Call ``sink.send`` inside the error boundary and always come back with a result.
+
+    Raised :class:`SinkError` become per-event results, a 413 splits the batch in halves,
+    any other exception is a retryable failure, and a return value that is not a
+    :class:`SendResult` is a contract error (retried, and reported). Returns the result, the
+    batch-level reason if the whole batch failed, and the contract error if there was one.
+    """
+    try:
+        result = sink.send(events)
+    except PayloadTooLarge as exc:
+        if len(events) == 1:
+            return SendResult.fail_all(events, f"event too large: {exc.reason}"), exc.reason, None
+        half = len(events) // 2
+        first, _, c1 = call_send(sink, events[:half])
+        second, _, c2 = call_send(sink, events[half:])
+        merged = SendResult(
+            retry={**first.retry, **second.retry},
+            failed={**first.failed, **second.failed},
+            retry_after=first.retry_after or second.retry_after,
+            dropped_by_destination={
+                **first.dropped_by_destination,
+                **second.dropped_by_destination,
+            },
+            receipt=first.receipt or second.receipt,
+        )
+        return merged, None, c1 or c2
+    except SinkError as exc:
+        if exc.retryable:
+            return SendResult.retry_all(events, exc.reason, exc.retry_after), exc.reason, None
+        return SendResult.fail_all(events, exc.reason), exc.reason, None
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        return SendResult.retry_all(events, reason), reason, None
+    if not isinstance(result, SendResult):
+        error = SinkContractError(
+            f"sink {sink.name!r} (type {sink.type!r}) returned {result!r:.80} from "
+            "send(); expected a waypost.SendResult"
+        )
+        return SendResult.retry_all(events, str(error)), str(error), error
+    return result, None, None
 
 
 class Pipeline:
