@@ -525,6 +525,16 @@ class Telemetry:
     def enabled(self) -> bool:
         return self._on
 
+    @property
+    def metrics(self) -> Any:
+        """The metric registry of this instance (see :mod:`waypost.metrics`)."""
+        registry = self.__dict__.get("_metrics")
+        if registry is None:
+            from waypost.metrics import MetricRegistry
+
+            registry = self.__dict__["_metrics"] = MetricRegistry(self)
+        return registry
+
     def set_consent(self, enabled: bool) -> Decision:
         """Store the administrator's choice (rule 4) and apply it at once where it decides.
 
