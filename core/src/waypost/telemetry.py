@@ -79,6 +79,7 @@ class Status(BaseModel):
     app: str
     version: str
     enabled: bool
+    running: bool
     rule: str
     reason: str
     mode: str
@@ -164,9 +165,13 @@ class Telemetry:
         self.strict = cfg.strict
         self.debug = cfg.debug
         self.distinct_id = distinct_id or cfg.distinct_id or ""
+        configured = cfg.data_dir.expanduser() if cfg.data_dir else None
+        if configured is not None and not configured.is_absolute() and self.config_file:
+            if self.config_file != "<config>":
+                configured = Path(self.config_file).resolve().parent / configured
         env_home = self._env.get("WAYPOST_HOME")
         self.data_dir = Path(
-            data_dir or env_home or cfg.data_dir or default_data_dir(self.app)
+            data_dir or env_home or configured or default_data_dir(self.app)
         ).expanduser()
 
         self.decision = self._decide()
@@ -606,7 +611,8 @@ class Telemetry:
         return Status(
             app=self.app,
             version=self.version,
-            enabled=self._on,
+            enabled=self.decision.enabled,
+            running=self._on,
             rule=self.decision.rule,
             reason=self.decision.reason,
             mode=self.config.mode,

@@ -177,6 +177,17 @@ class Sink:
         wanted = self.config.batch_size or self.max_batch_size
         return max(1, min(wanted, self.max_batch_size))
 
+    @property
+    def destination(self) -> str:
+        """Where events go, for status and the manifest (no credentials, no query string)."""
+        target = getattr(self.config, "host", None) or getattr(self.config, "url", None)
+        if not target:
+            return self.type
+        parts = urllib.parse.urlsplit(str(target))
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else str(target)
+
     def open(self) -> None:
         """Prepare connections or clients; called once, lazily, before the first send."""
 

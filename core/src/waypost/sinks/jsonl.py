@@ -29,6 +29,13 @@ class JsonlSink(Sink):
     Config = JsonlConfig
     max_batch_size = 1000
 
+    @property
+    def destination(self) -> str:
+        config = self.config
+        assert isinstance(config, JsonlConfig)
+        path = config.path.expanduser()
+        return str(path if path.is_absolute() else self.context.data_dir / path)
+
     def open(self) -> None:
         config = self.config
         assert isinstance(config, JsonlConfig)

@@ -33,6 +33,12 @@ class LogSink(Sink):
     Config = LogConfig
     max_batch_size = 1000
 
+    @property
+    def destination(self) -> str:
+        config = self.config
+        assert isinstance(config, LogConfig)
+        return f"logger {config.logger!r} (local)"
+
     def open(self) -> None:
         config = self.config
         assert isinstance(config, LogConfig)

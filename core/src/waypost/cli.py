@@ -1,0 +1,414 @@
+"""The ``waypost`` command: ``waypost [--config FILE] COMMAND``; every command takes ``--json``.
+
+Exit codes: 0 done, 1 the action did not complete (e.g. a flush left events pending), 2 bad
+usage or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from waypost.errors import WaypostError
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _dump(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+class Ctx:
+    def __init__(self, config: str | None, app: str | None, data_dir: str | None) -> None:
+        self.config = config
+        self.app = app
+        self.data_dir = data_dir
+
+    def telemetry(self, *, start: bool = False) -> Any:
+        from waypost.telemetry import Telemetry
+
+        try:
+            tel = Telemetry(
+                app=self.app, config=self.config, data_dir=self.data_dir, strict=True, start=start,
+                notice=lambda text: None,
+            )  # fmt: skip
+            if not start and tel.config_error is None:
+                tel._make_sinks()
+        except WaypostError as exc:
+            raise click.ClickException(str(exc)) from None
+        return tel
+
+
+class _Group(click.Group):
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except WaypostError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            exc.exit_code = 2 if exc.exit_code == 1 else exc.exit_code
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config", type=click.Path(dir_okay=False), envvar="WAYPOST_CONFIG",
+              help="Config file (YAML or TOML); default: telemetry.yml in this directory.")  # fmt: skip
+@click.option("--app", envvar="WAYPOST_APP", help="Application name (when the config has none).")
+@click.option("--data-dir", envvar="WAYPOST_HOME", help="Data directory (outbox, consent, ids).")
+@click.version_option(package_name="waypost")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, app: str | None, data_dir: str | None) -> None:
+    """See, limit and switch off what an application's telemetry sends."""
+    ctx.obj = Ctx(config, app, data_dir)
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def status(obj: Ctx, as_json: bool) -> None:
+    """Whether telemetry is on, the rule that decided, sinks, outbox, counters."""
+    tel = obj.telemetry()
+    st = tel.status()
+    data = st.model_dump(mode="json")
+    try:
+        registry = tel.metrics
+        data["metrics"] = registry.describe() if hasattr(registry, "describe") else []
+    except Exception:
+        data["metrics"] = []
+    if as_json:
+        _dump(data)
+        return
+    con = _console()
+    state = "[green]on[/]" if st.enabled else "[red]off[/]"
+    con.print(f"[bold]{st.app}[/] telemetry is {state}: {st.reason} (rule: {st.rule})")
+    con.print(f"mode {st.mode}, level {st.level}{', debug' if st.debug else ''}; data dir {st.data_dir}")
+    if st.config_file:
+        con.print(f"config: {st.config_file}")
+    from rich.table import Table
+
+    table = Table("sink", "type", "state", "pending", "last success", "last error")
+    for s in st.sinks:
+        table.add_row(s.name, s.type, s.state, str(s.pending),
+                      str(s.last_success or "-"), (s.error or s.last_error or "-")[:80])  # fmt: skip
+    con.print(table)
+    con.print(f"outbox: {st.outbox_pending_events} events pending")
+
+
+# --- plugins -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+def plugins(as_json: bool) -> None:
+    """Installed sink plugins: distribution, version, sink types, hooks, status, deprecation."""
+    import warnings
+
+    from waypost.plugins import PluginManager
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        infos = [i.as_dict() for i in PluginManager().describe_all()]
+    if as_json:
+        _dump(infos)
+        return
+    from rich.table import Table
+
+    table = Table("sink type", "distribution", "version", "status", "hooks", "note")
+    for i in infos:
+        note = "DEPRECATED: " + (i["deprecation"] or "") if i["deprecated"] else (i["error"] or "")
+        table.add_row(i["name"], i["distribution"], i["version"], i["status"],
+                      ", ".join(i["hooks"]), note)  # fmt: skip
+    _console().print(table)
+
+
+# --- records -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--sink", help="Only records of this sink.")
+@click.option("--state", type=click.Choice(["pending", "sent", "failed"]), help="Only this state.")
+@click.option("--name", "event_name", help="Only events of this name.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--offset", default=0, type=click.IntRange(0))
+@json_option
+@click.pass_obj
+def show(obj: Ctx, sink: str | None, state: str | None, event_name: str | None,
+         limit: int, offset: int, as_json: bool) -> None:  # fmt: skip
+    """The records held in the outbox (read-only), with their redaction remarks."""
+    tel = obj.telemetry()
+    if not (tel.data_dir / "outbox.sqlite3").exists():
+        records, total = [], 0
+    else:
+        records, total = tel.open_outbox().records(
+            sink=sink, state=state, name=event_name, limit=limit, offset=offset
+        )
+    if as_json:
+        _dump({"total": total, "offset": offset, "records": [r.as_dict() for r in records]})
+        return
+    from rich.table import Table
+
+    table = Table("seq", "sink", "event", "state", "attempts", "properties", "remarks",
+                  title=f"{total} records")  # fmt: skip
+    for r in records:
+        table.add_row(str(r.seq), r.sink, r.name, r.state, str(r.attempts),
+                      json.dumps(r.properties)[:80], ", ".join(r.remarks))  # fmt: skip
+    _console().print(table)
+
+
+@cli.command()
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait at most.")
+@json_option
+@click.pass_obj
+def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
+    """Submit now: deliver what the outbox holds (retries are due at once)."""
+    probe = obj.telemetry()
+    if not probe.decision.enabled:
+        _refuse(probe, as_json, "nothing is sent")
+        return
+    outbox = probe.open_outbox() if (probe.data_dir / "outbox.sqlite3").exists() else None
+    before = outbox.pending_events() if outbox else 0
+    tel = obj.telemetry(start=True)
+    import threading
+    import time
+
+    done = threading.Event()
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        result["ok"] = tel.flush(timeout)
+        done.set()
+
+    threading.Thread(target=work, daemon=True).start()
+    if not as_json and before > 1000:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as progress:
+            task = progress.add_task("delivering", total=before)
+            while not done.wait(0.2):
+                left = tel.open_outbox().pending_events()
+                progress.update(task, completed=max(0, before - left))
+    done.wait()
+    tel.shutdown(timeout=5)
+    st = tel.status()
+    data = {
+        "ok": bool(result.get("ok")) and st.outbox_pending_events == 0,
+        "pending_before": before,
+        "pending_after": st.outbox_pending_events,
+        "sinks": [s.model_dump(mode="json") for s in st.sinks],
+    }
+    if as_json:
+        _dump(data)
+    else:
+        click.echo(f"delivered {max(0, before - st.outbox_pending_events)} of {before} pending "
+                   f"events; {st.outbox_pending_events} still pending")  # fmt: skip
+        for s in st.sinks:
+            if s.last_error:
+                click.echo(f"  {s.name}: {s.last_error}")
+    if not data["ok"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--all", "everything", is_flag=True, help="Delete every record.")
+@click.option("--sent", is_flag=True, help="Delete the records already delivered.")
+@json_option
+@click.pass_obj
+def purge(obj: Ctx, everything: bool, sent: bool, as_json: bool) -> None:
+    """Delete records: all of them, or only those already submitted."""
+    if everything == sent:
+        raise click.UsageError("give exactly one of --all or --sent")
+    tel = obj.telemetry()
+    deleted = 0
+    if (tel.data_dir / "outbox.sqlite3").exists():
+        deleted = tel.open_outbox().purge(sent_only=sent)
+    if as_json:
+        _dump({"deleted": deleted, "what": "sent" if sent else "all"})
+    else:
+        click.echo(f"deleted {deleted} records")
+
+
+# --- consent -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("choice", type=click.Choice(["on", "off"]))
+@json_option
+@click.pass_obj
+def consent(obj: Ctx, choice: str, as_json: bool) -> None:
+    """Store the administrator's choice. The environment and the config file still win."""
+    tel = obj.telemetry()
+    decision = tel.set_consent(choice == "on")
+    overridden = decision.rule in ("do_not_track", "app_env", "config", "config_error", "level")
+    data = {
+        "stored": choice,
+        "enabled": decision.enabled,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "overridden": overridden,
+    }
+    if as_json:
+        _dump(data)
+        return
+    click.echo(f"stored: telemetry {choice}")
+    if overridden:
+        click.echo(f"but {decision.reason}, which overrides it: telemetry is "
+                   f"{'on' if decision.enabled else 'off'}")  # fmt: skip
+
+
+# --- manifest ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def manifest(obj: Ctx, as_json: bool) -> None:
+    """Exactly what is collected, generated from the registered payload classes."""
+    from waypost import manifest as mf
+
+    tel = obj.telemetry()
+    sinks = [{"name": n, "type": s.type, "destination": s.destination} for n, s in tel.sinks.items()]
+    metrics: list[dict[str, Any]] = []
+    try:
+        registry = tel.metrics
+        if hasattr(registry, "describe"):
+            metrics = registry.describe()
+    except Exception:
+        metrics = []
+    data = mf.build(schemas=tel.config.schemas, sinks=sinks, metrics=metrics)
+    if as_json:
+        _dump(data)
+    else:
+        click.echo(mf.to_markdown(data, app=tel.app), nl=False)
+    for error in data["errors"]:
+        click.echo(f"warning: {error}", err=True)
+
+
+# --- test-sink ---------------------------------------------------------------------------------
+
+
+@cli.command("test-sink")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def test_sink(obj: Ctx, name: str, as_json: bool) -> None:
+    """Send one test event through sink NAME and show the destination's answer."""
+    tel = obj.telemetry()
+    if name not in tel.sinks:
+        known = ", ".join(tel.sinks) or "none"
+        raise click.ClickException(f"no sink named {name!r} in the config; configured: {known}")
+    if not tel.decision.enabled:
+        _refuse(tel, as_json, "no test event is sent")
+        return
+    from waypost.events import Event, base_context, uuid7
+    from waypost.telemetry import _instance_id
+
+    import time
+
+    sink = tel.sinks[name]
+    instance = _instance_id(tel.data_dir) if tel.data_dir.exists() else "test-instance"
+    now = time.time()
+    event = Event(
+        id=uuid7(now), name="waypost_test", time=now, instance_id=instance,
+        properties={"test": True}, context=base_context(tel.app, tel.version),
+        distinct_id=instance,
+    )  # fmt: skip
+    try:
+        sink.open()
+        answer = sink.test_request(event)
+    except Exception as exc:
+        answer = {"delivered": False, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        try:
+            sink.close()
+        except Exception:
+            pass
+    data = {"sink": name, "type": sink.type, "destination": sink.destination, "answer": answer}
+    if as_json:
+        _dump(data)
+    else:
+        click.echo(f"{name} ({sink.type}) -> {sink.destination}")
+        click.echo(json.dumps(answer, indent=2, default=str))
+
+
+def _refuse(tel: Any, as_json: bool, what: str) -> None:
+    data = {"ok": False, "enabled": False, "rule": tel.decision.rule, "reason": tel.decision.reason}
+    if as_json:
+        _dump(data)
+    else:
+        click.echo(f"telemetry is off ({tel.decision.reason}): {what}")
+    sys.exit(1)
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--events", default=12, show_default=True, type=click.IntRange(1, 100_000))
+@json_option
+@click.pass_obj
+def demo(obj: Ctx, events: int, as_json: bool) -> None:
+    """Run a small application through the whole pipeline and show what was recorded."""
+    from waypost.demo import run_demo
+
+    result = run_demo(events=events, data_dir=obj.data_dir)
+    st = result["status"]
+    if as_json:
+        _dump({**result, "status": st.model_dump(mode="json")})
+        return
+    con = _console()
+    con.rule("[bold]waypost demo")
+    if not st.enabled:
+        con.print(f"Telemetry is [red]off[/]: {st.reason}. Nothing was collected or written.")
+        return
+    from rich.table import Table
+
+    table = Table("event", "properties (as sent)", "redacted", title=f"recorded in {result['file']}")
+    for record in result["records"]:
+        table.add_row(record["name"], json.dumps(record["properties"])[:90],
+                      ", ".join(record["remarks"]) or "-")  # fmt: skip
+    con.print(table)
+    c = st.counters
+    con.print(f"accepted {c.accepted}, stored {c.stored}, delivered {c.delivered} "
+              f"(to {len(st.sinks)} sinks), dropped {sum(c.dropped.values())}")  # fmt: skip
+    con.print(f"data dir: {result['data_dir']}  (try: waypost --data-dir {result['data_dir']} "
+              "show --state sent)")  # fmt: skip
+
+
+def _load_plugin_commands() -> None:
+    """Let installed plugins add commands: modules in entry-point group ``waypost.commands``
+    implementing the ``register_commands`` hook. A broken one is reported, never fatal."""
+    import importlib.metadata as md
+
+    from waypost.plugins import PluginManager
+
+    pm = PluginManager()
+    for ep in md.entry_points(group="waypost.commands"):
+        try:
+            pm.register_module(ep.load(), name=f"commands:{ep.name}")
+        except Exception as exc:
+            click.echo(f"warning: plugin commands {ep.value!r} failed to load: {exc}", err=True)
+    for _ in pm.call_chain("register_commands", cli=cli):
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    _load_plugin_commands()
+    cli.main(args=argv, prog_name="waypost")

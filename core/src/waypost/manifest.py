@@ -1,0 +1,145 @@
+"""``waypost manifest``: exactly what is collected, generated from the registered payload
+classes, the envelope and the enabled sinks; never written by hand."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from waypost.events import Payload, registered_payloads
+
+ENVELOPE = [
+    ("id", "string", "Event id (UUIDv7): ordering and de-duplication key."),
+    ("name", "string", "Event name."),
+    ("timestamp", "string", "When the event happened (UTC, ISO 8601)."),
+    ("instance_id", "string", "Random id of this installation, created once; not linked to a person."),
+    ("context.app", "object", "Application name and version."),
+    ("context.os", "object", "Operating system type, release and architecture."),
+    ("context.python", "string", "Python version."),
+    ("context.waypost", "string", "waypost version."),
+]
+
+
+def import_schemas(modules: list[str]) -> list[str]:
+    """Import the modules that declare Payload classes; return error messages, if any."""
+    errors = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            errors.append(f"cannot import schema module {name!r}: {type(exc).__name__}: {exc}")
+    return errors
+
+
+def _type_name(schema: dict[str, Any], defs: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        ref = schema["$ref"].rsplit("/", 1)[-1]
+        return _type_name(defs.get(ref, {}), defs) if ref in defs else ref
+    if "anyOf" in schema:
+        names = [_type_name(s, defs) for s in schema["anyOf"]]
+        return " | ".join(dict.fromkeys(names))
+    kind = schema.get("type")
+    if kind == "array":
+        return f"array of {_type_name(schema.get('items', {}), defs)}"
+    if "enum" in schema:
+        return " | ".join(repr(v) for v in schema["enum"])
+    if isinstance(kind, list):
+        return " | ".join(kind)
+    return str(kind or schema.get("title", "any"))
+
+
+def describe_payload(cls: type[Payload]) -> dict[str, Any]:
+    """The event name, level and fields (wire name, type, description, required) of a class."""
+    schema = cls.model_json_schema(by_alias=True, mode="serialization")
+    defs = schema.get("$defs", {})
+    required = set(schema.get("required", []))
+    fields = []
+    for prop, spec in schema.get("properties", {}).items():
+        fields.append(
+            {
+                "property": prop,
+                "type": _type_name(spec, defs),
+                "description": (spec.get("description") or "").strip(),
+                "required": prop in required,
+            }
+        )
+    return {
+        "event": cls.__event__,
+        "payload": cls.__name__,
+        "module": cls.__module__,
+        "level": cls.__level__,
+        "description": (cls.__doc__ or "").strip().split("\n\n")[0],
+        "fields": fields,
+    }
+
+
+def build(
+    *, schemas: list[str], sinks: list[dict[str, Any]], metrics: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The manifest as data: events (from Payload classes), envelope, sinks, metrics.
+
+    With ``schemas``, only Payload classes defined in those modules (or below them) are listed;
+    without, every Payload class defined so far.
+    """
+    errors = import_schemas(schemas)
+    classes = list(registered_payloads().values())
+    if schemas:
+        classes = [
+            c for c in classes
+            if any(c.__module__ == m or c.__module__.startswith(m + ".") for m in schemas)
+        ]  # fmt: skip
+    return {
+        "events": [describe_payload(c) for c in sorted(classes, key=lambda c: c.__event__)],
+        "envelope": [{"property": p, "type": t, "description": d} for p, t, d in ENVELOPE],
+        "sinks": sinks,
+        "metrics": metrics or [],
+        "scrubbing": (
+            "Free-form properties and every string value pass the scrubbers: e-mail and IP "
+            "addresses, card numbers, secrets and tokens, URLs with credentials and home-directory "
+            "user names are redacted before anything is stored or sent."
+        ),
+        "errors": errors,
+    }
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(manifest: dict[str, Any], *, app: str = "") -> str:
+    """FlowForge's "Collected Data" table, generated."""
+    lines = [f"# Telemetry collected{' by ' + app if app else ''}", ""]
+    lines += ["## Events", ""]
+    if not manifest["events"]:
+        lines += ["No typed payloads are registered (set `telemetry.schemas`).", ""]
+    for event in manifest["events"]:
+        lines += [f"### `{event['event']}` ({event['level']})", ""]
+        if event["description"]:
+            lines += [_cell(event["description"]), ""]
+        lines += ["Property | Type | Description", "----|----|-----"]
+        lines += [
+            f"`{f['property']}` | {_cell(f['type'])} | {_cell(f['description'])}"
+            for f in event["fields"]
+        ]
+        lines.append("")
+    lines += ["## Sent with every event", "", "Property | Type | Description", "----|----|-----"]
+    lines += [f"`{e['property']}` | {e['type']} | {_cell(e['description'])}" for e in manifest["envelope"]]
+    lines += ["", manifest["scrubbing"], ""]
+    if manifest["metrics"]:
+        lines += ["## Metrics", "", "Metric | Type | Unit | Labels | Description", "----|----|----|----|-----"]
+        for m in manifest["metrics"]:
+            labels = ", ".join(
+                f"{k}{' (mandatory)' if v else ''}" for k, v in (m.get("labels") or {}).items()
+            )
+            lines.append(
+                f"`{m['name']}` | {m.get('type', '')} | {m.get('unit', '')} | {labels} | "
+                f"{_cell(m.get('description', ''))}"
+            )
+        lines.append("")
+    lines += ["## Destinations", ""]
+    if manifest["sinks"]:
+        lines += ["Sink | Type | Destination", "----|----|-----"]
+        lines += [f"`{s['name']}` | {s['type']} | {_cell(s.get('destination', ''))}" for s in manifest["sinks"]]
+    else:
+        lines.append("None: nothing leaves this machine.")
+    return "\n".join(lines) + "\n"
