@@ -312,7 +312,10 @@ def load(
     data = merge(data, env_overrides(env))
     if overrides:
         data = merge(data, {k: v for k, v in overrides.items() if v is not None})
-    data = expand(data, env)
+    try:
+        data = expand(data, env)
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, source=source, key=exc.key) from None
     try:
         return TelemetryConfig.model_validate(data), source
     except ValidationError as exc:

@@ -40,17 +40,19 @@ class _UUID7:
     def __call__(self, unix_seconds: float | None = None) -> str:
         ms = int((time.time() if unix_seconds is None else unix_seconds) * 1000)
         with self._lock:
-            if ms <= self._last_ms:
-                # Same (or an earlier, for backdated events) millisecond: keep strict order.
-                self._counter += 1
-                if self._counter > 0xFFF:
-                    self._last_ms += 1
-                    self._counter = 0
-                ms = self._last_ms
+            if ms < self._last_ms - 1000:
+                # A backdated event: its own millisecond, no effect on the running order.
+                counter = int.from_bytes(os.urandom(2), "big") & 0xFFF
             else:
-                self._last_ms = ms
-                self._counter = int.from_bytes(os.urandom(2), "big") & 0x3FF
-            counter = self._counter
+                if ms > self._last_ms:
+                    self._last_ms = ms
+                    self._counter = int.from_bytes(os.urandom(2), "big") & 0x3FF
+                else:  # same millisecond (or the clock stepped back a little): keep order
+                    self._counter += 1
+                    if self._counter > 0xFFF:
+                        self._last_ms += 1
+                        self._counter = 0
+                ms, counter = self._last_ms, self._counter
         rand = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
         value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand
         return str(uuid.UUID(int=value))

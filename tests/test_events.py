@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import json
+import uuid
+from pathlib import PurePosixPath
+
+import pytest
+from pydantic import Field
+
+import waypost
+from waypost.events import Event, coerce, uuid7
+
+
+def test_uuid7_is_version_7_rfc_variant_and_ordered() -> None:
+    ids = [uuid7() for _ in range(5000)]
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_uuid7_carries_the_millisecond_timestamp() -> None:
+    when = 1_732_531_200.123
+    u = uuid.UUID(uuid7(when))
+    assert u.int >> 80 == int(when * 1000)
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+def test_coerce_documented_types() -> None:
+    naive = dt.datetime(2026, 1, 2, 3, 4, 5)
+    value = {
+        "when": naive,
+        "aware": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        "day": dt.date(2026, 1, 2),
+        "money": decimal.Decimal("1.50"),
+        "whole": decimal.Decimal("3"),
+        "id": uuid.UUID(int=1),
+        "path": PurePosixPath("/tmp/x"),
+        "color": Color.RED,
+        "tags": {"b", "a"},
+        "pair": (1, 2),
+        "point": Point(1, 2),
+        "nan": float("nan"),
+        1: "int key",
+    }
+    out = coerce(value)
+    assert out["when"] == "2026-01-02T03:04:05Z"
+    assert out["aware"] == "2026-01-02T01:04:05Z"
+    assert out["day"] == "2026-01-02"
+    assert out["money"] == 1.5 and out["whole"] == 3
+    assert out["id"] == "00000000-0000-0000-0000-000000000001"
+    assert out["path"] == "/tmp/x" and out["color"] == "red"
+    assert out["tags"] == ["'a'", "'b'"] or sorted(out["tags"]) == ["a", "b"]
+    assert out["pair"] == [1, 2] and out["point"] == {"x": 1, "y": 2}
+    assert out["nan"] is None and out["1"] == "int key"
+    json.dumps(out)
+
+
+def test_coerce_refuses_what_it_cannot_serialise() -> None:
+    with pytest.raises(TypeError, match="object"):
+        coerce({"x": object()})
+    with pytest.raises(TypeError, match="bytes"):
+        coerce(b"raw")
+
+
+class RunPayload(waypost.Payload, event="run"):
+    run_seconds: int = Field(serialization_alias="runSeconds", description="How long.")
+    run_success: bool = Field(serialization_alias="runSuccess")
+
+
+def test_payload_wire_uses_aliases_and_only_declared_fields() -> None:
+    payload = RunPayload(run_seconds=45, run_success=True, secret="x")  # type: ignore[call-arg]
+    assert payload.wire() == {"runSeconds": 45, "runSuccess": True}
+    assert payload.undeclared() == ["secret"]
+    assert RunPayload.__event__ == "run" and RunPayload.__level__ == "usage"
+
+
+def test_payload_event_name_defaults_to_snake_case() -> None:
+    class ComponentBuiltPayload(waypost.Payload):
+        name: str
+
+    assert ComponentBuiltPayload.__event__ == "component_built"
+
+
+def test_payload_rejects_unknown_level() -> None:
+    with pytest.raises(ValueError, match="level"):
+
+        class Bad(waypost.Payload, event="bad", level="verbose"):  # type: ignore[call-arg]
+            pass
+
+
+def test_event_envelope_round_trip() -> None:
+    e = Event(
+        id=uuid7(), name="run", time=1_732_531_200.5, instance_id="inst",
+        properties={"a": 1}, context={"app": {"name": "x", "version": "1"}},
+    )  # fmt: skip
+    data = e.to_dict()
+    assert data["timestamp"] == "2024-11-25T10:40:00.500Z"
+    assert data["distinct_id"] == "inst"
+    back = Event.from_dict(data)
+    assert back.time == pytest.approx(e.time) and back.properties == e.properties
+    assert e.timestamp.tzinfo is dt.timezone.utc
