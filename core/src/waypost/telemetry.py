@@ -122,7 +122,7 @@ class Telemetry:
         debug: bool | None = None,
         env: Mapping[str, str] | None = None,
         plugins: Iterable[object] = (),
-        sinks: Iterable[type[Sink]] = (),
+        sink_classes: Iterable[type[Sink]] = (),
         notice: Callable[[str], None] | None = None,
         distinct_id: str | None = None,
         start: bool = True,
@@ -179,7 +179,7 @@ class Telemetry:
             self.plugins.register_module(plugin)
         for module_name in cfg.plugins:
             self._register_plugin_module(module_name)
-        for sink_class in sinks:
+        for sink_class in sink_classes:
             self.plugins.register_sink(sink_class)
         self._notice_callback = notice
         if self.decision.enabled and self.config_error is None and start:
@@ -259,7 +259,7 @@ class Telemetry:
         )
         self._runners_by_name = {r.name: r for r in self.pipeline.runners}
         self._buffer = self.pipeline.buffer
-        self._wake_at = cfg.batch.size
+        self._wake_at = min(cfg.batch.size, cfg.outbox.buffer)
         self._sync = cfg.outbox.durability == "sync"
         self.pipeline.start()
         self._on = True

@@ -82,7 +82,9 @@ class RecordingServer:
     request is kept in ``requests``.
     """
 
-    def __init__(self, responder: Responder | None = None, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, responder: Responder | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.responder: Responder = responder or (lambda request: Response(200, {}))
         self.script: deque[Response] = deque()
         self.requests: list[Request] = []
@@ -148,7 +150,8 @@ class RecordingServer:
 
             do_POST = do_GET = do_PUT = do_PATCH = do_DELETE = _handle
 
-        self._httpd = ThreadingHTTPServer((host, 0), Handler)
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self.host, self.port = self._httpd.server_address[:2]
         self._thread: threading.Thread | None = None

@@ -1,0 +1,245 @@
+"""Delivery against a real local HTTP peer that fails on purpose."""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from typing import Any
+
+import pytest
+
+import waypost
+import waypost.errors
+from waypost.testing import RecordingServer, Request, Response, free_port
+
+
+def ids_of(requests: list[Request]) -> list[str]:
+    return [e["id"] for r in requests if r.body for e in r.json()]
+
+
+def url_sink(url: str, **extra: Any) -> dict[str, Any]:
+    return {"dest": {"type": "urltest", "url": f"{url}/ingest", **extra}}
+
+
+def test_burst_to_a_healthy_server_arrives_exactly_once(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    tel = make_telemetry(sinks=url_sink(recording_server.url))
+    for i in range(5000):
+        tel.track("burst", {"i": i, "a": "x", "b": 1.5, "c": True, "d": None})
+    assert tel.flush(timeout=60)
+    ids = ids_of(recording_server.requests)
+    assert len(ids) == 5000 and len(set(ids)) == 5000
+    st = tel.status()
+    assert st.counters.accepted == 5000 and st.sinks[0].delivered == 5000
+    assert st.outbox_pending_events == 0
+    assert max(len(r.json()) for r in recording_server.requests) <= 100  # the sink's max batch
+
+
+def test_flaky_server_loses_nothing(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    recording_server.answer(
+        Response(503, "busy", headers={"Retry-After": "0"}),
+        Response(429, "slow down", headers={"Retry-After": "0"}),
+        Response(reset=True),
+        Response(502),
+        Response(200, {}, delay=2.0),  # slower than the sink's timeout: retried
+        Response(500),
+    )
+    tel = make_telemetry(sinks=url_sink(recording_server.url, timeout=0.5))
+    for i in range(1000):
+        tel.track("flaky", {"i": i})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        tel.flush(timeout=5)
+        if tel.status().outbox_pending_events == 0:
+            break
+    ok = [r for r in recording_server.requests]
+    received = set(ids_of(ok))
+    assert tel.status().outbox_pending_events == 0
+    assert len(received) == 1000
+    st = tel.status().sinks[0]
+    assert st.retried > 0 and st.delivered == 1000 and st.failed == 0
+
+
+def test_connection_refused_then_the_server_comes_up(
+    urlsink: str, make_telemetry: Any
+) -> None:
+    port = free_port()
+    tel = make_telemetry(sinks=url_sink(f"http://127.0.0.1:{port}"))
+    for i in range(50):
+        tel.track("later", {"i": i})
+    assert tel.flush(timeout=5)  # stored safely, not delivered
+    st = tel.status()
+    assert st.outbox_pending_events == 50 and st.sinks[0].delivered == 0
+    assert "connection failed" in (st.sinks[0].last_error or "")
+    with RecordingServer(port=port) as server:
+        assert server.wait_for(lambda reqs: len(set(ids_of(reqs))) == 50, timeout=30)
+    assert len(set(ids_of(server.requests))) == 50
+
+
+def test_retry_after_is_honoured(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    recording_server.answer(Response(503, headers={"Retry-After": "2"}))
+    tel = make_telemetry(sinks=url_sink(recording_server.url))
+    tel.track("once")
+    assert recording_server.wait_for(lambda reqs: len(reqs) >= 2, timeout=20)
+    first, second = recording_server.requests[:2]
+    assert second.at - first.at >= 1.9
+
+
+def test_retry_after_as_http_date(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    from email.utils import formatdate
+
+    recording_server.answer(Response(429, headers={"Retry-After": formatdate(time.time() + 3, usegmt=True)}))
+    tel = make_telemetry(sinks=url_sink(recording_server.url))
+    tel.track("once")
+    assert recording_server.wait_for(lambda reqs: len(reqs) >= 2, timeout=20)
+    first, second = recording_server.requests[:2]
+    assert second.at - first.at >= 1.5
+
+
+def test_permanent_error_is_not_retried_and_is_recorded(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    recording_server.responder = lambda r: Response(400, {"error": "bad event"})
+    tel = make_telemetry(sinks=url_sink(recording_server.url), config={"outbox": {"keep_sent": "1h"}})
+    for i in range(5):
+        tel.track("refused", {"i": i})
+    tel.flush(timeout=10)
+    time.sleep(0.5)
+    tel.flush(timeout=5)
+    assert len(recording_server.requests) == 1
+    st = tel.status()
+    assert st.sinks[0].failed == 5 and st.counters.dropped == {"refused:dest": 5}
+    assert "HTTP 400" in (st.sinks[0].last_error or "")
+    records, total = tel.open_outbox().records(state="failed")
+    assert total == 5 and all("bad event" in (r.last_error or "") for r in records)
+
+
+def test_too_large_batches_are_split(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    def limit(request: Request) -> Response:
+        return Response(413, "too large") if len(request.json()) > 10 else Response(200, {})
+
+    recording_server.responder = limit
+    tel = make_telemetry(sinks=url_sink(recording_server.url))
+    for i in range(100):
+        tel.track("big", {"i": i})
+    assert tel.flush(timeout=30)
+    delivered = [r for r in recording_server.requests if len(r.json()) <= 10]
+    assert sorted(ids_of(delivered)) == sorted(set(ids_of(delivered)))
+    assert len(set(ids_of(delivered))) == 100
+
+
+def test_one_event_too_large_is_refused_alone(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    def limit(request: Request) -> Response:
+        big = any(len(json.dumps(e)) > 5000 for e in request.json())
+        return Response(413) if big else Response(200, {})
+
+    recording_server.responder = limit
+    tel = make_telemetry(sinks=url_sink(recording_server.url))
+    tel.track("small", {"x": 1})
+    tel.track("huge", {"x": "y" * 10_000})
+    tel.track("small", {"x": 2})
+    tel.flush(timeout=10)
+    st = tel.status().sinks[0]
+    assert st.delivered == 2 and st.failed == 1
+    assert "too large" in (st.last_error or "")
+
+
+def test_shutdown_returns_in_time_against_a_hanging_server(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any, tmp_path: Any
+) -> None:
+    recording_server.responder = lambda r: Response(hang=True)
+    data_dir = tmp_path / "hang"
+    tel = make_telemetry(sinks=url_sink(recording_server.url, timeout=60), data_dir=data_dir)
+    for i in range(20):
+        tel.track("stuck", {"i": i})
+    assert recording_server.wait_for(lambda reqs: True, timeout=1) or True
+    started = time.monotonic()
+    tel.shutdown(timeout=2)
+    assert time.monotonic() - started < 3.0
+    # What was not delivered is still in the outbox for the next run.
+    later = make_telemetry(sinks=url_sink(recording_server.url), data_dir=data_dir, start=False)
+    assert later.status().outbox_pending_events == 20
+
+
+def test_overflow_spills_to_the_outbox_instead_of_dropping(
+    urlsink: str, make_telemetry: Any
+) -> None:
+    tel = make_telemetry(
+        sinks=url_sink(f"http://127.0.0.1:{free_port()}"),
+        config={"outbox": {"buffer": 100}, "batch": {"interval": 30, "size": 100_000}},
+    )
+    for i in range(5000):
+        tel.track("spill", {"i": i})
+    assert tel.status().buffered <= 100
+    assert tel.flush(timeout=10)
+    st = tel.status()
+    assert st.counters.accepted == 5000 and st.counters.stored == 5000
+    assert st.outbox_pending_events == 5000 and not st.counters.dropped
+
+
+def test_one_failing_sink_never_delays_another(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any, tmp_path: Any
+) -> None:
+    hanging = RecordingServer(lambda r: Response(hang=True)).start()
+    try:
+        out = tmp_path / "fast.jsonl"
+        tel = make_telemetry(
+            sinks={
+                "slow": {"type": "urltest", "url": f"{hanging.url}/x", "timeout": 30},
+                "fast": {"type": "urltest", "url": f"{recording_server.url}/x"},
+                "file": {"type": "jsonl", "path": str(out)},
+            }
+        )
+        for i in range(200):
+            tel.track("iso", {"i": i})
+        assert recording_server.wait_for(lambda reqs: len(set(ids_of(reqs))) == 200, timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 200):
+            time.sleep(0.05)
+        assert out.read_text().count("\n") == 200
+        tel.shutdown(timeout=1)
+    finally:
+        hanging.stop()
+
+
+class Garbage(waypost.Sink):
+    type = "garbage"
+
+    def send(self, events: Any) -> Any:
+        return "ok!"
+
+
+def test_a_sink_returning_garbage_is_a_clear_error(make_telemetry: Any, caplog: Any) -> None:
+    strict = make_telemetry(sinks={"g": {"type": "garbage"}}, sink_classes=[Garbage])
+    strict.track("x")
+    with pytest.raises(waypost.errors.SinkContractError, match="returned 'ok!' from send"):
+        strict.flush(timeout=5)
+    loose = make_telemetry(sinks={"g": {"type": "garbage"}}, sink_classes=[Garbage], strict=False)
+    loose.track("x")
+    assert loose.flush(timeout=5)  # kept in the outbox, retried later
+    st = loose.status()
+    assert st.outbox_pending_events == 1 and "expected a waypost.SendResult" in (st.sinks[0].last_error or "")
+    assert "expected a waypost.SendResult" in caplog.text
+
+
+def test_duplicate_ids_only_after_timeouts(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    tel = make_telemetry(sinks=url_sink(recording_server.url))
+    for i in range(300):
+        tel.track("dedup", {"i": i})
+    assert tel.flush(timeout=20)
+    counts = collections.Counter(ids_of(recording_server.requests))
+    assert set(counts.values()) == {1}
