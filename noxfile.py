@@ -52,8 +52,14 @@ def example_sink(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint and format check) and mypy (strict) over the core and the plugins."""
-    session.install("ruff>=0.8", "mypy>=1.13", "types-PyYAML", "-e", "./core",
-                    *(f"-e./plugins/{p}" for p in PLUGINS))  # fmt: skip
+    session.install(
+        "ruff>=0.8",
+        "mypy>=1.13",
+        "types-PyYAML",
+        "-e",
+        "./core",
+        *(f"-e./plugins/{p}" for p in PLUGINS),
+    )
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy", "core/src", *(f"plugins/{p}/src" for p in PLUGINS))
@@ -62,6 +68,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks against the vendor SDKs, side by side (see bench/README.md)."""
-    session.install("-e", "./core", "-e./plugins/http", "-e./plugins/posthog",
-                    "-r", "bench/requirements.txt")  # fmt: skip
+    session.install(
+        "-e", "./core", "-e./plugins/http", "-e./plugins/posthog", "-r", "bench/requirements.txt"
+    )
     session.run("python", "bench/run.py", *session.posargs)

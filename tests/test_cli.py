@@ -14,8 +14,12 @@ from waypost.testing import RecordingServer, free_port
 SUPPORT = Path(__file__).parent / "support"
 
 
-def waypost_run(args: list[str], env: dict[str, str], cwd: Path, exe: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([exe, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+def waypost_run(
+    args: list[str], env: dict[str, str], cwd: Path, exe: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [exe, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def config(tmp_path: Path, body: str) -> Path:
@@ -24,8 +28,12 @@ def config(tmp_path: Path, body: str) -> Path:
     return path
 
 
-def test_demo_runs_the_whole_pipeline(tmp_path: Path, clean_env: dict[str, str], waypost_cli: str) -> None:
-    out = waypost_run(["--data-dir", str(tmp_path / "d"), "demo", "--json"], clean_env, tmp_path, waypost_cli)
+def test_demo_runs_the_whole_pipeline(
+    tmp_path: Path, clean_env: dict[str, str], waypost_cli: str
+) -> None:
+    out = waypost_run(
+        ["--data-dir", str(tmp_path / "d"), "demo", "--json"], clean_env, tmp_path, waypost_cli
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     names = [r["name"] for r in data["records"]]
@@ -36,45 +44,67 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, clean_env: dict[str, str],
     run = next(r for r in data["records"] if r["name"] == "run")
     assert set(run["properties"]) == {"runIsWebhook", "runSeconds", "runSuccess", "runErrorMessage"}
     assert "[TELEMETRY] Endpoint: run" in out.stderr  # the log sink, Langflow style
-    text = waypost_run(["--data-dir", str(tmp_path / "e"), "demo"], clean_env, tmp_path, waypost_cli)
+    text = waypost_run(
+        ["--data-dir", str(tmp_path / "e"), "demo"], clean_env, tmp_path, waypost_cli
+    )
     assert text.returncode == 0 and "feedback_sent" in text.stdout
 
 
-def test_demo_respects_do_not_track(tmp_path: Path, clean_env: dict[str, str], waypost_cli: str) -> None:
-    out = waypost_run(["--data-dir", str(tmp_path / "d"), "demo"], {**clean_env, "DO_NOT_TRACK": "1"},
-                      tmp_path, waypost_cli)  # fmt: skip
+def test_demo_respects_do_not_track(
+    tmp_path: Path, clean_env: dict[str, str], waypost_cli: str
+) -> None:
+    out = waypost_run(
+        ["--data-dir", str(tmp_path / "d"), "demo"],
+        {**clean_env, "DO_NOT_TRACK": "1"},
+        tmp_path,
+        waypost_cli,
+    )
     assert out.returncode == 0, out.stderr
     assert "off" in out.stdout and "DO_NOT_TRACK" in out.stdout
     assert not (tmp_path / "d" / "events.jsonl").exists()
 
 
-def test_status_and_plugins_json(tmp_path: Path, clean_env: dict[str, str], waypost_cli: str) -> None:
-    config(tmp_path, """
+def test_status_and_plugins_json(
+    tmp_path: Path, clean_env: dict[str, str], waypost_cli: str
+) -> None:
+    config(
+        tmp_path,
+        """
         telemetry:
           app: clitest
           data_dir: data
           disable_env: DISABLE_CLITEST_TELEMETRY
           sinks:
             jsonl: {path: events.jsonl}
-    """)
+    """,
+    )
     out = waypost_run(["status", "--json"], clean_env, tmp_path, waypost_cli)
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert st["enabled"] is True and st["rule"] == "default" and st["app"] == "clitest"
     assert st["data_dir"] == str(tmp_path / "data")
     assert [s["name"] for s in st["sinks"]] == ["jsonl"]
-    off = waypost_run(["status", "--json"], {**clean_env, "DISABLE_CLITEST_TELEMETRY": "true"}, tmp_path, waypost_cli)
+    off = waypost_run(
+        ["status", "--json"],
+        {**clean_env, "DISABLE_CLITEST_TELEMETRY": "true"},
+        tmp_path,
+        waypost_cli,
+    )
     st = json.loads(off.stdout)
     assert st["enabled"] is False and st["rule"] == "app_env"
     assert "DISABLE_CLITEST_TELEMETRY=true" in st["reason"]
-    plugins = json.loads(waypost_run(["plugins", "--json"], clean_env, tmp_path, waypost_cli).stdout)
+    plugins = json.loads(
+        waypost_run(["plugins", "--json"], clean_env, tmp_path, waypost_cli).stdout
+    )
     by_name = {p["name"]: p for p in plugins}
     assert by_name["jsonl"]["distribution"] == "waypost" and by_name["jsonl"]["status"] == "loaded"
     assert by_name["jsonl"]["version"] == waypost.__version__
     assert "register_sinks" in by_name["log"]["hooks"]
 
 
-def test_bad_config_fails_with_file_key_and_reason(tmp_path: Path, clean_env: dict[str, str], waypost_cli: str) -> None:
+def test_bad_config_fails_with_file_key_and_reason(
+    tmp_path: Path, clean_env: dict[str, str], waypost_cli: str
+) -> None:
     path = config(tmp_path, "telemetry:\n  mode: sometimes\n")
     out = waypost_run(["status"], clean_env, tmp_path, waypost_cli)
     assert out.returncode == 2
@@ -86,26 +116,34 @@ def test_bad_config_fails_with_file_key_and_reason(tmp_path: Path, clean_env: di
     assert "installed types are" in out.stderr and "pip install waypost-nosuchdest" in out.stderr
 
 
-def test_consent_is_stored_and_the_config_file_wins(tmp_path: Path, clean_env: dict[str, str], waypost_cli: str) -> None:
+def test_consent_is_stored_and_the_config_file_wins(
+    tmp_path: Path, clean_env: dict[str, str], waypost_cli: str
+) -> None:
     config(tmp_path, "telemetry:\n  data_dir: data\n  sinks: {log: {}}\n")
     out = waypost_run(["consent", "off", "--json"], clean_env, tmp_path, waypost_cli)
     assert json.loads(out.stdout) == {
-        "stored": "off", "enabled": False, "rule": "admin",
-        "reason": "the administrator turned telemetry off", "overridden": False,
-    }  # fmt: skip
+        "stored": "off",
+        "enabled": False,
+        "rule": "admin",
+        "reason": "the administrator turned telemetry off",
+        "overridden": False,
+    }
     st = json.loads(waypost_run(["status", "--json"], clean_env, tmp_path, waypost_cli).stdout)
     assert st["enabled"] is False and st["rule"] == "admin"
     config(tmp_path, "telemetry:\n  enabled: true\n  data_dir: data\n  sinks: {log: {}}\n")
     st = json.loads(waypost_run(["status", "--json"], clean_env, tmp_path, waypost_cli).stdout)
     assert st["enabled"] is True and st["rule"] == "config"
-    out = json.loads(waypost_run(["consent", "off", "--json"], clean_env, tmp_path, waypost_cli).stdout)
+    out = json.loads(
+        waypost_run(["consent", "off", "--json"], clean_env, tmp_path, waypost_cli).stdout
+    )
     assert out["overridden"] is True and out["enabled"] is True
 
 
 def test_manifest_lists_the_fields_of_a_declared_payload(
     tmp_path: Path, clean_env: dict[str, str], waypost_cli: str
 ) -> None:
-    (tmp_path / "myschemas.py").write_text(textwrap.dedent('''
+    (tmp_path / "myschemas.py").write_text(
+        textwrap.dedent('''
         from pydantic import Field
         import waypost
 
@@ -115,7 +153,8 @@ def test_manifest_lists_the_fields_of_a_declared_payload(
             chatflow_id: str = Field(serialization_alias="chatlowId", description="Chatflow id.")
             node_count: int = Field(serialization_alias="nodeCount")
             """How many nodes the flow has."""
-    '''))
+    ''')
+    )
     config(tmp_path, "telemetry:\n  data_dir: data\n  schemas: [myschemas]\n  sinks: {jsonl: {}}\n")
     env = {**clean_env, "PYTHONPATH": str(tmp_path)}
     out = waypost_run(["manifest", "--json"], env, tmp_path, waypost_cli)
@@ -134,23 +173,29 @@ def test_manifest_lists_the_fields_of_a_declared_payload(
 def test_show_flush_and_purge(tmp_path: Path, clean_env: dict[str, str], waypost_cli: str) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/ingest"
-    config(tmp_path, f"""
+    config(
+        tmp_path,
+        f"""
         telemetry:
           data_dir: data
           outbox: {{keep_sent: 1d}}
           plugins: [urlsink]
           sinks:
             dest: {{type: urltest, url: "{url}", timeout: 1}}
-    """)
+    """,
+    )
     env = {**clean_env, "PYTHONPATH": str(SUPPORT)}
-    tel = waypost.Telemetry(app="cli", config=tmp_path / "telemetry.yml", env=env,
-                            notice=lambda text: None)  # fmt: skip
+    tel = waypost.Telemetry(
+        app="cli", config=tmp_path / "telemetry.yml", env=env, notice=lambda text: None
+    )
     assert list(tel.sinks) == ["dest"]
     for i in range(30):
         tel.track("held", {"i": i, "owner": "ann@example.com"})
     assert tel.flush(5)
     tel.shutdown(1)
-    shown = json.loads(waypost_run(["show", "--json", "--state", "pending"], env, tmp_path, waypost_cli).stdout)
+    shown = json.loads(
+        waypost_run(["show", "--json", "--state", "pending"], env, tmp_path, waypost_cli).stdout
+    )
     assert shown["total"] == 30
     assert shown["records"][0]["remarks"] == ["email@properties.owner"]
     assert "ann@example.com" not in json.dumps(shown)
@@ -160,15 +205,26 @@ def test_show_flush_and_purge(tmp_path: Path, clean_env: dict[str, str], waypost
         result: dict[str, Any] = json.loads(out.stdout)
         assert result["ok"] and result["pending_before"] == 30 and result["pending_after"] == 0
         assert len({e["id"] for r in server.requests for e in r.json()}) == 30
-    sent = json.loads(waypost_run(["show", "--json", "--state", "sent"], env, tmp_path, waypost_cli).stdout)
+    sent = json.loads(
+        waypost_run(["show", "--json", "--state", "sent"], env, tmp_path, waypost_cli).stdout
+    )
     assert sent["total"] == 30
-    purged = json.loads(waypost_run(["purge", "--sent", "--json"], env, tmp_path, waypost_cli).stdout)
+    purged = json.loads(
+        waypost_run(["purge", "--sent", "--json"], env, tmp_path, waypost_cli).stdout
+    )
     assert purged == {"deleted": 30, "what": "sent"}
-    assert json.loads(waypost_run(["show", "--json"], env, tmp_path, waypost_cli).stdout)["total"] == 0
+    assert (
+        json.loads(waypost_run(["show", "--json"], env, tmp_path, waypost_cli).stdout)["total"] == 0
+    )
 
 
-def test_test_sink_sends_one_event(tmp_path: Path, clean_env: dict[str, str], waypost_cli: str) -> None:
-    config(tmp_path, "telemetry:\n  data_dir: data\n  sinks:\n    file: {type: jsonl, path: out.jsonl}\n")
+def test_test_sink_sends_one_event(
+    tmp_path: Path, clean_env: dict[str, str], waypost_cli: str
+) -> None:
+    config(
+        tmp_path,
+        "telemetry:\n  data_dir: data\n  sinks:\n    file: {type: jsonl, path: out.jsonl}\n",
+    )
     out = waypost_run(["test-sink", "file", "--json"], clean_env, tmp_path, waypost_cli)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -177,6 +233,7 @@ def test_test_sink_sends_one_event(tmp_path: Path, clean_env: dict[str, str], wa
     assert line["name"] == "waypost_test"
     missing = waypost_run(["test-sink", "nope"], clean_env, tmp_path, waypost_cli)
     assert missing.returncode == 2 and "no sink named 'nope'" in missing.stderr
-    off = waypost_run(["test-sink", "file"], {**clean_env, "DO_NOT_TRACK": "1"}, tmp_path, waypost_cli)
+    off = waypost_run(
+        ["test-sink", "file"], {**clean_env, "DO_NOT_TRACK": "1"}, tmp_path, waypost_cli
+    )
     assert off.returncode == 1 and "telemetry is off" in off.stdout
-

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 import waypost
 from waypost import config as cfg
 from waypost.errors import ConfigError, UnknownSinkError
@@ -17,7 +16,11 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 def test_yaml_and_toml_give_the_same_config(tmp_path: Path) -> None:
     y = write(tmp_path, "t.yml", "telemetry:\n  level: all\n  sinks:\n    jsonl: {path: a.jsonl}\n")
-    t = write(tmp_path, "t.toml", '[telemetry]\nlevel = "all"\n[telemetry.sinks.jsonl]\npath = "a.jsonl"\n')
+    t = write(
+        tmp_path,
+        "t.toml",
+        '[telemetry]\nlevel = "all"\n[telemetry.sinks.jsonl]\npath = "a.jsonl"\n',
+    )
     a, _ = cfg.load(y, {})
     b, _ = cfg.load(t, {})
     assert a == b
@@ -39,10 +42,11 @@ def test_sink_type_defaults_to_the_key_and_one_type_can_be_configured_twice() ->
 
 def test_env_expansion_and_overrides(tmp_path: Path) -> None:
     path = write(
-        tmp_path, "t.yml",
+        tmp_path,
+        "t.yml",
         "telemetry:\n  sinks:\n    ingest:\n      type: http\n"
         "      headers: {Authorization: 'Bearer ${TOKEN}'}\n      url: '${URL:-https://x.example}'\n",
-    )  # fmt: skip
+    )
     env = {"TOKEN": "abc", "WAYPOST_LEVEL": "error", "WAYPOST_BATCH__SIZE": "7"}
     config, source = cfg.load(path, env)
     assert source == str(path)
@@ -91,12 +95,16 @@ def test_durations() -> None:
         cfg.parse_duration("soon")
 
 
-def test_unknown_sink_type_lists_installed_and_hints(tmp_path: Path, clean_env: dict[str, str]) -> None:
+def test_unknown_sink_type_lists_installed_and_hints(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
     with pytest.raises(UnknownSinkError) as info:
         waypost.Telemetry(
-            config={"telemetry": {"sinks": {"nosuch": {}}}}, data_dir=tmp_path, strict=True,
+            config={"telemetry": {"sinks": {"nosuch": {}}}},
+            data_dir=tmp_path,
+            strict=True,
             env=clean_env,
-        )  # fmt: skip
+        )
     text = str(info.value)
     assert "unknown sink type 'nosuch'" in text
     assert "installed types are" in text and "jsonl" in text and "log" in text
@@ -108,8 +116,10 @@ def test_bad_sink_setting_names_the_key(tmp_path: Path, clean_env: dict[str, str
     with pytest.raises(ConfigError, match=r"telemetry\.sinks\.j\.bogus: unknown key"):
         waypost.Telemetry(
             config={"telemetry": {"sinks": {"j": {"type": "jsonl", "bogus": 1}}}},
-            data_dir=tmp_path, strict=True, env=clean_env,
-        )  # fmt: skip
+            data_dir=tmp_path,
+            strict=True,
+            env=clean_env,
+        )
 
 
 def test_production_mode_keeps_the_host_running_on_bad_config(
@@ -128,15 +138,25 @@ def test_production_mode_keeps_good_sinks_when_one_is_bad(
     tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
     tel = waypost.Telemetry(
-        config={"telemetry": {"notice": {"enabled": False}, "sinks": {
-            "nosuch": {}, "file": {"type": "jsonl", "path": str(tmp_path / "e.jsonl")}}}},
-        data_dir=tmp_path / "d", env=clean_env,
-    )  # fmt: skip
+        config={
+            "telemetry": {
+                "notice": {"enabled": False},
+                "sinks": {
+                    "nosuch": {},
+                    "file": {"type": "jsonl", "path": str(tmp_path / "e.jsonl")},
+                },
+            }
+        },
+        data_dir=tmp_path / "d",
+        env=clean_env,
+    )
     tel.track("x", {"a": 1})
     assert tel.flush(5)
     assert (tmp_path / "e.jsonl").read_text().count("\n") == 1
     sinks = {s.name: s for s in tel.status().sinks}
-    assert sinks["nosuch"].state == "error" and "pip install waypost-nosuch" in (sinks["nosuch"].error or "")
+    assert sinks["nosuch"].state == "error" and "pip install waypost-nosuch" in (
+        sinks["nosuch"].error or ""
+    )
     tel.shutdown()
 
 

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-
 import waypost
 import waypost.errors
 from waypost.testing import RecordingServer, Request, Response, free_port
@@ -64,9 +63,7 @@ def test_flaky_server_loses_nothing(
     assert st.retried > 0 and st.delivered == 1000 and st.failed == 0
 
 
-def test_connection_refused_then_the_server_comes_up(
-    urlsink: str, make_telemetry: Any
-) -> None:
+def test_connection_refused_then_the_server_comes_up(urlsink: str, make_telemetry: Any) -> None:
     port = free_port()
     tel = make_telemetry(sinks=url_sink(f"http://127.0.0.1:{port}"))
     for i in range(50):
@@ -96,7 +93,9 @@ def test_retry_after_as_http_date(
 ) -> None:
     from email.utils import formatdate
 
-    recording_server.answer(Response(429, headers={"Retry-After": formatdate(time.time() + 3, usegmt=True)}))
+    recording_server.answer(
+        Response(429, headers={"Retry-After": formatdate(time.time() + 3, usegmt=True)})
+    )
     tel = make_telemetry(sinks=url_sink(recording_server.url))
     tel.track("once")
     assert recording_server.wait_for(lambda reqs: len(reqs) >= 2, timeout=20)
@@ -108,7 +107,9 @@ def test_permanent_error_is_not_retried_and_is_recorded(
     urlsink: str, recording_server: RecordingServer, make_telemetry: Any
 ) -> None:
     recording_server.responder = lambda r: Response(400, {"error": "bad event"})
-    tel = make_telemetry(sinks=url_sink(recording_server.url), config={"outbox": {"keep_sent": "1h"}})
+    tel = make_telemetry(
+        sinks=url_sink(recording_server.url), config={"outbox": {"keep_sent": "1h"}}
+    )
     for i in range(5):
         tel.track("refused", {"i": i})
     tel.flush(timeout=10)
@@ -206,7 +207,9 @@ def test_one_failing_sink_never_delays_another(
             tel.track("iso", {"i": i})
         assert recording_server.wait_for(lambda reqs: len(set(ids_of(reqs))) == 200, timeout=10)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 200):
+        while time.monotonic() < deadline and (
+            not out.exists() or out.read_text().count("\n") < 200
+        ):
             time.sleep(0.05)
         assert out.read_text().count("\n") == 200
         tel.shutdown(timeout=1)
@@ -230,7 +233,9 @@ def test_a_sink_returning_garbage_is_a_clear_error(make_telemetry: Any, caplog: 
     loose.track("x")
     assert loose.flush(timeout=5)  # kept in the outbox, retried later
     st = loose.status()
-    assert st.outbox_pending_events == 1 and "expected a waypost.SendResult" in (st.sinks[0].last_error or "")
+    assert st.outbox_pending_events == 1 and "expected a waypost.SendResult" in (
+        st.sinks[0].last_error or ""
+    )
     assert "expected a waypost.SendResult" in caplog.text
 
 

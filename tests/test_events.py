@@ -9,9 +9,8 @@ import uuid
 from pathlib import PurePosixPath
 
 import pytest
-from pydantic import Field
-
 import waypost
+from pydantic import Field
 from waypost.events import Event, coerce, uuid7
 
 
@@ -104,9 +103,13 @@ def test_payload_rejects_unknown_level() -> None:
 
 def test_event_envelope_round_trip() -> None:
     e = Event(
-        id=uuid7(), name="run", time=1_732_531_200.5, instance_id="inst",
-        properties={"a": 1}, context={"app": {"name": "x", "version": "1"}},
-    )  # fmt: skip
+        id=uuid7(),
+        name="run",
+        time=1_732_531_200.5,
+        instance_id="inst",
+        properties={"a": 1},
+        context={"app": {"name": "x", "version": "1"}},
+    )
     data = e.to_dict()
     assert data["timestamp"] == "2024-11-25T10:40:00.500Z"
     assert data["distinct_id"] == "inst"

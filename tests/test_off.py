@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from waypost.testing import RecordingServer
 
 AUDIT = textwrap.dedent(
@@ -29,7 +28,12 @@ AUDIT = textwrap.dedent(
 def run_audited(body: str, env: dict[str, str], cwd: Path) -> tuple[list[list[str]], str]:
     code = AUDIT + textwrap.dedent(body) + "\nprint('AUDIT ' + json.dumps(seen))\n"
     proc = subprocess.run(
-        [sys.executable, "-c", code], env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, cwd=cwd, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        env={**env, "PYTHONDONTWRITEBYTECODE": "1"},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("AUDIT "))
@@ -67,7 +71,9 @@ def test_do_not_track_opens_no_socket_and_writes_nothing(
 def test_off_path_is_a_bare_return(tmp_path: Path, clean_env: dict[str, str]) -> None:
     import waypost
 
-    tel = waypost.Telemetry(app="x", data_dir=tmp_path / "d", env={**clean_env, "DO_NOT_TRACK": "1"})
+    tel = waypost.Telemetry(
+        app="x", data_dir=tmp_path / "d", env={**clean_env, "DO_NOT_TRACK": "1"}
+    )
     assert tel.pipeline is None and not tel.enabled
     tel.track("x", {"a": 1})
     assert tel.status().counters.accepted == 0
@@ -82,9 +88,11 @@ def test_debug_mode_prints_and_sends_nothing(tmp_path: Path, clean_env: dict[str
             sys.path.insert(0, {str(Path(__file__).parent / "support")!r})
             import waypost
             from urlsink import UrlSink
-            tel = waypost.Telemetry(app="dbg", sink_classes=[UrlSink], data_dir={str(tmp_path / "data")!r},
+            tel = waypost.Telemetry(
+                app="dbg", sink_classes=[UrlSink], data_dir={str(tmp_path / "data")!r},
                 config={{"telemetry": {{"notice": {{"enabled": False}}, "sinks": {{
-                    "dest": {{"type": "urltest", "url": {server.url + "/ingest"!r}}}}}}}}})
+                    "dest": {{"type": "urltest", "url": {server.url + "/ingest"!r}}}}}}}}},
+            )
             tel.track("debugged", {{"email": "someone@example.com", "n": 1}})
             assert tel.flush(5)
             tel.shutdown()

@@ -41,9 +41,13 @@ def script(body: str) -> str:
 
 def run(code: str, env: dict[str, str], **kwargs: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, **kwargs,
-    )  # fmt: skip
+        [sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_kill_9_after_flush_loses_nothing(tmp_path: Path, clean_env: dict[str, str]) -> None:
@@ -117,9 +121,7 @@ def test_fork_child_delivers_its_own_events_only(tmp_path: Path, clean_env: dict
         )
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        names = collections.Counter(
-            e["name"] for r in server.requests for e in r.json()
-        )
+        names = collections.Counter(e["name"] for r in server.requests for e in r.json())
         ids = ids_of(server.requests)
     assert names == {"parent_before": 10, "buffered_at_fork": 5, "child": 10, "parent_after": 10}
     assert len(ids) == len(set(ids)) == 35
@@ -153,7 +155,9 @@ def test_processes_sharing_a_data_dir_neither_lose_nor_duplicate(
     assert max(counts.values()) == 1
 
 
-def test_restart_does_not_resend_what_was_delivered(tmp_path: Path, clean_env: dict[str, str]) -> None:
+def test_restart_does_not_resend_what_was_delivered(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
     with RecordingServer() as server:
         url = f"{server.url}/ingest"
         for _ in range(2):
@@ -181,7 +185,7 @@ def test_events_tracked_before_exit_are_delivered_by_the_at_exit_hook(
         p = run(
             script(
                 f"""
-                tel = make({server.url + '/ingest'!r}, {str(tmp_path / "d")!r})
+                tel = make({server.url + "/ingest"!r}, {str(tmp_path / "d")!r})
                 for i in range(300):
                     tel.track("at_exit", {{"i": i}})
                 """
@@ -201,7 +205,7 @@ def test_exit_is_bounded_when_the_server_hangs(tmp_path: Path, clean_env: dict[s
         p = run(
             script(
                 f"""
-                tel = make({server.url + '/ingest'!r}, {str(tmp_path / "d")!r}, timeout=60)
+                tel = make({server.url + "/ingest"!r}, {str(tmp_path / "d")!r}, timeout=60)
                 tel.track("hang")
                 time.sleep(0.3)
                 """

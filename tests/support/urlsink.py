@@ -4,7 +4,6 @@ POSTs a JSON array of envelopes to ``url`` and classifies the answer with the co
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -35,7 +34,7 @@ class UrlSink(waypost.Sink):
                 response.read()
         except urllib.error.HTTPError as exc:
             raise_for_status(exc.code, dict(exc.headers), exc.read().decode(errors="replace"))
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
             raise RetryableError(f"connection failed: {exc}") from None
         return waypost.SendResult.ok()
 

@@ -27,6 +27,12 @@ def _console() -> Any:
     return Console(highlight=False, soft_wrap=True)
 
 
+class Failure(click.ClickException):
+    """An error that names its cause; exits with status 2."""
+
+    exit_code = 2
+
+
 class Ctx:
     def __init__(self, config: str | None, app: str | None, data_dir: str | None) -> None:
         self.config = config
@@ -38,13 +44,17 @@ class Ctx:
 
         try:
             tel = Telemetry(
-                app=self.app, config=self.config, data_dir=self.data_dir, strict=True, start=start,
+                app=self.app,
+                config=self.config,
+                data_dir=self.data_dir,
+                strict=True,
+                start=start,
                 notice=lambda text: None,
-            )  # fmt: skip
+            )
             if not start and tel.config_error is None:
                 tel._make_sinks()
         except WaypostError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise Failure(str(exc)) from None
         return tel
 
 
@@ -56,17 +66,15 @@ class _Group(click.Group):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.ClickException as exc:
-            exc.exit_code = 2 if exc.exit_code == 1 else exc.exit_code
-            raise
-
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config", type=click.Path(dir_okay=False), envvar="WAYPOST_CONFIG",
-              help="Config file (YAML or TOML); default: telemetry.yml in this directory.")  # fmt: skip
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False),
+    envvar="WAYPOST_CONFIG",
+    help="Config file (YAML or TOML); default: telemetry.yml in this directory.",
+)
 @click.option("--app", envvar="WAYPOST_APP", help="Application name (when the config has none).")
 @click.option("--data-dir", envvar="WAYPOST_HOME", help="Data directory (outbox, consent, ids).")
 @click.version_option(package_name="waypost")
@@ -98,15 +106,23 @@ def status(obj: Ctx, as_json: bool) -> None:
     con = _console()
     state = "[green]on[/]" if st.enabled else "[red]off[/]"
     con.print(f"[bold]{st.app}[/] telemetry is {state}: {st.reason} (rule: {st.rule})")
-    con.print(f"mode {st.mode}, level {st.level}{', debug' if st.debug else ''}; data dir {st.data_dir}")
+    con.print(
+        f"mode {st.mode}, level {st.level}{', debug' if st.debug else ''}; data dir {st.data_dir}"
+    )
     if st.config_file:
         con.print(f"config: {st.config_file}")
     from rich.table import Table
 
     table = Table("sink", "type", "state", "pending", "last success", "last error")
     for s in st.sinks:
-        table.add_row(s.name, s.type, s.state, str(s.pending),
-                      str(s.last_success or "-"), (s.error or s.last_error or "-")[:80])  # fmt: skip
+        table.add_row(
+            s.name,
+            s.type,
+            s.state,
+            str(s.pending),
+            str(s.last_success or "-"),
+            (s.error or s.last_error or "-")[:80],
+        )
     con.print(table)
     con.print(f"outbox: {st.outbox_pending_events} events pending")
 
@@ -133,8 +149,9 @@ def plugins(as_json: bool) -> None:
     table = Table("sink type", "distribution", "version", "status", "hooks", "note")
     for i in infos:
         note = "DEPRECATED: " + (i["deprecation"] or "") if i["deprecated"] else (i["error"] or "")
-        table.add_row(i["name"], i["distribution"], i["version"], i["status"],
-                      ", ".join(i["hooks"]), note)  # fmt: skip
+        table.add_row(
+            i["name"], i["distribution"], i["version"], i["status"], ", ".join(i["hooks"]), note
+        )
     _console().print(table)
 
 
@@ -149,8 +166,15 @@ def plugins(as_json: bool) -> None:
 @click.option("--offset", default=0, type=click.IntRange(0))
 @json_option
 @click.pass_obj
-def show(obj: Ctx, sink: str | None, state: str | None, event_name: str | None,
-         limit: int, offset: int, as_json: bool) -> None:  # fmt: skip
+def show(
+    obj: Ctx,
+    sink: str | None,
+    state: str | None,
+    event_name: str | None,
+    limit: int,
+    offset: int,
+    as_json: bool,
+) -> None:
     """The records held in the outbox (read-only), with their redaction remarks."""
     tel = obj.telemetry()
     if not (tel.data_dir / "outbox.sqlite3").exists():
@@ -164,11 +188,26 @@ def show(obj: Ctx, sink: str | None, state: str | None, event_name: str | None,
         return
     from rich.table import Table
 
-    table = Table("seq", "sink", "event", "state", "attempts", "properties", "remarks",
-                  title=f"{total} records")  # fmt: skip
+    table = Table(
+        "seq",
+        "sink",
+        "event",
+        "state",
+        "attempts",
+        "properties",
+        "remarks",
+        title=f"{total} records",
+    )
     for r in records:
-        table.add_row(str(r.seq), r.sink, r.name, r.state, str(r.attempts),
-                      json.dumps(r.properties)[:80], ", ".join(r.remarks))  # fmt: skip
+        table.add_row(
+            str(r.seq),
+            r.sink,
+            r.name,
+            r.state,
+            str(r.attempts),
+            json.dumps(r.properties)[:80],
+            ", ".join(r.remarks),
+        )
     _console().print(table)
 
 
@@ -186,7 +225,6 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
     before = outbox.pending_events() if outbox else 0
     tel = obj.telemetry(start=True)
     import threading
-    import time
 
     done = threading.Event()
     result: dict[str, Any] = {}
@@ -216,8 +254,10 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
     if as_json:
         _dump(data)
     else:
-        click.echo(f"delivered {max(0, before - st.outbox_pending_events)} of {before} pending "
-                   f"events; {st.outbox_pending_events} still pending")  # fmt: skip
+        click.echo(
+            f"delivered {max(0, before - st.outbox_pending_events)} of {before} pending "
+            f"events; {st.outbox_pending_events} still pending"
+        )
         for s in st.sinks:
             if s.last_error:
                 click.echo(f"  {s.name}: {s.last_error}")
@@ -268,8 +308,10 @@ def consent(obj: Ctx, choice: str, as_json: bool) -> None:
         return
     click.echo(f"stored: telemetry {choice}")
     if overridden:
-        click.echo(f"but {decision.reason}, which overrides it: telemetry is "
-                   f"{'on' if decision.enabled else 'off'}")  # fmt: skip
+        click.echo(
+            f"but {decision.reason}, which overrides it: telemetry is "
+            f"{'on' if decision.enabled else 'off'}"
+        )
 
 
 # --- manifest ----------------------------------------------------------------------------------
@@ -283,7 +325,9 @@ def manifest(obj: Ctx, as_json: bool) -> None:
     from waypost import manifest as mf
 
     tel = obj.telemetry()
-    sinks = [{"name": n, "type": s.type, "destination": s.destination} for n, s in tel.sinks.items()]
+    sinks = [
+        {"name": n, "type": s.type, "destination": s.destination} for n, s in tel.sinks.items()
+    ]
     metrics: list[dict[str, Any]] = []
     try:
         registry = tel.metrics
@@ -312,23 +356,27 @@ def test_sink(obj: Ctx, name: str, as_json: bool) -> None:
     tel = obj.telemetry()
     if name not in tel.sinks:
         known = ", ".join(tel.sinks) or "none"
-        raise click.ClickException(f"no sink named {name!r} in the config; configured: {known}")
+        raise Failure(f"no sink named {name!r} in the config; configured: {known}")
     if not tel.decision.enabled:
         _refuse(tel, as_json, "no test event is sent")
         return
+    import time
+
     from waypost.events import Event, base_context, uuid7
     from waypost.telemetry import _instance_id
-
-    import time
 
     sink = tel.sinks[name]
     instance = _instance_id(tel.data_dir) if tel.data_dir.exists() else "test-instance"
     now = time.time()
     event = Event(
-        id=uuid7(now), name="waypost_test", time=now, instance_id=instance,
-        properties={"test": True}, context=base_context(tel.app, tel.version),
+        id=uuid7(now),
+        name="waypost_test",
+        time=now,
+        instance_id=instance,
+        properties={"test": True},
+        context=base_context(tel.app, tel.version),
         distinct_id=instance,
-    )  # fmt: skip
+    )
     try:
         sink.open()
         answer = sink.test_request(event)
@@ -379,16 +427,25 @@ def demo(obj: Ctx, events: int, as_json: bool) -> None:
         return
     from rich.table import Table
 
-    table = Table("event", "properties (as sent)", "redacted", title=f"recorded in {result['file']}")
+    table = Table(
+        "event", "properties (as sent)", "redacted", title=f"recorded in {result['file']}"
+    )
     for record in result["records"]:
-        table.add_row(record["name"], json.dumps(record["properties"])[:90],
-                      ", ".join(record["remarks"]) or "-")  # fmt: skip
+        table.add_row(
+            record["name"],
+            json.dumps(record["properties"])[:90],
+            ", ".join(record["remarks"]) or "-",
+        )
     con.print(table)
     c = st.counters
-    con.print(f"accepted {c.accepted}, stored {c.stored}, delivered {c.delivered} "
-              f"(to {len(st.sinks)} sinks), dropped {sum(c.dropped.values())}")  # fmt: skip
-    con.print(f"data dir: {result['data_dir']}  (try: waypost --data-dir {result['data_dir']} "
-              "show --state sent)")  # fmt: skip
+    con.print(
+        f"accepted {c.accepted}, stored {c.stored}, delivered {c.delivered} "
+        f"(to {len(st.sinks)} sinks), dropped {sum(c.dropped.values())}"
+    )
+    con.print(
+        f"data dir: {result['data_dir']}  (try: waypost --data-dir {result['data_dir']} "
+        "show --state sent)"
+    )
 
 
 def _load_plugin_commands() -> None:

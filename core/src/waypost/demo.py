@@ -33,7 +33,9 @@ class VersionPayload(Payload, event="version"):
 class RunPayload(Payload, event="run"):
     """A flow run finished."""
 
-    run_is_webhook: bool = Field(serialization_alias="runIsWebhook", description="Started by a webhook.")
+    run_is_webhook: bool = Field(
+        serialization_alias="runIsWebhook", description="Started by a webhook."
+    )
     run_seconds: int = Field(serialization_alias="runSeconds", description="Duration in seconds.")
     run_success: bool = Field(serialization_alias="runSuccess", description="The run succeeded.")
     run_error_message: str = Field(
@@ -44,11 +46,15 @@ class RunPayload(Payload, event="run"):
 class PlaygroundPayload(Payload, event="playground"):
     """A playground session ended."""
 
-    playground_seconds: int = Field(serialization_alias="playgroundSeconds", description="Duration.")
+    playground_seconds: int = Field(
+        serialization_alias="playgroundSeconds", description="Duration."
+    )
     playground_component_count: int = Field(
         serialization_alias="playgroundComponentCount", description="Components in the flow."
     )
-    playground_success: bool = Field(serialization_alias="playgroundSuccess", description="Success.")
+    playground_success: bool = Field(
+        serialization_alias="playgroundSuccess", description="Success."
+    )
     playground_error_message: str = Field(
         "", serialization_alias="playgroundErrorMessage", description="Error message, scrubbed."
     )
@@ -89,7 +95,9 @@ def run_demo(
         "telemetry": {
             "mode": "opt-out",
             "schemas": ["waypost.demo"],
-            "notice": {"text": "demo-app collects anonymous usage telemetry (DO_NOT_TRACK=1 turns it off)."},
+            "notice": {
+                "text": "demo-app collects anonymous usage telemetry (DO_NOT_TRACK=1 turns it off)."
+            },
             "batch": {"interval": 0.1},
             "outbox": {"keep_sent": "1d"},
             "sinks": {"log": {}, "jsonl": {"path": str(out)}},
@@ -99,40 +107,53 @@ def run_demo(
     tel = Telemetry(app="demo-app", version="1.0.0", config=config, data_dir=home, env=env)
     tel.track(
         VersionPayload(
-            package="demo-app", version="1.0.0", platform=platform.platform(),
-            python=".".join(platform.python_version_tuple()[:2]), arch=platform.architecture()[0],
-            auto_login=False, cache_type="InMemoryCache", backend_only=False, desktop=False,
+            package="demo-app",
+            version="1.0.0",
+            platform=platform.platform(),
+            python=".".join(platform.python_version_tuple()[:2]),
+            arch=platform.architecture()[0],
+            auto_login=False,
+            cache_type="InMemoryCache",
+            backend_only=False,
+            desktop=False,
         )
-    )  # fmt: skip
+    )
     for i in range(events):
         kind = i % 3
         if kind == 0:
             ok = rng.random() > 0.2
             tel.track(
                 RunPayload(
-                    run_is_webhook=rng.random() > 0.7, run_seconds=rng.randint(1, 90),
+                    run_is_webhook=rng.random() > 0.7,
+                    run_seconds=rng.randint(1, 90),
                     run_success=ok,
                     run_error_message="" if ok else "timeout reading /home/alice/flows/chat.json",
                 )
-            )  # fmt: skip
+            )
         elif kind == 1:
             tel.track(
                 ComponentPayload(
-                    component_name=rng.choice(COMPONENTS), component_seconds=rng.randint(0, 5),
+                    component_name=rng.choice(COMPONENTS),
+                    component_seconds=rng.randint(0, 5),
                     component_success=True,
                 )
-            )  # fmt: skip
+            )
         else:
             tel.track(
                 PlaygroundPayload(
                     playground_seconds=rng.randint(10, 300),
-                    playground_component_count=rng.randint(2, 9), playground_success=True,
+                    playground_component_count=rng.randint(2, 9),
+                    playground_success=True,
                 )
-            )  # fmt: skip
+            )
     # A free-form event whose properties hold personal data: the scrubbers take it out.
     tel.track(
         "feedback_sent",
-        {"rating": 5, "comment": "works great, mail me at jane.doe@example.com", "from": "10.0.0.7"},
+        {
+            "rating": 5,
+            "comment": "works great, mail me at jane.doe@example.com",
+            "from": "10.0.0.7",
+        },
     )
     tel.track(ShutdownPayload(time_running=42))
     tel.flush(timeout=10)

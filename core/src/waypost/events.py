@@ -7,6 +7,7 @@ import datetime as _dt
 import decimal
 import enum
 import json
+import math
 import os
 import pathlib
 import platform
@@ -76,7 +77,7 @@ def coerce(value: Any, _depth: int = 0) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
+        return value if math.isfinite(value) else None
     if _depth > 32:
         raise TypeError("nested deeper than 32 levels")
     if isinstance(value, Mapping):
@@ -252,5 +253,9 @@ def base_context(app: str, version: str) -> dict[str, Any]:
         "os": {"type": uname.system, "release": uname.release, "arch": uname.machine},
         "python": platform.python_version(),
         "waypost": __version__,
-        **({"implementation": sys.implementation.name} if sys.implementation.name != "cpython" else {}),
+        **(
+            {"implementation": sys.implementation.name}
+            if sys.implementation.name != "cpython"
+            else {}
+        ),
     }

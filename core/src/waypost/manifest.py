@@ -12,7 +12,11 @@ ENVELOPE = [
     ("id", "string", "Event id (UUIDv7): ordering and de-duplication key."),
     ("name", "string", "Event name."),
     ("timestamp", "string", "When the event happened (UTC, ISO 8601)."),
-    ("instance_id", "string", "Random id of this installation, created once; not linked to a person."),
+    (
+        "instance_id",
+        "string",
+        "Random id of this installation, created once; not linked to a person.",
+    ),
     ("context.app", "object", "Application name and version."),
     ("context.os", "object", "Operating system type, release and architecture."),
     ("context.python", "string", "Python version."),
@@ -85,9 +89,10 @@ def build(
     classes = list(registered_payloads().values())
     if schemas:
         classes = [
-            c for c in classes
+            c
+            for c in classes
             if any(c.__module__ == m or c.__module__.startswith(m + ".") for m in schemas)
-        ]  # fmt: skip
+        ]
     return {
         "events": [describe_payload(c) for c in sorted(classes, key=lambda c: c.__event__)],
         "envelope": [{"property": p, "type": t, "description": d} for p, t, d in ENVELOPE],
@@ -123,10 +128,17 @@ def to_markdown(manifest: dict[str, Any], *, app: str = "") -> str:
         ]
         lines.append("")
     lines += ["## Sent with every event", "", "Property | Type | Description", "----|----|-----"]
-    lines += [f"`{e['property']}` | {e['type']} | {_cell(e['description'])}" for e in manifest["envelope"]]
+    lines += [
+        f"`{e['property']}` | {e['type']} | {_cell(e['description'])}" for e in manifest["envelope"]
+    ]
     lines += ["", manifest["scrubbing"], ""]
     if manifest["metrics"]:
-        lines += ["## Metrics", "", "Metric | Type | Unit | Labels | Description", "----|----|----|----|-----"]
+        lines += [
+            "## Metrics",
+            "",
+            "Metric | Type | Unit | Labels | Description",
+            "----|----|----|----|-----",
+        ]
         for m in manifest["metrics"]:
             labels = ", ".join(
                 f"{k}{' (mandatory)' if v else ''}" for k, v in (m.get("labels") or {}).items()
@@ -139,7 +151,10 @@ def to_markdown(manifest: dict[str, Any], *, app: str = "") -> str:
     lines += ["## Destinations", ""]
     if manifest["sinks"]:
         lines += ["Sink | Type | Destination", "----|----|-----"]
-        lines += [f"`{s['name']}` | {s['type']} | {_cell(s.get('destination', ''))}" for s in manifest["sinks"]]
+        lines += [
+            f"`{s['name']}` | {s['type']} | {_cell(s.get('destination', ''))}"
+            for s in manifest["sinks"]
+        ]
     else:
         lines.append("None: nothing leaves this machine.")
     return "\n".join(lines) + "\n"

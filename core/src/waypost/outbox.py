@@ -124,7 +124,9 @@ class Outbox:
         db = getattr(self._local, "db", None)
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False
+            )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'NORMAL'}")
             db.execute("PRAGMA busy_timeout=30000")
@@ -176,7 +178,9 @@ class Outbox:
             self._context_ids[body] = cid
         return cid
 
-    def add(self, events: Sequence[Event], sinks: Sequence[str], *, now: float | None = None) -> None:
+    def add(
+        self, events: Sequence[Event], sinks: Sequence[str], *, now: float | None = None
+    ) -> None:
         """Store events for every sink in one transaction (a duplicate id is ignored)."""
         if not events or not sinks:
             return
@@ -342,10 +346,15 @@ class Outbox:
 
     def next_due(self, sink: str) -> float | None:
         """When the earliest pending row of ``sink`` becomes due (None if there is none)."""
-        row = self._connect().execute(
-            "SELECT MIN(MAX(next_at, lease_until)) FROM outbox WHERE sink = ? AND state = 'pending'",
-            (sink,),
-        ).fetchone()
+        row = (
+            self._connect()
+            .execute(
+                "SELECT MIN(MAX(next_at, lease_until)) FROM outbox "
+                "WHERE sink = ? AND state = 'pending'",
+                (sink,),
+            )
+            .fetchone()
+        )
         return None if row is None or row[0] is None else float(row[0])
 
     # --- inspection and housekeeping --------------------------------------------------------
@@ -361,9 +370,11 @@ class Outbox:
 
     def pending_events(self) -> int:
         """Distinct events that some sink has still to deliver."""
-        row = self._connect().execute(
-            "SELECT COUNT(DISTINCT event_id) FROM outbox WHERE state = 'pending'"
-        ).fetchone()
+        row = (
+            self._connect()
+            .execute("SELECT COUNT(DISTINCT event_id) FROM outbox WHERE state = 'pending'")
+            .fetchone()
+        )
         return int(row[0])
 
     def records(
@@ -391,13 +402,21 @@ class Outbox:
         ).fetchall()
         records = [
             Record(
-                seq=r[0], sink=r[1], event_id=r[2], name=r[3], timestamp=r[4], state=r[5],
-                attempts=r[6], next_at=r[7], last_error=r[8], created_at=r[9],
+                seq=r[0],
+                sink=r[1],
+                event_id=r[2],
+                name=r[3],
+                timestamp=r[4],
+                state=r[5],
+                attempts=r[6],
+                next_at=r[7],
+                last_error=r[8],
+                created_at=r[9],
                 properties=json.loads(r[10]).get("properties", {}),
                 remarks=json.loads(r[11]) if r[11] else [],
             )
             for r in rows
-        ]  # fmt: skip
+        ]
         return records, int(total)
 
     def purge(self, *, sent_only: bool) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from waypost.errors import PayloadTooLarge, SinkContractError, SinkError
-from waypost.events import Event, Payload, coerce, dumps, uuid7
+from waypost.events import Event, coerce, dumps
 from waypost.outbox import Outbox
 from waypost.retry import Backoff
 from waypost.sinks import SendResult, Sink
@@ -130,6 +130,7 @@ class Runner:
 
     def _run(self) -> None:
         outbox = self.pipeline.outbox
+        assert outbox is not None  # runners exist only when the outbox does
         idle_wait = self.pipeline.poll_interval
         while not self.stop:
             try:
@@ -195,6 +196,7 @@ class Runner:
         by_id = {e.id: (seq, attempts) for seq, attempts, e in leased}
         now = time.time()
         outbox = self.pipeline.outbox
+        assert outbox is not None
         keep = self.pipeline.keep_sent
         policy = self.pipeline.backoff
         max_attempts = self.pipeline.max_attempts
@@ -209,8 +211,9 @@ class Runner:
                 if max_attempts is not None and attempts + 1 >= max_attempts:
                     failed_rows.append((seq, f"gave up after {attempts + 1} attempts: {reason}"))
                 else:
-                    delay = policy.delay(max(attempts + 1, self.consecutive_failures + 1),
-                                         result.retry_after)  # fmt: skip
+                    delay = policy.delay(
+                        max(attempts + 1, self.consecutive_failures + 1), result.retry_after
+                    )
                     retry_rows.append((seq, now + delay, reason))
             else:
                 ok_rows.append(seq)
@@ -232,7 +235,7 @@ class Runner:
         if ok_rows:
             self.last_success = now
         if retry_rows or failed_rows:
-            sample = (result.retry or result.failed)
+            sample = result.retry or result.failed
             reason = batch_error or next(iter(sample.values()), "failed")
             self.last_error, self.last_error_at = reason, now
         if retry_rows and not ok_rows:
@@ -294,7 +297,7 @@ def call_send(
     batch-level reason if the whole batch failed, and the contract error if there was one.
     """
     try:
-        result = sink.send(events)
+        result: object = sink.send(events)
     except PayloadTooLarge as exc:
         if len(events) == 1:
             return SendResult.fail_all(events, f"event too large: {exc.reason}"), exc.reason, None
@@ -319,7 +322,7 @@ def call_send(
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         return SendResult.retry_all(events, reason), reason, None
-    if not isinstance(result, SendResult):
+    if not isinstance(result, SendResult):  # plugins may return anything
         error = SinkContractError(
             f"sink {sink.name!r} (type {sink.type!r}) returned {result!r:.80} from "
             "send(); expected a waypost.SendResult"

@@ -75,7 +75,9 @@ class StoredConsent:
         data_dir.mkdir(parents=True, exist_ok=True)
         tmp = data_dir / f".{CONSENT_FILE}.{os.getpid()}"
         tmp.write_text(
-            json.dumps({"enabled": self.enabled, "policy_version": self.policy_version, "at": self.at}),
+            json.dumps(
+                {"enabled": self.enabled, "policy_version": self.policy_version, "at": self.at}
+            ),
             encoding="utf-8",
         )
         os.replace(tmp, data_dir / CONSENT_FILE)
@@ -103,7 +105,9 @@ def resolve_consent(
         value = env.get(config.enable_env)
         flag = parse_bool(value)
         if flag is not None:
-            return Decision(flag, "app_env", f"{config.enable_env}={value} is set in the environment")
+            return Decision(
+                flag, "app_env", f"{config.enable_env}={value} is set in the environment"
+            )
     if config.enabled is not None:
         where = config_source or "configuration"
         state = "true" if config.enabled else "false"
@@ -200,7 +204,10 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule("ipv4", rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)"),
     Rule(
         "ipv6",
-        r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|" + _OCTET + r"(?:\." + _OCTET
+        r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|"
+        + _OCTET
+        + r"(?:\."
+        + _OCTET
         + r"){3})(?![\w:])",
         check=_ipv6,
     ),
@@ -213,12 +220,35 @@ BUILTIN_RULES: tuple[Rule, ...] = (
 
 SECRET_KEYS = frozenset(
     {
-        "password", "passwd", "pwd", "secret", "token", "apikey", "accesstoken", "refreshtoken",
-        "authtoken", "authorization", "auth", "cookie", "setcookie", "sessionid", "session",
-        "privatekey", "clientsecret", "apisecret", "secretkey", "credentials", "credential",
-        "email", "emailaddress", "ip", "ipaddress", "remoteaddr", "clientip",
+        "password",
+        "passwd",
+        "pwd",
+        "secret",
+        "token",
+        "apikey",
+        "accesstoken",
+        "refreshtoken",
+        "authtoken",
+        "authorization",
+        "auth",
+        "cookie",
+        "setcookie",
+        "sessionid",
+        "session",
+        "privatekey",
+        "clientsecret",
+        "apisecret",
+        "secretkey",
+        "credentials",
+        "credential",
+        "email",
+        "emailaddress",
+        "ip",
+        "ipaddress",
+        "remoteaddr",
+        "clientip",
     }
-)  # fmt: skip
+)
 
 
 def _norm_key(key: str) -> str:
@@ -293,8 +323,10 @@ class Scrubber:
             out = {}
             for key, item in value.items():
                 sub = f"{path}.{key}"
-                if item is not None and not isinstance(item, (bool, dict, list)) and (
-                    _norm_key(key) in self.secret_keys
+                if (
+                    item is not None
+                    and not isinstance(item, (bool, dict, list))
+                    and (_norm_key(key) in self.secret_keys)
                 ):
                     remarks.append(f"secret_key@{sub}")
                     out[key] = "[REDACTED:secret_key]"
@@ -367,6 +399,4 @@ class IpHasher:
         salts = [state["current"]["salt"]] + (
             [state["previous"]["salt"]] if state.get("previous") else []
         )
-        return any(
-            secrets.compare_digest(self._digest(salt, address), hashed) for salt in salts
-        )
+        return any(secrets.compare_digest(self._digest(salt, address), hashed) for salt in salts)

@@ -166,9 +166,9 @@ class Telemetry:
         self.debug = cfg.debug
         self.distinct_id = distinct_id or cfg.distinct_id or ""
         configured = cfg.data_dir.expanduser() if cfg.data_dir else None
-        if configured is not None and not configured.is_absolute() and self.config_file:
-            if self.config_file != "<config>":
-                configured = Path(self.config_file).resolve().parent / configured
+        from_file = self.config_file not in (None, "<config>")
+        if configured is not None and not configured.is_absolute() and from_file:
+            configured = Path(str(self.config_file)).resolve().parent / configured
         env_home = self._env.get("WAYPOST_HOME")
         self.data_dir = Path(
             data_dir or env_home or configured or default_data_dir(self.app)
@@ -189,7 +189,9 @@ class Telemetry:
 
     def _decide(self) -> Decision:
         if self.config_error is not None:
-            return Decision(False, "config_error", f"the configuration is invalid: {self.config_error}")
+            return Decision(
+                False, "config_error", f"the configuration is invalid: {self.config_error}"
+            )
         if self.config.level == "off":
             base = resolve_consent(self.config, self._env, None, config_source=self.config_file)
             if base.rule in ("do_not_track", "app_env"):
@@ -204,7 +206,9 @@ class Telemetry:
         try:
             self.plugins.register_module(importlib.import_module(module_name), name=module_name)
         except Exception as exc:
-            error = PluginError(f"error importing plugin {module_name!r}: {type(exc).__name__}: {exc}")
+            error = PluginError(
+                f"error importing plugin {module_name!r}: {type(exc).__name__}: {exc}"
+            )
             if self.strict:
                 raise error from exc
             log.error("waypost: %s", error)
@@ -316,7 +320,9 @@ class Telemetry:
                 try:
                     sink_config = cls.Config.model_validate(spec)
                 except ValidationError as exc:
-                    raise _config.validation_error(exc, source=self.config_file, prefix=key) from None
+                    raise _config.validation_error(
+                        exc, source=self.config_file, prefix=key
+                    ) from None
                 self.sinks[name] = cls(name, sink_config, context)
             except (ConfigError, PluginError) as exc:
                 if isinstance(exc, ConfigError) and exc.source is None:
@@ -349,12 +355,21 @@ class Telemetry:
         if timestamp is None:
             when = time.time()
         elif isinstance(timestamp, _dt.datetime):
-            when = (timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=_dt.timezone.utc)).timestamp()
+            when = (
+                timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=_dt.timezone.utc)
+            ).timestamp()
         else:
             when = float(timestamp)
         buffer = self._buffer
-        buffer.append((event, properties.copy() if type(properties) is dict else properties,
-                       when, level, distinct_id))  # fmt: skip
+        buffer.append(
+            (
+                event,
+                properties.copy() if type(properties) is dict else properties,
+                when,
+                level,
+                distinct_id,
+            )
+        )
         if self._sync:
             self.pipeline.drain()  # type: ignore[union-attr]
         elif len(buffer) >= self._wake_at:
@@ -377,7 +392,8 @@ class Telemetry:
         if properties is not None:
             if not isinstance(properties, Mapping):
                 raise TrackError(
-                    f"properties of event {event!r} must be a mapping, not {type(properties).__name__}"
+                    f"properties of event {event!r} must be a mapping, "
+                    f"not {type(properties).__name__}"
                 )
             for key, value in properties.items():
                 try:
@@ -409,7 +425,9 @@ class Telemetry:
                     name = _check_name(event)
                     props = coerce(properties) if properties is not None else {}
                     if not isinstance(props, dict):
-                        raise TrackError(f"properties must be a mapping, not {type(properties).__name__}")
+                        raise TrackError(
+                            f"properties must be a mapping, not {type(properties).__name__}"
+                        )
                 if not level_allows(configured, level or "usage"):
                     self.counters.drop("level")
                     continue

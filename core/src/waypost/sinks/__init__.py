@@ -7,6 +7,7 @@ says, for each event, whether it was delivered, should be retried or was refused
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import logging
 import urllib.parse
@@ -162,7 +163,7 @@ class Sink:
     """
 
     type: ClassVar[str] = ""
-    Config: ClassVar[type[SinkConfig]] = SinkConfig
+    Config: ClassVar[builtins.type[SinkConfig]] = SinkConfig
     max_batch_size: ClassVar[int] = 500
     deprecated: ClassVar[str | None] = None
     """If set, the sink is deprecated and this says what to use instead."""

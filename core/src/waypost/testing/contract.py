@@ -68,9 +68,12 @@ class SinkContract:
         cls = PluginManager().load_sink_type(self.sink_type)
         config = cls.Config.model_validate({**self.config(url), **overrides})
         context = SinkContext(
-            app="testapp", version="1.0.0", instance_id="5db51f99-c6fb-4340-9c19-78adce58cc1b",
-            data_dir=tmp_path, strict=True,
-        )  # fmt: skip
+            app="testapp",
+            version="1.0.0",
+            instance_id="5db51f99-c6fb-4340-9c19-78adce58cc1b",
+            data_dir=tmp_path,
+            strict=True,
+        )
         return cls(f"test-{self.sink_type}", config, context)
 
     def _secrets(self, url: str) -> list[str]:
@@ -262,4 +265,3 @@ class SinkContract:
         by_name = {s.name: s for s in tel.status().sinks}
         assert by_name["down"].pending == 10
         assert by_name["down"].delivered == 0
-

@@ -33,9 +33,7 @@ def recording_server() -> Iterator[RecordingServer]:
 
 
 @pytest.fixture
-def make_telemetry(
-    tmp_path: Path, clean_env: dict[str, str]
-) -> Iterator[Callable[..., Any]]:
+def make_telemetry(tmp_path: Path, clean_env: dict[str, str]) -> Iterator[Callable[..., Any]]:
     """A factory of isolated ``Telemetry`` instances: own data dir, strict mode, a clean
     environment, no first-run notice, short batch interval. Keyword arguments: ``sinks`` (the
     ``telemetry.sinks`` mapping), ``config`` (more of the ``telemetry`` section), and anything
