@@ -395,6 +395,43 @@ def test_sink(obj: Ctx, name: str, as_json: bool) -> None:
         click.echo(json.dumps(answer, indent=2, default=str))
 
 
+@cli.command("send-heartbeat")
+@click.option("--force", is_flag=True, help="Send even if one was sent within the period.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for delivery.")
+@json_option
+@click.pass_obj
+def send_heartbeat(obj: Ctx, force: bool, timeout: float, as_json: bool) -> None:
+    """Send the heartbeat now and deliver it (for cron, as Firefly III's weekly job)."""
+    probe = obj.telemetry()
+    if not probe.decision.enabled:
+        _refuse(probe, as_json, "no heartbeat is sent")
+        return
+    tel = obj.telemetry(start=True)
+    sent = tel.send_heartbeat(force=force)
+    delivered = tel.flush(timeout)
+    receipts = {r.name: list(r.receipts) for r in tel.pipeline.runners} if tel.pipeline else {}
+    job = tel.scheduler.jobs["heartbeat"] if tel.scheduler else None
+    tel.shutdown(timeout=5)
+    st = tel.status()
+    data = {
+        "sent": sent,
+        "outcome": job.last_outcome if job else None,
+        "delivered": delivered and st.outbox_pending_events == 0,
+        "pending": st.outbox_pending_events,
+        "receipts": receipts,
+        "sinks": [s.model_dump(mode="json") for s in st.sinks],
+    }
+    if as_json:
+        _dump(data)
+    else:
+        click.echo(f"heartbeat: {data['outcome']}")
+        for name, ids in receipts.items():
+            for receipt in ids:
+                click.echo(f"  {name}: receipt {receipt}")
+        if data["pending"]:
+            click.echo(f"  {data['pending']} events still pending in the outbox")
+
+
 def _refuse(tel: Any, as_json: bool, what: str) -> None:
     data = {"ok": False, "enabled": False, "rule": tel.decision.rule, "reason": tel.decision.reason}
     if as_json:

@@ -88,6 +88,21 @@ class NoticeConfig(_Model):
     text: str | None = Field(default=None, description="The notice; a default names the app.")
 
 
+class HeartbeatConfig(_Model):
+    """A periodic snapshot (FlowForge's ping): sent ``first_delay`` after start, then every
+    ``every`` at ``time_of_day`` (``random``: picked at start; ``HH:MM`` UTC; null: no fixed
+    time), at most once per period per installation."""
+
+    enabled: bool = True
+    event: str = "heartbeat"
+    every: float = Field(default=86400.0, gt=0)
+    first_delay: float = Field(default=30.0, ge=0)
+    time_of_day: str | None = "random"
+    jitter: float = Field(default=0.0, ge=0)
+
+    _dur = field_validator("every", "first_delay", "jitter", mode="before")(parse_duration)
+
+
 class MetricsPrometheusConfig(_Model):
     enabled: bool = True
 
@@ -126,7 +141,12 @@ class TelemetryConfig(_Model):
     notice: NoticeConfig = Field(default_factory=NoticeConfig)
     shutdown_timeout: float = Field(default=3.0, ge=0, description="Budget at interpreter exit.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    heartbeat: dict[str, Any] | None = None
+    heartbeat: HeartbeatConfig | None = Field(
+        default=None, description="Send a heartbeat snapshot periodically."
+    )
+    shutdown_event: str | None = Field(
+        default=None, description="Track this event with the run time at shutdown."
+    )
 
     _dur = field_validator("shutdown_timeout", mode="before")(parse_duration)
 

@@ -25,6 +25,7 @@ from waypost.pipeline import Counters, Item, LogOnce, Pipeline
 from waypost.plugins import PluginManager
 from waypost.privacy import Decision, Scrubber, StoredConsent, level_allows, resolve_consent
 from waypost.retry import Backoff
+from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
 from waypost.sinks import Sink, SinkContext
 
 log = logging.getLogger("waypost")
@@ -125,9 +126,14 @@ class Telemetry:
         sink_classes: Iterable[type[Sink]] = (),
         notice: Callable[[str], None] | None = None,
         distinct_id: str | None = None,
+        clock: Clock | None = None,
         start: bool = True,
     ) -> None:
         self._env = dict(os.environ if env is None else env)
+        self.clock = clock or Clock()
+        self.started_at = self.clock.time()
+        self.scheduler: Scheduler | None = None
+        self._shutdown_callbacks: list[Callable[[float], Any]] = []
         self._on = False
         self._lock = threading.RLock()
         self._closed = False
@@ -269,6 +275,18 @@ class Telemetry:
         self._on = True
         _LIVE.add(self)
         atexit.register(self._at_exit)
+        if cfg.heartbeat is not None and cfg.heartbeat.enabled:
+            hb = cfg.heartbeat
+            self.heartbeat(
+                every=hb.every,
+                first_delay=hb.first_delay,
+                time_of_day=hb.time_of_day,
+                jitter=hb.jitter,
+                event=hb.event,
+            )
+        if cfg.shutdown_event:
+            name = cfg.shutdown_event
+            self.on_shutdown(lambda seconds: (name, {"timeRunning": int(seconds)}))
 
     def _fail_start(self, reason: str) -> None:
         if self.strict:
@@ -512,6 +530,12 @@ class Telemetry:
             if self._closed:
                 return True
             self._closed = True
+        if self.scheduler is not None:
+            self.scheduler.stop(timeout=min(1.0, timeout))
+        if self._on:
+            for callback in self._shutdown_callbacks:
+                self._emit_payload(None, callback(self.clock.time() - self.started_at))
+        with self._lock:
             on, self._on = self._on, False
         _LIVE.discard(self)
         try:
@@ -535,12 +559,140 @@ class Telemetry:
                 _FORK_KEEP.extend(self.outbox_._conns)
             self.pipeline.after_fork()
             self._buffer = self.pipeline.buffer
+        if self.scheduler is not None:
+            self.scheduler.after_fork()
 
     def __enter__(self) -> Telemetry:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+    # --- schedules and heartbeats ------------------------------------------------------------
+
+    def schedule(
+        self,
+        name: str,
+        callback: Callable[[], Any],
+        *,
+        every: float | str,
+        first_delay: float | str = 0,
+        time_of_day: str | float | None = None,
+        jitter: float | str = 0,
+        condition: Callable[[], bool] | None = None,
+        event: str | None = None,
+    ) -> Job:
+        """Run ``callback`` periodically and track what it returns (a Payload, a dict of
+        properties for event ``event or name``, or None to skip a run).
+
+        ``every``/``first_delay``/``jitter`` take seconds or durations (``24h``); ``time_of_day``
+        is ``"random"`` (picked now), ``"HH:MM"`` (UTC) or None. ``condition`` is asked before
+        each run. At most one run per period per installation, whatever the number of processes
+        sharing the data dir; a restart does not run it again before the period has passed.
+        """
+        parse = _config.parse_duration
+        if self.scheduler is None:
+            self.scheduler = Scheduler(
+                data_dir=self.data_dir, emit=self._emit_job, clock=self.clock
+            )
+        job = Job(
+            name=name,
+            callback=callback,
+            every=parse(every),
+            first_delay=parse(first_delay),
+            jitter=parse(jitter),
+            time_of_day=parse_time_of_day(time_of_day, self.scheduler.rng),
+            condition=condition,
+            event=event,
+        )
+        if self._on:
+            return self.scheduler.add(job)
+        self.scheduler.jobs[name] = job  # kept for status; never runs while telemetry is off
+        return job
+
+    def heartbeat(
+        self,
+        *,
+        every: float | str = "24h",
+        first_delay: float | str = "30s",
+        time_of_day: str | float | None = "random",
+        jitter: float | str = 0,
+        condition: Callable[[], bool] | None = None,
+        facts: Callable[[], Mapping[str, Any]] | None = None,
+        event: str = "heartbeat",
+    ) -> Job:
+        """Schedule the heartbeat snapshot (FlowForge's ping, see :meth:`heartbeat_payload`)."""
+        self._heartbeat_facts = facts
+        self._heartbeat_event = event
+        return self.schedule(
+            "heartbeat",
+            lambda: self.heartbeat_payload(facts),
+            every=every,
+            first_delay=first_delay,
+            time_of_day=time_of_day,
+            jitter=jitter,
+            condition=condition,
+            event=event,
+        )
+
+    def heartbeat_payload(
+        self, facts: Callable[[], Mapping[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The heartbeat in FlowForge's shape: instance id, os, runtime and app versions, and
+        ``platform.counts`` / ``platform.config`` contributed by the application (``facts``) and
+        by plugins (hook ``waypost_heartbeat``)."""
+        ctx = base_context(self.app, self.version)
+        payload: dict[str, Any] = {
+            "instanceId": self.instance_id or _read_instance_id(self.data_dir),
+            "os": ctx["os"],
+            "env": {"python": ctx["python"], self.app: self.version, "waypost": ctx["waypost"]},
+            "platform": {"counts": {}, "config": {}},
+        }
+        if facts is not None:
+            payload = _config.merge(payload, facts())
+        for extra in self.plugins.call_chain("waypost_heartbeat", facts=payload):
+            if isinstance(extra, Mapping):
+                payload = _config.merge(payload, extra)
+        return payload
+
+    def send_heartbeat(self, *, force: bool = False) -> bool:
+        """Send the heartbeat now (for cron: ``waypost send-heartbeat``). Unless ``force``, it
+        is skipped when this installation already sent one within the period."""
+        if self.scheduler is None or "heartbeat" not in self.scheduler.jobs:
+            hb = self.config.heartbeat
+            self.scheduler = self.scheduler or Scheduler(
+                data_dir=self.data_dir, emit=self._emit_job, clock=self.clock
+            )
+            job = Job(
+                name="heartbeat",
+                callback=lambda: self.heartbeat_payload(getattr(self, "_heartbeat_facts", None)),
+                every=hb.every if hb else 0.0,
+                event=hb.event if hb else "heartbeat",
+            )
+        else:
+            job = self.scheduler.jobs["heartbeat"]
+        return self.scheduler.run(job, force=force)
+
+    def on_shutdown(self, callback: Callable[[float], Any]) -> None:
+        """At shutdown, track what ``callback(seconds_running)`` returns (Langflow's shutdown
+        payload): a Payload, a ``(name, properties)`` pair, or None."""
+        self._shutdown_callbacks.append(callback)
+
+    def _emit_job(self, job: Job, payload: Any) -> bool:
+        return self._emit_payload(job.event or job.name, payload)
+
+    def _emit_payload(self, name: str | None, payload: Any) -> bool:
+        if not self._on or payload is None:
+            return False
+        if isinstance(payload, tuple):
+            name, payload = payload
+        if isinstance(payload, Payload):
+            self.track(payload)
+        else:
+            self.track(name or "event", payload)
+        if self.pipeline is not None:
+            self.pipeline.drain()  # stored before the run is recorded as done
+        return True
 
     # --- consent and status -----------------------------------------------------------------
 
