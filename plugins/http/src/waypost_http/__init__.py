@@ -244,19 +244,19 @@ class HttpSink(Sink):
     def send(self, events: Sequence[Event]) -> SendResult:
         response = self._request(events)
         raise_for_status(response.status_code, response.headers, response.text)
-        return per_event_results(events, response)
+        return _per_event_results(events, response)
 
     def test_request(self, event: Event) -> dict[str, Any]:
         response = self._request([event])
         answer = " ".join(response.text.split())[:500]
         delivered = 200 <= response.status_code < 300
-        result = per_event_results([event], response) if delivered else None
+        result = _per_event_results([event], response) if delivered else None
         if result is not None and (result.retry or result.failed):
             delivered = False
         return {"delivered": delivered, "status": response.status_code, "answer": answer}
 
 
-def per_event_results(events: Sequence[Event], response: httpx.Response) -> SendResult:
+def _per_event_results(events: Sequence[Event], response: httpx.Response) -> SendResult:
     """Read a 2xx answer's per-event results, if it has any (else everything was delivered).
 
     Understood shapes (all keys optional): ``{"results": [{"id", "status": "ok" | "duplicate" |
