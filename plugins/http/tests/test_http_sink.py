@@ -405,3 +405,14 @@ def test_burst_end_to_end_every_event_exactly_once(
     assert all(r.header("Authorization") == f"Bearer {TOKEN}" for r in recording_server.requests)
     status = tel.status()
     assert status.sinks[0].delivered == 600
+
+
+def test_test_request_reports_an_unreachable_endpoint(tmp_path: Path) -> None:
+    from waypost.testing import free_port
+
+    sink = make_sink(f"http://127.0.0.1:{free_port()}", tmp_path, timeout=2)
+    try:
+        answer = sink.test_request(make_events(1)[0])
+    finally:
+        sink.close()
+    assert answer["delivered"] is False and "ConnectError" in answer["error"]

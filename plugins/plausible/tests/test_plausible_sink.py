@@ -329,3 +329,10 @@ def test_end_to_end_drops_are_counted(
     assert by_name["good"].delivered == 10
     assert by_name["unknown"].dropped_by_destination == 10
     assert waypost_plausible.PlausibleSink.deprecated
+
+
+def test_plugin_listing_marks_it_deprecated_when_already_imported() -> None:
+    manager = PluginManager()
+    manager.load_sink_type("plausible")  # no fresh import, so no warning: the class says it
+    info = manager.info("plausible").as_dict()
+    assert info["deprecated"] is True and "posthog" in info["deprecation"]

@@ -247,7 +247,10 @@ class HttpSink(Sink):
         return _per_event_results(events, response)
 
     def test_request(self, event: Event) -> dict[str, Any]:
-        response = self._request([event])
+        try:
+            response = self._request([event])
+        except RetryableError as exc:
+            return {"delivered": False, "status": None, "answer": None, "error": exc.reason}
         answer = " ".join(response.text.split())[:500]
         delivered = 200 <= response.status_code < 300
         result = _per_event_results([event], response) if delivered else None

@@ -244,7 +244,10 @@ class PlausibleSink(Sink):
         return result
 
     def test_request(self, event: Event) -> dict[str, Any]:
-        response = self._post(event)
+        try:
+            response = self._post(event)
+        except RetryableError as exc:
+            return {"delivered": False, "status": None, "dropped": False, "error": exc.reason}
         dropped = response.headers.get(DROPPED_HEADER)
         return {
             "delivered": response.status_code == 202 and not dropped,
