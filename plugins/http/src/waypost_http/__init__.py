@@ -1,0 +1,317 @@
+"""The ``http`` sink: batches of events to any HTTP endpoint, as JSON, NDJSON or CloudEvents.
+
+One request per batch, through one ``httpx.Client`` per sink instance. The body can be gzipped
+and signed (HMAC-SHA256 over the exact bytes sent). The endpoint may answer per event; see the
+README for the wire format, the answer schema and a signature verification snippet.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import json
+import re
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import httpx
+import waypost
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
+from waypost.errors import RetryableError
+from waypost.events import Event, dumps
+from waypost.retry import parse_retry_after, raise_for_status
+from waypost.sinks import SendResult, Sink, SinkConfig, SinkContext, check_endpoint
+
+__all__ = [
+    "CONTENT_TYPES",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "HttpConfig",
+    "HttpSink",
+    "sign",
+    "verify_signature",
+]
+
+SIGNATURE_HEADER = "X-Waypost-Signature"
+TIMESTAMP_HEADER = "X-Waypost-Timestamp"
+
+CONTENT_TYPES = {
+    "json": "application/json",
+    "ndjson": "application/x-ndjson",
+    "cloudevents": "application/cloudevents-batch+json",
+}
+
+# Headers the sink sets itself: a config that overrode them would corrupt the request.
+_RESERVED_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-encoding",
+        "content-length",
+        "transfer-encoding",
+        "host",
+        SIGNATURE_HEADER.lower(),
+        TIMESTAMP_HEADER.lower(),
+    }
+)
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class HttpConfig(SinkConfig):
+    """Settings of the ``http`` sink. Header values and the signing secret are secrets."""
+
+    # Header values may carry tokens: keep every input value out of validation messages.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    url: str = Field(description="Full endpoint URL (https://, or http:// on loopback).")
+    method: Literal["POST", "PUT"] = Field(default="POST", description="HTTP method.")
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Extra request headers, e.g. Authorization: Bearer ${TOKEN} (never logged).",
+    )
+    format: Literal["json", "ndjson", "cloudevents"] = Field(
+        default="json", description="Body format: json, ndjson or cloudevents (batch mode)."
+    )
+    gzip: bool = Field(default=False, description="Compress the body (Content-Encoding: gzip).")
+    allow_http: bool = Field(default=False, description="Allow http:// to a non-loopback host.")
+    signing_secret: SecretStr | None = Field(
+        default=None, description="Sign each request with HMAC-SHA256 over timestamp and body."
+    )
+    cloudevents_source: str | None = Field(
+        default=None, description="CloudEvents source attribute; default /waypost/<app>."
+    )
+    cloudevents_type_prefix: str = Field(
+        default="waypost.", description="CloudEvents type is this prefix + the event name."
+    )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper_method(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the sink itself; remove it")
+            if any(ch in secret.get_secret_value() for ch in "\r\n\0"):
+                # The value itself is never echoed: it is usually a token.
+                raise ValueError(f"the value of header {name!r} contains a line break or NUL")
+        return value
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("signing_secret must be at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _check_url(self) -> HttpConfig:
+        object.__setattr__(self, "url", check_endpoint(self.url, allow_http=self.allow_http))
+        return self
+
+
+def sign(secret: str | bytes, timestamp: int | str, body: bytes) -> str:
+    """The ``X-Waypost-Signature`` value: ``sha256=`` + hex HMAC-SHA256 of
+    ``f"{timestamp}.".encode() + body`` with ``secret``."""
+    key = secret.encode() if isinstance(secret, str) else secret
+    digest = hmac.new(key, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def verify_signature(
+    secret: str | bytes,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    tolerance: float = 300.0,
+    now: float | None = None,
+) -> bool:
+    """For receivers written in Python: check a request's signature and timestamp.
+
+    ``body`` is the raw request body as received (still gzipped if it was sent gzipped);
+    requests older or newer than ``tolerance`` seconds are refused (replay protection).
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    timestamp = lowered.get(TIMESTAMP_HEADER.lower(), "")
+    signature = lowered.get(SIGNATURE_HEADER.lower(), "")
+    if not timestamp.isdigit() or not signature:
+        return False
+    if abs((time.time() if now is None else now) - int(timestamp)) > tolerance:
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+def _token(text: str) -> str:
+    """``text`` made safe for a User-Agent product token."""
+    return re.sub(r"[^A-Za-z0-9.!#$%&'*+^_`|~-]+", "-", text).strip("-") or "app"
+
+
+class HttpSink(Sink):
+    """Posts each batch as one request; honours per-event results in a JSON answer."""
+
+    type = "http"
+    Config = HttpConfig
+    max_batch_size = 500
+    config: HttpConfig
+
+    def __init__(self, name: str, config: SinkConfig, context: SinkContext) -> None:
+        super().__init__(name, config, context)
+        self._client: httpx.Client | None = None
+        app = urllib.parse.quote(context.app, safe="")
+        self._source = self.config.cloudevents_source or f"/waypost/{app}"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        context = self.context
+        agent = (
+            f"{_token(context.app)}/{_token(context.version)} "
+            f"waypost/{waypost.__version__} httpx/{httpx.__version__}"
+        )
+        headers = {"User-Agent": agent}
+        headers.update({k: v.get_secret_value() for k, v in self.config.headers.items()})
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(self.config.timeout),
+            headers=headers,
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    # --- the body -------------------------------------------------------------------------------
+
+    def render(self, events: Sequence[Event]) -> Any:
+        if self.config.format == "cloudevents":
+            return [self._cloudevent(e) for e in events]
+        return [e.to_dict() for e in events]
+
+    def _cloudevent(self, event: Event) -> dict[str, Any]:
+        return {
+            "specversion": "1.0",
+            "id": event.id,
+            "source": self._source,
+            "type": self.config.cloudevents_type_prefix + event.name,
+            "time": event.iso_timestamp,
+            "datacontenttype": "application/json",
+            "data": event.to_dict(),
+        }
+
+    def encode(self, events: Sequence[Event]) -> bytes:
+        """The body exactly as it is sent (before gzip)."""
+        items = self.render(events)
+        if self.config.format == "ndjson":
+            return "".join(dumps(item) + "\n" for item in items).encode()
+        return dumps(items).encode()
+
+    def _request(self, events: Sequence[Event]) -> httpx.Response:
+        if self._client is None:
+            self.open()
+        assert self._client is not None
+        config = self.config
+        body = self.encode(events)
+        headers = {"Content-Type": CONTENT_TYPES[config.format]}
+        if config.gzip:
+            body = gzip.compress(body, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        if config.signing_secret is not None:
+            # Fresh on every attempt, so a retried batch still falls inside the replay window.
+            timestamp = str(int(time.time()))
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[SIGNATURE_HEADER] = sign(
+                config.signing_secret.get_secret_value(), timestamp, body
+            )
+        try:
+            return self._client.request(config.method, config.url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise RetryableError(
+                f"no answer within {config.timeout:g} s ({type(exc).__name__})"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+
+    # --- sending --------------------------------------------------------------------------------
+
+    def send(self, events: Sequence[Event]) -> SendResult:
+        response = self._request(events)
+        raise_for_status(response.status_code, response.headers, response.text)
+        return _per_event_results(events, response)
+
+    def test_request(self, event: Event) -> dict[str, Any]:
+        try:
+            response = self._request([event])
+        except RetryableError as exc:
+            return {"delivered": False, "status": None, "answer": None, "error": exc.reason}
+        answer = " ".join(response.text.split())[:500]
+        delivered = 200 <= response.status_code < 300
+        result = _per_event_results([event], response) if delivered else None
+        if result is not None and (result.retry or result.failed):
+            delivered = False
+        return {"delivered": delivered, "status": response.status_code, "answer": answer}
+
+
+def _per_event_results(events: Sequence[Event], response: httpx.Response) -> SendResult:
+    """Read a 2xx answer's per-event results, if it has any (else everything was delivered).
+
+    Understood shapes (all keys optional): ``{"results": [{"id", "status": "ok" | "duplicate" |
+    "retry" | "failed", "error"}]}``, ``{"rejected": [ids]}`` (failed for good) and
+    ``{"retry": [ids]}``. Ids that are not in the batch are ignored; an unknown status fails the
+    event, with the status in the reason.
+    """
+    result = SendResult.ok()
+    data = _json_object(response)
+    if data is None:
+        return result
+    ids = {e.id for e in events}
+    results = data.get("results")
+    for item in results if isinstance(results, list) else ():
+        if not isinstance(item, dict) or str(item.get("id")) not in ids:
+            continue
+        event_id = str(item["id"])
+        status = str(item.get("status", "ok")).lower()
+        error = item.get("error")
+        detail = f": {' '.join(str(error).split())[:300]}" if error else ""
+        if status in ("ok", "duplicate"):
+            continue
+        if status == "retry":
+            result.mark_retry(event_id, f"the endpoint asked to retry this event{detail}")
+        elif status == "failed":
+            result.mark_failed(event_id, f"the endpoint refused this event{detail}")
+        else:
+            result.mark_failed(event_id, f"the endpoint answered unknown status {status!r}{detail}")
+    for key, mark, reason in (
+        ("rejected", result.mark_failed, "the endpoint rejected this event"),
+        ("retry", result.mark_retry, "the endpoint asked to retry this event"),
+    ):
+        listed = data.get(key)
+        for event_id in listed if isinstance(listed, list) else ():
+            if str(event_id) in ids:
+                mark(str(event_id), reason)
+    if result.retry:
+        result.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    return result
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    content = response.content
+    if not content or content.lstrip()[:1] != b"{":
+        return None
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@waypost.hookimpl
+def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+    register(HttpSink)
