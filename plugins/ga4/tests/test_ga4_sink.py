@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-
 from waypost.testing import (
     RecordingServer,
     Request,
@@ -61,7 +60,9 @@ def test_config_needs_exactly_one_stream() -> None:
     with pytest.raises(ValidationError, match="exactly one of measurement_id"):
         Ga4Config.model_validate({"api_secret": "x"})
     with pytest.raises(ValidationError, match="exactly one of measurement_id"):
-        Ga4Config.model_validate({"api_secret": "x", "measurement_id": "G-1", "firebase_app_id": "1:2:android:3"})  # fmt: skip
+        Ga4Config.model_validate(
+            {"api_secret": "x", "measurement_id": "G-1", "firebase_app_id": "1:2:android:3"}
+        )
     with pytest.raises(ValidationError, match="api_secret"):
         Ga4Config.model_validate({"measurement_id": "G-1"})
 
@@ -75,12 +76,16 @@ def test_config_hosts_and_consent_defaults() -> None:
     with pytest.raises(ValidationError, match="unknown region"):
         Ga4Config.model_validate({"api_secret": "x", "measurement_id": "G-1", "region": "us"})
     with pytest.raises(ValidationError):
-        Ga4Config.model_validate({"api_secret": "x", "measurement_id": "G-1", "ad_user_data": "yes"})  # fmt: skip
+        Ga4Config.model_validate(
+            {"api_secret": "x", "measurement_id": "G-1", "ad_user_data": "yes"}
+        )
     assert "x" not in repr(config) and "x" not in str(config.model_dump())
 
 
 def test_batch_size_never_over_25() -> None:
-    config = Ga4Config.model_validate({"api_secret": "x", "measurement_id": "G-1", "batch_size": 100})  # fmt: skip
+    config = Ga4Config.model_validate(
+        {"api_secret": "x", "measurement_id": "G-1", "batch_size": 100}
+    )
     assert Ga4Sink.max_batch_size == 25
     assert Ga4Sink("g", config, None).batch_size == 25  # type: ignore[arg-type]
 
@@ -117,8 +122,13 @@ def test_web_stream_request(ga4: Any, make_ga4: Any) -> None:
 
 def test_client_and_user_id_and_consent_from_config(ga4: Any, make_ga4: Any) -> None:
     server, peer = ga4
-    sink = make_ga4(server.url, client_id="555.777", user_id="u-1", ad_user_data="GRANTED",
-                    ad_personalization=None)  # fmt: skip
+    sink = make_ga4(
+        server.url,
+        client_id="555.777",
+        user_id="u-1",
+        ad_user_data="GRANTED",
+        ad_personalization=None,
+    )
     send_batch(sink, make_events(2))
     body = collected(server)[0].json()
     assert body["client_id"] == "555.777" and body["user_id"] == "u-1"
@@ -143,7 +153,10 @@ def test_app_stream_request(ga4: Any, make_ga4: Any) -> None:
 
 
 def test_app_instance_id_is_deterministic_32_hex() -> None:
-    assert app_instance_id("5db51f99-c6fb-4340-9c19-78adce58cc1b") == "5db51f99c6fb43409c1978adce58cc1b"  # fmt: skip
+    assert (
+        app_instance_id("5db51f99-c6fb-4340-9c19-78adce58cc1b")
+        == "5db51f99c6fb43409c1978adce58cc1b"
+    )
     derived = app_instance_id("user@example")
     assert len(derived) == 32 and int(derived, 16) >= 0
     assert derived == app_instance_id("user@example")
@@ -151,11 +164,16 @@ def test_app_instance_id_is_deterministic_32_hex() -> None:
 
 
 def test_eu_region_host_reaches_region1() -> None:
-    config = Ga4Config.model_validate({"api_secret": SECRET, "measurement_id": "G-1", "region": "eu"})  # fmt: skip
+    config = Ga4Config.model_validate(
+        {"api_secret": SECRET, "measurement_id": "G-1", "region": "eu"}
+    )
     sink = Ga4Sink("g", config, None)  # type: ignore[arg-type]
     rendered = sink.render([make_event("run")])
     (request,) = rendered["requests"]
-    assert request["url"] == "https://region1.google-analytics.com/mp/collect?measurement_id=G-1&api_secret=***"  # fmt: skip
+    assert (
+        request["url"]
+        == "https://region1.google-analytics.com/mp/collect?measurement_id=G-1&api_secret=***"
+    )
 
 
 def test_events_of_different_clients_go_in_different_requests(ga4: Any, make_ga4: Any) -> None:
@@ -165,8 +183,10 @@ def test_events_of_different_clients_go_in_different_requests(ga4: Any, make_ga4
     b = make_events(2, distinct_id="client-b")
     result = send_batch(sink, [a[0], b[0], a[1], b[1], a[2]])
     assert not result.failed and not result.retry
-    by_client = {r.json()["client_id"]: [e["params"]["event_id"] for e in r.json()["events"]]
-                 for r in collected(server)}  # fmt: skip
+    by_client = {
+        r.json()["client_id"]: [e["params"]["event_id"] for e in r.json()["events"]]
+        for r in collected(server)
+    }
     assert by_client == {"client-a": [e.id for e in a], "client-b": [e.id for e in b]}
     assert peer.problems == []
 
@@ -193,7 +213,9 @@ def test_bodies_stay_under_130_kb(ga4: Any, make_ga4: Any) -> None:
     requests = collected(server)
     assert len(requests) > 1
     assert all(len(r.body) < 130_000 for r in requests)
-    assert sorted(e["params"]["event_id"] for e in sent_events(server)) == sorted(e.id for e in events)  # fmt: skip
+    assert sorted(e["params"]["event_id"] for e in sent_events(server)) == sorted(
+        e.id for e in events
+    )
     assert peer.problems == []
 
 
@@ -223,11 +245,17 @@ def test_other_4xx_fail_without_retry(ga4: Any, make_ga4: Any) -> None:
     assert SECRET not in repr(result)
 
 
-def test_a_throttled_request_leaves_the_rest_of_the_batch_for_the_retry(ga4: Any, make_ga4: Any) -> None:  # fmt: skip
+def test_a_throttled_request_leaves_the_rest_of_the_batch_for_the_retry(
+    ga4: Any, make_ga4: Any
+) -> None:
     server, _ = ga4
     sink = make_ga4(server.url)
     server.answer(Response(204, b""), Response(429, b"", headers={"Retry-After": "5"}))
-    events = make_events(10, distinct_id="a") + make_events(10, distinct_id="b") + make_events(10, distinct_id="c")  # fmt: skip
+    events = (
+        make_events(10, distinct_id="a")
+        + make_events(10, distinct_id="b")
+        + make_events(10, distinct_id="c")
+    )
     result = send_batch(sink, events)
     assert set(result.retry) == {e.id for e in events[10:]}
     assert len(server.requests) == 2  # the third request was not tried against a throttling GA4
@@ -235,7 +263,7 @@ def test_a_throttled_request_leaves_the_rest_of_the_batch_for_the_retry(ga4: Any
 
 
 def test_413_splits_the_request(ga4: Any, make_ga4: Any) -> None:
-    server, peer = ga4
+    server, _ = ga4
     sink = make_ga4(server.url)
     server.answer(Response(413, b"Request Entity Too Large"))
     events = make_events(8)
@@ -265,7 +293,9 @@ def test_test_request_returns_validation_messages(ga4: Any, make_ga4: Any) -> No
     assert request.path == "/debug/mp/collect"
     assert request.query["api_secret"] == [SECRET]
     assert answer["valid"] is True and answer["validationMessages"] == []
-    assert answer["endpoint"].endswith("/debug/mp/collect?measurement_id=G-TEST12345&api_secret=***")  # fmt: skip
+    assert answer["endpoint"].endswith(
+        "/debug/mp/collect?measurement_id=G-TEST12345&api_secret=***"
+    )
     assert SECRET not in repr(answer)
 
 
@@ -273,7 +303,9 @@ def test_test_request_returns_validation_messages(ga4: Any, make_ga4: Any) -> No
     ("name", "code"),
     [("_badEventName", "NAME_INVALID"), ("session_start", "NAME_RESERVED")],
 )
-def test_test_request_shows_ga4_verdict_on_refused_events(ga4: Any, make_ga4: Any, name: str, code: str) -> None:  # fmt: skip
+def test_test_request_shows_ga4_verdict_on_refused_events(
+    ga4: Any, make_ga4: Any, name: str, code: str
+) -> None:
     server, _ = ga4
     sink = make_ga4(server.url)
     answer = sink.test_request(make_event(name))
@@ -285,10 +317,17 @@ def test_test_request_shows_ga4_verdict_on_refused_events(ga4: Any, make_ga4: An
 
 def test_test_request_shows_out_of_bounds_values() -> None:
     """A validation server that objects (as GA4 would to a value it finds too long)."""
-    messages = [{"fieldPath": "events[0].params.flow", "description": "Value too long.",
-                 "validationCode": "VALUE_OUT_OF_BOUNDS"}]  # fmt: skip
+    messages = [
+        {
+            "fieldPath": "events[0].params.flow",
+            "description": "Value too long.",
+            "validationCode": "VALUE_OUT_OF_BOUNDS",
+        }
+    ]
     with RecordingServer(lambda r: Response(200, {"validationMessages": messages})) as server:
-        config = Ga4Config.model_validate({"api_secret": SECRET, "measurement_id": "G-1", "host": server.url})  # fmt: skip
+        config = Ga4Config.model_validate(
+            {"api_secret": SECRET, "measurement_id": "G-1", "host": server.url}
+        )
         sink = Ga4Sink("g", config, None)  # type: ignore[arg-type]
         try:
             answer = sink.test_request(make_event("run", {"flow": "x"}))
@@ -303,8 +342,14 @@ def test_test_request_shows_out_of_bounds_values() -> None:
 def test_burst_end_to_end_delivers_every_valid_event_once(ga4: Any, make_telemetry: Any) -> None:
     server, peer = ga4
     tel = make_telemetry(
-        sinks={"analytics": {"type": "ga4", "measurement_id": "G-TEST12345",
-                             "api_secret": SECRET, "host": server.url}}  # fmt: skip
+        sinks={
+            "analytics": {
+                "type": "ga4",
+                "measurement_id": "G-TEST12345",
+                "api_secret": SECRET,
+                "host": server.url,
+            }
+        }
     )
     names = ["component-run", "flow.build", "run", "error", "page_view", "2fa_enabled"]
     for i in range(300):
@@ -323,8 +368,9 @@ def test_burst_end_to_end_delivers_every_valid_event_once(ga4: Any, make_telemet
 
 def test_end_to_end_survives_a_throttling_ga4(ga4: Any, make_telemetry: Any) -> None:
     server, peer = ga4
-    server.answer(Response(429, b"", headers={"Retry-After": "0"}),
-                  Response(503, b""), Response(503, b""))  # fmt: skip
+    server.answer(
+        Response(429, b"", headers={"Retry-After": "0"}), Response(503, b""), Response(503, b"")
+    )
     tel = make_telemetry(
         sinks={"ga4": {"measurement_id": "G-TEST12345", "api_secret": SECRET, "host": server.url}}
     )

@@ -13,7 +13,7 @@ from waypost.sinks import Sink
 
 __version__ = "0.1.0"
 
-from waypost_ga4.sink import Ga4Config, Ga4Sink, app_instance_id  # noqa: E402
+from waypost_ga4.sink import Ga4Config, Ga4Sink, app_instance_id
 
 __all__ = ["Ga4Config", "Ga4Sink", "__version__", "app_instance_id", "register_sinks"]
 

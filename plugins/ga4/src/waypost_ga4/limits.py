@@ -119,7 +119,9 @@ def _param_name_problem(raw: str, name: str) -> str | None:
     return None
 
 
-def _flatten(value: Mapping[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:  # fmt: skip
+def _flatten(
+    value: Mapping[str, Any], path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Any]]:
     """Nested mappings become paths (``{"run": {"ok": 1}}`` -> ``("run", "ok"), 1``)."""
     for key, item in value.items():
         if isinstance(item, Mapping):

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, model_validator
-
 from waypost.errors import PayloadTooLarge, RetryableError, SinkError
 from waypost.events import Event, dumps
 from waypost.retry import raise_for_status
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkConfig, SinkContext
+
 from waypost_ga4 import limits
 from waypost_ga4.limits import Refused
 
@@ -181,9 +181,9 @@ class Ga4Sink(Sink):
     # --- lifecycle ------------------------------------------------------------------------
 
     def open(self) -> None:
-        import httpx
+        import httpx  # noqa: PLC0415 (imported when the sink is used, not when it is listed)
 
-        from waypost_ga4 import __version__
+        from waypost_ga4 import __version__  # noqa: PLC0415 (the package imports this module)
 
         secret = self.settings.api_secret.get_secret_value()
         _SECRET_FILTER.secrets.add(secret)
@@ -192,8 +192,11 @@ class Ga4Sink(Sink):
             httpx_logger.addFilter(_SECRET_FILTER)
         self._client = httpx.Client(
             timeout=self.settings.timeout,
-            headers={"Content-Type": "application/json", "User-Agent": f"waypost-ga4/{__version__}"},
-        )  # fmt: skip
+            headers={
+                "Content-Type": "application/json",
+                "User-Agent": f"waypost-ga4/{__version__}",
+            },
+        )
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -320,7 +323,9 @@ class Ga4Sink(Sink):
         body["events"] = [item.payload for item in items]
         return body
 
-    def _requests(self, events: Sequence[Event], result: SendResult, *, now: float) -> list[_Request]:  # fmt: skip
+    def _requests(
+        self, events: Sequence[Event], result: SendResult, *, now: float
+    ) -> list[_Request]:
         """Fit the events and pack them: one request per client id and context, at most 25
         events and under 130 kB each. Refused events are marked failed in ``result``."""
         groups: dict[tuple[str, str], list[_Item]] = {}
@@ -380,7 +385,7 @@ class Ga4Sink(Sink):
     # --- the wire -------------------------------------------------------------------------
 
     def _post(self, path: str, data: bytes) -> httpx.Response:
-        import httpx
+        import httpx  # noqa: PLC0415
 
         if self._client is None:
             raise RetryableError(f"GA4 sink {self.name!r} is not open")
@@ -418,4 +423,3 @@ class Ga4Sink(Sink):
                 continue
             self._noted.add(key)
             self.context.logger.warning("sink %r, event %s (GA4 limits)", self.name, key)
-
