@@ -3,6 +3,7 @@ the validation server and end-to-end delivery."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -393,3 +394,15 @@ def test_old_events_fail_with_a_reason_in_status(ga4: Any, make_ga4: Any) -> Non
     result = send_batch(sink, [old])
     assert "72 hours" in result.failed[old.id]
     assert server.requests == []
+
+
+def test_httpx_request_log_masks_the_api_secret(
+    ga4: Any, make_ga4: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _ = ga4
+    caplog.set_level(logging.DEBUG)
+    sink = make_ga4(server.url)
+    send_batch(sink, make_events(1))
+    lines = [r.getMessage() for r in caplog.records if r.name == "httpx"]
+    assert any("/mp/collect?measurement_id=G-TEST12345&api_secret=***" in line for line in lines)
+    assert SECRET not in caplog.text
