@@ -422,4 +422,6 @@ class Ga4Sink(Sink):
             if key in self._noted or len(self._noted) >= _MAX_NOTES:
                 continue
             self._noted.add(key)
-            self.context.logger.warning("sink %r, event %s (GA4 limits)", self.name, key)
+            self.context.logger.warning(
+                "waypost: sink %r: event %s (to fit GA4's limits)", self.name, key
+            )
