@@ -221,7 +221,9 @@ class Runner:
         outbox.retry(retry_rows)
         outbox.failed(failed_rows, now=now)
         dropped = [i for i in result.dropped_by_destination if i in by_id]
-        self.delivered += len(ok_rows)
+        # Events the destination accepted but said it dropped leave the outbox (resending would
+        # not help) and count as dropped, not delivered.
+        self.delivered += len(ok_rows) - len(dropped)
         self.retried += len(retry_rows)
         self.failed += len(failed_rows)
         self.dropped_by_destination += len(dropped)

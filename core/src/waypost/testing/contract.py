@@ -76,10 +76,28 @@ class SinkContract:
         )
         return cls(f"test-{self.sink_type}", config, context)
 
-    def _secrets(self, url: str) -> list[str]:
+    def _secrets(self, url: str, tmp_path: Path) -> list[str]:
+        """The values named in ``secret_fields`` and every ``SecretStr`` in the config model."""
+        from pydantic import BaseModel, SecretStr
+
         config = self.config(url)
-        values = [config.get(name) for name in self.secret_fields]
-        return [str(v) for v in values if v]
+        found = [str(config[name]) for name in self.secret_fields if config.get(name)]
+
+        def walk(value: object) -> None:
+            if isinstance(value, SecretStr):
+                found.append(value.get_secret_value())
+            elif isinstance(value, BaseModel):
+                for name in type(value).model_fields:
+                    walk(getattr(value, name))
+            elif isinstance(value, dict):
+                for item in value.values():
+                    walk(item)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    walk(item)
+
+        walk(self.make_sink(url, tmp_path).config)
+        return [s for s in found if len(s) >= 4]
 
     @staticmethod
     def _serve_ok(server: RecordingServer, contract: SinkContract) -> None:
@@ -200,7 +218,7 @@ class SinkContract:
     ) -> None:
         from waypost.testing import free_port, make_events, send_batch
 
-        secrets = self._secrets(recording_server.url)
+        secrets = self._secrets(recording_server.url, tmp_path)
         caplog.set_level(logging.DEBUG)
         texts: list[str] = []
         for responder in (self.ok_response, lambda r: self.error_response(r, 401, {})):
