@@ -75,7 +75,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     7500.0, 10000.0,
 )  # fmt: skip
 MAX_SERIES = 1000
-_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,199}$")
+_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]{0,199}$")
+_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,99}$")
 _RESERVED_PREFIX = "waypost_"
 
 
@@ -893,7 +894,7 @@ def _info(
     names: list[str] = []
     mandatory: set[str] = set()
     for label, spec in specs.items():
-        if not isinstance(label, str) or not _NAME.match(label) or label.startswith("__"):
+        if not isinstance(label, str) or not _LABEL.match(label) or label.startswith("__"):
             raise TrackError(f"metric {name!r}: label name {label!r} is invalid")
         if label == "le" and kind == "histogram":
             raise TrackError(f"metric {name!r}: 'le' is the bucket label of a histogram")
