@@ -151,8 +151,10 @@ class OtlpBridge:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Collect and push now (skipped while telemetry is off)."""
-        return bool(self.provider.force_flush(timeout_millis=timeout * 1000))
+        """Collect and push now (skipped while telemetry is off); False if the push failed."""
+        failed = self.exporter.failed
+        ok = self.provider.force_flush(timeout_millis=timeout * 1000)
+        return bool(ok) and self.exporter.failed == failed
 
     def close(self, timeout: float = 5.0) -> None:
         self.registry.remove_listener(self)
