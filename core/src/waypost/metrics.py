@@ -190,7 +190,7 @@ class Instrument:
                 )
                 return None
             return (None,) * len(info.labels)
-        if not isinstance(labels, Mapping):
+        if type(labels) is not dict and not isinstance(labels, Mapping):
             self._refuse(
                 "metric_label",
                 f"metric {self.name!r}: labels must be a mapping, not {type(labels).__name__}",
@@ -207,7 +207,7 @@ class Instrument:
                 f"undeclared:{extra[0]}",
             )
             return None
-        raw = tuple(labels.get(n) for n in info.labels)
+        raw = tuple(map(labels.get, info.labels))
         try:
             return self._clean[raw]
         except KeyError:
@@ -249,7 +249,8 @@ class Instrument:
         self._registry._refuse(reason, message, f"{self.name}:{cause}")
 
     def _number(self, value: Any) -> float | None:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        kind = type(value)
+        if kind is float or kind is int or (isinstance(value, (int, float)) and kind is not bool):
             number = float(value)
         else:
             self._refuse(
