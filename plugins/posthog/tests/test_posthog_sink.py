@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 from waypost.errors import ConfigError
+from waypost.events import Event
 from waypost.sinks import SinkContext
 from waypost.testing import (
     RecordingServer,
@@ -363,6 +365,29 @@ def test_connection_reset_is_retryable(recording_server: RecordingServer, tmp_pa
     assert len(recording_server.requests) == 1  # the sink itself never retries
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_uses_its_own_connections(
+    posthog_server: RecordingServer, tmp_path: Path
+) -> None:
+    sink = make_sink(posthog_server.url, tmp_path)
+    assert not send_batch(sink, make_events(1)).retry  # the parent now holds a pooled connection
+    parent_session = sink._http()
+    pid = os.fork()
+    if pid == 0:  # the child: a gunicorn or celery worker
+        code = 1
+        try:
+            fresh = sink._http() is not parent_session
+            delivered = not send_batch(sink, make_events(1)).retry
+            code = 0 if fresh and delivered else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not send_batch(sink, make_events(1)).retry  # and the parent's still work
+    assert len(posthog_server.requests) == 3
+    assert sink._http() is parent_session
+
+
 # --- test-sink ----------------------------------------------------------------------------------
 
 
@@ -418,3 +443,26 @@ def test_retry_after_503_end_to_end(recording_server: RecordingServer, make_tele
     assert later[0].at - first.at >= 0.9
     assert tel.flush(timeout=10)
     assert tel.status().sinks[0].delivered == 10
+
+
+# --- docs ---------------------------------------------------------------------------------------
+
+
+def test_readme_example_is_what_the_sink_renders(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    documented = json.loads(re.search(r"```json\n(.*?)```", readme, re.DOTALL)[1])  # type: ignore[index]
+    context = {
+        "app": {"name": "myapp", "version": "1.2.3"},
+        "os": {"type": "Linux", "release": "6.8.0", "arch": "x86_64"},
+        "python": "3.12.4",
+        "waypost": "0.1.0",
+    }
+    instance = "5db51f99-c6fb-4340-9c19-78adce58cc1b"
+    event = Event(
+        id="0192f0c6-6f3a-7b21-9c4e-0a1b2c3d4e5f", name="run", time=1730000000.123,
+        instance_id=instance, properties={"runSeconds": 45, "runSuccess": True},
+        context=context, distinct_id=instance,
+    )  # fmt: skip
+    rendered = make_sink("https://us.i.posthog.com", tmp_path).render([event])
+    rendered["sent_at"] = documented["sent_at"]
+    assert json.dumps(rendered, indent=2) == json.dumps(documented, indent=2)
