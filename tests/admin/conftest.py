@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
-
 import waypost
+from pydantic import SecretStr
 from waypost.sinks import SendResult, Sink, SinkConfig
 
 pytest.importorskip("starlette", reason="waypost.admin needs the admin extra (starlette)")
@@ -59,7 +58,9 @@ def gate() -> Any:
 
 
 @pytest.fixture
-def admin_telemetry(make_telemetry: Callable[..., Any], tmp_path: Path, gate: Any) -> Callable[..., Any]:
+def admin_telemetry(
+    make_telemetry: Callable[..., Any], tmp_path: Path, gate: Any
+) -> Callable[..., Any]:
     """A factory: ``admin_telemetry(config={...}, env={...})``; sinks ``jsonl`` (delivers,
     keeps sent records a day) and ``gate`` (down until ``gate.set()``)."""
 
@@ -95,7 +96,6 @@ def allow_login(request: Any) -> bool:
 def client_for() -> Callable[..., Any]:
     """``client_for(tel, **create_app_kwargs)``: a TestClient that is logged in."""
     from starlette.testclient import TestClient
-
     from waypost.admin import create_app
 
     clients: list[Any] = []

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import Field
-
 import waypost
+from pydantic import Field
 from waypost.admin import CSP, create_app
 from waypost.privacy import StoredConsent
 
@@ -156,7 +155,11 @@ def test_csrf_refuses_posts_without_or_with_a_bad_token(admin_telemetry, client_
         {"what": "all", "confirm": "yes"},
         {"what": "all", "confirm": "yes", "csrf_token": ""},
         {"what": "all", "confirm": "yes", "csrf_token": "0" * 64},
-        {"what": "all", "confirm": "yes", "csrf_token": token[:-1] + ("0" if token[-1] != "0" else "1")},
+        {
+            "what": "all",
+            "confirm": "yes",
+            "csrf_token": token[:-1] + ("0" if token[-1] != "0" else "1"),
+        },
     ]
     for data in attempts:
         response = client.post("/actions/purge", data=data)
@@ -192,11 +195,19 @@ def test_csrf_refuses_cross_site_and_foreign_origin(admin_telemetry, client_for,
     client = client_for(tel)
     token = kit.csrf_token(client, "/consent")
     data = {"consent": "off", "csrf_token": token}
-    assert client.post("/consent", data=data, headers={"sec-fetch-site": "cross-site"}).status_code == 403
-    assert client.post("/consent", data=data, headers={"origin": "https://evil.example"}).status_code == 403
+    assert (
+        client.post("/consent", data=data, headers={"sec-fetch-site": "cross-site"}).status_code
+        == 403
+    )
+    assert (
+        client.post("/consent", data=data, headers={"origin": "https://evil.example"}).status_code
+        == 403
+    )
     assert tel.enabled
     # A same-origin POST (Origin is "null" under Referrer-Policy: no-referrer) passes.
-    response = client.post("/consent", data=data, headers={"origin": "null", "sec-fetch-site": "same-origin"})
+    response = client.post(
+        "/consent", data=data, headers={"origin": "null", "sec-fetch-site": "same-origin"}
+    )
     assert response.status_code == 303
     assert not tel.enabled
 
@@ -315,14 +326,16 @@ def test_status_page_shows_rule_mode_level_sinks_and_counts(admin_telemetry, cli
     html = client.get("/").text
     assert "Telemetry is <strong>on</strong>" in html
     assert "<code>default</code>" in html and "destination is down (503)" in html
-    assert "<th scope=\"row\">Events pending in the outbox</th><td>3</td>" in html
+    assert '<th scope="row">Events pending in the outbox</th><td>3</td>' in html
 
 
 # --- consent ----------------------------------------------------------------------------------
 
 
 def post_consent(client: Any, kit: Any, value: str) -> Any:
-    return client.post("/consent", data={"consent": value, "csrf_token": kit.csrf_token(client, "/consent")})
+    return client.post(
+        "/consent", data={"consent": value, "csrf_token": kit.csrf_token(client, "/consent")}
+    )
 
 
 def test_consent_flip_stores_the_admin_choice(admin_telemetry, client_for, kit):
@@ -354,7 +367,9 @@ def test_bad_consent_value_is_refused(admin_telemetry, client_for, kit):
     tel = admin_telemetry()
     client = client_for(tel)
     token = kit.csrf_token(client, "/consent")
-    assert client.post("/consent", data={"consent": "maybe", "csrf_token": token}).status_code == 400
+    assert (
+        client.post("/consent", data={"consent": "maybe", "csrf_token": token}).status_code == 400
+    )
     assert StoredConsent.read(tel.data_dir) is None
 
 
@@ -391,7 +406,10 @@ def test_consent_switch_is_disabled_when_config_or_env_decides(
         "/consent", data={"consent": "off", "csrf_token": token},
         headers={"accept": "application/json"},
     )  # fmt: skip
-    assert json_answer.status_code == 409 and "overrides the stored choice" in json_answer.json()["error"]
+    assert (
+        json_answer.status_code == 409
+        and "overrides the stored choice" in json_answer.json()["error"]
+    )
     assert StoredConsent.read(tel.data_dir) is None
     assert tel.enabled == enabled_before and tel.decision.rule == rule
 
@@ -426,7 +444,10 @@ def test_records_filters_and_paging(admin_telemetry, client_for):
     assert len(set(seqs)) == 6 and seqs == sorted(seqs, reverse=True)
 
     html = client.get("/records?name=signup&per_page=2&page=2").text
-    assert 'rel="prev" href="/records?sink=&amp;state=&amp;name=signup&amp;per_page=2&amp;page=1"' in html
+    assert (
+        'rel="prev" href="/records?sink=&amp;state=&amp;name=signup&amp;per_page=2&amp;page=1"'
+        in html
+    )
     assert 'rel="next"' in html and "page 2 of 3" in html
     assert client.get("/records?state=bogus").status_code == 400
 
@@ -500,7 +521,10 @@ def test_submit_now_delivers_what_is_pending(admin_telemetry, client_for, kit, g
 def test_submit_now_is_refused_when_telemetry_is_off(admin_telemetry, client_for, kit):
     tel = admin_telemetry(config={"enabled": False})
     client = client_for(tel)
-    assert "<button type=\"submit\" aria-describedby=\"submit-help\" disabled>" in client.get("/actions").text
+    assert (
+        '<button type="submit" aria-describedby="submit-help" disabled>'
+        in client.get("/actions").text
+    )
     response = client.post("/actions/flush", data={"csrf_token": kit.csrf_token(client)})
     assert response.status_code == 409 and "telemetry is off" in response.text
 
@@ -527,7 +551,9 @@ def test_delete_all_needs_confirmation_then_empties_the_outbox(admin_telemetry, 
     assert response.status_code == 400
     assert sum(sum(s.values()) for s in tel.open_outbox().counts().values()) == 4
 
-    response = client.post("/actions/purge", data={"what": "all", "confirm": "yes", "csrf_token": token})
+    response = client.post(
+        "/actions/purge", data={"what": "all", "confirm": "yes", "csrf_token": token}
+    )
     assert response.headers["location"] == "/actions?done=purged_all&n=4"
     assert tel.open_outbox().counts() == {}
     assert client.post("/actions/purge", data={"what": "x", "csrf_token": token}).status_code == 400
@@ -540,7 +566,11 @@ def test_actions_answer_json(admin_telemetry, client_for, gate):
     client = client_for(tel)
     token = client.get("/actions?format=json").json()["csrf_token"]
     headers = {"accept": "application/json", "x-csrf-token": token}
-    assert client.post("/actions/flush", headers=headers).json() == {"ok": True, "done": "flushed", "n": 0}
+    assert client.post("/actions/flush", headers=headers).json() == {
+        "ok": True,
+        "done": "flushed",
+        "n": 0,
+    }
     assert client.post("/actions/purge", data={"what": "sent"}, headers=headers).json()["n"] == 2
     assert tel.open_outbox().counts() == {}
 
@@ -563,6 +593,8 @@ def test_prefix_and_starlette_mount_build_links_under_the_mount(admin_telemetry,
         assert 'action="/admin/telemetry/records"' in client.get("/admin/telemetry/records").text
         assert client.get("/admin/telemetry").headers["location"].endswith("/admin/telemetry/")
         token = kit.csrf_token(client, "/admin/telemetry/consent")
-        response = client.post("/admin/telemetry/consent", data={"consent": "off", "csrf_token": token})
+        response = client.post(
+            "/admin/telemetry/consent", data={"consent": "off", "csrf_token": token}
+        )
         assert response.headers["location"] == "/admin/telemetry/consent?done=consent_off"
         assert not tel.enabled

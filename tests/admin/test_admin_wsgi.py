@@ -9,7 +9,6 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
-
 from waypost.admin import CSP, mount_wsgi, wsgi_app
 from waypost.admin.wsgi import build_scope
 
@@ -57,7 +56,7 @@ def served(admin_telemetry: Any) -> Iterator[tuple[str, Any]]:
 
 
 def test_wsgi_mount_serves_pages_and_refuses_strangers(served):
-    base, tel = served
+    base, _tel = served
     with httpx.Client(base_url=base, follow_redirects=False) as client:
         assert client.get("/elsewhere").text == "the host app"
         refused = client.get("/admin/telemetry/")
@@ -67,7 +66,9 @@ def test_wsgi_mount_serves_pages_and_refuses_strangers(served):
         assert page.status_code == 200
         assert page.headers["x-frame-options"] == "DENY"
         assert 'href="/admin/telemetry/admin.css"' in page.text
-        assert client.get("/admin/telemetry/admin.css").headers["content-type"].startswith("text/css")
+        assert (
+            client.get("/admin/telemetry/admin.css").headers["content-type"].startswith("text/css")
+        )
         data = client.get("/admin/telemetry/", params={"format": "json"}).json()
         assert data["enabled"] is True
 
@@ -78,7 +79,9 @@ def test_wsgi_post_with_csrf_changes_consent(served):
         client.cookies.set("host_session", "admin-session-7f3a")
         html = client.get("/admin/telemetry/consent").text
         token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', html).group(1)
-        bad = client.post("/admin/telemetry/consent", data={"consent": "off", "csrf_token": "0" * 64})
+        bad = client.post(
+            "/admin/telemetry/consent", data={"consent": "off", "csrf_token": "0" * 64}
+        )
         assert bad.status_code == 403 and tel.enabled
         good = client.post("/admin/telemetry/consent", data={"consent": "off", "csrf_token": token})
         assert good.status_code == 303

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 
 from waypost.admin import pages
 from waypost.admin.security import Auth, Csrf, Guard, load_key
+from waypost.admin.wsgi import WsgiBridge
 
 log = logging.getLogger("waypost.admin")
 
@@ -105,9 +106,7 @@ class Admin:
         self.per_page = per_page
         self.outbox = pages.OutboxAccess(telemetry)
         self.templates = _environment()
-        self.stylesheet = (
-            resources.files("waypost.admin").joinpath("static/admin.css").read_bytes()
-        )
+        self.stylesheet = resources.files("waypost.admin").joinpath("static/admin.css").read_bytes()
 
     # --- rendering --------------------------------------------------------------------------
 
@@ -182,9 +181,7 @@ class Admin:
         query = {"done": key}
         if "n" in result:
             query["n"] = str(result["n"])
-        return RedirectResponse(
-            f"{self.base(request)}{path}?{urlencode(query)}", status_code=303
-        )
+        return RedirectResponse(f"{self.base(request)}{path}?{urlencode(query)}", status_code=303)
 
     async def checked_form(self, request: Request) -> FormData | Response:
         """The POSTed form, or the refusal when the CSRF check fails."""
@@ -364,6 +361,4 @@ def create_app(
 def wsgi_app(telemetry: Any, **kwargs: Any) -> Any:
     """The same pages as a WSGI application (Flask, Django); takes :func:`create_app`'s
     arguments."""
-    from waypost.admin.wsgi import WsgiBridge
-
     return WsgiBridge(create_app(telemetry, **kwargs))

@@ -7,12 +7,14 @@ import importlib
 import logging
 import re
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from waypost.events import Payload, registered_payloads
+from waypost.outbox import FILENAME, Outbox
 from waypost.privacy import Scrubber, StoredConsent
 
 log = logging.getLogger("waypost.admin")
@@ -22,7 +24,7 @@ OVERRIDE_RULES = frozenset({"do_not_track", "app_env", "config", "level", "confi
 
 STATES = ("pending", "sent", "failed")
 HIDDEN = "[hidden]"
-SECRET_SET = "[secret: set]"
+SECRET_SET = "[secret: set]"  # noqa: S105 (a label, not a password)
 
 _SECRET_NAME = re.compile(
     r"secret|token|passw|pwd|apikey|privatekey|credential|auth|cookie|session|signature|dsn"
@@ -48,8 +50,7 @@ def safe_config(config: BaseModel | None) -> dict[str, Any]:
     if config is None:
         return {}
     return {
-        name: _safe_value(name, getattr(config, name, None))
-        for name in type(config).model_fields
+        name: _safe_value(name, getattr(config, name, None)) for name in type(config).model_fields
     }
 
 
@@ -114,7 +115,7 @@ def _override_hint(tel: Any, rule: str) -> str:
 
 
 def status_data(tel: Any) -> dict[str, Any]:
-    status = tel.status().model_dump(mode="json")
+    status: dict[str, Any] = tel.status().model_dump(mode="json")
     sinks_by_name = getattr(tel, "sinks", {}) or {}
     for sink in status["sinks"]:
         instance = sinks_by_name.get(sink["name"])
@@ -144,8 +145,6 @@ class OutboxAccess:
         running = getattr(self.tel, "outbox_", None)
         if running is not None:
             return running
-        from waypost.outbox import FILENAME, Outbox
-
         with self._lock:
             if self._own is None and (Path(self.tel.data_dir) / FILENAME).exists():
                 self._own = Outbox(Path(self.tel.data_dir))
@@ -261,6 +260,4 @@ def manifest_data(tel: Any) -> dict[str, Any]:
 def _iso(t: float | None) -> str | None:
     if not t:
         return None
-    from datetime import datetime, timezone
-
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
