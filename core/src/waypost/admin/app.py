@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
@@ -68,7 +69,19 @@ def _environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["pretty"] = lambda value: json.dumps(value, indent=2, ensure_ascii=False)
+    env.filters["when"] = _when
     return env
+
+
+def _when(value: str | None) -> str:
+    """An ISO 8601 time, to the second, in UTC, for people."""
+    if not value:
+        return "never"
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _int(value: str | None, default: int, low: int, high: int) -> int:

@@ -10,6 +10,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 
@@ -35,6 +36,19 @@ _scrubber = Scrubber()
 
 def _scrub(text: str) -> str:
     return _scrubber.scrub_text(text, "", [])
+
+
+def _safe_text(text: str) -> str:
+    """A config string for display: a URL keeps its scheme and host but not its user info."""
+    if "://" in text and "@" in text:
+        try:
+            parts = urlsplit(text)
+        except ValueError:
+            parts = None
+        if parts is not None and parts.hostname and "@" in parts.netloc:
+            host = parts.netloc.rsplit("@", 1)[1]
+            text = urlunsplit(parts._replace(netloc=f"{HIDDEN}@{host}"))
+    return _scrub(text)
 
 
 def is_override(rule: str) -> bool:
@@ -70,7 +84,7 @@ def _safe_value(name: str, value: Any) -> Any:
         return {_scrub(str(k)): HIDDEN for k in value}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_safe_value(name, item) for item in value]
-    return _scrub(str(value))
+    return _safe_text(str(value))
 
 
 # --- status and consent -----------------------------------------------------------------------
