@@ -14,9 +14,6 @@ import waypost
 from pydantic import SecretStr
 from waypost.sinks import SendResult, Sink, SinkConfig
 
-pytest.importorskip("starlette", reason="waypost.admin needs the admin extra (starlette)")
-pytest.importorskip("jinja2", reason="waypost.admin needs jinja2")
-
 LOGIN_COOKIE = "host_session"
 LOGIN_VALUE = "admin-session-7f3a"
 API_KEY = "sk_live_VERYSECRETVALUE0123456789"

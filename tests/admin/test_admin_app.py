@@ -11,8 +11,13 @@ from typing import Any
 import pytest
 import waypost
 from pydantic import Field
-from waypost.admin import CSP, create_app
 from waypost.privacy import StoredConsent
+
+REASON = "waypost.admin needs the admin extra: pip install 'waypost[admin]'"
+pytest.importorskip("starlette", reason=REASON)
+pytest.importorskip("jinja2", reason=REASON)
+
+from waypost.admin import CSP, create_app  # noqa: E402
 
 PAGES = ["/", "/consent", "/records", "/manifest", "/actions", "/admin.css"]
 

@@ -41,7 +41,7 @@ LOGIN_COOKIE, LOGIN_VALUE = "host_session", "admin-session-7f3a"
 def _missing() -> str | None:
     if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
         return f"{CHROMIUM} is missing (apt-get install -y chromium)"
-    for module in ("playwright.sync_api", "uvicorn"):
+    for module in ("playwright.sync_api", "uvicorn", "starlette", "jinja2"):
         try:
             __import__(module)
         except ImportError:

@@ -9,10 +9,18 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
-from waypost.admin import CSP, mount_wsgi, wsgi_app
-from waypost.admin.wsgi import build_scope
 
-httpx = pytest.importorskip("httpx2", reason="the WSGI test talks HTTP through httpx2")
+REASON = "waypost.admin needs the admin extra: pip install 'waypost[admin]'"
+pytest.importorskip("starlette", reason=REASON)
+pytest.importorskip("jinja2", reason=REASON)
+
+from waypost.admin import CSP, mount_wsgi, wsgi_app  # noqa: E402
+from waypost.admin.wsgi import build_scope  # noqa: E402
+
+try:
+    import httpx2 as httpx
+except ImportError:
+    httpx = pytest.importorskip("httpx", reason="the WSGI test talks HTTP through httpx2 or httpx")
 
 
 class _QuietHandler(WSGIRequestHandler):
