@@ -451,11 +451,16 @@ def test_burst_through_telemetry_arrives_exactly_once(
     for i in range(600):
         tel.track("burst", {"i": i})
     assert tel.flush(timeout=30)
+    # The refused first request is resent after the core's backoff.
+    assert recording_server.wait_for(
+        lambda requests: sum(len(sent_events(r)) for r in requests[1:]) >= 600, timeout=20
+    )
     accepted = recording_server.requests[1:]  # the first was answered 503, and resent
     got = Counter(e["properties"]["$insert_id"] for r in accepted for e in sent_events(r))
     assert len(got) == 600 and set(got.values()) == {1}
     numbers = sorted(e["properties"]["i"] for r in accepted for e in sent_events(r))
     assert numbers == list(range(600))
+    assert tel.flush(timeout=10)  # the pass that delivered them has been counted
     assert tel.status().sinks[0].delivered == 600
 
 
