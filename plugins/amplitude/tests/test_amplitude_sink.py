@@ -281,7 +281,8 @@ def test_400_without_indexes_is_permanent(
     events = make_events(3)
     result = send_batch(sink, events)
     assert set(result.failed) == {e.id for e in events} and not result.retry
-    assert all("Invalid API key" in r for r in result.failed.values())
+    assert all("Invalid API key: ***" in r for r in result.failed.values())
+    assert not any("amp-wrong-key" in r for r in result.failed.values())
 
 
 def test_429_throttled_events_wait_30_seconds(

@@ -265,6 +265,18 @@ def test_status_0_is_a_permanent_failure_even_with_http_200(
     assert all("token, missing or empty" in r for r in result.failed.values())
 
 
+def test_an_answer_echoing_the_token_is_redacted(
+    recording_server: RecordingServer, tmp_path: Path
+) -> None:
+    recording_server.responder = lambda r: Response(
+        200, {"status": 0, "error": f"project for token {TOKEN} is disabled"}
+    )
+    sink = make_sink(recording_server.url, tmp_path)
+    result = send_batch(sink, make_events(1))
+    (reason,) = result.failed.values()
+    assert "token *** is disabled" in reason and TOKEN not in reason
+
+
 def test_status_0_with_a_retryable_code_is_retried(
     recording_server: RecordingServer, tmp_path: Path
 ) -> None:

@@ -213,7 +213,9 @@ class AmplitudeSink(Sink):
         from amplitude.http_client import Response as AmplitudeResponse  # noqa: PLC0415
 
         what = f"amplitude {urllib.parse.urlsplit(self.url).path}"
-        text = raw.decode("utf8", "replace")
+        # Amplitude echoes a refused key ("Invalid API key: <key>"): keep it out of reasons.
+        key = self.settings.api_key.get_secret_value()
+        text = raw.decode("utf8", "replace").replace(key, "***")
         try:
             answer = AmplitudeResponse().parse(io.BytesIO(raw))
         except (ValueError, KeyError, TypeError):
@@ -233,7 +235,8 @@ class AmplitudeSink(Sink):
             if ingested is not None:
                 result.receipt = f"events_ingested={ingested}"
             return answer
-        reason = f"{what}: HTTP {answer.code}: {answer.error or _snippet(text)}"
+        error = str(answer.error).replace(key, "***")
+        reason = f"{what}: HTTP {answer.code}: {error or _snippet(text)}"
         if kind == HttpStatus.PAYLOAD_TOO_LARGE:
             raise PayloadTooLarge(reason)
         if kind in (HttpStatus.TIMEOUT, HttpStatus.FAILED, HttpStatus.UNKNOWN):

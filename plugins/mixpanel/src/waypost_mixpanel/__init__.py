@@ -266,16 +266,17 @@ class MixpanelSink(Sink):
     ) -> None:
         """Read Mixpanel's answer: mark /import's refused records, raise for the whole request."""
         what = f"mixpanel {_path(request.endpoint)}"
+        text = self._redact(answer.text)
         if status == 413 or status in RETRYABLE_STATUS or status >= 500:
-            raise_for_status(status, answer.headers, answer.text, what=what)
+            raise_for_status(status, answer.headers, text, what=what)
         if body is None:
             if 200 <= status < 300:
                 raise RetryableError(
                     f"{what}: HTTP {status} with a body that is not Mixpanel's JSON answer: "
-                    f"{_snippet(answer.text)!r}",
+                    f"{_snippet(text)!r}",
                     retry_after=parse_retry_after(answer.headers.get("Retry-After")),
                 )
-            raise_for_status(status, answer.headers, answer.text, what=what)
+            raise_for_status(status, answer.headers, text, what=what)
             raise PermanentError(f"{what}: HTTP {status}")  # pragma: no cover (3xx)
         if 200 <= status < 300 and _accepted(body):
             return
@@ -283,8 +284,16 @@ class MixpanelSink(Sink):
         if request.endpoint == "imports" and status == 400 and isinstance(failed, list) and failed:
             self._mark_failed_records(request.events, failed, result, what)
             return
-        error = body.get("error") or json.dumps(body)[:300]
+        error = self._redact(str(body.get("error") or json.dumps(body)[:300]))
         raise PermanentError(f"{what}: HTTP {status}: {error}")
+
+    def _redact(self, text: str) -> str:
+        """Keep the token and the secrets out of reasons, should an answer echo them."""
+        config = self.settings
+        for secret in (config.token, config.api_secret, config.service_account_secret):
+            if secret is not None and secret.get_secret_value():
+                text = text.replace(secret.get_secret_value(), "***")
+        return text
 
     def _mark_failed_records(
         self, events: list[Event], failed: list[Any], result: SendResult, what: str
