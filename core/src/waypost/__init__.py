@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "MANDATORY",
+    "OPTIONAL",
     "ConfigError",
     "Event",
     "HttpSinkConfig",
+    "MetricRegistry",
     "Payload",
     "PayloadTooLarge",
     "PermanentError",
@@ -45,6 +48,9 @@ __all__ = [
 ]
 
 _LAZY = {
+    "MANDATORY": "waypost.metrics",
+    "OPTIONAL": "waypost.metrics",
+    "MetricRegistry": "waypost.metrics",
     "Telemetry": "waypost.telemetry",
     "Status": "waypost.telemetry",
     "Event": "waypost.events",
@@ -81,6 +87,7 @@ if TYPE_CHECKING:
     )
     from waypost.events import Event, Payload
     from waypost.hookspecs import hookimpl, hookspec
+    from waypost.metrics import MANDATORY, OPTIONAL, MetricRegistry
     from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkConfig, SinkContext
     from waypost.telemetry import Status, Telemetry
 

@@ -104,7 +104,11 @@ class HeartbeatConfig(_Model):
 
 
 class MetricsPrometheusConfig(_Model):
+    """The local Prometheus exposition: the operator's own, not third-party telemetry."""
+
     enabled: bool = True
+    port: int | None = Field(default=None, ge=0, le=65535, description="Serve /metrics here.")
+    host: str = Field(default="127.0.0.1", description="Address to serve /metrics on.")
 
 
 class MetricsConfig(_Model):

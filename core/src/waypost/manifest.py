@@ -132,19 +132,23 @@ def to_markdown(manifest: dict[str, Any], *, app: str = "") -> str:
         f"`{e['property']}` | {e['type']} | {_cell(e['description'])}" for e in manifest["envelope"]
     ]
     lines += ["", manifest["scrubbing"], ""]
-    if manifest["metrics"]:
+    for title, builtin in (("Metrics", False), ("waypost's own health metrics", True)):
+        metrics = [m for m in manifest["metrics"] if bool(m.get("builtin")) == builtin]
+        if not metrics:
+            continue
         lines += [
-            "## Metrics",
+            f"## {title}",
             "",
-            "Metric | Type | Unit | Labels | Description",
-            "----|----|----|----|-----",
+            "Metric | Type | Unit | Labels (* mandatory) | Goes to | Description",
         ]
-        for m in manifest["metrics"]:
+        lines.append("----|----|----|----|----|-----")
+        for m in metrics:
             labels = ", ".join(
-                f"{k}{' (mandatory)' if v else ''}" for k, v in (m.get("labels") or {}).items()
+                f"{lb['name']}{'*' if lb.get('mandatory') else ''}" for lb in m["labels"]
             )
+            goes = ", ".join(m.get("destinations") or []) or "kept in memory only"
             lines.append(
-                f"`{m['name']}` | {m.get('type', '')} | {m.get('unit', '')} | {labels} | "
+                f"`{m['name']}` | {m['type']} | {m.get('unit', '')} | {labels} | {goes} | "
                 f"{_cell(m.get('description', ''))}"
             )
         lines.append("")

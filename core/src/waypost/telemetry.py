@@ -190,6 +190,16 @@ class Telemetry:
         self._notice_callback = notice
         if self.decision.enabled and self.config_error is None and start:
             self._start()
+        metrics = self.config.metrics
+        if (
+            start
+            and self.config_error is None
+            and (
+                metrics.prometheus.port is not None
+                or set(metrics.model_extra or ()) - {"prometheus"}
+            )
+        ):
+            _ = self.metrics  # exporters named in config start with the application
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -542,6 +552,12 @@ class Telemetry:
             atexit.unregister(self._at_exit)
         except Exception:
             pass
+        registry = self.__dict__.get("_metrics")
+        if registry is not None:
+            try:
+                registry.close(min(1.0, timeout))
+            except Exception as exc:
+                log.warning("waypost: closing metrics failed: %s", exc)
         if self.pipeline is None or not on:
             return True
         return self.pipeline.shutdown(timeout)

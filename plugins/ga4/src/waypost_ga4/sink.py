@@ -181,9 +181,9 @@ class Ga4Sink(Sink):
     # --- lifecycle ------------------------------------------------------------------------
 
     def open(self) -> None:
-        import httpx  # noqa: PLC0415 (imported when the sink is used, not when it is listed)
+        import httpx
 
-        from waypost_ga4 import __version__  # noqa: PLC0415 (the package imports this module)
+        from waypost_ga4 import __version__
 
         secret = self.settings.api_secret.get_secret_value()
         _SECRET_FILTER.secrets.add(secret)
@@ -385,7 +385,7 @@ class Ga4Sink(Sink):
     # --- the wire -------------------------------------------------------------------------
 
     def _post(self, path: str, data: bytes) -> httpx.Response:
-        import httpx  # noqa: PLC0415
+        import httpx
 
         if self._client is None:
             raise RetryableError(f"GA4 sink {self.name!r} is not open")

@@ -73,7 +73,7 @@ class OtelExporter:
             self._serve(config.prometheus_host, port)
         if config.endpoint is not None and registry.telemetry.enabled:
             # Built only while telemetry is on: with it off no thread runs and no socket opens.
-            from waypost_otel.otlp import OtlpBridge  # noqa: PLC0415 (the SDK only when pushing)
+            from waypost_otel.otlp import OtlpBridge
 
             self.bridge = OtlpBridge(registry, config)
         ref = weakref.ref(self)
