@@ -230,7 +230,7 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
     result: dict[str, Any] = {}
 
     def work() -> None:
-        result["ok"] = tel.flush(timeout)
+        result["ok"] = tel.flush(timeout, force=True)
         done.set()
 
     threading.Thread(target=work, daemon=True).start()

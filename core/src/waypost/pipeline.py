@@ -524,9 +524,18 @@ class Pipeline:
             if self.lock.acquire(timeout=min(left, 0.1)):
                 return True
 
-    def shutdown(self, timeout: float) -> bool:
+    def force_due(self) -> None:
+        """Make every pending row due now and close open circuits ("submit now")."""
+        if self.outbox is not None:
+            self.outbox.retry_now([r.name for r in self.runners])
+        for runner in self.runners:
+            runner.open_until = 0.0
+            runner.kick.set()
+
+    def shutdown(self, timeout: float, *, flush: bool = True) -> bool:
+        """Stop the threads within ``timeout``; with ``flush``, deliver what can be first."""
         deadline = time.monotonic() + max(0.0, timeout)
-        ok = self.flush(max(0.0, timeout * 0.9))
+        ok = self.flush(max(0.0, timeout * 0.9)) if flush else True
         self.stopping = True
         self.wake.set()
         for runner in self.runners:

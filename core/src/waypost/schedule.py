@@ -123,6 +123,7 @@ class Job:
     condition: Callable[[], bool] | None = None
     event: str | None = None
     next_at: float = 0.0
+    last_run: float | None = None
     runs: int = 0
     skipped: int = 0
     last_error: str | None = None
@@ -208,7 +209,12 @@ class Scheduler:
             due = [j for j in jobs if j.next_at <= now]
             for job in due:
                 self.run(job)
-                job.next_at = next_run(self.clock.time(), job.every, job.time_of_day)
+                # Next time counts from this installation's last run (perhaps by another
+                # process, or before a restart), not from this attempt.
+                after = job.last_run if job.last_run is not None else self.clock.time()
+                job.next_at = next_run(after, job.every, job.time_of_day)
+                if job.next_at <= self.clock.time():
+                    job.next_at = next_run(self.clock.time(), job.every, job.time_of_day)
                 if job.jitter:
                     job.next_at += self.rng.uniform(0, job.jitter)
             if due:
@@ -224,6 +230,7 @@ class Scheduler:
                 state = self._read()
                 now = self.clock.time()
                 last = state.get(job.name, {}).get("last")
+                job.last_run = None if last is None else float(last)
                 slack = min(60.0, job.every * 0.01)
                 if not force and last is not None and now - float(last) < job.every - slack:
                     return self._outcome(job, "skipped: ran already this period", skipped=True)
@@ -239,6 +246,7 @@ class Scheduler:
                 entry["count"] = int(entry.get("count", 0)) + 1
                 entry["pid"] = os.getpid()
                 self._write(state)
+                job.last_run = now
         except Exception as exc:
             job.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("waypost: scheduled job %r failed: %s", job.name, job.last_error)

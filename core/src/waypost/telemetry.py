@@ -522,12 +522,17 @@ class Telemetry:
 
     # --- flush, shutdown, fork --------------------------------------------------------------
 
-    def flush(self, timeout: float = 5.0) -> bool:
+    def flush(self, timeout: float = 5.0, *, force: bool = False) -> bool:
         """Process everything accepted so far and try to deliver it; True when all of it was
-        delivered or is safely in the outbox. Returns within ``timeout`` seconds."""
+        delivered or is safely in the outbox. Returns within ``timeout`` seconds.
+
+        ``force`` ("submit now") also makes retries due at once and closes open circuits.
+        """
         pipeline = self.pipeline
         if pipeline is None or not self._on:
             return True
+        if force:
+            pipeline.force_due()
         ok = pipeline.flush(timeout)
         if self.strict:
             pipeline.raise_contract_errors()
@@ -733,15 +738,31 @@ class Telemetry:
         file) still wins over the stored choice.
         """
         StoredConsent(bool(enabled), self.config.policy_version, time.time()).write(self.data_dir)
-        was_on = self._on
         self.decision = self._decide()
-        if self.decision.enabled and not was_on and not self._closed and self.config_error is None:
-            self._start()
-        elif not self.decision.enabled and was_on:
-            self._on = False
-            if self.pipeline is not None:
-                self.pipeline.buffer.clear()
+        with self._lock:
+            if self._closed or self.config_error is not None:
+                return self.decision
+            if self.decision.enabled and not self._on:
+                self._start()
+            elif not self.decision.enabled and self._on:
+                self._stop_running()
         return self.decision
+
+    def _stop_running(self) -> None:
+        """Consent was withdrawn: stop collecting and sending at once. Events not yet stored
+        are discarded; what the outbox holds stays there, unsent, until consent returns or an
+        operator purges it."""
+        self._on = False
+        _LIVE.discard(self)
+        atexit.unregister(self._at_exit)
+        if self.scheduler is not None:
+            self.scheduler.stop(timeout=1.0)
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            pipeline.buffer.clear()
+            pipeline.shutdown(2.0, flush=False)
+        self.outbox_ = None
+        self._runners_by_name = {}
 
     def status(self) -> Status:
         """A snapshot: whether telemetry is on and which rule decided, sinks, depths, counters."""
@@ -820,9 +841,12 @@ class Telemetry:
         """The outbox of this data dir (opened read-write; for inspection and purge)."""
         if self.outbox_ is not None:
             return self.outbox_
-        from waypost.outbox import Outbox
+        cached = self.__dict__.get("_inspect_outbox")
+        if cached is None:
+            from waypost.outbox import Outbox
 
-        return Outbox(self.data_dir)
+            cached = self.__dict__["_inspect_outbox"] = Outbox(self.data_dir)
+        return cached
 
     def __repr__(self) -> str:
         return f"<Telemetry app={self.app!r} enabled={self._on} rule={self.decision.rule!r}>"

@@ -296,9 +296,7 @@ class Admin:
 
     def _flush(self) -> int:
         outbox = self.outbox.get()
-        if outbox is not None:
-            outbox.retry_now(list(getattr(self.tel, "sinks", {})) or None)
-        self.tel.flush(self.flush_timeout)
+        self.tel.flush(self.flush_timeout, force=True)
         return int(outbox.pending_events()) if outbox is not None else 0
 
     async def purge_post(self, request: Request) -> Response:
