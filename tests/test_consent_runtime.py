@@ -4,8 +4,8 @@ starts one pipeline, not a second one."""
 from __future__ import annotations
 
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from typing import Any
 
 from waypost.testing import RecordingServer, free_port

@@ -144,9 +144,11 @@ def test_one_heartbeat_per_period_across_processes(
     code = textwrap.dedent(
         f"""
         import time, waypost
-        tel = waypost.Telemetry(app="multi", data_dir={str(tmp_path / "d")!r}, config={{"telemetry": {{
+        tel = waypost.Telemetry(
+            app="multi", data_dir={str(tmp_path / "d")!r}, config={{"telemetry": {{
             "notice": {{"enabled": False}}, "batch": {{"interval": 0.05}},
-            "sinks": {{"hb": {{"type": "jsonl", "path": {str(out)!r}}}}}}}}})
+            "sinks": {{"hb": {{"type": "jsonl", "path": {str(out)!r}}}}}}}}},
+        )
         tel.heartbeat(every=2, first_delay=0, time_of_day=None)
         time.sleep(5)
         tel.shutdown()
