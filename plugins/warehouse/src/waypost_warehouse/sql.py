@@ -46,6 +46,7 @@ _EXTRAS = {"postgresql": "postgres", "duckdb": "duckdb"}
 # resources, object not in prerequisite state (lock not available), operator intervention
 # (shutdown, cancel, statement timeout), system errors.
 _RETRY_SQLSTATE = ("08", "40", "53", "55", "57", "58", "HV")
+_TRANSIENT_FATAL = ("starting up", "shutting down", "too many", "recovery", "terminating")
 _RETRY_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN")
 
 
@@ -226,7 +227,7 @@ class SqlSink(Sink):
             path = Path(database).expanduser()
             if not path.is_absolute():
                 path = self.context.data_dir / path
-            path.parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
             url = url.set(database=str(path))
         return url
 
@@ -301,6 +302,11 @@ def _retryable(exc: sa.exc.SQLAlchemyError) -> bool:
     sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     if isinstance(sqlstate, str) and len(sqlstate) == 5:
         return sqlstate[:2] in _RETRY_SQLSTATE
+    text = str(orig)
+    if "FATAL:" in text and not any(t in text for t in _TRANSIENT_FATAL):
+        # libpq reports a refused login (password, pg_hba.conf, unknown role or database)
+        # without an SQLSTATE: the server answered, and retrying will not change its mind.
+        return False
     sqlite_error = getattr(orig, "sqlite_errorname", None)
     if isinstance(sqlite_error, str):
         return sqlite_error.startswith(_RETRY_SQLITE)
