@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from waypost.testing import free_port
 
 PG_USER = "waypost"
@@ -52,7 +51,7 @@ def postgres_url() -> Iterator[str]:
     (and a socket in the temp dir), password-protected; removed afterwards."""
     bindir = _pg_bindir()
     if bindir is None:
-        _server_missing("PostgreSQL is not installed (no initdb/pg_ctl; apt-get install postgresql)")
+        _server_missing("PostgreSQL is not installed (no initdb): apt-get install postgresql")
     assert bindir is not None
     base = Path(tempfile.mkdtemp(prefix="waypost-pg-"))
     data, sockets, pwfile = base / "data", base / "sock", base / "pw"
@@ -70,7 +69,9 @@ def postgres_url() -> Iterator[str]:
     port = free_port()
 
     def run(*args: str) -> None:
-        done = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [*prefix, *args], check=False, capture_output=True, text=True, timeout=120
+        )
         if done.returncode:
             raise RuntimeError(f"{args[0]} failed: {done.stdout}\n{done.stderr}")
 
@@ -173,12 +174,79 @@ class Backend:
 SQL_KINDS = ("sqlite", "duckdb", "postgresql")
 
 
+@pytest.fixture
+def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """``make_backend(kind)``: a SQLite file, a DuckDB file or the PostgreSQL cluster."""
+
+    def make(kind: str) -> Backend:
+        if kind == "sqlite":
+            return Backend(kind, f"sqlite:///{tmp_path / 'events.db'}")
+        if kind == "duckdb":
+            return Backend(kind, f"duckdb:///{tmp_path / 'events.duckdb'}")
+        return Backend(kind, request.getfixturevalue("postgres_url"))
+
+    return make
+
+
 @pytest.fixture(params=SQL_KINDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+def backend(request: pytest.FixtureRequest, make_backend: Any) -> Backend:
     """Each database of the ``sql`` sink in turn: a SQLite file, a DuckDB file, PostgreSQL."""
-    kind = request.param
-    if kind == "sqlite":
-        return Backend(kind, f"sqlite:///{tmp_path / 'events.db'}")
-    if kind == "duckdb":
-        return Backend(kind, f"duckdb:///{tmp_path / 'events.duckdb'}")
-    return Backend(kind, request.getfixturevalue("postgres_url"))
+    return make_backend(request.param)  # type: ignore[no-any-return]
+
+
+# --- Snowflake (fakesnow) ---------------------------------------------------------------------
+
+
+@dataclass
+class SnowflakeDb:
+    """A database of its own on the fakesnow server, and the real connector to read it."""
+
+    url: str
+    database: str = field(default_factory=lambda: f"db_{uuid.uuid4().hex[:10]}")
+    schema: str = "events"
+    table: str = "waypost_events"
+    password: str = SNOWFLAKE_PASSWORD
+
+    def config(self, **overrides: Any) -> dict[str, Any]:
+        return {
+            "account": "fakesnow", "user": "fake", "password": self.password, "host": self.url,
+            "database": self.database, "schema": self.schema, "table": self.table,
+            "create_table": True, **overrides,
+        }  # fmt: skip
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        import urllib.parse
+
+        import snowflake.connector
+
+        parsed = urllib.parse.urlsplit(self.url)
+        conn = snowflake.connector.connect(
+            account="fakesnow", user="fake", password="x", host=parsed.hostname,
+            port=parsed.port, protocol="http", database=self.database, schema=self.schema,
+            network_timeout=5,
+        )  # fmt: skip
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql)
+                return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+        finally:
+            conn.close()
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for row in self.query(
+            "SELECT id, name, timestamp, instance_id, properties, context, received_at "
+            f"FROM {self.table}"
+        ):
+            record = dict(zip(("id", "name", "timestamp", "instance_id", "properties",
+                               "context", "received_at"), row, strict=True))  # fmt: skip
+            for key in ("properties", "context"):
+                if isinstance(record[key], str):  # VARIANT comes back as JSON text
+                    record[key] = json.loads(record[key])
+            out.append(record)
+        return out
+
+
+@pytest.fixture
+def snowflake_db(fakesnow_url: str) -> SnowflakeDb:
+    return SnowflakeDb(fakesnow_url)

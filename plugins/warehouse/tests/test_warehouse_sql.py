@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from waypost.errors import ConfigError
 from waypost.events import Event
 from waypost.sinks import SinkContext
 from waypost.testing import make_event, make_events, send_batch
+
 from waypost_warehouse import COLUMNS, SqlConfig, SqlSink
 
 Backend = Any  # conftest.Backend, handed out by the ``backend`` fixture
@@ -94,9 +94,9 @@ def test_columns_hold_the_envelope_with_json_by_value(backend: Backend, tmp_path
     types = backend.column_types()
     assert set(types) == set(COLUMNS)
     expected = {
-        "postgresql": {"id": "UUID", "timestamp": "TIMESTAMP WITH TIME ZONE", "properties": "JSONB"},
-        "duckdb": {"id": "UUID", "timestamp": "TIMESTAMP WITH TIME ZONE", "properties": "JSON"},
-        "sqlite": {"id": "VARCHAR(36)", "timestamp": "DATETIME", "properties": "JSON"},
+        "postgresql": {"id": "UUID", "timestamp": "TIMESTAMP WITH TIME ZONE", "context": "JSONB"},
+        "duckdb": {"id": "UUID", "timestamp": "TIMESTAMP WITH TIME ZONE", "context": "JSON"},
+        "sqlite": {"id": "VARCHAR(36)", "timestamp": "DATETIME", "context": "JSON"},
     }[backend.kind]
     for column, type_ in expected.items():
         assert types[column] == type_, (column, types)
@@ -192,9 +192,7 @@ def test_postgresql_url_without_driver_uses_psycopg(postgres_url: str, tmp_path:
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-def test_one_connection_reused_and_reopened_after_failure(
-    backend: Backend, tmp_path: Path
-) -> None:
+def test_one_connection_reused_and_reopened_after_failure(backend: Backend, tmp_path: Path) -> None:
     sink = opened(tmp_path, **backend.config())
 
     def sessions() -> list[tuple[Any, ...]]:

@@ -54,9 +54,12 @@ def lacks_columns(label: str, missing: list[str]) -> TableLayoutError:
     )
 
 
-def clean_message(message: str, known: Iterable[str], *, limit: int = 300) -> str:
+def clean_message(
+    message: str, known: Iterable[str], *, redact: bool = True, limit: int = 300
+) -> str:
     """A database message fit for logs: detail lines dropped, whitespace folded, quoted text
-    that is not one of the ``known`` identifiers replaced by ``'…'``, cut to ``limit``."""
+    that is not one of the ``known`` identifiers replaced by ``'…'`` (unless ``redact`` is off:
+    connection failures carry no values), cut to ``limit``."""
     names = {k.lower() for k in known if k}
     lines = [line.strip() for line in message.splitlines()]
     text = " ".join(line for line in lines if line and not line.startswith(_NOISE))
@@ -68,7 +71,8 @@ def clean_message(message: str, known: Iterable[str], *, limit: int = 300) -> st
             return quoted
         return quoted[0] + "…" + quoted[0]
 
-    text = _QUOTED.sub(keep, text)
+    if redact:
+        text = _QUOTED.sub(keep, text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

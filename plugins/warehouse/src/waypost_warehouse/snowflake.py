@@ -44,9 +44,10 @@ _SELECT = (
 )
 _ROW = "(%s, %s, %s, %s, %s, %s)"
 # Errors a retry can fix besides connection failures: 606 is "no active warehouse" (suspended,
-# or resuming), 390114 an expired session token; SQLSTATE class 57 is operator intervention
-# (warehouse suspended, statement cancelled or timed out), 08 a connection exception.
-_RETRY_ERRNO = (606, 390114, 390111, 250001, 250002, 250003)
+# or resuming), 390104/390111/390114 a session that is gone or expired (the next batch logs in
+# again), 2500xx the connector's own connection failures; SQLSTATE class 57 is operator
+# intervention (warehouse suspended, statement cancelled or timed out), 08 a connection exception.
+_RETRY_ERRNO = (606, 390104, 390111, 390114, 250001, 250002, 250003)
 _RETRY_SQLSTATE = ("08", "57")
 
 
@@ -92,7 +93,9 @@ class SnowflakeConfig(SinkConfig):
         default=None,
         description="Base URL, e.g. a private-link host; defaults to the account's own host.",
     )
-    allow_http: bool = Field(default=False, description="Allow http:// to a non-loopback host.")
+    allow_http: bool = Field(
+        default=False, validate_default=True, description="Allow http:// to a non-loopback host."
+    )
 
     _check_names = field_validator("warehouse", "database", "schema_", "role", "table")(
         lambda cls, v: _identifier(v)
@@ -123,13 +126,12 @@ class SnowflakeConfig(SinkConfig):
             )
         return value
 
-    @field_validator("host")
+    @field_validator("allow_http")
     @classmethod
-    def _host_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            parsed = urllib.parse.urlsplit(value)
-            if parsed.scheme not in ("http", "https") or not parsed.hostname:
-                raise ValueError(f"must be an http(s) URL with a host, not {value!r}")
+    def _host_url(cls, value: bool, info: ValidationInfo) -> bool:
+        host = info.data.get("host")
+        if host is not None:
+            check_endpoint(host, allow_http=value, what="host")
         return value
 
 
@@ -170,8 +172,6 @@ class SnowflakeSink(Sink):
                 f"snowflake-connector-python is not installed ({exc}): "
                 "pip install 'waypost-warehouse[snowflake]'"
             ) from None
-        if self.settings.host:
-            check_endpoint(self.settings.host, allow_http=self.settings.allow_http, what="host")
         self._ready = False
         try:
             self._prepare()
@@ -262,7 +262,7 @@ class SnowflakeSink(Sink):
         )
 
     def _connect(self) -> SnowflakeConnection:
-        if self._conn is not None:
+        if self._conn is not None and not self._conn.is_closed():
             return self._conn
         import snowflake.connector
 
@@ -337,11 +337,8 @@ class SnowflakeSink(Sink):
         ]
         if isinstance(exc, errors.Error):
             # raw_msg is the server's message alone (str(exc) adds the query id).
-            message = clean_message(str(exc.raw_msg or exc.msg or ""), known)
             code = f"{exc.errno:06d}" if isinstance(exc.errno, int) and exc.errno >= 0 else ""
-            state = exc.sqlstate or ""
-            prefix = f"{code} ({state})" if state else code
-            cause = message if message.startswith(prefix) else f"{prefix}: {message}"
+            state = exc.sqlstate if exc.sqlstate and exc.sqlstate != "n/a" else ""
             retry = (
                 isinstance(exc, (errors.OperationalError, errors.InterfaceError))
                 or exc.errno in _RETRY_ERRNO
@@ -361,6 +358,9 @@ class SnowflakeSink(Sink):
             )
             if exc.errno in (390100, 390144, 390318) or state.startswith("28"):
                 retry = False  # refused credentials: retrying cannot fix them
+            message = clean_message(str(exc.raw_msg or exc.msg or ""), known, redact=not retry)
+            prefix = f"{code} ({state})" if state else code
+            cause = message if message.startswith(prefix) else f"{prefix}: {message}"
         else:
             cause = clean_message(f"{type(exc).__name__}: {exc}", known)
             retry = isinstance(exc, (OSError, TimeoutError))

@@ -276,12 +276,13 @@ class SqlSink(Sink):
         orig = getattr(exc, "orig", None)
         cause = orig if isinstance(orig, BaseException) else exc
         known = (self.settings.table, self.settings.schema_ or "", *COLUMNS)
+        retry = _retryable(exc)
         if isinstance(exc, sa.exc.StatementError) and orig is None:
-            message = clean_message(str(exc).split("[SQL:")[0], known)
+            message = clean_message(str(exc).split("[SQL:")[0], known, redact=not retry)
         else:
-            message = clean_message(str(cause), known)
+            message = clean_message(str(cause), known, redact=not retry)
         message = scrub(message, self._secrets)
-        if _retryable(exc):
+        if retry:
             if self._engine is not None:
                 self._engine.dispose()  # the next batch connects afresh
             self._ready = False
