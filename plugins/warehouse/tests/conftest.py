@@ -171,7 +171,8 @@ class Backend:
         }
 
 
-SQL_KINDS = ("sqlite", "duckdb", "postgresql")
+SERVER = pytest.mark.server  # needs PostgreSQL installed; CI forbids the skip
+SQL_KINDS = ("sqlite", "duckdb", pytest.param("postgresql", marks=SERVER))
 
 
 @pytest.fixture

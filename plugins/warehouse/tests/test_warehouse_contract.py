@@ -21,7 +21,7 @@ from waypost.plugins import PluginManager
 from waypost.sinks import Sink, SinkContext
 from waypost.testing import free_port, make_events, send_batch
 
-KINDS = ("sqlite", "duckdb", "postgresql", "snowflake")
+KINDS = ("sqlite", "duckdb", pytest.param("postgresql", marks=pytest.mark.server), "snowflake")
 
 
 @dataclass
