@@ -32,6 +32,14 @@ def _server_missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+def _need(module: str) -> None:
+    """Skip (or fail, under WAYPOST_REQUIRE_SERVERS=1) when a driver of the test extra is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        _server_missing(f"{module} is not installed: pip install 'waypost-warehouse[test]'")
+
+
 def _pg_bindir() -> Path | None:
     found = shutil.which("pg_ctl")
     if found and shutil.which("initdb"):
@@ -49,6 +57,7 @@ def _pg_bindir() -> Path | None:
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL cluster made for this test session in a temp dir, listening on 127.0.0.1
     (and a socket in the temp dir), password-protected; removed afterwards."""
+    _need("psycopg")
     bindir = _pg_bindir()
     if bindir is None:
         _server_missing("PostgreSQL is not installed (no initdb): apt-get install postgresql")
@@ -183,6 +192,7 @@ def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
         if kind == "sqlite":
             return Backend(kind, f"sqlite:///{tmp_path / 'events.db'}")
         if kind == "duckdb":
+            _need("duckdb_engine")
             return Backend(kind, f"duckdb:///{tmp_path / 'events.duckdb'}")
         return Backend(kind, request.getfixturevalue("postgres_url"))
 
