@@ -1,0 +1,29 @@
+"""waypost sinks for warehouses: ``sql`` (PostgreSQL, DuckDB, SQLite and other SQLAlchemy
+dialects) and ``snowflake``. Both write the same table layout (see the README) idempotently:
+a retried batch never duplicates rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from waypost import Sink, hookimpl
+
+from waypost_warehouse._layout import COLUMNS, TableLayoutError
+from waypost_warehouse.snowflake import SnowflakeConfig, SnowflakeSink
+from waypost_warehouse.sql import SqlConfig, SqlSink
+
+__all__ = [
+    "COLUMNS",
+    "SnowflakeConfig",
+    "SnowflakeSink",
+    "SqlConfig",
+    "SqlSink",
+    "TableLayoutError",
+    "register_sinks",
+]
+
+
+@hookimpl
+def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+    register(SqlSink)
+    register(SnowflakeSink)

@@ -1,0 +1,371 @@
+"""The ``snowflake`` sink: events into a Snowflake table through snowflake-connector-python.
+
+Each chunk of a batch is one ``MERGE`` whose source is a ``SELECT ... FROM VALUES``: JSON text
+becomes ``VARIANT`` through ``PARSE_JSON`` in the SELECT list (Snowflake refuses ``PARSE_JSON``
+inside ``VALUES``), and ``WHEN NOT MATCHED`` skips ids already stored, so a retried batch never
+duplicates rows. The connector (its default ``pyformat`` binding) is imported in ``open()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import urllib.parse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from waypost.errors import ConfigError, PermanentError, RetryableError, SinkError
+from waypost.events import Event, dumps
+from waypost.sinks import SendResult, Sink, SinkConfig, check_endpoint
+
+from waypost_warehouse._layout import (
+    COLUMNS,
+    IDENTIFIER,
+    clean_message,
+    lacks_columns,
+    missing_columns,
+    no_table,
+    scrub,
+)
+
+if TYPE_CHECKING:
+    from snowflake.connector import SnowflakeConnection
+
+CHUNK_ROWS = 200
+"""Rows per MERGE at most; a chunk also ends before its SQL text passes ``CHUNK_CHARS``."""
+CHUNK_CHARS = 512 * 1024
+
+_SELECT = (
+    "SELECT column1 AS id, column2 AS name, CAST(column3 AS TIMESTAMP_TZ) AS ts,"
+    " column4 AS instance_id, PARSE_JSON(column5) AS properties, PARSE_JSON(column6) AS context"
+    " FROM VALUES "
+)
+_ROW = "(%s, %s, %s, %s, %s, %s)"
+# Errors a retry can fix besides connection failures: 606 is "no active warehouse" (suspended,
+# or resuming), 390104/390111/390114 a session that is gone or expired (the next batch logs in
+# again), 2500xx the connector's own connection failures; SQLSTATE class 57 is operator
+# intervention (warehouse suspended, statement cancelled or timed out), 08 a connection exception.
+_RETRY_ERRNO = (606, 390104, 390111, 390114, 250001, 250002, 250003)
+_RETRY_SQLSTATE = ("08", "57")
+
+
+def _identifier(value: str | None) -> str | None:
+    if value is not None and not IDENTIFIER.match(value):
+        raise ValueError(
+            "must be a plain Snowflake identifier (letters, digits, _ and $, not starting "
+            "with a digit)"
+        )
+    return value
+
+
+class SnowflakeConfig(SinkConfig):
+    """Settings of the ``snowflake`` sink. Authenticate with ``password``, a key pair
+    (``private_key_file`` and ``private_key_passphrase``) or an ``authenticator``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    account: str = Field(min_length=1, description="Account identifier, e.g. myorg-myaccount.")
+    user: str = Field(min_length=1, description="Login name.")
+    password: SecretStr | None = Field(default=None, description="Password.")
+    private_key_file: Path | None = Field(
+        default=None, description="PEM file of the private key for key-pair authentication."
+    )
+    private_key_passphrase: SecretStr | None = Field(
+        default=None, description="Passphrase of an encrypted private key file."
+    )
+    authenticator: str | None = Field(
+        default=None,
+        validate_default=True,
+        description="e.g. externalbrowser (only where a person is present), oauth, "
+        "or an Okta URL; the connector's default is snowflake (password).",
+    )
+    warehouse: str | None = Field(default=None, description="Warehouse that runs the MERGE.")
+    database: str | None = Field(default=None, description="Database of the table.")
+    schema_: str | None = Field(default=None, alias="schema", description="Schema of the table.")
+    role: str | None = Field(default=None, description="Role to use.")
+    table: str = Field(default="waypost_events", description="Table name.")
+    create_table: bool = Field(
+        default=False, description="Create the table if it does not exist (else it is checked)."
+    )
+    host: str | None = Field(
+        default=None,
+        description="Base URL, e.g. a private-link host; defaults to the account's own host.",
+    )
+    allow_http: bool = Field(
+        default=False, validate_default=True, description="Allow http:// to a non-loopback host."
+    )
+
+    _check_names = field_validator("warehouse", "database", "schema_", "role", "table")(
+        lambda cls, v: _identifier(v)
+    )
+
+    @field_validator("private_key_file")
+    @classmethod
+    def _one_secret(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("password") is not None:
+            raise ValueError("give either password or private_key_file, not both")
+        return value
+
+    @field_validator("private_key_passphrase")
+    @classmethod
+    def _passphrase_needs_key(cls, value: SecretStr | None, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("private_key_file") is None:
+            raise ValueError("is only used with private_key_file")
+        return value
+
+    @field_validator("authenticator")
+    @classmethod
+    def _some_login(cls, value: str | None, info: ValidationInfo) -> str | None:
+        given = [k for k in ("password", "private_key_file") if info.data.get(k) is not None]
+        if value is None and not given and "password" in info.data:
+            raise ValueError(
+                "no way to log in: set password, private_key_file or authenticator "
+                "(e.g. externalbrowser)"
+            )
+        return value
+
+    @field_validator("allow_http")
+    @classmethod
+    def _host_url(cls, value: bool, info: ValidationInfo) -> bool:
+        host = info.data.get("host")
+        if host is not None:
+            check_endpoint(host, allow_http=value, what="host")
+        return value
+
+
+class SnowflakeSink(Sink):
+    """Merges events into one Snowflake table; one statement per chunk, autocommitted."""
+
+    type = "snowflake"
+    Config = SnowflakeConfig
+    max_batch_size = 1000
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._conn: SnowflakeConnection | None = None
+        self._ready = False
+
+    @property
+    def settings(self) -> SnowflakeConfig:
+        config = self.config
+        assert isinstance(config, SnowflakeConfig)
+        return config
+
+    @property
+    def label(self) -> str:
+        """The table as the SQL names it (in the session's database): ``[schema.]table``."""
+        s = self.settings
+        return f"{s.schema_}.{s.table}" if s.schema_ else s.table
+
+    def __repr__(self) -> str:
+        return f"<SnowflakeSink {self.name!r} type='snowflake' account={self.settings.account!r}>"
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def open(self) -> None:
+        try:
+            import snowflake.connector  # noqa: F401 (fail early, with the hint)
+        except ImportError as exc:
+            raise ConfigError(
+                f"snowflake-connector-python is not installed ({exc}): "
+                "pip install 'waypost-warehouse[snowflake]'"
+            ) from None
+        self._ready = False
+        try:
+            self._prepare()
+        except SinkError as exc:
+            if not exc.retryable:
+                raise ConfigError(exc.reason) from None
+            # Unreachable for now: the first send reports it and the core retries.
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._ready = False
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a broken session must not fail close()
+                conn.close()
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def render(self, events: Sequence[Event]) -> Any:
+        return [{"sql": sql, "params": list(params)} for sql, params, _ in self._chunks(events)]
+
+    def send(self, events: Sequence[Event]) -> SendResult:
+        if not self._ready:
+            self._prepare()
+        result = SendResult()
+        chunks = self._chunks(events)
+        for index, (sql, params, chunk) in enumerate(chunks):
+            try:
+                self._execute(sql, params, what=f"merge into {self.label}")
+            except SinkError as exc:
+                if len(chunks) == 1:
+                    raise
+                if exc.retryable:
+                    # Earlier chunks are stored; the retry merges them again harmlessly.
+                    for _, _, rest in chunks[index:]:
+                        for event in rest:
+                            result.mark_retry(event, exc.reason)
+                    result.retry_after = exc.retry_after
+                    break
+                for event in chunk:
+                    result.mark_failed(event, exc.reason)
+        return result
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _chunks(self, events: Sequence[Event]) -> list[tuple[str, list[Any], list[Event]]]:
+        """``(sql, params, events)`` per MERGE, each under ``CHUNK_ROWS`` and ``CHUNK_CHARS``."""
+        out: list[tuple[str, list[Any], list[Event]]] = []
+        chunk: list[Event] = []
+        params: list[Any] = []
+        size = 0
+        for event in events:
+            row = [
+                event.id,
+                event.name,
+                event.timestamp.isoformat(timespec="microseconds"),
+                event.instance_id,
+                dumps(event.properties),
+                dumps(event.context),
+            ]
+            row_size = sum(len(str(v)) for v in row) + 40
+            if chunk and (len(chunk) >= CHUNK_ROWS or size + row_size > CHUNK_CHARS):
+                out.append((self._merge_sql(len(chunk)), params, chunk))
+                chunk, params, size = [], [], 0
+            chunk.append(event)
+            params.extend(row)
+            size += row_size
+        if chunk:
+            out.append((self._merge_sql(len(chunk)), params, chunk))
+        return out
+
+    def _merge_sql(self, rows: int) -> str:
+        values = ", ".join([_ROW] * rows)
+        return (
+            f"MERGE INTO {self.label} AS t USING ({_SELECT}{values}) AS s ON t.id = s.id "
+            "WHEN NOT MATCHED THEN INSERT "
+            "(id, name, timestamp, instance_id, properties, context, received_at) "
+            "VALUES (s.id, s.name, s.ts, s.instance_id, s.properties, s.context, "
+            "CURRENT_TIMESTAMP())"
+        )
+
+    def _create_sql(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.label} ("
+            "id VARCHAR(36) NOT NULL PRIMARY KEY, name VARCHAR NOT NULL, "
+            "timestamp TIMESTAMP_TZ NOT NULL, instance_id VARCHAR NOT NULL, "
+            "properties VARIANT, context VARIANT, "
+            "received_at TIMESTAMP_TZ DEFAULT CURRENT_TIMESTAMP())"
+        )
+
+    def _connect(self) -> SnowflakeConnection:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        import snowflake.connector
+
+        s = self.settings
+        seconds = max(1, math.ceil(s.timeout))
+        kwargs: dict[str, Any] = {
+            "account": s.account,
+            "user": s.user,
+            "application": "waypost",
+            "login_timeout": seconds,
+            "network_timeout": seconds,
+            "session_parameters": {"QUERY_TAG": "waypost"},
+        }
+        for key in ("warehouse", "database", "role", "authenticator"):
+            if getattr(s, key) is not None:
+                kwargs[key] = getattr(s, key)
+        if s.schema_ is not None:
+            kwargs["schema"] = s.schema_
+        if s.password is not None:
+            kwargs["password"] = s.password.get_secret_value()
+        if s.private_key_file is not None:
+            kwargs["private_key_file"] = str(s.private_key_file.expanduser())
+            if s.private_key_passphrase is not None:
+                kwargs["private_key_file_pwd"] = s.private_key_passphrase.get_secret_value()
+        if s.host:
+            parsed = urllib.parse.urlsplit(s.host)
+            kwargs["host"] = parsed.hostname
+            kwargs["protocol"] = parsed.scheme
+            kwargs["port"] = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            self._conn = snowflake.connector.connect(**kwargs)
+        except Exception as exc:
+            raise self._classify(f"connecting to account {s.account}", exc) from None
+        return self._conn
+
+    def _execute(self, sql: str, params: Sequence[Any] | None, *, what: str) -> list[str]:
+        """Run one statement; returns the column names of its result."""
+        conn = self._connect()
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql, params, timeout=max(1, math.ceil(self.settings.timeout)))
+                return [str(d[0]) for d in cursor.description or ()]
+        except Exception as exc:
+            raise self._classify(what, exc) from None
+
+    def _prepare(self) -> None:
+        """Create the table (``create_table``) or check that it has every column."""
+        if self.settings.create_table:
+            self._execute(self._create_sql(), None, what=f"creating table {self.label}")
+        try:
+            columns = self._execute(
+                f"SELECT * FROM {self.label} LIMIT 0", None, what=f"checking table {self.label}"
+            )
+        except PermanentError as exc:
+            if "does not exist" in exc.reason:
+                raise PermanentError(str(no_table(self.label))) from None
+            raise
+        missing = missing_columns(columns)
+        if missing:
+            raise PermanentError(str(lacks_columns(self.label, missing)))
+        self._ready = True
+
+    def _classify(self, what: str, exc: Exception) -> SinkError:
+        """Retryable for connection trouble and a suspended warehouse, else permanent; the
+        reason holds the cause, never the statement's values or the credentials."""
+        from snowflake.connector import errors
+
+        s = self.settings
+        known = (s.table, s.schema_ or "", s.database or "", s.warehouse or "", "PUBLIC", *COLUMNS)
+        secrets = [
+            v.get_secret_value() for v in (s.password, s.private_key_passphrase) if v is not None
+        ]
+        if isinstance(exc, errors.Error):
+            # raw_msg is the server's message alone (str(exc) adds the query id).
+            code = f"{exc.errno:06d}" if isinstance(exc.errno, int) and exc.errno >= 0 else ""
+            state = exc.sqlstate if exc.sqlstate and exc.sqlstate != "n/a" else ""
+            retry = (
+                isinstance(exc, (errors.OperationalError, errors.InterfaceError))
+                or exc.errno in _RETRY_ERRNO
+                or state[:2] in _RETRY_SQLSTATE
+                or type(exc).__name__
+                in (
+                    "ServiceUnavailableError",
+                    "GatewayTimeoutError",
+                    "BadGatewayError",
+                    "InternalServerError",
+                    "RequestTimeoutError",
+                    "TooManyRequests",
+                    "OtherHTTPRetryableError",
+                    "RequestExceedMaxRetryError",
+                    "TokenExpiredError",
+                )
+            )
+            if exc.errno in (390100, 390144, 390318) or state.startswith("28"):
+                retry = False  # refused credentials: retrying cannot fix them
+            message = clean_message(str(exc.raw_msg or exc.msg or ""), known, redact=not retry)
+            prefix = f"{code} ({state})" if state else code
+            cause = message if message.startswith(prefix) else f"{prefix}: {message}"
+        else:
+            cause = clean_message(f"{type(exc).__name__}: {exc}", known)
+            retry = isinstance(exc, (OSError, TimeoutError))
+        cause = scrub(cause, secrets)
+        if retry:
+            self.close()  # the next batch logs in afresh
+            return RetryableError(f"{what}: {cause}")
+        return PermanentError(f"{what} failed: {cause}")

@@ -1,0 +1,350 @@
+"""The ``sql`` sink: events into a table of any database SQLAlchemy reaches.
+
+PostgreSQL, SQLite and DuckDB write each batch with one ``INSERT ... ON CONFLICT (id) DO
+NOTHING`` in one transaction, so a retried batch never duplicates rows. Other dialects
+(Redshift, BigQuery, MySQL ...) read which ids of the batch already exist and insert the rest,
+in one transaction. SQLAlchemy is imported in ``open()``, not when the plugin loads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.util
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ConfigDict, Field, SecretStr, field_validator
+from waypost.errors import ConfigError, PermanentError, RetryableError, SinkError
+from waypost.events import Event, dumps
+from waypost.sinks import SendResult, Sink, SinkConfig
+
+from waypost_warehouse._layout import (
+    COLUMNS,
+    TableLayoutError,
+    clean_message,
+    lacks_columns,
+    missing_columns,
+    no_table,
+    scrub,
+)
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import URL, Connection, Engine
+
+ON_CONFLICT_DIALECTS = ("postgresql", "sqlite", "duckdb")
+"""Dialects whose ``INSERT ... ON CONFLICT (id) DO NOTHING`` makes writes idempotent."""
+
+_FILE_DIALECTS = ("sqlite", "duckdb")
+_SECRET_QUERY_KEYS = ("password", "passwd", "passphrase", "secret", "token", "key", "credentials")
+_EXTRAS = {"postgresql": "postgres", "duckdb": "duckdb"}
+
+# SQLSTATE classes (PostgreSQL and others that follow the standard) that a retry can fix:
+# connection exceptions, transaction rollback (serialisation, deadlock), insufficient
+# resources, object not in prerequisite state (lock not available), operator intervention
+# (shutdown, cancel, statement timeout), system errors.
+_RETRY_SQLSTATE = ("08", "40", "53", "55", "57", "58", "HV")
+_TRANSIENT_FATAL = ("starting up", "shutting down", "too many", "recovery", "terminating")
+_RETRY_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN")
+
+
+class SqlConfig(SinkConfig):
+    """Settings of the ``sql`` sink."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    url: SecretStr = Field(
+        description="SQLAlchemy URL, e.g. postgresql://user:pass@host/db, sqlite:///events.db, "
+        "duckdb:///events.duckdb; a relative file path is taken inside the data dir."
+    )
+    table: str = Field(default="waypost_events", min_length=1, description="Table name.")
+    schema_: str | None = Field(
+        default=None, alias="schema", description="Schema of the table (the default if unset)."
+    )
+    create_table: bool = Field(
+        default=False, description="Create the table if it does not exist (else it is checked)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _parses(cls, value: SecretStr) -> SecretStr:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value.get_secret_value())
+        except ArgumentError:
+            # The message must not echo the URL: it may hold a password.
+            raise ValueError(
+                "is not a SQLAlchemy URL (dialect[+driver]://user:password@host/database)"
+            ) from None
+        return value
+
+
+def masked(url: URL) -> str:
+    """The URL with its password, and any secret-looking query value, replaced by ``***``."""
+    query = {
+        k: ("***" if any(s in k.lower() for s in _SECRET_QUERY_KEYS) else v)
+        for k, v in url.query.items()
+    }
+    return str(url.set(query=query).render_as_string(hide_password=True))
+
+
+class SqlSink(Sink):
+    """Writes events into one table through SQLAlchemy; one transaction per batch."""
+
+    type = "sql"
+    Config = SqlConfig
+    max_batch_size = 500
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._engine: Engine | None = None
+        self._table: sa.Table | None = None
+        self._ready = False
+        self._where = "(not opened)"
+        self._secrets: list[str] = []
+
+    @property
+    def settings(self) -> SqlConfig:
+        config = self.config
+        assert isinstance(config, SqlConfig)
+        return config
+
+    @property
+    def label(self) -> str:
+        """The table as messages name it: ``schema.table``."""
+        schema = self.settings.schema_
+        return f"{schema}.{self.settings.table}" if schema else self.settings.table
+
+    def __repr__(self) -> str:
+        return f"<SqlSink {self.name!r} type='sql' {self._where} table={self.label!r}>"
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def open(self) -> None:
+        import sqlalchemy as sa
+
+        url = self._url()
+        self._where = masked(url)
+        self._secrets = [s for s in (url.password, *url.query.values()) if isinstance(s, str)]
+        backend = url.get_backend_name()
+        try:
+            self._engine = sa.create_engine(url, **self._engine_options(url))
+        except (ImportError, sa.exc.NoSuchModuleError) as exc:
+            extra = _EXTRAS.get(backend)
+            hint = f"pip install 'waypost-warehouse[{extra}]'" if extra else "install its driver"
+            raise ConfigError(
+                f"no driver for {url.drivername} ({type(exc).__name__}: {exc}): {hint}"
+            ) from None
+        self._table = _table(self.settings.table, self.settings.schema_)
+        self._ready = False
+        try:
+            self._prepare()
+        except sa.exc.SQLAlchemyError as exc:
+            error = self._classify(f"checking table {self.label}", exc)
+            if not error.retryable:
+                raise ConfigError(error.reason) from None
+            # The database is unreachable for now: open anyway, the first send says so and the
+            # core retries it; the table is checked once the database answers.
+
+    def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.dispose()
+        self._ready = False
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def render(self, events: Sequence[Event]) -> Any:
+        now = _dt.datetime.now(_dt.timezone.utc)
+        return {
+            "table": self.label,
+            "idempotency": "insert, skipping ids already present",
+            "rows": [
+                {**_row(e, now), "timestamp": e.iso_timestamp, "received_at": now.isoformat()}
+                for e in events
+            ],
+        }
+
+    def send(self, events: Sequence[Event]) -> SendResult:
+        import sqlalchemy as sa
+
+        if self._engine is None or self._table is None:
+            raise RetryableError("the sql sink is not open")
+        try:
+            if not self._ready:
+                self._prepare()
+            now = _dt.datetime.now(_dt.timezone.utc)
+            rows = [_row(e, now) for e in events]
+            with self._engine.begin() as conn:
+                self._write(conn, rows)
+        except TableLayoutError as exc:
+            raise PermanentError(str(exc)) from None
+        except sa.exc.SQLAlchemyError as exc:
+            raise self._classify(f"insert into {self.label}", exc) from None
+        return SendResult.ok()
+
+    def _write(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        import sqlalchemy as sa
+
+        table = self._table
+        assert table is not None
+        dialect = conn.dialect.name
+        if dialect in ("postgresql", "duckdb"):
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            conn.execute(pg_insert(table).on_conflict_do_nothing(index_elements=["id"]), rows)
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            conn.execute(sqlite_insert(table).on_conflict_do_nothing(index_elements=["id"]), rows)
+        else:
+            ids = [r["id"] for r in rows]
+            present = set(conn.scalars(sa.select(table.c.id).where(table.c.id.in_(ids))))
+            fresh = [r for r in rows if r["id"] not in present]
+            if fresh:
+                conn.execute(sa.insert(table), fresh)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _url(self) -> URL:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.settings.url.get_secret_value())
+        if url.drivername in ("postgresql", "postgres"):
+            # A bare postgresql:// would mean psycopg2 to SQLAlchemy; prefer psycopg 3 when it
+            # is installed (the [postgres] extra).
+            if importlib.util.find_spec("psycopg") is not None:
+                url = url.set(drivername="postgresql+psycopg")
+            else:
+                url = url.set(drivername="postgresql")
+        backend = url.get_backend_name()
+        database = url.database
+        if backend in _FILE_DIALECTS and database and database != ":memory:":
+            path = Path(database).expanduser()
+            if not path.is_absolute():
+                path = self.context.data_dir / path
+                path.parent.mkdir(parents=True, exist_ok=True)
+            url = url.set(database=str(path))
+        return url
+
+    def _engine_options(self, url: URL) -> dict[str, Any]:
+        timeout = self.settings.timeout
+        options: dict[str, Any] = {"json_serializer": dumps, "pool_pre_ping": True}
+        backend, driver = url.get_backend_name(), url.get_driver_name()
+        if backend == "postgresql" and driver in ("psycopg", "psycopg2"):
+            connect: dict[str, Any] = {"connect_timeout": max(1, math.ceil(timeout))}
+            if "options" not in url.query:
+                connect["options"] = f"-c statement_timeout={int(timeout * 1000)}"
+            connect["application_name"] = "waypost"
+            options["connect_args"] = connect
+            options["pool_size"] = 1
+        elif backend == "sqlite":
+            options["connect_args"] = {"timeout": timeout}
+        elif backend == "duckdb" and url.database not in (None, "", ":memory:"):
+            # Hold the file only while writing, so other processes can open it in between.
+            from sqlalchemy.pool import NullPool
+
+            options["poolclass"] = NullPool
+        return options
+
+    def _prepare(self) -> None:
+        """Create the table (``create_table``) or check that it has every column."""
+        import sqlalchemy as sa
+
+        assert self._engine is not None and self._table is not None
+        table = self._table
+        with self._engine.begin() as conn:
+            if not sa.inspect(conn).has_table(table.name, schema=table.schema):
+                if not self.settings.create_table:
+                    raise no_table(self.label)
+                table.create(conn, checkfirst=True)
+            else:
+                probe = sa.select(sa.text("*")).select_from(table).where(sa.false())
+                missing = missing_columns(conn.execute(probe).keys())
+                if missing:
+                    raise lacks_columns(self.label, missing)
+        self._ready = True
+
+    def _classify(self, what: str, exc: sa.exc.SQLAlchemyError) -> SinkError:
+        """A retryable or permanent error naming the database's cause, never the values."""
+        import sqlalchemy as sa
+
+        orig = getattr(exc, "orig", None)
+        cause = orig if isinstance(orig, BaseException) else exc
+        known = (self.settings.table, self.settings.schema_ or "", *COLUMNS)
+        retry = _retryable(exc)
+        if isinstance(exc, sa.exc.StatementError) and orig is None:
+            message = clean_message(str(exc).split("[SQL:")[0], known, redact=not retry)
+        else:
+            message = clean_message(str(cause), known, redact=not retry)
+        message = scrub(message, self._secrets)
+        if retry:
+            if self._engine is not None:
+                self._engine.dispose()  # the next batch connects afresh
+            self._ready = False
+            return RetryableError(f"{what} at {self._where}: {type(cause).__name__}: {message}")
+        return PermanentError(f"{what} failed: {type(cause).__name__}: {message}")
+
+
+def _retryable(exc: sa.exc.SQLAlchemyError) -> bool:
+    import sqlalchemy as sa
+
+    if isinstance(exc, (sa.exc.DisconnectionError, sa.exc.TimeoutError)):
+        return True
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str) and len(sqlstate) == 5:
+        return sqlstate[:2] in _RETRY_SQLSTATE
+    text = str(orig)
+    if "FATAL:" in text and not any(t in text for t in _TRANSIENT_FATAL):
+        # libpq reports a refused login (password, pg_hba.conf, unknown role or database)
+        # without an SQLSTATE: the server answered, and retrying will not change its mind.
+        return False
+    sqlite_error = getattr(orig, "sqlite_errorname", None)
+    if isinstance(sqlite_error, str):
+        return sqlite_error.startswith(_RETRY_SQLITE)
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.InternalError))
+
+
+def _table(name: str, schema: str | None) -> sa.Table:
+    import sqlalchemy as sa
+    from sqlalchemy.dialects import postgresql
+
+    json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+    uuid = sa.String(36).with_variant(postgresql.UUID(as_uuid=False), "postgresql", "duckdb")
+    return sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", uuid, primary_key=True),
+        sa.Column("name", sa.String(255), nullable=False),
+        sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("instance_id", sa.String(64), nullable=False),
+        sa.Column("properties", json),
+        sa.Column("context", json),
+        sa.Column(
+            "received_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.func.current_timestamp(),
+        ),
+        schema=schema,
+    )
+
+
+def _row(event: Event, now: _dt.datetime) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "name": event.name,
+        "timestamp": event.timestamp,
+        "instance_id": event.instance_id,
+        "properties": event.properties,
+        "context": event.context,
+        "received_at": now,
+    }
