@@ -23,7 +23,9 @@ def _plugin_spec(name: str) -> str:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole suite: core, every plugin, the examples and the end-to-end tests."""
-    session.install("-e", "./core", *(f"-e{_plugin_spec(p)}" for p in PLUGINS), *TEST_TOOLS)
+    session.install(
+        "-e", "./core[admin,test]", *(f"-e{_plugin_spec(p)}" for p in PLUGINS), *TEST_TOOLS
+    )
     if (ROOT / "examples/waypost-example-sink/pyproject.toml").exists():
         session.install("-e", "./examples/waypost-example-sink[test]")
     paths = ["tests", *(f"plugins/{p}/tests" for p in PLUGINS)]
