@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 import waypost
 from waypost import config as cfg
 from waypost.errors import ConfigError, UnknownSinkError

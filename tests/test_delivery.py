@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+
 import waypost
 import waypost.errors
 from waypost.testing import RecordingServer, Request, Response, free_port

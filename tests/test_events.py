@@ -9,8 +9,9 @@ import uuid
 from pathlib import PurePosixPath
 
 import pytest
-import waypost
 from pydantic import Field
+
+import waypost
 from waypost.events import Event, coerce, uuid7
 
 

@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import pytest
+
 import waypost
 from waypost import metrics as metrics_module
 from waypost.errors import ConfigError

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from waypost.testing import RecordingServer
 
 AUDIT = textwrap.dedent(

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import waypost
 from pydantic import SecretStr
+
+import waypost
 from waypost.sinks import SendResult, Sink, SinkConfig
 
 LOGIN_COOKIE = "host_session"
@@ -93,6 +94,7 @@ def allow_login(request: Any) -> bool:
 def client_for() -> Callable[..., Any]:
     """``client_for(tel, **create_app_kwargs)``: a TestClient that is logged in."""
     from starlette.testclient import TestClient
+
     from waypost.admin import create_app
 
     clients: list[Any] = []

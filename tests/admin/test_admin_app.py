@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import waypost
 from pydantic import Field
+
+import waypost
 from waypost.privacy import StoredConsent
 
 REASON = "waypost.admin needs the admin extra: pip install 'waypost[admin]'"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from waypost.privacy import StoredConsent
 
 pytestmark = pytest.mark.server
@@ -77,6 +78,7 @@ def host_app(tel: Any) -> Any:
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse, RedirectResponse
     from starlette.routing import Mount, Route
+
     from waypost.admin import create_app
 
     def login(request: Any) -> Any:

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from waypost_amplitude import MAX_BYTES, AmplitudeConfig, AmplitudeSink
+
 from waypost.testing import (
     RecordingServer,
     Request,
@@ -20,7 +22,6 @@ from waypost.testing import (
     make_events,
     send_batch,
 )
-from waypost_amplitude import MAX_BYTES, AmplitudeConfig, AmplitudeSink
 
 API_KEY = "amp-key-0a1b2c3d4e5f"
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from waypost.testing import RecordingServer, Request, Response
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -219,8 +220,9 @@ def ga4() -> Iterator[tuple[RecordingServer, MeasurementProtocol]]:
 def make_ga4(tmp_path: Any) -> Iterator[Any]:
     """``make_ga4(url, **settings)``: an open GA4 sink (web stream by default), closed after
     the test."""
-    from waypost.sinks import SinkContext
     from waypost_ga4 import Ga4Config, Ga4Sink
+
+    from waypost.sinks import SinkContext
 
     made: list[Ga4Sink] = []
 

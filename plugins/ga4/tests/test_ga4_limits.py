@@ -8,8 +8,9 @@ import time
 from typing import Any
 
 import pytest
-from waypost.testing import make_event, send_batch
 from waypost_ga4 import limits
+
+from waypost.testing import make_event, send_batch
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from waypost_ga4 import Ga4Config, Ga4Sink, app_instance_id
+
 from waypost.testing import (
     RecordingServer,
     Request,
@@ -19,7 +21,6 @@ from waypost.testing import (
     make_events,
     send_batch,
 )
-from waypost_ga4 import Ga4Config, Ga4Sink, app_instance_id
 
 SECRET = "mp-secret-42"
 

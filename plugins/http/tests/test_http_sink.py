@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from waypost_http import HttpConfig, HttpSink, verify_signature
+
 from waypost.plugins import PluginManager
 from waypost.sinks import SinkContext
 from waypost.testing import (
@@ -25,7 +27,6 @@ from waypost.testing import (
     make_events,
     send_batch,
 )
-from waypost_http import HttpConfig, HttpSink, verify_signature
 
 TOKEN = "tok-7f3a9c2e-never-in-logs"
 SECRET = "whsec-0123456789abcdef-secret"

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from waypost_mixpanel import MAX_REQUEST_BYTES, MixpanelConfig, MixpanelSink
+
 from waypost.testing import (
     RecordingServer,
     Request,
@@ -20,7 +22,6 @@ from waypost.testing import (
     make_events,
     send_batch,
 )
-from waypost_mixpanel import MAX_REQUEST_BYTES, MixpanelConfig, MixpanelSink
 
 TOKEN = "mp-token-5f0c2a9e"
 SA_USER = "waypost-sa.1a2b3c.mp-service-account"

@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 from prometheus_client.parser import text_string_to_metric_families
+
 from waypost.errors import ConfigError
 from waypost.metrics import MANDATORY, OPTIONAL
 from waypost.testing import RecordingServer, Response, free_port

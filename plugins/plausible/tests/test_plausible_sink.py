@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+
 from waypost.plugins import PluginManager
 from waypost.sinks import SinkContext
 from waypost.testing import (

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from waypost_posthog import MAX_BATCH_BYTES, PosthogConfig, PosthogSink
+
 from waypost.errors import ConfigError
 from waypost.events import Event
 from waypost.sinks import SinkContext
@@ -28,7 +30,6 @@ from waypost.testing import (
     make_events,
     send_batch,
 )
-from waypost_posthog import MAX_BATCH_BYTES, PosthogConfig, PosthogSink
 
 KEY = "phc_TestProjectKey0123456789"
 OK = {"status": 1}

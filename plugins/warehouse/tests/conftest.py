@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from waypost.testing import free_port
 
 PG_USER = "waypost"

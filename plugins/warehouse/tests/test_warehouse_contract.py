@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from waypost.plugins import PluginManager
 from waypost.sinks import Sink, SinkContext
 from waypost.testing import free_port, make_events, send_batch

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from waypost.errors import ConfigError
 from waypost.sinks import SinkContext
 from waypost.testing import make_event, make_events, send_batch
-
 from waypost_warehouse import COLUMNS, SnowflakeConfig, SnowflakeSink
 
 pytest.importorskip("fakesnow", reason="fakesnow needs Python 3.11+")

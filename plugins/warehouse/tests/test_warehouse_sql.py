@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from waypost.errors import ConfigError
 from waypost.events import Event
 from waypost.sinks import SinkContext
 from waypost.testing import make_event, make_events, send_batch
-
 from waypost_warehouse import COLUMNS, SqlConfig, SqlSink
 
 Backend = Any  # conftest.Backend, handed out by the ``backend`` fixture

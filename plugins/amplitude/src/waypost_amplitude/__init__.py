@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import waypost
 from pydantic import Field, SecretStr, field_validator
+
+import waypost
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 from waypost.events import Event
 from waypost.retry import parse_retry_after, raise_for_status
@@ -76,7 +77,7 @@ class AmplitudeSink(Sink):
 
     @property
     def url(self) -> str:
-        from amplitude import constants  # noqa: PLC0415 (the SDK loads only when used)
+        from amplitude import constants
 
         # The SDK's own paths, on the configured host.
         kind = constants.BATCH if self.settings.use_batch else constants.HTTP_V2
@@ -84,13 +85,13 @@ class AmplitudeSink(Sink):
         return self.settings.base_url + path
 
     def open(self) -> None:
-        import amplitude  # noqa: F401, PLC0415 (fail early if the SDK is missing)
+        import amplitude  # noqa: F401 (fail early if the SDK is missing)
 
     # --- mapping --------------------------------------------------------------------------
 
     def event_body(self, event: Event) -> dict[str, Any]:
         """One event as Amplitude takes it, built by the SDK's ``BaseEvent``."""
-        from amplitude import BaseEvent  # noqa: PLC0415
+        from amplitude import BaseEvent
 
         context = event.context
         app = context.get("app") or {}
@@ -119,7 +120,7 @@ class AmplitudeSink(Sink):
 
     def payload(self, bodies: list[dict[str, Any]], api_key: str) -> bytes:
         """The request body as the SDK's worker builds it (sorted keys, UTF-8)."""
-        from amplitude import Config  # noqa: PLC0415
+        from amplitude import Config
 
         data: dict[str, Any] = {"api_key": api_key, "events": bodies}
         options = Config(min_id_length=self.settings.min_id_length).options
@@ -183,7 +184,7 @@ class AmplitudeSink(Sink):
 
     def _exchange(self, request: _Request) -> tuple[int, Mapping[str, str], bytes]:
         """POST the request with the SDK's headers; return status, headers and body."""
-        from amplitude.http_client import JSON_HEADER  # noqa: PLC0415
+        from amplitude.http_client import JSON_HEADER
 
         data = self.payload(request.bodies, self.settings.api_key.get_secret_value())
         # The URL is checked http(s) by the config (check_endpoint), never file: or custom.
@@ -209,8 +210,8 @@ class AmplitudeSink(Sink):
         result: SendResult,
     ) -> AmplitudeResponse:
         """Read the answer with the SDK's ``Response`` (status from the body's ``code``)."""
-        from amplitude.http_client import HttpStatus  # noqa: PLC0415
-        from amplitude.http_client import Response as AmplitudeResponse  # noqa: PLC0415
+        from amplitude.http_client import HttpStatus
+        from amplitude.http_client import Response as AmplitudeResponse
 
         what = f"amplitude {urllib.parse.urlsplit(self.url).path}"
         # Amplitude echoes a refused key ("Invalid API key: <key>"): keep it out of reasons.

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, model_validator
+
 from waypost.errors import PayloadTooLarge, RetryableError, SinkError
 from waypost.events import Event, dumps
 from waypost.retry import raise_for_status
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkConfig, SinkContext
-
 from waypost_ga4 import limits
 from waypost_ga4.limits import Refused
 

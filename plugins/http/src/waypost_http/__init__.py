@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import httpx
-import waypost
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
+
+import waypost
 from waypost.errors import RetryableError
 from waypost.events import Event, dumps
 from waypost.retry import parse_retry_after, raise_for_status

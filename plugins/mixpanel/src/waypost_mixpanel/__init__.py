@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import waypost
 from pydantic import Field, SecretStr, model_validator
+
+import waypost
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 from waypost.events import Event
 from waypost.retry import RETRYABLE_STATUS, parse_retry_after, raise_for_status
@@ -113,8 +114,8 @@ class MixpanelSink(Sink):
     def open(self) -> None:
         if self._consumer is not None:
             return
-        import mixpanel  # noqa: PLC0415 (the SDK loads only when the sink is used)
-        import requests.adapters  # noqa: PLC0415
+        import mixpanel
+        import requests.adapters
 
         config = self.settings
         credentials = None
@@ -188,7 +189,7 @@ class MixpanelSink(Sink):
     def plan(self, events: Sequence[Event], result: SendResult, token: str) -> list[_Request]:
         """Route events to /track or /import, refuse the ones that cannot go anywhere, and cut
         each route into requests under Mixpanel's count and size limits."""
-        import mixpanel  # noqa: PLC0415 (the SDK loads only when the sink is used)
+        import mixpanel
 
         config = self.settings
         now = time.time()

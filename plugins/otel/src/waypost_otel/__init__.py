@@ -25,9 +25,9 @@ from typing import Any
 
 from prometheus_client import make_asgi_app, make_wsgi_app, start_http_server
 from pydantic import ValidationError
+
 from waypost.config import validation_error
 from waypost.metrics import MetricRegistry
-
 from waypost_otel.config import OtelMetricsConfig
 from waypost_otel.prometheus import (
     AsgiApp,

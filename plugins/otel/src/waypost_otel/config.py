@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
 from waypost.config import parse_duration
 from waypost.sinks import check_endpoint
 

@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import waypost
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -18,8 +17,9 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from waypost.metrics import LabelValues, MetricInfo, MetricRegistry
 
+import waypost
+from waypost.metrics import LabelValues, MetricInfo, MetricRegistry
 from waypost_otel.config import OtelMetricsConfig
 
 log = logging.getLogger("waypost.metrics.otel")

@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx
-import waypost
 from pydantic import Field, field_validator
+
+import waypost
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError, SinkError
 from waypost.events import Event, dumps
 from waypost.retry import raise_for_status

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, SecretStr, field_validator
+
 from waypost import __version__ as waypost_version
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError, SinkError
 from waypost.events import Event
@@ -91,8 +92,8 @@ class PosthogSink(Sink):
 
     def open(self) -> None:
         # Imported only when a posthog sink is configured: posthog loads its whole client.
-        import requests  # noqa: PLC0415
-        from posthog import request as sdk  # noqa: PLC0415
+        import requests
+        from posthog import request as sdk
 
         self._requests, self._sdk = requests, sdk
         self._host = sdk.determine_server_host(self._config.base_url).rstrip("/")

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ConfigDict, Field, SecretStr, field_validator
+
 from waypost.errors import ConfigError, PermanentError, RetryableError, SinkError
 from waypost.events import Event, dumps
 from waypost.sinks import SendResult, Sink, SinkConfig
-
 from waypost_warehouse._layout import (
     COLUMNS,
     TableLayoutError,
