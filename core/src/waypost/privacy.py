@@ -205,7 +205,7 @@ def _token(text: str) -> bool:
 
 def _basic(text: str) -> bool:
     """``Basic`` credentials decode to ``user:password``."""
-    value = text.split(None, 1)[1]
+    value = text.split(None, 1)[1].rstrip("=")
     try:
         decoded = base64.b64decode(value + "=" * (-len(value) % 4), validate=True).decode()
     except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
@@ -221,6 +221,7 @@ _HOME_USER = re.compile(r"[^/\\]+$")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _V4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _H = r"[0-9A-Fa-f]{1,4}"
+_USER = r"[^\s/\\:*?\"<>|.](?:[^\s/\\:*?\"<>|]*[^\s/\\:*?\"<>|.])?"
 
 
 def _ipv6_pattern() -> str:
@@ -303,9 +304,11 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "home_path",
-        r"(?=/[hU])(?<![\w.~-])(?:/home/|/Users/)(?!<user>)[^\s/\\:*?\"<>|]+"
-        r"|(?=[A-Za-z]:[\\/])(?<![A-Za-z])[A-Za-z]:(?:\\+|/)(?:[Uu]sers|USERS)(?:\\+|/)(?!<user>)"
-        r"(?:[^\\/:*?\"<>|\r\n\t]+(?=[\\/])|[^\s\\/:*?\"<>|]+)",
+        # A user name does not start or end with a dot ("/home/." is no one); on Windows it
+        # may hold spaces when a further path segment follows.
+        rf"(?=/[hU])(?<![\w.~-])(?:/home/|/Users/)(?!<user>){_USER}"
+        r"|(?=[A-Za-z]:[\\/])(?<![A-Za-z])[A-Za-z]:(?:\\+|/)(?:[Uu]sers|USERS)(?:\\+|/)"
+        rf"(?!<user>)(?:[^\s\\/:*?\"<>|.][^\\/:*?\"<>|\r\n\t]*(?=[\\/])|{_USER})",
         replacement=_home,
     ),
 )
@@ -324,6 +327,7 @@ of these, or when its last word or last two words are (``accessToken``, ``client
 ``X-API-Key``), so ``tokenCount``, ``max_tokens`` and ``tooltip`` are left alone."""
 
 _WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+_REDACTION = re.compile(r"\[REDACTED:[^\]]*\]")
 
 
 def _norm_key(key: str) -> str:
@@ -331,6 +335,7 @@ def _norm_key(key: str) -> str:
 
 
 _PLAIN, _SENSITIVE, _VERSION = 0, 1, 2
+_KEY_REDACTED = "[REDACTED:secret_key]"
 _BIG_INT = 10**13  # 14 digits and more may be a card number; counts and sizes stay below
 
 
@@ -432,9 +437,10 @@ class Scrubber:
         kind = self._keys.get(key)
         if kind is None:
             keys = self.secret_keys
-            words = [w.lower() for w in _WORDS.findall(key)]
+            name = _REDACTION.sub(" ", key)  # "[REDACTED:bearer_token]" names no token
+            words = [w.lower() for w in _WORDS.findall(name)]
             if (
-                _norm_key(key) in keys
+                _norm_key(name) in keys
                 or (len(words) >= 1 and words[-1] in keys)
                 or (len(words) >= 2 and words[-2] + words[-1] in keys)
             ):
@@ -467,10 +473,11 @@ class Scrubber:
                         n += 1
                     clean = f"{clean}#{n}"
                 sub = f"{path}.{clean}"
-                kind = self._key_kind(key)
+                kind = self._key_kind(clean)
                 if kind == _SENSITIVE and item is not None and not isinstance(item, bool):
-                    remarks.append(f"secret_key@{sub}")
-                    out[clean] = "[REDACTED:secret_key]"
+                    if item != _KEY_REDACTED:  # scrubbed twice: one remark
+                        remarks.append(f"secret_key@{sub}")
+                    out[clean] = _KEY_REDACTED
                 elif kind == _VERSION and isinstance(item, str):
                     # In a field named *version, 1.2.3.4 is a version, not an address.
                     out[clean] = self.scrub_text(item, sub, remarks, exempt="ipv4")
