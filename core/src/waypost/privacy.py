@@ -12,6 +12,9 @@ wins, and the deciding rule is kept for ``status()``:
 3. The config file's ``telemetry.enabled``.
 4. The stored admin choice (``waypost consent on|off``, ``Telemetry.set_consent``).
 5. The application's default: ``opt-out`` is on, ``opt-in`` is off.
+
+``docs/privacy.md`` tells the whole story: levels, field policy, each scrub rule with what it
+does and does not redact, the remarks, IP hashing.
 """
 
 from __future__ import annotations
