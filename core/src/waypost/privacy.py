@@ -224,7 +224,7 @@ _HOME_USER = re.compile(r"[^/\\]+$")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _V4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _H = r"[0-9A-Fa-f]{1,4}"
-_USER = r"[^\s/\\:*?\"<>|.](?:[^\s/\\:*?\"<>|]*[^\s/\\:*?\"<>|.])?"
+_USER = r"\w(?:[\w.@$+-]*[\w$-])?"  # a user name: "jane", "jane.doe", "svc-build$"
 
 
 def _ipv6_pattern() -> str:
@@ -307,11 +307,11 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "home_path",
-        # A user name does not start or end with a dot ("/home/." is no one); on Windows it
-        # may hold spaces when a further path segment follows.
+        # A user name starts with a letter or digit ("/home/." and "/home/," are no one); on
+        # Windows it may hold spaces when a further path segment follows.
         rf"(?=/[hU])(?<![\w.~-])(?:/home/|/Users/)(?!<user>){_USER}"
         r"|(?=[A-Za-z]:[\\/])(?<![A-Za-z])[A-Za-z]:(?:\\+|/)(?:[Uu]sers|USERS)(?:\\+|/)"
-        rf"(?!<user>)(?:[^\s\\/:*?\"<>|.][^\\/:*?\"<>|\r\n\t]*(?=[\\/])|{_USER})",
+        rf"(?!<user>)(?:[^\s\\/:*?\"<>|.,;][^\\/:*?\"<>|\r\n\t]*(?=[\\/])|{_USER})",
         replacement=_home,
     ),
 )
