@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from waypost.config import TelemetryConfig
+from waypost.errors import ConfigError
 from waypost.events import uuid7
 from waypost.privacy import BUILTIN_RULES, Rule, Scrubber
 
@@ -537,6 +538,12 @@ def test_config_disables_rules_adds_patterns_and_keys() -> None:
         "b": "[REDACTED:email]",
     }
     assert remarks == ["ticket@p.a", "secret_key@p.customer_name", "email@p.b"]
+
+
+def test_a_bad_pattern_names_its_key() -> None:
+    config = TelemetryConfig.model_validate({"scrub": {"patterns": {"broken": "(unclosed"}}})
+    with pytest.raises(ConfigError, match=r"telemetry\.scrub\.patterns\.broken: invalid regular"):
+        Scrubber.from_config(config)
 
 
 def test_plugin_rule_flags_apply_to_that_rule_only() -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from waypost.config import TelemetryConfig
+from waypost.errors import ConfigError
 from waypost.events import LEVELS
 
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
@@ -361,7 +362,14 @@ class Scrubber:
     def from_config(cls, config: TelemetryConfig, extra: Iterable[Rule] = ()) -> Scrubber:
         scrub = config.scrub
         rules = [r for r in BUILTIN_RULES if r.name not in scrub.disable]
-        rules += [Rule(name, pattern) for name, pattern in scrub.patterns.items()]
+        for name, pattern in scrub.patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(
+                    f"invalid regular expression: {exc}", key=f"telemetry.scrub.patterns.{name}"
+                ) from None
+            rules.append(Rule(name, pattern))
         rules += list(extra)
         keys = SECRET_KEYS | {_norm_key(k) for k in scrub.keys}
         return cls(rules=rules, secret_keys=keys)
