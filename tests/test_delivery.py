@@ -249,3 +249,23 @@ def test_duplicate_ids_only_after_timeouts(
     assert tel.flush(timeout=20)
     counts = collections.Counter(ids_of(recording_server.requests))
     assert set(counts.values()) == {1}
+
+
+def test_events_are_routed_per_sink_instance(make_telemetry: Any, tmp_path: Any) -> None:
+    pages, pings = tmp_path / "pages.jsonl", tmp_path / "pings.jsonl"
+    tel = make_telemetry(
+        sinks={
+            "frontend": {"type": "jsonl", "path": str(pages), "events": ["$pageview", "page_*"]},
+            "ping": {
+                "type": "jsonl",
+                "path": str(pings),
+                "exclude_events": ["$pageview", "page_*"],
+            },
+        }
+    )
+    for name in ("$pageview", "page_leave", "heartbeat", "run"):
+        tel.track(name)
+    assert tel.flush(5)
+    read = lambda p: [json.loads(x)["name"] for x in p.read_text().splitlines()]  # noqa: E731
+    assert read(pages) == ["$pageview", "page_leave"]
+    assert read(pings) == ["heartbeat", "run"]

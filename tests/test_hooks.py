@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 import waypost
 from waypost.events import Event
 from waypost.privacy import Rule

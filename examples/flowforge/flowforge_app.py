@@ -18,8 +18,9 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-import waypost
 import yaml
+
+import waypost
 from waypost.config import expand
 
 PING_URL = "https://ping.flowforge.com"

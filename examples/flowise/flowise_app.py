@@ -14,8 +14,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-import waypost
 from pydantic import BaseModel, Field
+
+import waypost
 
 HERE = Path(__file__).parent
 VERSION = "2.2.0"

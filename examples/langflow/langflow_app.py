@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import waypost
 from pydantic import Field
+
+import waypost
 from waypost.metrics import MANDATORY
 
 HERE = Path(__file__).parent

@@ -438,12 +438,11 @@ def send_heartbeat(obj: Ctx, force: bool, timeout: float, as_json: bool) -> None
     sent = tel.send_heartbeat(force=force)
     delivered = tel.flush(timeout)
     receipts = {r.name: list(r.receipts) for r in tel.pipeline.runners} if tel.pipeline else {}
-    job = tel.scheduler.jobs["heartbeat"] if tel.scheduler else None
     tel.shutdown(timeout=5)
     st = tel.status()
     data = {
         "sent": sent,
-        "outcome": job.last_outcome if job else None,
+        "outcome": tel.last_heartbeat_outcome,
         "delivered": delivered and st.outbox_pending_events == 0,
         "pending": st.outbox_pending_events,
         "receipts": receipts,

@@ -52,21 +52,43 @@ def _type_name(schema: dict[str, Any], defs: dict[str, Any]) -> str:
     return str(kind or schema.get("title", "any"))
 
 
-def describe_payload(cls: type[Payload]) -> dict[str, Any]:
-    """The event name, level and fields (wire name, type, description, required) of a class."""
-    schema = cls.model_json_schema(by_alias=True, mode="serialization")
-    defs = schema.get("$defs", {})
+def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in schema:
+        return dict(defs.get(schema["$ref"].rsplit("/", 1)[-1], {}))
+    options = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
+    if len(options) == 1:
+        return _resolve(options[0], defs)
+    return schema
+
+
+def _collect_fields(
+    schema: dict[str, Any], defs: dict[str, Any], prefix: str, out: list[dict[str, Any]], depth: int
+) -> None:
+    """One row per field, nested models and lists of them as ``parent.child`` rows."""
     required = set(schema.get("required", []))
-    fields = []
     for prop, spec in schema.get("properties", {}).items():
-        fields.append(
+        name = f"{prefix}{prop}"
+        out.append(
             {
-                "property": prop,
+                "property": name,
                 "type": _type_name(spec, defs),
                 "description": (spec.get("description") or "").strip(),
                 "required": prop in required,
             }
         )
+        inner = _resolve(spec, defs)
+        if inner.get("type") == "array":
+            inner, name = _resolve(inner.get("items", {}), defs), f"{name}[]"
+        if "properties" in inner and depth < 5:
+            _collect_fields(inner, defs, f"{name}.", out, depth + 1)
+
+
+def describe_payload(cls: type[Payload]) -> dict[str, Any]:
+    """The event name, level and fields (wire name, type, description, required) of a class."""
+    schema = cls.model_json_schema(by_alias=True, mode="serialization")
+    defs = schema.get("$defs", {})
+    fields: list[dict[str, Any]] = []
+    _collect_fields(schema, defs, "", fields, depth=0)
     return {
         "event": cls.__event__,
         "payload": cls.__name__,

@@ -465,7 +465,7 @@ class Pipeline:
                     continue
                 assert self.outbox is not None
                 try:
-                    self.outbox.add(events, [r.name for r in self.runners])
+                    self._store(events)
                 except Exception as exc:
                     self.counters.drop("outbox_error", len(events))
                     self.log_once(
@@ -482,6 +482,23 @@ class Pipeline:
             for runner in self.runners:
                 runner.kick.set()
         return True
+
+    def _store(self, events: list[Event]) -> None:
+        """Write events to the outbox, one row per sink instance that takes them."""
+        assert self.outbox is not None
+        configs = [(r.name, r.sink.config) for r in self.runners]
+        if all(c.routes_all for _, c in configs):
+            self.outbox.add(events, [name for name, _ in configs])
+            return
+        groups: dict[tuple[str, ...], list[Event]] = {}
+        for event in events:
+            key = tuple(name for name, c in configs if c.accepts(event.name))
+            groups.setdefault(key, []).append(event)
+        for sinks, group in groups.items():
+            if sinks:
+                self.outbox.add(group, list(sinks))
+            else:
+                self.counters.drop("no_sink", len(group))
 
     def _print_debug(self, events: list[Event]) -> None:
         for runner in self.runners:

@@ -133,6 +133,7 @@ class Telemetry:
         self.clock = clock or Clock()
         self.started_at = self.clock.time()
         self.scheduler: Scheduler | None = None
+        self.last_heartbeat_outcome: str | None = None
         self._shutdown_callbacks: list[Callable[[float], Any]] = []
         self._on = False
         self._lock = threading.RLock()
@@ -239,6 +240,7 @@ class Telemetry:
             return
         if not self._show_notice():
             return
+        self._make_sinks()  # first: sink plugins may implement the hooks below too
         self.context = base_context(self.app, self.version)
         for extra in self.plugins.call_chain("waypost_context", context=dict(self.context)):
             if isinstance(extra, Mapping):
@@ -248,7 +250,6 @@ class Telemetry:
             pass
         self.scrubber = Scrubber.from_config(cfg, extra_rules) if cfg.scrub.enabled else None
         self._before_send = self.plugins.has_impls("waypost_before_send")
-        self._make_sinks()
         outbox = None
         if not self.debug:
             from waypost.outbox import Outbox
@@ -692,7 +693,9 @@ class Telemetry:
             )
         else:
             job = self.scheduler.jobs["heartbeat"]
-        return self.scheduler.run(job, force=force)
+        sent = self.scheduler.run(job, force=force)
+        self.last_heartbeat_outcome = job.last_outcome
+        return sent
 
     def on_shutdown(self, callback: Callable[[float], Any]) -> None:
         """At shutdown, track what ``callback(seconds_running)`` returns (Langflow's shutdown

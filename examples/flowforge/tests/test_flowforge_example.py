@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from waypost.schedule import DAY, ManualClock
 from waypost.testing import RecordingServer, Response
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from waypost.testing import RecordingServer, Response
 
 HERE = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from waypost.errors import TrackError
 from waypost.schedule import ManualClock
 from waypost.testing import RecordingServer, Request, Response

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+
 from waypost.testing import Response, SinkContract, free_port, make_events, send_batch
 
 TOKEN = "tok-example-3b9d1f-never-logged"

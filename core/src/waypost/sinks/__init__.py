@@ -40,6 +40,25 @@ class SinkConfig(BaseModel):
         default=None, ge=1, description="Events per request; capped at the sink's own maximum."
     )
     timeout: float = Field(default=10.0, gt=0, le=300, description="Seconds per request.")
+    events: list[str] | None = Field(
+        default=None, description="Only events whose name matches one of these globs."
+    )
+    exclude_events: list[str] = Field(
+        default_factory=list, description="Never events whose name matches one of these globs."
+    )
+
+    def accepts(self, event_name: str) -> bool:
+        """Whether this sink instance receives events of that name (``events`` and
+        ``exclude_events`` are shell-style globs: ``page_*``, ``$pageview``)."""
+        from fnmatch import fnmatchcase
+
+        if self.events is not None and not any(fnmatchcase(event_name, p) for p in self.events):
+            return False
+        return not any(fnmatchcase(event_name, p) for p in self.exclude_events)
+
+    @property
+    def routes_all(self) -> bool:
+        return self.events is None and not self.exclude_events
 
 
 def is_loopback_host(host: str | None) -> bool:

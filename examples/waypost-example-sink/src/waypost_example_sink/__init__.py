@@ -20,8 +20,9 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 
-import waypost
 from pydantic import Field, SecretStr, model_validator
+
+import waypost
 from waypost.errors import RetryableError
 from waypost.events import Event, dumps
 from waypost.retry import raise_for_status
