@@ -105,13 +105,14 @@ def test_manifest_lists_only_the_declared_fields(clean_env: dict[str, str], tmp_
     manifest = json.loads(out.stdout)
     assert manifest["errors"] == []
     fields = {e["event"]: [f["property"] for f in e["fields"]] for e in manifest["events"]}
-    graph = ["version", "chatlowId"]
+    graph = ["flowGraph", "flowGraph.nodes", "flowGraph.edges", "flowGraph.edges[].source",
+             "flowGraph.edges[].target"]  # fmt: skip
     assert fields == {
-        "chatflow_created": [*graph, "flowGraph"],
+        "chatflow_created": ["version", "chatlowId", *graph],
         "tool_created": ["version", "toolId", "toolName"],
         "assistant_created": ["version", "assistantId"],
-        "vector_upserted": [*graph, "type", "flowGraph", "stopNodeId"],
-        "prediction_sent": [*graph, "chatId", "type", "flowGraph"],
+        "vector_upserted": ["version", "chatlowId", "type", *graph, "stopNodeId"],
+        "prediction_sent": ["version", "chatlowId", "chatId", "type", *graph],
     }
     # Exactly these fields, so no node input or output, message, credential or variable.
     created = next(e for e in manifest["events"] if e["event"] == "chatflow_created")
