@@ -460,8 +460,11 @@ class Telemetry:
                 if not level_allows(configured, level or "usage"):
                     self.counters.drop("level")
                     continue
+                who = distinct_id or self.distinct_id or instance_id
                 if scrubber is not None:
                     props = scrubber.scrub(props, "properties", remarks)
+                    if who is not instance_id:  # an id the application chose may be personal
+                        who = scrubber.scrub_text(who, "distinct_id", remarks)
                 built = Event(
                     id=uuid7(when),
                     name=name,
@@ -469,7 +472,7 @@ class Telemetry:
                     instance_id=instance_id,
                     properties=props,
                     context=context,
-                    distinct_id=distinct_id or self.distinct_id or instance_id,
+                    distinct_id=who,
                     level=level or "usage",
                     remarks=remarks,
                 )
@@ -491,16 +494,23 @@ class Telemetry:
         return out
 
     def _apply_before_send(self, event: Event) -> Event | None:
+        context, distinct_id = event.context, event.distinct_id
         for result in self.plugins.call_chain("waypost_before_send", event=event):
             if result is False:
                 return None
             if isinstance(result, Event):
                 event = result
-        # Whatever a hook did, the scrubbers have the last word.
+        # Whatever a hook did, the scrubbers have the last word on properties and the id;
+        # the shared context may not be changed per event.
         props = coerce(event.properties)
         if self.scrubber is not None:
             props = self.scrubber.scrub(props, "properties", event.remarks)
+            if event.distinct_id != distinct_id:
+                event.distinct_id = self.scrubber.scrub_text(
+                    str(event.distinct_id), "distinct_id", event.remarks
+                )
         event.properties = props
+        event.context = context
         return event
 
     def _retention(self) -> None:
