@@ -251,6 +251,12 @@ SECRET_KEYS = frozenset(
 )
 
 
+_CACHED_STRINGS = 4096
+"""How many clean strings (and secret-key verdicts) a Scrubber remembers before starting over."""
+_CACHED_LENGTH = 256
+"""Longer strings are always scanned: they are rarely repeated."""
+
+
 def _norm_key(key: str) -> str:
     return re.sub(r"[^a-z0-9]", "", key.lower())
 
@@ -284,6 +290,10 @@ class Scrubber:
     def _compile(self) -> None:
         parts = []
         self._by_group: dict[str, Rule] = {}
+        # Telemetry repeats the same keys and short values: remembering which strings matched
+        # no rule (and which keys are secret) spares the combined regex most of the work.
+        self._clean: dict[str, None] = {}
+        self._secret: dict[str, bool] = {}
         for i, rule in enumerate(self.rules):
             group = f"r{i}"
             re.compile(rule.pattern, rule.flags)  # fail early with the rule's own pattern
@@ -296,8 +306,15 @@ class Scrubber:
         self._regex = re.compile("|".join(parts)) if parts else None
 
     def scrub_text(self, text: str, path: str, remarks: list[str]) -> str:
+        clean = self._clean
+        if text in clean:
+            return text
         regex = self._regex
         if regex is None or regex.search(text) is None:
+            if len(text) <= _CACHED_LENGTH:
+                if len(clean) >= _CACHED_STRINGS:
+                    clean.clear()
+                clean[text] = None
             return text
         by_group = self._by_group
 
@@ -315,24 +332,40 @@ class Scrubber:
 
         return regex.sub(replace, text)
 
+    def _is_secret_key(self, key: str) -> bool:
+        secret = self._secret.get(key)
+        if secret is None:
+            if len(self._secret) >= _CACHED_STRINGS:
+                self._secret.clear()
+            secret = self._secret[key] = _norm_key(key) in self.secret_keys
+        return secret
+
     def scrub(self, value: Any, path: str, remarks: list[str]) -> Any:
         """Return ``value`` with every match redacted; append a remark per redaction."""
         if isinstance(value, str):
             return self.scrub_text(value, path, remarks)
         if isinstance(value, dict):
             out = {}
+            clean = self._clean
             for key, item in value.items():
-                sub = f"{path}.{key}"
                 if (
-                    item is not None
+                    self._is_secret_key(key)
+                    and item is not None
                     and not isinstance(item, (bool, dict, list))
-                    and (_norm_key(key) in self.secret_keys)
                 ):
-                    remarks.append(f"secret_key@{sub}")
+                    remarks.append(f"secret_key@{path}.{key}")
                     out[key] = "[REDACTED:secret_key]"
                     continue
-                clean_key = self.scrub_text(key, f"{path}.<key>", remarks) if key else key
-                out[clean_key] = self.scrub(item, sub, remarks)
+                clean_key = key
+                if key and key not in clean:
+                    clean_key = self.scrub_text(key, f"{path}.<key>", remarks)
+                kind = type(item)
+                if kind is str:
+                    if item not in clean:
+                        item = self.scrub_text(item, f"{path}.{key}", remarks)
+                elif kind is not int and kind is not float and kind is not bool and item is not None:
+                    item = self.scrub(item, f"{path}.{key}", remarks)
+                out[clean_key] = item
             return out
         if isinstance(value, list):
             return [self.scrub(item, f"{path}[{i}]", remarks) for i, item in enumerate(value)]
