@@ -59,7 +59,7 @@ def lint(session: nox.Session) -> None:
         "mypy>=1.13",
         "types-PyYAML",
         "-e",
-        "./core",
+        "./core[admin]",
         *(f"-e./plugins/{p}" for p in PLUGINS),
     )
     session.run("ruff", "check", ".")

@@ -97,9 +97,11 @@ def status(obj: Ctx, as_json: bool) -> None:
     data = st.model_dump(mode="json")
     try:
         registry = tel.metrics
-        data["metrics"] = registry.describe() if hasattr(registry, "describe") else []
-    except Exception:
-        data["metrics"] = []
+        data["metrics"] = registry.describe()
+        data["metrics_destinations"] = registry.destinations()
+    except Exception as exc:
+        data["metrics"], data["metrics_destinations"] = [], []
+        data["metrics_error"] = f"{type(exc).__name__}: {exc}"
     if as_json:
         _dump(data)
         return
@@ -125,6 +127,13 @@ def status(obj: Ctx, as_json: bool) -> None:
         )
     con.print(table)
     con.print(f"outbox: {st.outbox_pending_events} events pending")
+    user_metrics = [m for m in data["metrics"] if not m.get("builtin")]
+    con.print(f"metrics: {len(user_metrics)} declared")
+    for dest in data["metrics_destinations"]:
+        where = "leaves the machine" if dest.get("leaves_machine") else "local"
+        state = "on" if dest.get("active") else "off"
+        target, reason = dest.get("target", ""), dest.get("reason", "")
+        con.print(f"  {dest['name']}  {target}  {where}  {state}: {reason}")
 
 
 # --- plugins -----------------------------------------------------------------------------------
@@ -134,23 +143,42 @@ def status(obj: Ctx, as_json: bool) -> None:
 @json_option
 def plugins(as_json: bool) -> None:
     """Installed sink plugins: distribution, version, sink types, hooks, status, deprecation."""
+    import importlib.metadata as md
     import warnings
 
     from waypost.plugins import PluginManager
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        infos = [i.as_dict() for i in PluginManager().describe_all()]
+        infos = [{**i.as_dict(), "kind": "sink"} for i in PluginManager().describe_all()]
+    for group, kind in (("waypost.metrics", "metrics"), ("waypost.commands", "commands")):
+        for ep in md.entry_points(group=group):
+            dist = getattr(ep, "dist", None)
+            infos.append(
+                {
+                    "name": ep.name, "kind": kind, "module": ep.value,
+                    "distribution": dist.metadata["Name"] if dist else "unknown",
+                    "version": dist.version if dist else "unknown",
+                    "sink_types": [], "hooks": [], "status": "not loaded", "error": None,
+                    "deprecated": False, "deprecation": None,
+                }
+            )  # fmt: skip
     if as_json:
         _dump(infos)
         return
     from rich.table import Table
 
-    table = Table("sink type", "distribution", "version", "status", "hooks", "note")
+    table = Table("name", "kind", "distribution", "version", "status", "hooks", "note")
     for i in infos:
         note = "DEPRECATED: " + (i["deprecation"] or "") if i["deprecated"] else (i["error"] or "")
         table.add_row(
-            i["name"], i["distribution"], i["version"], i["status"], ", ".join(i["hooks"]), note
+            i["name"],
+            i["kind"],
+            i["distribution"],
+            i["version"],
+            i["status"],
+            ", ".join(i["hooks"]),
+            note,
         )
     _console().print(table)
 
