@@ -363,7 +363,9 @@ class Scrubber:
                 if kind is str:
                     if item not in clean:
                         item = self.scrub_text(item, f"{path}.{key}", remarks)
-                elif kind is not int and kind is not float and kind is not bool and item is not None:
+                elif (
+                    kind is not int and kind is not float and kind is not bool and item is not None
+                ):
                     item = self.scrub(item, f"{path}.{key}", remarks)
                 out[clean_key] = item
             return out
