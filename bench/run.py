@@ -142,7 +142,11 @@ def run_contender(
     with log_path.open("w") as log:
         try:
             done = subprocess.run(
-                command, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                command,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=env,
                 timeout=bound + 90,
             )
         except subprocess.TimeoutExpired:
@@ -204,7 +208,9 @@ def import_times(env: dict[str, str], repeats: int) -> dict[str, Any]:
     return {
         "python_pass_ms": round(statistics.median(bare) * 1000, 1),
         "python_import_waypost_ms": round(statistics.median(imported) * 1000, 1),
-        "import_waypost_ms": round((statistics.median(imported) - statistics.median(bare)) * 1000, 1),
+        "import_waypost_ms": round(
+            (statistics.median(imported) - statistics.median(bare)) * 1000, 1
+        ),
         "importtime_cumulative_ms": round(cumulative / 1000, 2) if cumulative else None,
         "in_process_import_ms": round(statistics.median(c[0] for c in construct), 1),
         "import_and_construct_ms": round(statistics.median(c[1] for c in construct), 1),
@@ -300,8 +306,10 @@ def markdown(results: dict[str, Any]) -> str:
             if "error" in r:
                 lines.append(f"| {r['name']} | error: {r['error'][:80]} | | | | | |")
                 continue
-            e2e = fmt(r["end_to_end_s"]) if r["end_to_end_s"] is not None else (
-                f"— (last at {fmt(r['last_arrival_s'])})"
+            e2e = (
+                fmt(r["end_to_end_s"])
+                if r["end_to_end_s"] is not None
+                else (f"— (last at {fmt(r['last_arrival_s'])})")
             )
             lines.append(
                 f"| {r['name']} | {fmt(r['track_median_us'])} | {fmt(r['track_p99_us'], 1)} "
@@ -311,7 +319,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
         for w, ratios in data["summary"]["ratios"].items():
             parts = [
-                f"{sdk} {fmt(v['track_median'], 3)}× / {fmt(v['end_to_end'], 2)}×"
+                f"{sdk} {fmt(v['track_median'], 3)}x / {fmt(v['end_to_end'], 2)}x"
                 for sdk, v in ratios.items()
             ]
             lines.append(f"- {w} to each SDK (track median / end to end): " + "; ".join(parts))
@@ -372,7 +380,9 @@ def target_cells(results: dict[str, Any]) -> dict[str, dict[str, str]]:
         "waypost-posthog": "(run with the http sink)",
     }
     imp = results["import"]["import_waypost_ms"]
-    cells["import"] = {w: f"{'met' if imp < 100 else 'NOT met'} ({fmt(imp, 1)} ms)" for w in WAYPOSTS}
+    cells["import"] = {
+        w: f"{'met' if imp < 100 else 'NOT met'} ({fmt(imp, 1)} ms)" for w in WAYPOSTS
+    }
     return cells
 
 
@@ -437,8 +447,13 @@ def main() -> None:
                 server.post(f"/_latency/{label}?ms={latency}")
                 print(f"[{profile}] {name}: {events:,} events ...", file=sys.stderr, flush=True)
                 row = run_contender(
-                    name, server=server, events=events, bound=args.bound, env=env,
-                    label=label, logs=logs,
+                    name,
+                    server=server,
+                    events=events,
+                    bound=args.bound,
+                    env=env,
+                    label=label,
+                    logs=logs,
                 )
                 server.post(f"/_forget/{label}")
                 rows.append(row)
@@ -450,15 +465,24 @@ def main() -> None:
             }
         print("off path (DO_NOT_TRACK=1) ...", file=sys.stderr, flush=True)
         results["off_path"] = run_contender(
-            "waypost-off", server=None, events=200_000 if quick else 1_000_000,
-            bound=args.bound, env=env, logs=logs,
+            "waypost-off",
+            server=None,
+            events=200_000 if quick else 1_000_000,
+            bound=args.bound,
+            env=env,
+            logs=logs,
         )
         print("import times ...", file=sys.stderr, flush=True)
         results["import"] = import_times(env, 5 if quick else 15)
         print(f"big burst: {big_events:,} events ...", file=sys.stderr, flush=True)
         big = run_contender(
-            "waypost-1m", server=server, events=big_events, bound=max(args.bound, 300),
-            env=env, label="big", logs=logs,
+            "waypost-1m",
+            server=server,
+            events=big_events,
+            bound=max(args.bound, 300),
+            env=env,
+            label="big",
+            logs=logs,
         )
         server.post("/_forget/big")
         results["burst_1m"] = big
