@@ -319,7 +319,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
         for w, ratios in data["summary"]["ratios"].items():
             parts = [
-                f"{sdk} {fmt(v['track_median'], 3)}x / {fmt(v['end_to_end'], 2)}x"
+                f"{sdk} {fmt(v['track_median'], 3)}x / "
+                + (f"{fmt(v['end_to_end'], 2)}x" if v["end_to_end"] is not None else "— (lost)")
                 for sdk, v in ratios.items()
             ]
             lines.append(f"- {w} to each SDK (track median / end to end): " + "; ".join(parts))
