@@ -3,17 +3,26 @@
 One gate stands in front of every sink. Consent is resolved by a fixed precedence, first match
 wins, and the deciding rule is kept for ``status()``:
 
-1. ``DO_NOT_TRACK`` set to a true value (``1``, ``true``, ``yes``, ``on``, any case) -> off.
-2. The application's own variable (``disable_env``: true means off; ``enable_env``: true means
-   on, false means off). A value that is not a recognised boolean is ignored.
+1. ``DO_NOT_TRACK`` set to a true value (``1``, ``true``, ``yes``, ``on``, any case, spaces
+   around ignored) -> off. Any other value (``0``, ``false``, empty) leaves the decision to the
+   rules below.
+2. The application's own variable (``disable_env``: true means off, false means on;
+   ``enable_env``: true means on, false means off). True is ``1``/``true``/``yes``/``on``, false
+   is ``0``/``false``/``no``/``off``; any other value is ignored.
 3. The config file's ``telemetry.enabled``.
 4. The stored admin choice (``waypost consent on|off``, ``Telemetry.set_consent``).
 5. The application's default: ``opt-out`` is on, ``opt-in`` is off.
+
+``docs/privacy.md`` tells the whole story: levels, field policy, each scrub rule with what it
+does and does not redact, the remarks, IP hashing.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -25,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from waypost.config import TelemetryConfig
+from waypost.errors import ConfigError
 from waypost.events import LEVELS
 
-TRUE_VALUES = frozenset({"1", "true", "yes", "on", "y", "t"})
-FALSE_VALUES = frozenset({"0", "false", "no", "off", "n", "f"})
+TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+FALSE_VALUES = frozenset({"0", "false", "no", "off"})
 CONSENT_FILE = "consent.json"
 
 
@@ -93,20 +103,28 @@ def resolve_consent(
     """Apply the fixed precedence and return the first rule that decides."""
     dnt = env.get("DO_NOT_TRACK")
     if parse_bool(dnt):
-        return Decision(False, "do_not_track", f"DO_NOT_TRACK={dnt} is set in the environment")
+        return Decision(
+            False, "do_not_track", f"DO_NOT_TRACK={dnt} in the environment turns telemetry off"
+        )
     if config.disable_env:
         value = env.get(config.disable_env)
         flag = parse_bool(value)
         if flag is not None:
+            state = "off" if flag else "on"
             return Decision(
-                not flag, "app_env", f"{config.disable_env}={value} is set in the environment"
+                not flag,
+                "app_env",
+                f"{config.disable_env}={value} in the environment turns telemetry {state}",
             )
     if config.enable_env:
         value = env.get(config.enable_env)
         flag = parse_bool(value)
         if flag is not None:
+            state = "on" if flag else "off"
             return Decision(
-                flag, "app_env", f"{config.enable_env}={value} is set in the environment"
+                flag,
+                "app_env",
+                f"{config.enable_env}={value} in the environment turns telemetry {state}",
             )
     if config.enabled is not None:
         where = config_source or "configuration"
@@ -144,115 +162,180 @@ def level_allows(configured: str, event_level: str) -> bool:
 class Rule:
     """A scrubbing rule: text matching ``pattern`` is replaced by ``[REDACTED:<name>]``.
 
-    ``check``, if given, confirms a match (a Luhn check, an address parse) so that look-alikes
-    are left alone.
+    ``check``, if given, confirms a match (a Luhn check, a decoding) so that look-alikes are
+    left alone. ``replacement``, if given, builds the text put in place of a match (the home-path
+    rule keeps the path and hides the user name). ``flags`` apply to this rule alone. Patterns
+    are joined into one regular expression, so they must not use numbered backreferences.
     """
 
     name: str
     pattern: str
     check: Callable[[str], bool] | None = None
     flags: int = 0
+    replacement: Callable[[str], str] | None = None
 
 
-def _luhn(text: str) -> bool:
-    digits = [int(c) for c in text if c.isdigit()]
-    if not 13 <= len(digits) <= 19:
-        return False
+def _luhn_ok(digits: str) -> bool:
     total = 0
-    for i, d in enumerate(reversed(digits)):
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
         if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
+            d = d * 2 - 9 if d > 4 else d * 2
         total += d
     return total % 10 == 0
 
 
-def _ipv6(text: str) -> bool:
-    import ipaddress
+def _card(text: str) -> bool:
+    """True when the digits of ``text`` up to some separator (or the end) are 14 to 19 digits
+    passing the Luhn check: a card number, perhaps followed by another number."""
+    digits = ""
+    for chunk in re.split(r"[ -]", text):
+        digits += chunk
+        if len(digits) > 19:
+            break
+        if len(digits) >= 14 and _luhn_ok(digits):
+            return True
+    return False
 
+
+_PROSE = re.compile(r"[A-Z]?[a-z]+(?:-[a-z]+)*")
+
+
+def _token(text: str) -> bool:
+    """Anything after ``Bearer``/``Token`` is a credential unless it is a plain word:
+    ``Bearer authentication`` and ``token-based`` are prose."""
+    return _PROSE.fullmatch(text.split(None, 1)[1]) is None
+
+
+def _basic(text: str) -> bool:
+    """``Basic`` credentials decode to ``user:password``."""
+    value = text.split(None, 1)[1].rstrip("=")
     try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
+        decoded = base64.b64decode(value + "=" * (-len(value) % 4), validate=True).decode()
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
         return False
-    return True
+    return ":" in decoded and decoded.isprintable()
 
 
+def _home(found: str) -> str:
+    return _HOME_USER.sub("<user>", found)
+
+
+_HOME_USER = re.compile(r"[^/\\]+$")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_V4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_H = r"[0-9A-Fa-f]{1,4}"
+_USER = r"\w(?:[\w.@$+-]*[\w$-])?"  # a user name: "jane", "jane.doe", "svc-build$"
+
+
+def _ipv6_pattern() -> str:
+    """Every textual form of an IPv6 address (RFC 4291 2.2, RFC 5952) as one alternation.
+
+    Forms with a dotted IPv4 tail come first so that ``::ffff:192.0.2.1`` is taken whole; a
+    bare ``::`` is not an address worth redacting and is left out.
+    """
+
+    def groups(n: int) -> str:
+        return "" if n == 0 else _H if n == 1 else rf"{_H}(?::{_H}){{{n - 1}}}"
+
+    alts = [rf"(?:{_H}:){{6}}{_V4}"]
+    for left in range(6):  # groups before "::", IPv4 tail counts as two groups
+        alts.append(rf"{groups(left)}::(?:{_H}:){{0,{5 - left}}}{_V4}")
+    alts.append(rf"{_H}(?::{_H}){{7}}")
+    for left in range(1, 8):
+        right = 6 - left
+        tail = rf"(?:{_H}(?::{_H}){{0,{right}}})?" if right >= 0 else ""
+        alts.append(rf"{groups(left)}::{tail}")
+    alts.append(rf"::{_H}(?::{_H}){{0,6}}")
+    # the lookahead skips positions that cannot start an address before trying the forms
+    return rf"(?<![\w.])(?=[0-9A-Fa-f]{{0,4}}:[0-9A-Fa-f:])(?:{'|'.join(alts)})(?!\w|\.\d)"
+
+
+_CREDENTIAL_NAMES = (
+    r"pass(?:word|wd|phrase)|pwd|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key|"
+    r"private[_-]?key|signing[_-]?key|credentials?"
+)
 
 BUILTIN_RULES: tuple[Rule, ...] = (
     Rule(
         "private_key",
-        r"-----BEGIN[A-Z ]*PRIVATE KEY-----(?:[\s\S]*?-----END[A-Z ]*PRIVATE KEY-----|[\s\S]*)",
+        r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+        r"(?:[\s\S]*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|[\s\S]*)",
     ),
-    Rule("jwt", r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}"),
-    Rule("bearer_token", r"(?i)\b(?:bearer|token|basic)\s+[A-Za-z0-9._~+/=-]{12,}"),
-    Rule("url_credentials", r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/@:]+:[^\s/@]+@"),
+    Rule("jwt", r"(?<![\w-])eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
     Rule(
-        "secret_pair",
-        r"(?i)\b(?:password|passwd|pwd|pass|secret|client_secret|api[_-]?key|apikey|"
-        r"access[_-]?token|refresh[_-]?token|auth[_-]?token|token)\s*[=:]\s*[^\s&;,'\"]+",
+        "url_credentials",
+        r"(?<![\w+.-])[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#]+@",
     ),
     Rule(
         "api_key",
-        r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{30,}\b|\bgithub_pat_\w{30,}"
-        r"|\bxox[abprs]-[A-Za-z0-9-]{10,}|\b[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"
-        r"|\bsk-[A-Za-z0-9_-]{20,}|\bAIza[0-9A-Za-z_-]{35}\b|\bphx_[A-Za-z0-9]{20,}"
-        r"|\bglpat-[A-Za-z0-9_-]{20,}|\bnpm_[A-Za-z0-9]{36}\b|\bhf_[A-Za-z0-9]{30,}\b",
+        r"(?<![A-Za-z0-9])(?:"
+        r"(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?![0-9A-Z])"  # AWS access key ids
+        r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{30,}"  # GitHub
+        r"|xox[abeoprs]-[A-Za-z0-9-]{10,}|xapp-[A-Za-z0-9-]{10,}"  # Slack tokens
+        r"|hooks\.slack\.com/services/[A-Za-z0-9/]+"  # Slack webhooks
+        r"|(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}|whsec_[A-Za-z0-9]{16,}"  # Stripe
+        r"|sk-[A-Za-z0-9_-]{20,}"  # OpenAI (sk-..., sk-proj-...) and look-alikes
+        r"|AIza[0-9A-Za-z_-]{35}|ya29\.[0-9A-Za-z_-]{20,}"  # Google
+        r"|glpat-[A-Za-z0-9_-]{20,}|npm_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}"
+        r"|phx_[A-Za-z0-9]{20,}"
+        r")",
     ),
-    Rule("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
-    Rule("ipv4", rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)"),
     Rule(
-        "ipv6",
-        r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|"
-        + _OCTET
-        + r"(?:\."
-        + _OCTET
-        + r"){3})(?![\w:])",
-        check=_ipv6,
+        "secret_pair",
+        # The name ends in a credential word (``db_password=``, ``accessToken:``); the cheap
+        # lookahead skips most positions before the alternation is tried.
+        rf"(?=[AaCcPpSsTt])(?i:(?:{_CREDENTIAL_NAMES})[\"']?[ \t]*[=:][ \t]*"
+        r"(?:(?:bearer|basic|token)[ \t]+)?(?:\"[^\"\n]*\"|'[^'\n]*'|[^\s&;,'\"]+))",
     ),
-    Rule("credit_card", r"(?<![\w-])(?:[2-6]\d{3})(?:[ -]?\d){9,15}(?![\w-])", check=_luhn),
+    Rule(
+        "bearer_token",
+        r"(?<![\w-])(?:[Bb]earer|BEARER|[Tt]oken|TOKEN)[ \t]+[A-Za-z0-9_.~+/-]{16,}=*",
+        check=_token,
+    ),
+    Rule("basic_auth", r"(?<![\w-])(?:[Bb]asic|BASIC)[ \t]+[A-Za-z0-9+/]{4,}={0,2}", check=_basic),
+    Rule(
+        "email",
+        r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]+@"
+        r"[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*\.(?:[Xx][Nn]--[\w-]+|[^\W\d_]{2,})",
+    ),
+    Rule("ipv4", rf"(?=\d)(?<![\d.]){_V4}(?!\d|\.\d)"),
+    Rule("ipv6", _ipv6_pattern()),
+    Rule(
+        "credit_card",
+        r"(?=[2-6])(?<![\w.])(?<!\w-)[2-6]\d{3}(?:[ -]?\d){10,15}(?!\w|\.\d|-\w)",
+        check=_card,
+    ),
     Rule(
         "home_path",
-        r"(?:/home/|/Users/|[A-Za-z]:\\{1,2}Users\\{1,2}|/var/home/)(?!<user>)[^\s/\\:*?\"<>|]+",
+        # A user name starts with a letter or digit ("/home/." and "/home/," are no one); on
+        # Windows it may hold spaces when a further path segment follows.
+        rf"(?=/[hU])(?<![\w.~-])(?:/home/|/Users/)(?!<user>){_USER}"
+        r"|(?=[A-Za-z]:[\\/])(?<![A-Za-z])[A-Za-z]:(?:\\+|/)(?:[Uu]sers|USERS)(?:\\+|/)"
+        rf"(?!<user>)(?:[^\s\\/:*?\"<>|.,;][^\\/:*?\"<>|\r\n\t]*(?=[\\/])|{_USER})",
+        replacement=_home,
     ),
 )
+"""The built-in rules, in the order they are tried at each position of a text."""
 
 SECRET_KEYS = frozenset(
     {
-        "password",
-        "passwd",
-        "pwd",
-        "secret",
-        "token",
-        "apikey",
-        "accesstoken",
-        "refreshtoken",
-        "authtoken",
-        "authorization",
-        "auth",
-        "cookie",
-        "setcookie",
-        "sessionid",
-        "session",
-        "privatekey",
-        "clientsecret",
-        "apisecret",
-        "secretkey",
-        "credentials",
-        "credential",
-        "email",
-        "emailaddress",
-        "ip",
-        "ipaddress",
-        "remoteaddr",
-        "clientip",
+        "password", "passwd", "pwd", "passphrase", "secret", "token", "apikey", "accesskey",
+        "secretkey", "privatekey", "signingkey", "clientsecret", "credential", "credentials",
+        "authorization", "cookie", "setcookie", "email", "emailaddress", "ip",
+        "ipaddress", "ipaddr", "remoteaddr", "remoteaddress", "xforwardedfor", "xrealip",
     }
-)
+)  # fmt: skip
+"""Property names whose values are redacted whatever they hold. A name matches when it is one
+of these, or when its last word or last two words are (``accessToken``, ``client_ip``,
+``X-API-Key``), so ``tokenCount``, ``max_tokens`` and ``tooltip`` are left alone."""
+
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+_REDACTION = re.compile(r"\[REDACTED:[^\]]*\]")
 
 
 _CACHED_STRINGS = 4096
-"""How many clean strings (and secret-key verdicts) a Scrubber remembers before starting over."""
+"""How many clean strings a Scrubber remembers before starting over."""
 _CACHED_LENGTH = 256
 """Longer strings are always scanned: they are rarely repeated."""
 
@@ -261,24 +344,38 @@ def _norm_key(key: str) -> str:
     return re.sub(r"[^a-z0-9]", "", key.lower())
 
 
+_PLAIN, _SENSITIVE, _VERSION = 0, 1, 2
+_KEY_REDACTED = "[REDACTED:secret_key]"
+_BIG_INT = 10**13  # 14 digits and more may be a card number; counts and sizes stay below
+
+
 @dataclass
 class Scrubber:
     """Redacts personal data and secrets from property values (and keys), leaving remarks.
 
-    Remarks read ``<rule>@<field path>``; the redacted value itself is never kept.
+    Remarks read ``<rule>@<field path>``; the redacted value itself is never kept. All rules
+    are one combined regular expression, so an ordinary short string costs one ``search``.
     """
 
     rules: list[Rule] = field(default_factory=lambda: list(BUILTIN_RULES))
     secret_keys: frozenset[str] = SECRET_KEYS
 
     def __post_init__(self) -> None:
+        self._keys: dict[str, int] = {}
         self._compile()
 
     @classmethod
     def from_config(cls, config: TelemetryConfig, extra: Iterable[Rule] = ()) -> Scrubber:
         scrub = config.scrub
         rules = [r for r in BUILTIN_RULES if r.name not in scrub.disable]
-        rules += [Rule(name, pattern) for name, pattern in scrub.patterns.items()]
+        for name, pattern in scrub.patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(
+                    f"invalid regular expression: {exc}", key=f"telemetry.scrub.patterns.{name}"
+                ) from None
+            rules.append(Rule(name, pattern))
         rules += list(extra)
         keys = SECRET_KEYS | {_norm_key(k) for k in scrub.keys}
         return cls(rules=rules, secret_keys=keys)
@@ -290,87 +387,136 @@ class Scrubber:
     def _compile(self) -> None:
         parts = []
         self._by_group: dict[str, Rule] = {}
-        # Telemetry repeats the same keys and short values: remembering which strings matched
-        # no rule (and which keys are secret) spares the combined regex most of the work.
+        # Telemetry repeats the same short strings (keys, plans, feature names): remembering
+        # which ones matched no rule spares the combined regex most of its work.
         self._clean: dict[str, None] = {}
-        self._secret: dict[str, bool] = {}
         for i, rule in enumerate(self.rules):
-            group = f"r{i}"
+            group = f"_wp{i}"
             re.compile(rule.pattern, rule.flags)  # fail early with the rule's own pattern
-            inline = rule.pattern
-            flags = ""
-            if inline.startswith("(?i)"):
-                inline, flags = inline[4:], "i"
-            parts.append(f"(?P<{group}>{'(?' + flags + ':' + inline + ')' if flags else inline})")
+            inline, letters = rule.pattern, ""
+            lead = re.match(r"\(\?([aiLmsux]+)\)", inline)
+            if lead:
+                inline, letters = inline[lead.end() :], lead.group(1)
+            for flag, letter in ((re.I, "i"), (re.M, "m"), (re.S, "s"), (re.X, "x")):
+                if rule.flags & flag and letter not in letters:
+                    letters += letter
+            body = f"(?{letters}:{inline})" if letters else inline
+            parts.append(f"(?P<{group}>{body})")
             self._by_group[group] = rule
         self._regex = re.compile("|".join(parts)) if parts else None
 
-    def scrub_text(self, text: str, path: str, remarks: list[str]) -> str:
-        clean = self._clean
-        if text in clean:
+    def scrub_text(
+        self, text: str, path: str, remarks: list[str], *, exempt: str | None = None
+    ) -> str:
+        """``text`` with every match redacted; one remark per redaction. The rule named
+        ``exempt``, if any, is not applied."""
+        cache = self._clean
+        if text in cache and exempt is None:
             return text
+        clean = self._scan(text, path, remarks, exempt)
+        if clean is text and exempt is None and len(text) <= _CACHED_LENGTH:
+            if len(cache) >= _CACHED_STRINGS:  # bounded: values may be generated
+                cache.clear()
+            cache[text] = None
+        # A redaction can uncover a match its neighbour hid (``token=a&b@example.org``: the
+        # address started inside the secret); look again, only when something was redacted.
+        for _ in range(3):
+            if clean is text:
+                break
+            text, clean = clean, self._scan(clean, path, remarks, exempt)
+        return clean
+
+    def _scan(self, text: str, path: str, remarks: list[str], exempt: str | None) -> str:
         regex = self._regex
-        if regex is None or regex.search(text) is None:
-            if len(text) <= _CACHED_LENGTH:
-                if len(clean) >= _CACHED_STRINGS:
-                    clean.clear()
-                clean[text] = None
+        if regex is None:
             return text
-        by_group = self._by_group
-
-        def replace(match: re.Match[str]) -> str:
-            group = match.lastgroup
-            assert group is not None
-            rule = by_group[group]
-            found = match.group(0)
-            if rule.check is not None and not rule.check(found):
-                return found
+        match = regex.search(text)
+        if match is None:
+            return text
+        out: list[str] = []
+        last = 0
+        while match is not None:
+            start, end = match.span()
+            rule = self._by_group[match.lastgroup or ""]
+            found = match.group()
+            if (
+                end == start
+                or rule.name == exempt
+                or (rule.check is not None and not rule.check(found))
+            ):
+                # A look-alike: look again from the next character, so that a real match
+                # overlapping the look-alike is not skipped.
+                match = regex.search(text, start + 1)
+                continue
+            out.append(text[last:start])
+            out.append(rule.replacement(found) if rule.replacement else f"[REDACTED:{rule.name}]")
             remarks.append(f"{rule.name}@{path}")
-            if rule.name == "home_path":
-                return re.sub(r"[^/\\]+$", "<user>", found)
-            return f"[REDACTED:{rule.name}]"
+            last = end
+            match = regex.search(text, end)
+        out.append(text[last:])
+        return "".join(out)
 
-        return regex.sub(replace, text)
+    def sensitive_key(self, key: str) -> bool:
+        """True when a property named ``key`` holds a secret or personal data by its name."""
+        return self._key_kind(key) == _SENSITIVE
 
-    def _is_secret_key(self, key: str) -> bool:
-        secret = self._secret.get(key)
-        if secret is None:
-            if len(self._secret) >= _CACHED_STRINGS:
-                self._secret.clear()
-            secret = self._secret[key] = _norm_key(key) in self.secret_keys
-        return secret
+    def _key_kind(self, key: str) -> int:
+        kind = self._keys.get(key)
+        if kind is None:
+            keys = self.secret_keys
+            name = _REDACTION.sub(" ", key)  # "[REDACTED:bearer_token]" names no token
+            words = [w.lower() for w in _WORDS.findall(name)]
+            if (
+                _norm_key(name) in keys
+                or (len(words) >= 1 and words[-1] in keys)
+                or (len(words) >= 2 and words[-2] + words[-1] in keys)
+            ):
+                kind = _SENSITIVE
+            elif words and words[-1] == "version":
+                kind = _VERSION
+            else:
+                kind = _PLAIN
+            if len(self._keys) >= 4096:  # bounded: keys may be generated
+                self._keys.clear()
+            self._keys[key] = kind
+        return kind
 
     def scrub(self, value: Any, path: str, remarks: list[str]) -> Any:
-        """Return ``value`` with every match redacted; append a remark per redaction."""
+        """Return ``value`` with every match redacted; append a remark per redaction.
+
+        Values are JSON data (as :func:`waypost.events.coerce` returns): strings are scanned,
+        integers of 14 digits and more too (a card number sent as a number), keys of mappings
+        too; a value under a sensitive name (:data:`SECRET_KEYS`) is replaced whole.
+        """
         if isinstance(value, str):
             return self.scrub_text(value, path, remarks)
         if isinstance(value, dict):
-            out = {}
-            clean = self._clean
+            out: dict[str, Any] = {}
             for key, item in value.items():
-                if (
-                    self._is_secret_key(key)
-                    and item is not None
-                    and not isinstance(item, (bool, dict, list))
-                ):
-                    remarks.append(f"secret_key@{path}.{key}")
-                    out[key] = "[REDACTED:secret_key]"
-                    continue
-                clean_key = key
-                if key and key not in clean:
-                    clean_key = self.scrub_text(key, f"{path}.<key>", remarks)
-                kind = type(item)
-                if kind is str:
-                    if item not in clean:
-                        item = self.scrub_text(item, f"{path}.{key}", remarks)
-                elif (
-                    kind is not int and kind is not float and kind is not bool and item is not None
-                ):
-                    item = self.scrub(item, f"{path}.{key}", remarks)
-                out[clean_key] = item
+                clean = self.scrub_text(key, f"{path}.<key>", remarks) if key else key
+                if clean in out:  # two keys redacted alike: keep both values
+                    n = 2
+                    while f"{clean}#{n}" in out:
+                        n += 1
+                    clean = f"{clean}#{n}"
+                sub = f"{path}.{clean}"
+                kind = self._key_kind(clean)
+                if kind == _SENSITIVE and item is not None and not isinstance(item, bool):
+                    if item != _KEY_REDACTED:  # scrubbed twice: one remark
+                        remarks.append(f"secret_key@{sub}")
+                    out[clean] = _KEY_REDACTED
+                elif kind == _VERSION and isinstance(item, str):
+                    # In a field named *version, 1.2.3.4 is a version, not an address.
+                    out[clean] = self.scrub_text(item, sub, remarks, exempt="ipv4")
+                else:
+                    out[clean] = self.scrub(item, sub, remarks)
             return out
         if isinstance(value, list):
             return [self.scrub(item, f"{path}[{i}]", remarks) for i, item in enumerate(value)]
+        if type(value) is int and not -_BIG_INT < value < _BIG_INT:
+            text = str(value)
+            clean = self.scrub_text(text, path, remarks)
+            return value if clean == text else clean
         return value
 
 
@@ -381,57 +527,71 @@ class IpHasher:
     """Salted SHA-256 of IP addresses with a rotating salt, for receivers that must key on an
     address without storing it (FlowForge stores such a hash, never the address).
 
-    The current and the previous salt are kept in ``path`` (mode 0600); a rotation destroys the
-    older one, so hashes older than two periods can no longer be linked to an address.
+    A salt is current for ``rotate_every`` seconds, then previous for as long again, then
+    destroyed: the file at ``path`` (mode 0600) holds at most these two. A hash can therefore be
+    matched against its address across one rotation, never across two. ``now`` (Unix seconds)
+    can be given for tests and replays.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, rotate_every: float = 86400.0) -> None:
+        if rotate_every <= 0:
+            raise ValueError(f"rotate_every must be positive, not {rotate_every!r}")
         self.path = Path(path)
         self.rotate_every = rotate_every
 
     def _load(self, now: float) -> dict[str, Any]:
         try:
             state: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
-            if not isinstance(state.get("current"), dict):
-                raise ValueError
-        except (OSError, ValueError):
-            state = {"current": {"salt": secrets.token_hex(32), "at": now}, "previous": None}
+            current = state["current"]
+            bytes.fromhex(current["salt"])
+            float(current["at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            state = {"current": self._new_salt(now), "previous": None}
             self._save(state)
-        if now - float(state["current"]["at"]) >= self.rotate_every:
-            state = {
-                "current": {"salt": secrets.token_hex(32), "at": now},
-                "previous": state["current"],
-            }
+            return state
+        age = now - float(current["at"])
+        if age >= self.rotate_every:
+            # The current salt retires; if it is already past its second period, it goes too.
+            previous = current if age < 2 * self.rotate_every else None
+            state = {"current": self._new_salt(now), "previous": previous}
             self._save(state)
         return state
+
+    @staticmethod
+    def _new_salt(now: float) -> dict[str, Any]:
+        return {"salt": secrets.token_hex(32), "at": now}
 
     def _save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with contextlib.suppress(AttributeError, OSError):  # no fchmod on Windows
+            os.fchmod(fd, 0o600)  # a stale temporary file may have been created looser
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(state, fh)
         os.replace(tmp, self.path)
 
     @staticmethod
     def _digest(salt: str, address: str) -> str:
-        import ipaddress
-
+        text = address.strip()
         try:
-            canonical = str(ipaddress.ip_address(address.strip()))
+            ip = ipaddress.ip_address(text)
         except ValueError:
-            canonical = address.strip().lower()
+            canonical = text.lower()
+        else:
+            mapped = getattr(ip, "ipv4_mapped", None)
+            canonical = str(mapped or ip)
         return hashlib.sha256(bytes.fromhex(salt) + canonical.encode()).hexdigest()
 
     def hash(self, address: str, *, now: float | None = None) -> str:
-        """The hash of ``address`` under the current salt."""
+        """The hash of ``address`` under the current salt (hex SHA-256)."""
         state = self._load(time.time() if now is None else now)
         return self._digest(state["current"]["salt"], address)
 
     def matches(self, address: str, hashed: str, *, now: float | None = None) -> bool:
         """True if ``hashed`` is ``address`` under the current or the previous salt."""
         state = self._load(time.time() if now is None else now)
-        salts = [state["current"]["salt"]] + (
-            [state["previous"]["salt"]] if state.get("previous") else []
-        )
+        salts = [state["current"]["salt"]]
+        if state.get("previous"):
+            salts.append(state["previous"]["salt"])
         return any(secrets.compare_digest(self._digest(salt, address), hashed) for salt in salts)

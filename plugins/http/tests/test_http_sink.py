@@ -315,6 +315,47 @@ def test_non_json_success_delivers_everything(
     assert not result.retry and not result.failed
 
 
+@pytest.mark.parametrize("key", ["uuid", "receipt", "id"])
+def test_receipt_from_the_answer(
+    recording_server: RecordingServer, sink_factory: Any, key: str
+) -> None:
+    recording_server.answer(Response(200, {key: "1ebfb9f0-6c0b-11ea-9aac-274c8c0cddda"}))
+    result = send_batch(sink_factory(), make_events(2))
+    assert not result.retry and not result.failed
+    assert result.receipt == "1ebfb9f0-6c0b-11ea-9aac-274c8c0cddda"
+
+
+def test_receipt_is_one_short_line_and_uuid_wins(
+    recording_server: RecordingServer, sink_factory: Any
+) -> None:
+    recording_server.answer(
+        Response(200, {"id": "second", "uuid": "first\nINFO forged line " + "x" * 500}),
+        Response(200, {"uuid": 42, "receipt": ""}),
+        Response(202, "accepted"),
+    )
+    sink = sink_factory()
+    receipt = send_batch(sink, make_events(1)).receipt
+    assert receipt is not None and "\n" not in receipt and len(receipt) == 200
+    assert receipt.startswith("first INFO forged line")
+    assert send_batch(sink, make_events(1)).receipt is None  # not strings: no receipt
+    assert send_batch(sink, make_events(1)).receipt is None  # not JSON: no receipt
+
+
+def test_receipt_is_logged_by_the_core(
+    recording_server: RecordingServer, make_telemetry: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    recording_server.responder = lambda r: Response(200, {"uuid": "1ebfb9f0-receipt"})
+    tel = make_telemetry(sinks={"ingest": {"type": "http", "url": f"{recording_server.url}/in"}})
+    caplog.set_level(logging.INFO, logger="waypost")
+    tel.track("report", {"users": 3})
+    assert tel.flush(timeout=10)
+    assert "waypost: sink 'ingest': receipt 1ebfb9f0-receipt" in caplog.text
+    recording_server.answer(Response(200, {"receipt": "r-2"}))
+    answer = HttpSink("ingest", tel.sinks["ingest"].config, tel.sinks["ingest"].context)
+    assert answer.test_request(make_events(1)[0])["receipt"] == "r-2"
+    answer.close()
+
+
 def test_413_is_split_by_the_core(recording_server: RecordingServer, sink_factory: Any) -> None:
     accepted: list[str] = []
 

@@ -47,7 +47,8 @@ def _safe_text(text: str) -> str:
             parts = None
         if parts is not None and parts.hostname and "@" in parts.netloc:
             host = parts.netloc.rsplit("@", 1)[1]
-            text = urlunsplit(parts._replace(netloc=f"{HIDDEN}@{host}"))
+            rest = _scrub(urlunsplit(parts._replace(scheme="", netloc="")))
+            return f"{parts.scheme}://{HIDDEN}@{_scrub(host)}{rest}"
     return _scrub(text)
 
 

@@ -28,6 +28,7 @@ from waypost.sinks import SendResult, Sink, SinkConfig, SinkContext, check_endpo
 
 __all__ = [
     "CONTENT_TYPES",
+    "RECEIPT_KEYS",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
     "HttpConfig",
@@ -38,6 +39,9 @@ __all__ = [
 
 SIGNATURE_HEADER = "X-Waypost-Signature"
 TIMESTAMP_HEADER = "X-Waypost-Timestamp"
+
+RECEIPT_KEYS = ("uuid", "receipt", "id")
+"""Top-level keys of a 2xx JSON answer read as the submission's receipt, first match wins."""
 
 CONTENT_TYPES = {
     "json": "application/json",
@@ -257,7 +261,14 @@ class HttpSink(Sink):
         result = _per_event_results([event], response) if delivered else None
         if result is not None and (result.retry or result.failed):
             delivered = False
-        return {"delivered": delivered, "status": response.status_code, "answer": answer}
+        answer_data: dict[str, Any] = {
+            "delivered": delivered,
+            "status": response.status_code,
+            "answer": answer,
+        }
+        if result is not None and result.receipt:
+            answer_data["receipt"] = result.receipt
+        return answer_data
 
 
 def _per_event_results(events: Sequence[Event], response: httpx.Response) -> SendResult:
@@ -266,12 +277,15 @@ def _per_event_results(events: Sequence[Event], response: httpx.Response) -> Sen
     Understood shapes (all keys optional): ``{"results": [{"id", "status": "ok" | "duplicate" |
     "retry" | "failed", "error"}]}``, ``{"rejected": [ids]}`` (failed for good) and
     ``{"retry": [ids]}``. Ids that are not in the batch are ignored; an unknown status fails the
-    event, with the status in the reason.
+    event, with the status in the reason. A top-level ``uuid``, ``receipt`` or ``id`` string is
+    the endpoint's reference to this submission (Firefly III answers ``{"uuid": "..."}``): it
+    becomes ``SendResult.receipt``, which the core logs and ``waypost send-heartbeat`` lists.
     """
     result = SendResult.ok()
     data = _json_object(response)
     if data is None:
         return result
+    result.receipt = _receipt(data)
     ids = {e.id for e in events}
     results = data.get("results")
     for item in results if isinstance(results, list) else ():
@@ -300,6 +314,15 @@ def _per_event_results(events: Sequence[Event], response: httpx.Response) -> Sen
     if result.retry:
         result.retry_after = parse_retry_after(response.headers.get("Retry-After"))
     return result
+
+
+def _receipt(data: Mapping[str, Any]) -> str | None:
+    for key in RECEIPT_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and value.strip():
+            # Printed in logs: one line, bounded, so a hostile answer cannot forge log lines.
+            return " ".join(value.split())[:200]
+    return None
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:
