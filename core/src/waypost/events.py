@@ -24,6 +24,7 @@ Level = Literal["error", "usage", "all"]
 LEVELS: dict[str, int] = {"off": 0, "error": 1, "usage": 2, "all": 3}
 
 _UTC = _dt.timezone.utc
+_ISO_SECOND: tuple[int, str] = (-(2**62), "")  # the last second formatted by iso_timestamp
 
 
 # --- ids --------------------------------------------------------------------------------------
@@ -56,7 +57,8 @@ class _UUID7:
                 ms, counter = self._last_ms, self._counter
         rand = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
         value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand
-        return str(uuid.UUID(int=value))
+        h = f"{value:032x}"  # what str(uuid.UUID(int=value)) gives, without building the UUID
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 uuid7 = _UUID7()
@@ -74,6 +76,24 @@ def coerce(value: Any, _depth: int = 0) -> Any:
     enums their value, sets/tuples lists, dataclasses and pydantic models dicts, bytes are refused
     (they are rarely meant to leave), non-finite floats become ``None``.
     """
+    if type(value) is dict and _depth <= 32:
+        # The common case, kept fast: a plain dict with string keys and scalar values.
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                return _coerce(value, _depth)
+            kind = type(item)
+            if kind is str or kind is int or kind is bool or item is None:
+                out[key] = item
+            elif kind is float:
+                out[key] = item if math.isfinite(item) else None
+            else:
+                out[key] = coerce(item, _depth + 1)
+        return out
+    return _coerce(value, _depth)
+
+
+def _coerce(value: Any, _depth: int) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -116,9 +136,13 @@ def coerce(value: Any, _depth: int = 0) -> Any:
     raise TypeError(f"value of type {type(value).__name__} is not JSON-serialisable")
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(data: Any) -> str:
     """Compact JSON for the wire and the outbox (data must already be coerced)."""
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    # One encoder for every call: json.dumps with options builds a new one each time.
+    return _ENCODER.encode(data)
 
 
 # --- the envelope -----------------------------------------------------------------------------
@@ -150,7 +174,18 @@ class Event:
     @property
     def iso_timestamp(self) -> str:
         """The timestamp as ISO 8601 with milliseconds and a ``Z``."""
-        return self.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        # The same text as timestamp.isoformat(timespec="milliseconds") (microseconds rounded
+        # half to even, then cut to milliseconds), with the seconds part cached: sinks ask for
+        # it once per event.
+        seconds = math.floor(self.time)
+        micros = round((self.time - seconds) * 1e6)
+        if micros >= 1_000_000:
+            seconds, micros = seconds + 1, micros - 1_000_000
+        cached = _ISO_SECOND
+        if cached[0] != seconds:
+            cached = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+            globals()["_ISO_SECOND"] = cached
+        return f"{cached[1]}.{micros // 1000:03d}Z"
 
     def to_dict(self) -> dict[str, Any]:
         """The envelope as sent by generic sinks (``jsonl``, ``http``, warehouses)."""

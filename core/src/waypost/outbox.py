@@ -22,6 +22,8 @@ from typing import Any
 from waypost.events import Event, dumps
 
 FILENAME = "outbox.sqlite3"
+_IN_CHUNK = 900
+"""Row ids per ``IN (...)`` list: within SQLite's oldest limit of 999 parameters."""
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -48,7 +50,10 @@ CREATE TABLE IF NOT EXISTS outbox (
   done_at REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_event_sink ON outbox (event_id, sink);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (sink, state, next_at, seq);
+-- Leases take a sink's pending rows in seq order: this index gives that order without a sort
+-- of every pending row (which made each lease cost O(backlog)).
+DROP INDEX IF EXISTS outbox_due;
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink, state, seq);
 CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created_at);
 """
 
@@ -115,6 +120,7 @@ class Outbox:
         self._local = threading.local()
         self._context_ids: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._connect().executescript(_SCHEMA)
 
@@ -142,19 +148,23 @@ class Outbox:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._connect()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        # Threads of one process queue here for the write lock: SQLite's own busy handler
+        # would make them sleep and poll (up to 100 ms a turn) while another thread writes.
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def after_fork(self) -> None:
         """Forget the parent's connections (never use them in a child)."""
         self._local = threading.local()
         self._conns = []
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
@@ -228,10 +238,14 @@ class Outbox:
             ).fetchall()
             if not rows:
                 return []
-            db.executemany(
-                "UPDATE outbox SET lease_pid = ?, lease_until = ? WHERE seq = ?",
-                [(os.getpid(), now + lease_seconds, r[0]) for r in rows],
-            )
+            seqs = [r[0] for r in rows]
+            for i in range(0, len(seqs), _IN_CHUNK):
+                chunk = seqs[i : i + _IN_CHUNK]
+                db.execute(
+                    "UPDATE outbox SET lease_pid = ?, lease_until = ? "
+                    f"WHERE seq IN ({','.join('?' * len(chunk))})",
+                    (os.getpid(), now + lease_seconds, *chunk),
+                )
         out = []
         contexts: dict[str, dict[str, Any]] = {}
         for seq, event_id, name, ts, body, ctx, remarks, attempts in rows:
@@ -271,7 +285,12 @@ class Outbox:
                     [(now, s) for (s,) in params],
                 )
             else:
-                db.executemany("DELETE FROM outbox WHERE seq = ?", params)
+                seqs = [s for (s,) in params]
+                for i in range(0, len(seqs), _IN_CHUNK):
+                    chunk = seqs[i : i + _IN_CHUNK]
+                    db.execute(
+                        f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(chunk))})", chunk
+                    )
 
     def retry(self, items: Iterable[tuple[int, float, str]]) -> None:
         """Schedule rows again: (seq, next attempt time, reason)."""

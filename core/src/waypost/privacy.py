@@ -334,6 +334,12 @@ _WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 _REDACTION = re.compile(r"\[REDACTED:[^\]]*\]")
 
 
+_CACHED_STRINGS = 4096
+"""How many clean strings a Scrubber remembers before starting over."""
+_CACHED_LENGTH = 256
+"""Longer strings are always scanned: they are rarely repeated."""
+
+
 def _norm_key(key: str) -> str:
     return re.sub(r"[^a-z0-9]", "", key.lower())
 
@@ -381,6 +387,9 @@ class Scrubber:
     def _compile(self) -> None:
         parts = []
         self._by_group: dict[str, Rule] = {}
+        # Telemetry repeats the same short strings (keys, plans, feature names): remembering
+        # which ones matched no rule spares the combined regex most of its work.
+        self._clean: dict[str, None] = {}
         for i, rule in enumerate(self.rules):
             group = f"_wp{i}"
             re.compile(rule.pattern, rule.flags)  # fail early with the rule's own pattern
@@ -401,7 +410,14 @@ class Scrubber:
     ) -> str:
         """``text`` with every match redacted; one remark per redaction. The rule named
         ``exempt``, if any, is not applied."""
+        cache = self._clean
+        if text in cache and exempt is None:
+            return text
         clean = self._scan(text, path, remarks, exempt)
+        if clean is text and exempt is None and len(text) <= _CACHED_LENGTH:
+            if len(cache) >= _CACHED_STRINGS:  # bounded: values may be generated
+                cache.clear()
+            cache[text] = None
         # A redaction can uncover a match its neighbour hid (``token=a&b@example.org``: the
         # address started inside the secret); look again, only when something was redacted.
         for _ in range(3):

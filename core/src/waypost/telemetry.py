@@ -31,6 +31,7 @@ from waypost.sinks import Sink, SinkContext
 log = logging.getLogger("waypost")
 
 _LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+_now = time.time
 _FORK_KEEP: list[Any] = []  # parent-process resources a forked child must never close
 
 
@@ -136,6 +137,7 @@ class Telemetry:
         self.last_heartbeat_outcome: str | None = None
         self._shutdown_callbacks: list[Callable[[float], Any]] = []
         self._on = False
+        self._fast = False  # on, not strict, not sync: track takes its shortest path
         self._lock = threading.RLock()
         self._closed = False
         self.pipeline: Pipeline | None = None
@@ -281,9 +283,11 @@ class Telemetry:
         self._runners_by_name = {r.name: r for r in self.pipeline.runners}
         self._buffer = self.pipeline.buffer
         self._wake_at = min(cfg.batch.size, cfg.outbox.buffer)
+        self._spill_at = cfg.outbox.buffer
         self._sync = cfg.outbox.durability == "sync"
         self.pipeline.start()
         self._on = True
+        self._fast = not self.strict and not self._sync
         _LIVE.add(self)
         atexit.register(self._at_exit)
         if cfg.heartbeat is not None and cfg.heartbeat.enabled:
@@ -377,6 +381,24 @@ class Telemetry:
         Never blocks on I/O and never raises in production mode; in strict mode bad input
         raises :class:`waypost.TrackError` at once.
         """
+        if self._fast and timestamp is None:
+            # The common case in as few steps as possible: on, not strict, not sync.
+            buffer = self._buffer
+            buffer.append(
+                (
+                    event,
+                    properties.copy() if type(properties) is dict else properties,
+                    _now(),
+                    level,
+                    distinct_id,
+                )
+            )
+            # Wake the worker once, as the buffer reaches a batch (an Event.set on every call
+            # past that point tripled the cost of track), and spill when it is full.
+            n = len(buffer)
+            if n == self._wake_at or n >= self._spill_at:
+                self.pipeline.nudge()  # type: ignore[union-attr]
+            return
         if not self._on:
             return
         if self.strict:
@@ -401,7 +423,7 @@ class Telemetry:
         )
         if self._sync:
             self.pipeline.drain()  # type: ignore[union-attr]
-        elif len(buffer) >= self._wake_at:
+        elif len(buffer) == self._wake_at or len(buffer) >= self._spill_at:
             self.pipeline.nudge()  # type: ignore[union-attr]
 
     def _check(self, event: Any, properties: Any, level: str | None) -> None:
@@ -563,6 +585,7 @@ class Telemetry:
                 self._emit_payload(None, callback(self.clock.time() - self.started_at))
         with self._lock:
             on, self._on = self._on, False
+            self._fast = False
         _LIVE.discard(self)
         try:
             atexit.unregister(self._at_exit)
@@ -765,7 +788,7 @@ class Telemetry:
         """Consent was withdrawn: stop collecting and sending at once. Events not yet stored
         are discarded; what the outbox holds stays there, unsent, until consent returns or an
         operator purges it."""
-        self._on = False
+        self._on = self._fast = False
         _LIVE.discard(self)
         atexit.unregister(self._at_exit)
         if self.scheduler is not None:
