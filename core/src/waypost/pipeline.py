@@ -60,7 +60,8 @@ class Counters:
 
 
 class Runner:
-    """Delivers one sink instance's rows from the outbox, on its own thread."""
+    """Delivers one sink instance's rows from the outbox, on its own threads (one per batch in
+    flight: ``Sink.concurrency``)."""
 
     def __init__(self, pipeline: Pipeline, sink: Sink) -> None:
         self.pipeline = pipeline
@@ -83,7 +84,10 @@ class Runner:
     def _reset_sync(self) -> None:
         self.kick = threading.Event()
         self.stop = False
-        self.thread: threading.Thread | None = None
+        self.threads: list[threading.Thread] = []
+        self._busy = 0
+        self._state = threading.Lock()
+        self._open_lock = threading.Lock()
         self._pass_lock = threading.Condition()
         self._requested = 0
         self._completed = 0
@@ -101,10 +105,16 @@ class Runner:
     # --- thread ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.thread = threading.Thread(
-            target=self._run, name=f"waypost-sink-{self.name}", daemon=True
-        )
-        self.thread.start()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"waypost-sink-{self.name}", daemon=True)
+            for _ in range(max(1, self.sink.concurrency))
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
 
     def request_pass(self) -> int:
         with self._pass_lock:
@@ -117,7 +127,7 @@ class Runner:
         with self._pass_lock:
             while self._completed < ticket:
                 left = deadline - time.monotonic()
-                if left <= 0 or self.thread is None or not self.thread.is_alive():
+                if left <= 0 or not self.alive:
                     return self._completed >= ticket
                 self._pass_lock.wait(min(left, 0.5))
         return True
@@ -135,24 +145,30 @@ class Runner:
         while not self.stop:
             try:
                 if not self.opened and not self._open():
-                    self._complete_pass()
+                    self._idle()
                     self._sleep(min(30.0, max(1.0, self.open_until - time.time())))
                     continue
                 now = time.time()
                 if self.open_until > now:
-                    self._complete_pass()
+                    self._idle()
                     self._sleep(self.open_until - now)
                     continue
                 leased = outbox.lease(
                     self.name, self.sink.batch_size, lease_seconds=self.pipeline.lease_seconds
                 )
                 if not leased:
-                    self._complete_pass()
+                    self._idle()
                     due = outbox.next_due(self.name)
                     wait = idle_wait if due is None else max(0.01, min(idle_wait, due - now))
                     self._sleep(wait)
                     continue
-                self._deliver(leased)
+                with self._state:
+                    self._busy += 1
+                try:
+                    self._deliver(leased)
+                finally:
+                    with self._state:
+                        self._busy -= 1
             except Exception as exc:  # the boundary: nothing escapes a sink's thread
                 self.pipeline.log_once(
                     f"runner:{self.name}:{type(exc).__name__}",
@@ -165,11 +181,24 @@ class Runner:
                 self._sleep(1.0)
         self._complete_pass()
 
+    def _idle(self) -> None:
+        """Nothing to take now: the flush pass is complete once no batch is in flight."""
+        with self._state:
+            busy = self._busy
+        if not busy:
+            self._complete_pass()
+
     def _sleep(self, seconds: float) -> None:
         self.kick.wait(seconds)
         self.kick.clear()
 
     def _open(self) -> bool:
+        with self._open_lock:
+            if self.opened:
+                return True
+            return self._open_once()
+
+    def _open_once(self) -> bool:
         try:
             self.sink.open()
         except Exception as exc:
@@ -220,50 +249,53 @@ class Runner:
         outbox.delivered(ok_rows, keep=keep > 0, now=now)
         outbox.retry(retry_rows)
         outbox.failed(failed_rows, now=now)
-        dropped = [i for i in result.dropped_by_destination if i in by_id]
-        # Events the destination accepted but said it dropped leave the outbox (resending would
-        # not help) and count as dropped, not delivered.
-        self.delivered += len(ok_rows) - len(dropped)
-        self.retried += len(retry_rows)
-        self.failed += len(failed_rows)
-        self.dropped_by_destination += len(dropped)
-        if failed_rows:
-            self.pipeline.counters.drop(f"refused:{self.name}", len(failed_rows))
-        if dropped:
-            self.pipeline.counters.drop(f"destination:{self.name}", len(dropped))
-        if result.receipt:
-            self.receipts.append(result.receipt)
-            log.info("waypost: sink %r: receipt %s", self.name, result.receipt)
-        if ok_rows:
-            self.last_success = now
-        if retry_rows or failed_rows:
-            sample = result.retry or result.failed
-            reason = batch_error or next(iter(sample.values()), "failed")
-            self.last_error, self.last_error_at = reason, now
-        if retry_rows and not ok_rows:
-            self.consecutive_failures += 1
-            if self.consecutive_failures >= self.pipeline.breaker_threshold:
-                self.open_until = now + policy.delay(self.consecutive_failures, result.retry_after)
-            elif result.retry_after:
-                self.open_until = now + min(result.retry_after, 24 * 3600.0)
-            self.pipeline.log_once(
-                f"retry:{self.name}",
-                "waypost: sink %r: %d events will be retried: %s",
-                self.name,
-                len(retry_rows),
-                self.last_error,
-            )
-        elif ok_rows:
-            self.consecutive_failures = 0
-            self.open_until = 0.0
-        if failed_rows:
-            self.pipeline.log_once(
-                f"failed:{self.name}",
-                "waypost: sink %r refused %d events for good: %s",
-                self.name,
-                len(failed_rows),
-                failed_rows[0][1],
-            )
+        with self._state:  # several threads may finish batches at once
+            dropped = [i for i in result.dropped_by_destination if i in by_id]
+            # Events the destination accepted but said it dropped leave the outbox (resending would
+            # not help) and count as dropped, not delivered.
+            self.delivered += len(ok_rows) - len(dropped)
+            self.retried += len(retry_rows)
+            self.failed += len(failed_rows)
+            self.dropped_by_destination += len(dropped)
+            if failed_rows:
+                self.pipeline.counters.drop(f"refused:{self.name}", len(failed_rows))
+            if dropped:
+                self.pipeline.counters.drop(f"destination:{self.name}", len(dropped))
+            if result.receipt:
+                self.receipts.append(result.receipt)
+                log.info("waypost: sink %r: receipt %s", self.name, result.receipt)
+            if ok_rows:
+                self.last_success = now
+            if retry_rows or failed_rows:
+                sample = result.retry or result.failed
+                reason = batch_error or next(iter(sample.values()), "failed")
+                self.last_error, self.last_error_at = reason, now
+            if retry_rows and not ok_rows:
+                self.consecutive_failures += 1
+                if self.consecutive_failures >= self.pipeline.breaker_threshold:
+                    self.open_until = now + policy.delay(
+                        self.consecutive_failures, result.retry_after
+                    )
+                elif result.retry_after:
+                    self.open_until = now + min(result.retry_after, 24 * 3600.0)
+                self.pipeline.log_once(
+                    f"retry:{self.name}",
+                    "waypost: sink %r: %d events will be retried: %s",
+                    self.name,
+                    len(retry_rows),
+                    self.last_error,
+                )
+            elif ok_rows:
+                self.consecutive_failures = 0
+                self.open_until = 0.0
+            if failed_rows:
+                self.pipeline.log_once(
+                    f"failed:{self.name}",
+                    "waypost: sink %r refused %d events for good: %s",
+                    self.name,
+                    len(failed_rows),
+                    failed_rows[0][1],
+                )
 
     def _send(self, events: Sequence[Event]) -> tuple[SendResult, str | None]:
         result, reason, contract = call_send(self.sink, events)
@@ -528,7 +560,7 @@ class Pipeline:
             return False
         if self.debug:
             return True
-        tickets = [(r, r.request_pass()) for r in self.runners if r.thread is not None]
+        tickets = [(r, r.request_pass()) for r in self.runners if r.threads]
         for runner, ticket in tickets:
             runner.wait_pass(ticket, deadline)
         return not self.buffer
@@ -562,15 +594,15 @@ class Pipeline:
             self.worker.join(max(0.0, deadline - time.monotonic()))
         stuck = False
         for runner in self.runners:
-            if runner.thread is not None:
-                runner.thread.join(max(0.0, deadline - time.monotonic()))
-                if runner.thread.is_alive():
-                    stuck = True
-                    log.warning(
-                        "waypost: sink %r still busy at shutdown; its events stay in the outbox",
-                        runner.name,
-                    )
-                    continue
+            for thread in runner.threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if runner.alive:
+                stuck = True
+                log.warning(
+                    "waypost: sink %r still busy at shutdown; its events stay in the outbox",
+                    runner.name,
+                )
+                continue
             try:
                 if runner.opened:
                     runner.sink.close()

@@ -70,7 +70,7 @@ def test_config_needs_exactly_one_stream() -> None:
 
 
 def test_config_hosts_and_consent_defaults() -> None:
-    config = Ga4Config.model_validate({"api_secret": "x", "measurement_id": "G-1"})
+    config = Ga4Config.model_validate({"api_secret": "s3cr3t-api", "measurement_id": "G-1"})
     assert config.host == "https://www.google-analytics.com"
     assert (config.ad_user_data, config.ad_personalization) == ("DENIED", "DENIED")
     eu = Ga4Config.model_validate({"api_secret": "x", "measurement_id": "G-1", "region": "eu"})
@@ -81,7 +81,7 @@ def test_config_hosts_and_consent_defaults() -> None:
         Ga4Config.model_validate(
             {"api_secret": "x", "measurement_id": "G-1", "ad_user_data": "yes"}
         )
-    assert "x" not in repr(config) and "x" not in str(config.model_dump())
+    assert "s3cr3t-api" not in repr(config) and "s3cr3t-api" not in str(config.model_dump())
 
 
 def test_batch_size_never_over_25() -> None:

@@ -40,6 +40,9 @@ class SinkConfig(BaseModel):
         default=None, ge=1, description="Events per request; capped at the sink's own maximum."
     )
     timeout: float = Field(default=10.0, gt=0, le=300, description="Seconds per request.")
+    concurrency: int | None = Field(
+        default=None, ge=1, le=16, description="Batches in flight at once (sink's default)."
+    )
     events: list[str] | None = Field(
         default=None, description="Only events whose name matches one of these globs."
     )
@@ -184,6 +187,9 @@ class Sink:
     type: ClassVar[str] = ""
     Config: ClassVar[builtins.type[SinkConfig]] = SinkConfig
     max_batch_size: ClassVar[int] = 500
+    default_concurrency: ClassVar[int] = 1
+    """Batches in flight at once; raise it only if ``send`` is safe to call from several
+    threads (an httpx or requests client is)."""
     deprecated: ClassVar[str | None] = None
     """If set, the sink is deprecated and this says what to use instead."""
 
@@ -191,6 +197,10 @@ class Sink:
         self.name = name
         self.config = config
         self.context = context
+
+    @property
+    def concurrency(self) -> int:
+        return self.config.concurrency or type(self).default_concurrency
 
     @property
     def batch_size(self) -> int:

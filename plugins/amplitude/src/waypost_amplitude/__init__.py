@@ -65,6 +65,7 @@ class AmplitudeSink(Sink):
     type = "amplitude"
     Config = AmplitudeConfig
     max_batch_size = MAX_EVENTS
+    default_concurrency = 4  # send() is safe from several threads
 
     @property
     def settings(self) -> AmplitudeConfig:

@@ -167,6 +167,7 @@ class Ga4Sink(Sink):
     type = "ga4"
     Config = Ga4Config
     max_batch_size = limits.MAX_EVENTS_PER_REQUEST
+    default_concurrency = 4  # send() is safe from several threads
 
     def __init__(self, name: str, config: SinkConfig, context: SinkContext) -> None:
         super().__init__(name, config, context)

@@ -164,6 +164,7 @@ class HttpSink(Sink):
     type = "http"
     Config = HttpConfig
     max_batch_size = 500
+    default_concurrency = 4  # send() is safe from several threads
     config: HttpConfig
 
     def __init__(self, name: str, config: SinkConfig, context: SinkContext) -> None:

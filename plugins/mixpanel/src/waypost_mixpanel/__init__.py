@@ -98,6 +98,7 @@ class MixpanelSink(Sink):
     type = "mixpanel"
     Config = MixpanelConfig
     max_batch_size = MAX_EVENTS
+    default_concurrency = 4  # send() is safe from several threads
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -129,6 +129,7 @@ class PlausibleSink(Sink):
     type = "plausible"
     Config = PlausibleConfig
     max_batch_size = 50
+    default_concurrency = 4  # send() is safe from several threads
     deprecated = DEPRECATION
     config: PlausibleConfig
 

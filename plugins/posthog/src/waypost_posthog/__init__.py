@@ -84,6 +84,7 @@ class PosthogSink(Sink):
     type = "posthog"
     Config = PosthogConfig
     max_batch_size = 250
+    default_concurrency = 4  # send() is safe from several threads
 
     _requests: ModuleType
     _sdk: ModuleType
