@@ -402,6 +402,9 @@ def test_httpx_request_log_masks_the_api_secret(
 ) -> None:
     server, _ = ga4
     caplog.set_level(logging.DEBUG)
+    # Another library in the same process may have quietened httpx (mixpanel's SDK sets it to
+    # ERROR when imported): this test wants its request lines.
+    caplog.set_level(logging.DEBUG, logger="httpx")
     sink = make_ga4(server.url)
     send_batch(sink, make_events(1))
     lines = [r.getMessage() for r in caplog.records if r.name == "httpx"]

@@ -7,6 +7,7 @@ that cannot be sent as they are.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import re
@@ -142,7 +143,7 @@ class _SecretFilter(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.secrets: set[str] = set()
+        self.secrets: collections.Counter[str] = collections.Counter()  # open sinks per secret
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
@@ -187,7 +188,8 @@ class Ga4Sink(Sink):
         from waypost_ga4 import __version__
 
         secret = self.settings.api_secret.get_secret_value()
-        _SECRET_FILTER.secrets.add(secret)
+        _SECRET_FILTER.secrets[secret] += 1
+        self._masked = secret
         httpx_logger = logging.getLogger("httpx")
         if _SECRET_FILTER not in httpx_logger.filters:
             httpx_logger.addFilter(_SECRET_FILTER)
@@ -200,6 +202,12 @@ class Ga4Sink(Sink):
         )
 
     def close(self) -> None:
+        secret: str | None = getattr(self, "_masked", None)
+        self._masked = ""
+        if secret:
+            _SECRET_FILTER.secrets[secret] -= 1
+            if _SECRET_FILTER.secrets[secret] <= 0:
+                del _SECRET_FILTER.secrets[secret]
         client, self._client = self._client, None
         if client is not None:
             client.close()
