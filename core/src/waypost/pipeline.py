@@ -82,7 +82,8 @@ class Runner:
         self._reset_sync()
 
     def _reset_sync(self) -> None:
-        self.kick = threading.Event()
+        self._wakeup = threading.Condition()
+        self._wakes = 0
         self.stop = False
         self.threads: list[threading.Thread] = []
         self._busy = 0
@@ -120,7 +121,7 @@ class Runner:
         with self._pass_lock:
             self._requested += 1
             ticket = self._requested
-        self.kick.set()
+        self.wake()
         return ticket
 
     def wait_pass(self, ticket: int, deadline: float) -> bool:
@@ -189,8 +190,15 @@ class Runner:
             self._complete_pass()
 
     def _sleep(self, seconds: float) -> None:
-        self.kick.wait(seconds)
-        self.kick.clear()
+        with self._wakeup:
+            seen = self._wakes
+            self._wakeup.wait_for(lambda: self._wakes != seen or self.stop, timeout=seconds)
+
+    def wake(self) -> None:
+        """Wake every thread of this runner (new rows, a flush, a stop)."""
+        with self._wakeup:
+            self._wakes += 1
+            self._wakeup.notify_all()
 
     def _open(self) -> bool:
         with self._open_lock:
@@ -512,7 +520,7 @@ class Pipeline:
                 stored_any = True
         if stored_any:
             for runner in self.runners:
-                runner.kick.set()
+                runner.wake()
         return True
 
     def _store(self, events: list[Event]) -> None:
@@ -579,7 +587,7 @@ class Pipeline:
             self.outbox.retry_now([r.name for r in self.runners])
         for runner in self.runners:
             runner.open_until = 0.0
-            runner.kick.set()
+            runner.wake()
 
     def shutdown(self, timeout: float, *, flush: bool = True) -> bool:
         """Stop the threads within ``timeout``; with ``flush``, deliver what can be first."""
@@ -589,7 +597,7 @@ class Pipeline:
         self.wake.set()
         for runner in self.runners:
             runner.stop = True
-            runner.kick.set()
+            runner.wake()
         if self.worker is not None:
             self.worker.join(max(0.0, deadline - time.monotonic()))
         stuck = False

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from waypost.schedule import DAY, ManualClock
-from waypost.testing import RecordingServer, Response
+from waypost.testing import RecordingServer, Response, free_port
 
 HERE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(HERE))
@@ -43,6 +43,11 @@ def forge(tmp_path: Path, clean_env: dict[str, str]) -> Any:
 
     def make(settings_file: Path = HERE / "flowforge.yml", **kwargs: Any) -> Forge:
         kwargs.setdefault("data_dir", tmp_path / "data")
+        # Nothing leaves this machine: destinations a test does not name are a closed port.
+        closed = f"http://127.0.0.1:{free_port()}"
+        kwargs.setdefault("ping_url", f"{closed}/")
+        kwargs.setdefault("posthog_host", closed)
+        kwargs.setdefault("plausible_host", closed)
         f = Forge(settings_file, env=clean_env, strict=True, notice=lambda text: None, **kwargs)
         made.append(f)
         return f
