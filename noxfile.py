@@ -58,6 +58,7 @@ def lint(session: nox.Session) -> None:
         "ruff>=0.8",
         "mypy>=1.13",
         "types-PyYAML",
+        "pytest>=8",
         "-e",
         "./core[admin]",
         *(f"-e./plugins/{p}" for p in PLUGINS),
