@@ -542,9 +542,11 @@ def test_config_disables_rules_adds_patterns_and_keys() -> None:
 
 
 def test_a_bad_pattern_names_its_key() -> None:
-    config = TelemetryConfig.model_validate({"scrub": {"patterns": {"broken": "(unclosed"}}})
-    with pytest.raises(ConfigError, match=r"telemetry\.scrub\.patterns\.broken: invalid regular"):
-        Scrubber.from_config(config)
+    from waypost.config import load
+
+    # Refused when the config is loaded, so production mode turns telemetry off, not the host.
+    with pytest.raises(ConfigError, match=r"telemetry\.scrub\.patterns: pattern 'broken' is not"):
+        load({"telemetry": {"scrub": {"patterns": {"broken": "(unclosed"}}}}, {})
 
 
 def test_plugin_rule_flags_apply_to_that_rule_only() -> None:

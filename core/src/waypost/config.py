@@ -82,6 +82,18 @@ class ScrubConfig(_Model):
         default_factory=list, description="Extra property names whose values are always redacted."
     )
 
+    @field_validator("patterns")
+    @classmethod
+    def _compile(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for name, pattern in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"pattern {name!r} is not a valid regular expression: {exc}"
+                ) from None
+        return patterns
+
 
 class NoticeConfig(_Model):
     enabled: bool = True

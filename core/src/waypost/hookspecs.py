@@ -36,7 +36,9 @@ def register_scrubbers(register: Callable[[Rule], None]) -> None:
     """Contribute scrubbing rules: call ``register(waypost.privacy.Rule(...))``.
 
     :param register: takes a :class:`waypost.privacy.Rule`; its pattern is redacted from every
-        string property, after the built-in rules.
+        string property, after the built-in rules. A rule may carry a ``check`` (confirm a
+        match), a ``replacement`` and its own ``flags``; patterns are joined into one regular
+        expression, so they must not use numbered backreferences.
     """
 
 

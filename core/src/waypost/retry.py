@@ -40,12 +40,18 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
 
 
 def raise_for_status(
-    status: int, headers: Mapping[str, str] | None = None, body: str = "", *, what: str = ""
+    status: int,
+    headers: Mapping[str, str] | None = None,
+    body: str = "",
+    *,
+    what: str = "",
+    retry_after: float | None = None,
 ) -> None:
     """Classify an HTTP answer: return on 2xx, else raise the matching ``SinkError``.
 
     408, 425, 429 and 5xx are retryable (honouring ``Retry-After``), 413 asks the core to split
     the batch, every other status is permanent. The body's first 300 characters go in the reason.
+    ``retry_after`` (seconds) stands in for the header when a client library parsed it already.
     """
     if 200 <= status < 300:
         return
@@ -54,7 +60,12 @@ def raise_for_status(
     if status == 413:
         raise PayloadTooLarge(reason)
     if status in RETRYABLE_STATUS or status >= 500:
-        raise RetryableError(reason, retry_after=parse_retry_after(_header(headers, "Retry-After")))
+        wait = (
+            retry_after
+            if retry_after is not None
+            else parse_retry_after(_header(headers, "Retry-After"))
+        )
+        raise RetryableError(reason, retry_after=wait)
     raise PermanentError(reason)
 
 
