@@ -75,10 +75,10 @@ def test_app_opt_out_variable(make_telemetry: Factory, clean_env: dict[str, str]
     enabled, rule, reason = status(tel)
     assert (enabled, rule) == (False, "app_env")
     assert reason == "DISABLE_FLOWISE_TELEMETRY=true in the environment turns telemetry off"
-    # false says "on", and it outranks the config file too
+    # false does not decide: it never turns on what the config file turned off
     env = {**clean_env, "DISABLE_FLOWISE_TELEMETRY": "false"}
     tel = make_telemetry(env=env, config={**FLOWISE, "enabled": False}, start=False)
-    assert status(tel)[:2] == (True, "app_env")
+    assert status(tel)[:2] == (False, "config")
 
 
 def test_app_opt_in_variable(make_telemetry: Factory, clean_env: dict[str, str]) -> None:
@@ -118,9 +118,10 @@ def test_admin_choice_is_stored_and_applied(make_telemetry: Factory, tmp_path: P
     assert not tel.enabled
     stored = StoredConsent.read(data)
     assert stored is not None and (stored.enabled, stored.policy_version) == (False, "1")
-    again = make_telemetry(data_dir=data, start=False)
+    again = make_telemetry(data_dir=data)
     assert status(again) == (False, "admin", "the administrator turned telemetry off")
-    # Turned on again: the running instance starts at once.
+    # Turned on again: the application's instance starts at once (an inspecting instance,
+    # made with start=False as the CLI does, only stores the choice).
     decision = again.set_consent(True)
     assert (decision.enabled, decision.rule) == (True, "admin")
     assert again.enabled

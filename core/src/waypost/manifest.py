@@ -17,6 +17,11 @@ ENVELOPE = [
         "string",
         "Random id of this installation, created once; not linked to a person.",
     ),
+    (
+        "distinct_id",
+        "string",
+        "The id destinations count by: the instance id, unless the application sets its own.",
+    ),
     ("context.app", "object", "Application name and version."),
     ("context.os", "object", "Operating system type, release and architecture."),
     ("context.python", "string", "Python version."),

@@ -63,8 +63,13 @@ def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
     return dist.metadata["Name"] or "unknown", dist.version or "unknown"
 
 
+KNOWN_DISTRIBUTIONS = {"sql": "waypost-warehouse", "snowflake": "waypost-warehouse"}
+"""Sink types whose distribution is not named after them."""
+
+
 def install_hint(sink_type: str) -> str:
-    return f"pip install waypost-{sink_type.replace('_', '-')}"
+    dist = KNOWN_DISTRIBUTIONS.get(sink_type, f"waypost-{sink_type.replace('_', '-')}")
+    return f"pip install {dist}"
 
 
 class PluginManager:
@@ -179,6 +184,15 @@ class PluginManager:
                     self.load_sink_type(sink_type)
                 except PluginError:
                     pass
+                if sink_type in self._sinks and not info.loaded:
+                    # Its module was loaded through another entry point of the same plugin.
+                    sibling = next(
+                        (i for i in self._infos.values() if i.module == info.module and i.loaded),
+                        None,
+                    )
+                    info.loaded = True
+                    if sibling is not None:
+                        info.sink_types, info.hooks = sibling.sink_types, sibling.hooks
             out.append(info)
         return out
 

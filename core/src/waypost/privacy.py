@@ -6,7 +6,8 @@ wins, and the deciding rule is kept for ``status()``:
 1. ``DO_NOT_TRACK`` set to a true value (``1``, ``true``, ``yes``, ``on``, any case, spaces
    around ignored) -> off. Any other value (``0``, ``false``, empty) leaves the decision to the
    rules below.
-2. The application's own variable (``disable_env``: true means off, false means on;
+2. The application's own variable (``disable_env``: true means off; false does not decide,
+   so it never turns on what the config file or the administrator turned off;
    ``enable_env``: true means on, false means off). True is ``1``/``true``/``yes``/``on``, false
    is ``0``/``false``/``no``/``off``; any other value is ignored.
 3. The config file's ``telemetry.enabled``.
@@ -109,12 +110,11 @@ def resolve_consent(
     if config.disable_env:
         value = env.get(config.disable_env)
         flag = parse_bool(value)
-        if flag is not None:
-            state = "off" if flag else "on"
+        if flag:
             return Decision(
-                not flag,
+                False,
                 "app_env",
-                f"{config.disable_env}={value} in the environment turns telemetry {state}",
+                f"{config.disable_env}={value} in the environment turns telemetry off",
             )
     if config.enable_env:
         value = env.get(config.enable_env)

@@ -191,6 +191,7 @@ class Telemetry:
         for sink_class in sink_classes:
             self.plugins.register_sink(sink_class)
         self._notice_callback = notice
+        self._autostart = start
         if self.decision.enabled and self.config_error is None and start:
             self._start()
         metrics = self.config.metrics
@@ -217,7 +218,10 @@ class Telemetry:
                 return base
             return Decision(False, "level", "telemetry.level is off")
         stored = StoredConsent.read(self.data_dir)
-        return resolve_consent(self.config, self._env, stored, config_source=self.config_file)
+        source = self.config_file
+        if self._env.get("WAYPOST_ENABLED"):
+            source = f"the environment (WAYPOST_ENABLED={self._env['WAYPOST_ENABLED']})"
+        return resolve_consent(self.config, self._env, stored, config_source=source)
 
     def _register_plugin_module(self, module_name: str) -> None:
         import importlib
@@ -778,7 +782,7 @@ class Telemetry:
         with self._lock:
             if self._closed or self.config_error is not None:
                 return self.decision
-            if self.decision.enabled and not self._on:
+            if self.decision.enabled and not self._on and self._autostart:
                 self._start()
             elif not self.decision.enabled and self._on:
                 self._stop_running()
