@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,48 @@ def test_test_sink_sends_one_event(
         ["test-sink", "file"], {**clean_env, "DO_NOT_TRACK": "1"}, tmp_path, waypost_cli
     )
     assert off.returncode == 1 and "telemetry is off" in off.stdout
+
+
+def test_the_cli_finds_the_applications_data_dir_from_its_config_file(
+    tmp_path: Path, clean_env: dict[str, str], waypost_cli: str
+) -> None:
+    home = tmp_path / "home"
+    env = {**clean_env, "HOME": str(home), "XDG_DATA_HOME": str(home / ".local/share")}
+    path = config(tmp_path, "telemetry:\n  sinks: {log: {}}\n")
+    app = textwrap.dedent(f"""
+        import waypost
+        tel = waypost.Telemetry(app="myq", config={str(path)!r}, notice=lambda text: None)
+        tel.track("x")
+        tel.shutdown()
+        print(tel.data_dir)
+    """)
+    ran = subprocess.run([sys.executable, "-c", app], env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    data_dir = ran.stdout.strip()
+    assert data_dir.endswith("/waypost/myq")
+    st = json.loads(
+        waypost_run(["--config", str(path), "status", "--json"], env, tmp_path, waypost_cli).stdout
+    )
+    assert st["app"] == "myq" and st["data_dir"] == data_dir
+
+
+def test_consent_off_from_the_cli_sends_nothing(
+    tmp_path: Path, clean_env: dict[str, str], waypost_cli: str
+) -> None:
+    with RecordingServer() as server:
+        config(
+            tmp_path,
+            f"""
+            telemetry:
+              enabled: true
+              data_dir: data
+              plugins: [urlsink]
+              sinks:
+                dest: {{type: urltest, url: "{server.url}/x"}}
+        """,
+        )
+        env = {**clean_env, "PYTHONPATH": str(SUPPORT)}
+        out = waypost_run(["consent", "off", "--json"], env, tmp_path, waypost_cli)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["overridden"] is True
+        assert server.requests == []

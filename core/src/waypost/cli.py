@@ -53,6 +53,13 @@ class Ctx:
             )
             if not start and tel.config_error is None:
                 tel._make_sinks()
+            if tel.data_dir_source == "default" and not self.app:
+                click.echo(
+                    f"warning: no application name or data dir given; using {tel.data_dir}. "
+                    "Set telemetry.app or telemetry.data_dir in the config (or pass --app) so "
+                    "the CLI works on the application's own records.",
+                    err=True,
+                )
         except WaypostError as exc:
             raise Failure(str(exc)) from None
         return tel

@@ -50,6 +50,49 @@ def default_data_dir(app: str) -> Path:
     return Path(platformdirs.user_data_dir("waypost", appauthor=False)) / app
 
 
+def _installations_file() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("waypost", appauthor=False)) / "installations.json"
+
+
+def _recall_installation(config_file: str) -> dict[str, str] | None:
+    """The app name and data dir an application last used with this config file, so that
+    ``waypost --config FILE`` works on the application's own data dir."""
+    import json
+
+    try:
+        known = json.loads(_installations_file().read_text(encoding="utf-8"))
+        entry = known.get(str(Path(config_file).resolve()))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("data_dir") else None
+
+
+def _remember_installation(config_file: str, app: str, data_dir: Path) -> None:
+    import json
+
+    path = _installations_file()
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    key = str(Path(config_file).resolve())
+    entry = {"app": app, "data_dir": str(data_dir.resolve())}
+    if known.get(key) == entry:
+        return
+    known[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("waypost: cannot record the installation: %s", exc)
+
+
 class SinkStatus(BaseModel):
     name: str
     type: str
@@ -169,13 +212,25 @@ class Telemetry:
             self.config = TelemetryConfig(enabled=False, strict=False)
             self.config_file = str(config) if isinstance(config, (str, os.PathLike)) else None
         cfg = self.config
-        self.app = app or cfg.app or "app"
+        from_file = self.config_file not in (None, "<config>")
+        recalled = None
+        if not (app or cfg.app or data_dir or cfg.data_dir or self._env.get("WAYPOST_HOME")):
+            # An inspecting process (the CLI) with only the config file: use the data dir the
+            # application itself used with this file, if it has run here.
+            recalled = _recall_installation(str(self.config_file)) if from_file else None
+        self.app = app or cfg.app or (recalled or {}).get("app") or "app"
         self.version = version or cfg.version or "0"
         self.strict = cfg.strict
         self.debug = cfg.debug
         self.distinct_id = distinct_id or cfg.distinct_id or ""
         configured = cfg.data_dir.expanduser() if cfg.data_dir else None
-        from_file = self.config_file not in (None, "<config>")
+        if configured is None and recalled is not None:
+            configured = Path(recalled["data_dir"])
+        self.data_dir_source = (
+            "argument" if data_dir else "WAYPOST_HOME" if self._env.get("WAYPOST_HOME")
+            else "config" if cfg.data_dir else "recalled" if recalled
+            else "default"
+        )  # fmt: skip
         if configured is not None and not configured.is_absolute() and from_file:
             configured = Path(str(self.config_file)).resolve().parent / configured
         env_home = self._env.get("WAYPOST_HOME")
@@ -293,6 +348,8 @@ class Telemetry:
         self._on = True
         self._fast = not self.strict and not self._sync
         _LIVE.add(self)
+        if self.config_file not in (None, "<config>") and self.data_dir_source == "default":
+            _remember_installation(str(self.config_file), self.app, self.data_dir)
         atexit.register(self._at_exit)
         if cfg.heartbeat is not None and cfg.heartbeat.enabled:
             hb = cfg.heartbeat
