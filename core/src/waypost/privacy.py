@@ -204,7 +204,7 @@ _PROSE = re.compile(r"[A-Z]?[a-z]+(?:-[a-z]+)*")
 def _token(text: str) -> bool:
     """Anything after ``Bearer``/``Token`` is a credential unless it is a plain word:
     ``Bearer authentication`` and ``token-based`` are prose."""
-    return _PROSE.fullmatch(text.split(None, 1)[1]) is None
+    return _PROSE.fullmatch(text.split(None, 1)[1].rstrip(".,;:!?")) is None
 
 
 def _basic(text: str) -> bool:
@@ -253,7 +253,7 @@ def _ipv6_pattern() -> str:
 
 _CREDENTIAL_NAMES = (
     r"pass(?:word|wd|phrase)|pwd|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key|"
-    r"private[_-]?key|signing[_-]?key|credentials?"
+    r"private[_-]?key|signing[_-]?key|credentials?|(?:proxy-)?authorization"
 )
 
 BUILTIN_RULES: tuple[Rule, ...] = (
@@ -290,7 +290,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "bearer_token",
-        r"(?<![\w-])(?:[Bb]earer|BEARER|[Tt]oken|TOKEN)[ \t]+[A-Za-z0-9_.~+/-]{16,}=*",
+        r"(?<![\w-])(?:[Bb]earer|BEARER|[Tt]oken|TOKEN)[ \t]+[A-Za-z0-9_.~+/-]{8,}=*",
         check=_token,
     ),
     Rule("basic_auth", r"(?<![\w-])(?:[Bb]asic|BASIC)[ \t]+[A-Za-z0-9+/]{4,}={0,2}", check=_basic),
