@@ -91,7 +91,7 @@ def test_planted_personal_data_never_reaches_the_file(
         "email@properties.comment", "ipv4@properties.peer", "ipv6@properties.peer",
         "ipv6@properties.mapped", "credit_card@properties.card", "jwt@properties.jwt",
         "api_key@properties.aws", "api_key@properties.github",
-        "bearer_token@properties.header", "url_credentials@properties.dsn",
+        "secret_pair@properties.header", "url_credentials@properties.dsn",
         "secret_pair@properties.cmd", "private_key@properties.pem", "home_path@properties.cwd",
         "home_path@properties.mac", "home_path@properties.win",
         "email@properties.nested.list[1].owner", "email@properties.<key>",
