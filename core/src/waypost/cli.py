@@ -370,13 +370,20 @@ def manifest(obj: Ctx, as_json: bool) -> None:
             metrics = registry.describe()
     except Exception:
         metrics = []
-    data = mf.build(schemas=tel.config.schemas, sinks=sinks, metrics=metrics)
+    import os
+
+    search = [os.getcwd()]
+    if tel.config_file not in (None, "<config>"):
+        search.insert(0, os.path.dirname(os.path.abspath(tel.config_file)))
+    data = mf.build(schemas=tel.config.schemas, sinks=sinks, metrics=metrics, search=search)
     if as_json:
         _dump(data)
     else:
         click.echo(mf.to_markdown(data, app=tel.app), nl=False)
     for error in data["errors"]:
-        click.echo(f"warning: {error}", err=True)
+        click.echo(f"error: {error}", err=True)
+    if data["errors"]:
+        sys.exit(1)  # a listed schema module is missing: the table would be incomplete
 
 
 # --- test-sink ---------------------------------------------------------------------------------

@@ -29,8 +29,17 @@ ENVELOPE = [
 ]
 
 
-def import_schemas(modules: list[str]) -> list[str]:
-    """Import the modules that declare Payload classes; return error messages, if any."""
+def import_schemas(modules: list[str], search: list[str] | None = None) -> list[str]:
+    """Import the modules that declare Payload classes; return error messages, if any.
+
+    ``search`` directories (the config file's, the working directory) are tried too, so an
+    application's own modules are found when the CLI runs from its source tree.
+    """
+    import sys
+
+    for path in search or []:
+        if path not in sys.path:
+            sys.path.append(path)
     errors = []
     for name in modules:
         try:
@@ -105,14 +114,18 @@ def describe_payload(cls: type[Payload]) -> dict[str, Any]:
 
 
 def build(
-    *, schemas: list[str], sinks: list[dict[str, Any]], metrics: list[dict[str, Any]] | None = None
+    *,
+    schemas: list[str],
+    sinks: list[dict[str, Any]],
+    metrics: list[dict[str, Any]] | None = None,
+    search: list[str] | None = None,
 ) -> dict[str, Any]:
     """The manifest as data: events (from Payload classes), envelope, sinks, metrics.
 
     With ``schemas``, only Payload classes defined in those modules (or below them) are listed;
     without, every Payload class defined so far.
     """
-    errors = import_schemas(schemas)
+    errors = import_schemas(schemas, search)
     classes = list(registered_payloads().values())
     if schemas:
         classes = [
