@@ -283,3 +283,18 @@ def test_consent_off_from_the_cli_sends_nothing(
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["overridden"] is True
         assert server.requests == []
+
+
+def test_status_without_a_secret_in_this_environment(
+    tmp_path: Path, clean_env: dict[str, str], waypost_cli: str
+) -> None:
+    config(
+        tmp_path,
+        "telemetry:\n  data_dir: data\n  sinks:\n    f: {type: jsonl, path: '${OUT_FILE}'}\n",
+    )
+    out = waypost_run(["status", "--json"], clean_env, tmp_path, waypost_cli)
+    assert out.returncode == 0, out.stderr
+    (sink,) = json.loads(out.stdout)["sinks"]
+    assert sink["state"] == "error" and "environment variable OUT_FILE is not set" in sink["error"]
+    flush = waypost_run(["flush"], clean_env, tmp_path, waypost_cli)
+    assert flush.returncode == 2 and "OUT_FILE" in flush.stderr

@@ -41,28 +41,42 @@ def test_sink_type_defaults_to_the_key_and_one_type_can_be_configured_twice() ->
     assert specs["a"]["type"] == specs["b"]["type"] == "jsonl"
 
 
-def test_env_expansion_and_overrides(tmp_path: Path) -> None:
+def test_env_expansion_and_overrides(tmp_path: Path, clean_env: dict[str, str]) -> None:
     path = write(
-        tmp_path,
-        "t.yml",
-        "telemetry:\n  sinks:\n    ingest:\n      type: http\n"
-        "      headers: {Authorization: 'Bearer ${TOKEN}'}\n      url: '${URL:-https://x.example}'\n",
-    )
-    env = {"TOKEN": "abc", "WAYPOST_LEVEL": "error", "WAYPOST_BATCH__SIZE": "7"}
+        tmp_path, "t.yml",
+        "telemetry:\n  app: '${APP_NAME:-fallback}'\n  sinks:\n    ingest:\n      type: jsonl\n"
+        "      path: '${OUT}'\n",
+    )  # fmt: skip
+    env = {**clean_env, "OUT": str(tmp_path / "o.jsonl"), "WAYPOST_LEVEL": "error",
+           "WAYPOST_BATCH__SIZE": "7"}  # fmt: skip
     config, source = cfg.load(path, env)
     assert source == str(path)
-    spec = config.sink_specs()["ingest"]
-    assert spec["headers"]["Authorization"] == "Bearer abc"
-    assert spec["url"] == "https://x.example"
+    assert config.app == "fallback"
     assert config.level == "error" and config.batch.size == 7
+    # Sink settings are expanded when the sink is made.
+    tel = waypost.Telemetry(config=path, env=env, data_dir=tmp_path / "d", strict=True, start=False)
+    tel._make_sinks()
+    assert str(tel.sinks["ingest"].config.path) == str(tmp_path / "o.jsonl")  # type: ignore[attr-defined]
 
 
-def test_missing_env_var_names_file_key_and_variable(tmp_path: Path) -> None:
-    path = write(tmp_path, "t.yml", "telemetry:\n  sinks:\n    p: {api_key: '${NOPE}'}\n")
+def test_missing_env_var_names_file_key_and_variable(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    path = write(tmp_path, "t.yml", "telemetry:\n  app: '${NOPE_APP}'\n")
     with pytest.raises(ConfigError) as info:
         cfg.load(path, {})
+    assert str(path) in str(info.value) and "telemetry.app" in str(info.value)
+    assert "NOPE_APP" in str(info.value)
+    path = write(tmp_path, "u.yml", "telemetry:\n  sinks:\n    p: {type: jsonl, path: '${NOPE}'}\n")
+    with pytest.raises(ConfigError) as info:
+        waypost.Telemetry(config=path, env=clean_env, data_dir=tmp_path / "d", strict=True)
     text = str(info.value)
-    assert str(path) in text and "telemetry.sinks.p.api_key" in text and "NOPE" in text
+    assert str(path) in text and "telemetry.sinks.p.path" in text and "NOPE" in text
+    # Production mode: that sink is off, the others keep working.
+    tel = waypost.Telemetry(config=path, env=clean_env, data_dir=tmp_path / "e")
+    (sink,) = tel.status().sinks
+    assert sink.state == "error" and "NOPE" in (sink.error or "")
+    tel.shutdown()
 
 
 def test_validation_error_names_file_key_and_reason(tmp_path: Path) -> None:

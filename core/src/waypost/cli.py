@@ -39,7 +39,9 @@ class Ctx:
         self.app = app
         self.data_dir = data_dir
 
-    def telemetry(self, *, start: bool = False) -> Any:
+    def telemetry(self, *, start: bool = False, tolerant: bool = False) -> Any:
+        """The application's Telemetry as seen from here. ``tolerant``: a sink whose secret is
+        not in this environment is reported in ``status``, not fatal (read-only commands)."""
         from waypost.telemetry import Telemetry
 
         try:
@@ -52,7 +54,7 @@ class Ctx:
                 notice=lambda text: None,
             )
             if not start and tel.config_error is None:
-                tel._make_sinks()
+                tel._make_sinks(tolerant=tolerant)
             if tel.data_dir_source == "default" and not self.app:
                 click.echo(
                     f"warning: no application name or data dir given; using {tel.data_dir}. "
@@ -99,7 +101,7 @@ def cli(ctx: click.Context, config: str | None, app: str | None, data_dir: str |
 @click.pass_obj
 def status(obj: Ctx, as_json: bool) -> None:
     """Whether telemetry is on, the rule that decided, sinks, outbox, counters."""
-    tel = obj.telemetry()
+    tel = obj.telemetry(tolerant=True)
     st = tel.status()
     data = st.model_dump(mode="json")
     try:
@@ -211,7 +213,7 @@ def show(
     as_json: bool,
 ) -> None:
     """The records held in the outbox (read-only), with their redaction remarks."""
-    tel = obj.telemetry()
+    tel = obj.telemetry(tolerant=True)
     if not (tel.data_dir / "outbox.sqlite3").exists():
         records, total = [], 0
     else:
@@ -309,7 +311,7 @@ def purge(obj: Ctx, everything: bool, sent: bool, as_json: bool) -> None:
     """Delete records: all of them, or only those already submitted."""
     if everything == sent:
         raise click.UsageError("give exactly one of --all or --sent")
-    tel = obj.telemetry()
+    tel = obj.telemetry(tolerant=True)
     deleted = 0
     if (tel.data_dir / "outbox.sqlite3").exists():
         deleted = tel.open_outbox().purge(sent_only=sent)
@@ -328,7 +330,7 @@ def purge(obj: Ctx, everything: bool, sent: bool, as_json: bool) -> None:
 @click.pass_obj
 def consent(obj: Ctx, choice: str, as_json: bool) -> None:
     """Store the administrator's choice. The environment and the config file still win."""
-    tel = obj.telemetry()
+    tel = obj.telemetry(tolerant=True)
     decision = tel.set_consent(choice == "on")
     overridden = decision.rule in ("do_not_track", "app_env", "config", "config_error", "level")
     data = {
@@ -359,7 +361,7 @@ def manifest(obj: Ctx, as_json: bool) -> None:
     """Exactly what is collected, generated from the registered payload classes."""
     from waypost import manifest as mf
 
-    tel = obj.telemetry()
+    tel = obj.telemetry(tolerant=True)
     sinks = [
         {"name": n, "type": s.type, "destination": s.destination} for n, s in tel.sinks.items()
     ]

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from waypost.errors import ConfigError
+from waypost.errors import ConfigError, MissingVariableError
 
 ENV_PREFIX = "WAYPOST_"
 DEFAULT_FILES = ("telemetry.yml", "telemetry.yaml", "telemetry.toml", "waypost.yml", "waypost.toml")
@@ -239,7 +239,7 @@ def expand(value: Any, env: Mapping[str, str], key: str = "telemetry") -> Any:
                 return env[name]
             if default is not None:
                 return default
-            raise ConfigError(f"environment variable {name} is not set", key=key)
+            raise MissingVariableError(f"environment variable {name} is not set", key=key)
 
         return _VAR.sub(sub, value)
     if isinstance(value, dict):
@@ -349,9 +349,13 @@ def load(
     if overrides:
         data = merge(data, {k: v for k, v in overrides.items() if v is not None})
     try:
-        data = expand(data, env)
+        # Sink settings are expanded when each sink is made, so a secret missing from this
+        # environment turns off that sink (or fails it, in strict mode), not the whole config.
+        data = {
+            k: (v if k == "sinks" else expand(v, env, f"telemetry.{k}")) for k, v in data.items()
+        }
     except ConfigError as exc:
-        raise ConfigError(exc.reason, source=source, key=exc.key) from None
+        raise type(exc)(exc.reason, source=source, key=exc.key) from None
     try:
         return TelemetryConfig.model_validate(data), source
     except ValidationError as exc:

@@ -18,6 +18,10 @@ class ConfigError(WaypostError):
         super().__init__(f"{where}: {reason}" if where else reason)
 
 
+class MissingVariableError(ConfigError):
+    """A ``${VAR}`` in the config names an environment variable that is not set."""
+
+
 class UnknownSinkError(ConfigError):
     """Config names a sink type that no installed plugin provides."""
 

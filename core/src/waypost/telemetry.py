@@ -19,7 +19,13 @@ from pydantic import BaseModel, ValidationError
 
 from waypost import config as _config
 from waypost.config import TelemetryConfig
-from waypost.errors import ConfigError, PluginError, TrackError, WaypostError
+from waypost.errors import (
+    ConfigError,
+    MissingVariableError,
+    PluginError,
+    TrackError,
+    WaypostError,
+)
 from waypost.events import Event, Payload, base_context, coerce, uuid7
 from waypost.pipeline import Counters, Item, LogOnce, Pipeline
 from waypost.plugins import PluginManager
@@ -397,7 +403,9 @@ class Telemetry:
             return False
         return True
 
-    def _make_sinks(self) -> None:
+    def _make_sinks(self, *, tolerant: bool = False) -> None:
+        """Create the configured sinks; a sink that cannot be made is recorded in
+        ``sink_errors`` (and raises in strict mode, unless ``tolerant``: inspection)."""
         context = SinkContext(
             app=self.app,
             version=self.version,
@@ -410,6 +418,7 @@ class Telemetry:
             sink_type = str(spec.pop("type"))
             key = f"telemetry.sinks.{name}"
             try:
+                spec = _config.expand(spec, self._env, key)
                 cls = self.plugins.load_sink_type(sink_type, key=key)
                 try:
                     sink_config = cls.Config.model_validate(spec)
@@ -421,7 +430,7 @@ class Telemetry:
             except (ConfigError, PluginError) as exc:
                 if isinstance(exc, ConfigError) and exc.source is None:
                     exc = type(exc)(exc.reason, source=self.config_file, key=exc.key)
-                if self.strict:
+                if self.strict and not (tolerant and isinstance(exc, MissingVariableError)):
                     raise exc from None
                 self.sink_errors[name] = (sink_type, str(exc))
                 log.error("waypost: sink %r is off: %s", name, exc)
