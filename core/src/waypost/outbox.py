@@ -317,14 +317,6 @@ class Outbox:
                 params,
             )
 
-    def release(self, seqs: Iterable[int]) -> None:
-        params = [(s,) for s in seqs]
-        if params:
-            with self._tx() as db:
-                db.executemany(
-                    "UPDATE outbox SET lease_until = 0, lease_pid = 0 WHERE seq = ?", params
-                )
-
     def reclaim(self, *, now: float | None = None) -> int:
         """Void leases held by processes that no longer exist; returns how many rows."""
         now = time.time() if now is None else now

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,6 @@ class Job:
     skipped: int = 0
     last_error: str | None = None
     last_outcome: str | None = None
-    history: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -272,7 +271,3 @@ class Scheduler:
         tmp = self.data_dir / f".{STATE_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(state), encoding="utf-8")
         os.replace(tmp, self.data_dir / STATE_FILE)
-
-    def last_runs(self) -> dict[str, Any]:
-        """The record of the last run of each job, as kept in the data dir."""
-        return self._read()
