@@ -184,6 +184,7 @@ class Telemetry:
         self.started_at = self.clock.time()
         self.scheduler: Scheduler | None = None
         self.last_heartbeat_outcome: str | None = None
+        self._heartbeat_facts: Callable[[], Mapping[str, Any]] | None = None
         self._shutdown_callbacks: list[Callable[[float], Any]] = []
         self._on = False
         self._fast = False  # on, not strict, not sync: track takes its shortest path
@@ -748,7 +749,6 @@ class Telemetry:
     ) -> Job:
         """Schedule the heartbeat snapshot (FlowForge's ping, see :meth:`heartbeat_payload`)."""
         self._heartbeat_facts = facts
-        self._heartbeat_event = event
         return self.schedule(
             "heartbeat",
             lambda: self.heartbeat_payload(facts),
@@ -790,7 +790,7 @@ class Telemetry:
             )
             job = Job(
                 name="heartbeat",
-                callback=lambda: self.heartbeat_payload(getattr(self, "_heartbeat_facts", None)),
+                callback=lambda: self.heartbeat_payload(self._heartbeat_facts),
                 every=hb.every if hb else 0.0,
                 event=hb.event if hb else "heartbeat",
             )
