@@ -189,37 +189,95 @@ class Outbox:
         return cid
 
     def add(
-        self, events: Sequence[Event], sinks: Sequence[str], *, now: float | None = None
+        self,
+        events: Sequence[Event],
+        sinks: Sequence[str],
+        *,
+        now: float | None = None,
+        lease_seconds: float = 0.0,
     ) -> None:
-        """Store events for every sink in one transaction (a duplicate id is ignored)."""
+        """Store events for every sink in one transaction (a duplicate id is ignored).
+
+        With ``lease_seconds``, the rows are leased to this process at once: events a sink of
+        this process is sending right now, stored so that a crash cannot lose them.
+        """
         if not events or not sinks:
             return
         now = time.time() if now is None else now
+        lease_pid, lease_until = (os.getpid(), now + lease_seconds) if lease_seconds else (0, 0.0)
         with self._tx() as db:
-            rows = []
-            ctx_cache: dict[int, int] = {}
-            for e in events:
-                key = id(e.context)
-                cid = ctx_cache.get(key)
-                if cid is None:
-                    cid = ctx_cache[key] = self._context_id(db, e.context)
-                body = dumps(
-                    {
-                        "properties": e.properties,
-                        "instance_id": e.instance_id,
-                        "distinct_id": e.distinct_id,
-                        "level": e.level,
-                    }
-                )
-                remarks = dumps(e.remarks) if e.remarks else None
-                for sink in sinks:
-                    rows.append((sink, e.id, e.name, e.time, body, cid, remarks, now))
+            rows = [
+                (sink, *row, now, lease_pid, lease_until)
+                for row in self._rows(db, events)
+                for sink in sinks
+            ]
             db.executemany(
-                "INSERT OR IGNORE INTO outbox "
-                "(sink, event_id, name, time, body, context_id, remarks, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO outbox (sink, event_id, name, time, body, context_id, "
+                "remarks, created_at, lease_pid, lease_until) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+
+    def settle(
+        self,
+        sink: str,
+        outcomes: Sequence[tuple[Event, str, float, str | None]],
+        *,
+        now: float | None = None,
+    ) -> None:
+        """Record what became of events a sink sent from memory: (event, state, next attempt,
+        reason), state ``pending`` (to retry), ``failed`` or ``sent``. An event already stored
+        (spilled while it was in flight) has its row updated; otherwise a row is made."""
+        if not outcomes:
+            return
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            stored = self._rows(db, [event for event, _, _, _ in outcomes])
+            rows = []
+            for row, (_, state, next_at, reason) in zip(stored, outcomes, strict=True):
+                done_at = None if state == "pending" else now
+                error = reason[:1000] if reason else None
+                rows.append((sink, *row, now, state, next_at, error, done_at))
+            db.executemany(
+                "INSERT INTO outbox (sink, event_id, name, time, body, context_id, remarks, "
+                "created_at, state, next_at, last_error, done_at, attempts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) "
+                "ON CONFLICT (event_id, sink) DO UPDATE SET state = excluded.state, "
+                "next_at = excluded.next_at, last_error = excluded.last_error, "
+                "done_at = excluded.done_at, attempts = attempts + 1, lease_until = 0, "
+                "lease_pid = 0",
+                rows,
+            )
+
+    def forget(self, sink: str, event_ids: Iterable[str]) -> None:
+        """Delete the rows of ``sink`` for these events (delivered after they were stored)."""
+        params = [(event_id, sink) for event_id in event_ids]
+        if params:
+            with self._tx() as db:
+                db.executemany("DELETE FROM outbox WHERE event_id = ? AND sink = ?", params)
+
+    def _rows(
+        self, db: sqlite3.Connection, events: Sequence[Event]
+    ) -> list[tuple[str, str, float, str, int, str | None]]:
+        """(event id, name, time, body, context id, remarks) of each event, as stored."""
+        rows = []
+        ctx_cache: dict[int, int] = {}
+        for e in events:
+            key = id(e.context)
+            cid = ctx_cache.get(key)
+            if cid is None:
+                cid = ctx_cache[key] = self._context_id(db, e.context)
+            body = dumps(
+                {
+                    "properties": e.properties,
+                    "instance_id": e.instance_id,
+                    "distinct_id": e.distinct_id,
+                    "level": e.level,
+                }
+            )
+            remarks = dumps(e.remarks) if e.remarks else None
+            rows.append((e.id, e.name, e.time, body, cid, remarks))
+        return rows
 
     # --- delivery ---------------------------------------------------------------------------
 

@@ -24,6 +24,10 @@ Item = tuple[Any, Any, float, "str | None", "str | None"]
 """What ``track`` buffers: (name or payload, properties, unix time, level, distinct id)."""
 
 
+LINGER = 0.05
+"""Seconds the worker waits between drains while a burst goes on."""
+
+
 class LogOnce:
     """Logs the first occurrence of a cause, then at most once a minute with a count."""
 
@@ -59,9 +63,23 @@ class Counters:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
 
 
+@dataclass(eq=False)
+class Flight:
+    """A batch a sink sends straight from memory; ``stored`` once it is also in the outbox."""
+
+    events: list[Event]
+    since: float
+    stored: bool = False
+
+
 class Runner:
-    """Delivers one sink instance's rows from the outbox, on its own threads (one per batch in
-    flight: ``Sink.concurrency``)."""
+    """Delivers one sink instance's events, on its own threads (one per batch in flight:
+    ``Sink.concurrency``).
+
+    Fresh events come from memory (``fresh``) and never touch the disk when they are delivered
+    at once; what is retried, refused, kept for inspection, or still in memory after
+    ``batch.interval`` goes to the outbox, and the outbox's due rows are leased from there.
+    """
 
     def __init__(self, pipeline: Pipeline, sink: Sink) -> None:
         self.pipeline = pipeline
@@ -92,6 +110,10 @@ class Runner:
         self._pass_lock = threading.Condition()
         self._requested = 0
         self._completed = 0
+        self.fresh: deque[tuple[float, Event]] = deque()
+        self.flights: set[Flight] = set()
+        self.outbox_due_at = 0.0  # monotonic: when the outbox may next hold due rows for us
+        self._turn = False
 
     @property
     def state(self) -> str:
@@ -154,13 +176,29 @@ class Runner:
                     self._idle()
                     self._sleep(self.open_until - now)
                     continue
+                if self.consecutive_failures and self.fresh:
+                    self.spill(flights=False)  # a failing sink retries from the outbox
+                # Fresh events first; with a backlog due in the outbox, every other batch.
+                self._turn = not self._turn
+                backlog = self._turn and time.monotonic() >= self.outbox_due_at
+                flight = None if backlog else self._take_fresh()
+                if flight is not None:
+                    try:
+                        self._deliver_fresh(flight)
+                    finally:
+                        with self._state:
+                            self._busy -= 1
+                    continue
                 leased = outbox.lease(
                     self.name, self.sink.batch_size, lease_seconds=self.pipeline.lease_seconds
                 )
                 if not leased:
-                    self._idle()
                     due = outbox.next_due(self.name)
                     wait = idle_wait if due is None else max(0.01, min(idle_wait, due - now))
+                    self.outbox_due_at = time.monotonic() + wait
+                    if self.fresh:
+                        continue
+                    self._idle()
                     self._sleep(wait)
                     continue
                 with self._state:
@@ -185,7 +223,7 @@ class Runner:
     def _idle(self) -> None:
         """Nothing to take now: the flush pass is complete once no batch is in flight."""
         with self._state:
-            busy = self._busy
+            busy = self._busy or self.fresh
         if not busy:
             self._complete_pass()
 
@@ -195,7 +233,7 @@ class Runner:
             self._wakeup.wait_for(lambda: self._wakes != seen or self.stop, timeout=seconds)
 
     def wake(self) -> None:
-        """Wake every thread of this runner (new rows, a flush, a stop)."""
+        """Wake every thread of this runner (new events, a flush, a stop)."""
         with self._wakeup:
             self._wakes += 1
             self._wakeup.notify_all()
@@ -225,60 +263,200 @@ class Runner:
         self.open_until = 0.0
         return True
 
+    # --- events in memory -------------------------------------------------------------------
+
+    def takes_fresh(self) -> bool:
+        """Whether new events may wait in memory for this sink: it is healthy and not behind."""
+        return (
+            not self.consecutive_failures
+            and not self.open_error
+            and len(self.fresh) < self.pipeline.buffer_size
+        )
+
+    def offer(self, events: list[Event], now: float) -> None:
+        """Hand fresh events to this sink's threads."""
+        self.fresh.extend([(now, e) for e in events])
+        self.wake()
+
+    def _take_fresh(self) -> Flight | None:
+        fresh = self.fresh
+        with self._state:
+            if not fresh or self.consecutive_failures:
+                return None
+            since = fresh[0][0]
+            pop = fresh.popleft
+            events = [pop()[1] for _ in range(min(len(fresh), self.sink.batch_size))]
+            flight = Flight(events, since)
+            self.flights.add(flight)
+            self._busy += 1
+        return flight
+
+    def in_memory(self) -> int:
+        """Events of this sink held only in memory: waiting, or in flight and not stored."""
+        with self._state:
+            return len(self.fresh) + sum(len(f.events) for f in self.flights if not f.stored)
+
+    def oldest_in_memory(self) -> float | None:
+        """When the oldest event held only in memory got there (monotonic), if any."""
+        with self._state:
+            times = [f.since for f in self.flights if not f.stored]
+            if self.fresh:
+                times.append(self.fresh[0][0])
+        return min(times) if times else None
+
+    def spill(self, older_than: float | None = None, *, flights: bool = True) -> int:
+        """Store what this sink holds only in memory (or only what got there before
+        ``older_than``, monotonic) in the outbox. Batches in flight are stored leased to this
+        process, so that nobody sends them twice; their outcome updates the rows."""
+        outbox = self.pipeline.outbox
+        if outbox is None:
+            return 0
+        with self._state:
+            fresh = self.fresh
+            waiting: list[Event] = []
+            while fresh and (older_than is None or fresh[0][0] <= older_than):
+                waiting.append(fresh.popleft()[1])
+            flying: list[Event] = []
+            for flight in self.flights if flights else ():
+                if not flight.stored and (older_than is None or flight.since <= older_than):
+                    flight.stored = True
+                    flying.extend(flight.events)
+            if not waiting and not flying:
+                return 0
+            # Written under the lock: a batch that ends now finds its rows in place.
+            try:
+                outbox.add(waiting, [self.name])
+                outbox.add(flying, [self.name], lease_seconds=self.pipeline.lease_seconds)
+            except Exception as exc:
+                self.pipeline.counters.drop("outbox_error", len(waiting) + len(flying))
+                self.pipeline.log_once(
+                    "outbox-write",
+                    "waypost: cannot write the outbox (%s): %d events lost",
+                    exc,
+                    len(waiting) + len(flying),
+                    level=logging.ERROR,
+                )
+                return 0
+            self.outbox_due_at = 0.0
+        self.pipeline.count_stored(len(waiting) + len(flying))
+        self.wake()
+        return len(waiting) + len(flying)
+
+    def discard(self) -> None:
+        """Forget the events waiting in memory (consent was withdrawn)."""
+        with self._state:
+            self.fresh.clear()
+
     # --- one batch ----------------------------------------------------------------------------
+
+    def _deliver_fresh(self, flight: Flight) -> None:
+        events = flight.events
+        result, batch_error = self._send(events)
+        retry, failed, ok = self._classify(events, {}, result)
+        with self._state:
+            self.flights.discard(flight)
+        now = time.time()
+        keep = self.pipeline.keep_sent > 0
+        outcomes: list[tuple[Event, str, float, str | None]] = [
+            (events[i], "pending", next_at, reason) for i, next_at, reason in retry
+        ]
+        outcomes += [(events[i], "failed", 0.0, reason) for i, reason in failed]
+        if keep:
+            outcomes += [(events[i], "sent", 0.0, None) for i in ok]
+        outbox = self.pipeline.outbox
+        assert outbox is not None
+        if flight.stored and not keep:
+            outbox.forget(self.name, [events[i].id for i in ok])
+        if outcomes:
+            outbox.settle(self.name, outcomes, now=now)
+            if not flight.stored:
+                self.pipeline.count_stored(len(outcomes) - (len(ok) if keep else 0))
+        if retry:
+            self.outbox_due_at = min(self.outbox_due_at, time.monotonic() + 0.01)
+        self._account(events, result, batch_error, len(ok), len(retry), failed, now)
+        if self.consecutive_failures:
+            # The sink is failing: what waits in memory goes to the outbox and its backoff.
+            self.spill(flights=False)
 
     def _deliver(self, leased: list[tuple[int, int, Event]]) -> None:
         events = [e for _, _, e in leased]
+        attempts = {i: a for i, (_, a, _) in enumerate(leased)}
         result, batch_error = self._send(events)
-        by_id = {e.id: (seq, attempts) for seq, attempts, e in leased}
+        retry, failed, ok = self._classify(events, attempts, result)
         now = time.time()
         outbox = self.pipeline.outbox
         assert outbox is not None
-        keep = self.pipeline.keep_sent
+        outbox.delivered([leased[i][0] for i in ok], keep=self.pipeline.keep_sent > 0, now=now)
+        outbox.retry([(leased[i][0], next_at, reason) for i, next_at, reason in retry])
+        outbox.failed([(leased[i][0], reason) for i, reason in failed], now=now)
+        self._account(events, result, batch_error, len(ok), len(retry), failed, now)
+
+    def _classify(
+        self, events: Sequence[Event], attempts: dict[int, int], result: SendResult
+    ) -> tuple[list[tuple[int, float, str]], list[tuple[int, str]], list[int]]:
+        """Sort a batch's events (by index) into retry (when, why), failed (why) and ok."""
+        now = time.time()
         policy = self.pipeline.backoff
         max_attempts = self.pipeline.max_attempts
-        retry_rows: list[tuple[int, float, str]] = []
-        failed_rows: list[tuple[int, str]] = []
-        ok_rows: list[int] = []
-        for event_id, (seq, attempts) in by_id.items():
-            if event_id in result.failed:
-                failed_rows.append((seq, result.failed[event_id]))
-            elif event_id in result.retry:
-                reason = result.retry[event_id]
-                if max_attempts is not None and attempts + 1 >= max_attempts:
-                    failed_rows.append((seq, f"gave up after {attempts + 1} attempts: {reason}"))
+        retry: list[tuple[int, float, str]] = []
+        failed: list[tuple[int, str]] = []
+        ok: list[int] = []
+        seen: set[str] = set()
+        for i, event in enumerate(events):
+            if event.id in seen:
+                continue
+            seen.add(event.id)
+            tried = attempts.get(i, 0)
+            if event.id in result.failed:
+                failed.append((i, result.failed[event.id]))
+            elif event.id in result.retry:
+                reason = result.retry[event.id]
+                if max_attempts is not None and tried + 1 >= max_attempts:
+                    failed.append((i, f"gave up after {tried + 1} attempts: {reason}"))
                 else:
                     delay = policy.delay(
-                        max(attempts + 1, self.consecutive_failures + 1), result.retry_after
+                        max(tried + 1, self.consecutive_failures + 1), result.retry_after
                     )
-                    retry_rows.append((seq, now + delay, reason))
+                    retry.append((i, now + delay, reason))
             else:
-                ok_rows.append(seq)
-        outbox.delivered(ok_rows, keep=keep > 0, now=now)
-        outbox.retry(retry_rows)
-        outbox.failed(failed_rows, now=now)
+                ok.append(i)
+        return retry, failed, ok
+
+    def _account(
+        self,
+        events: Sequence[Event],
+        result: SendResult,
+        batch_error: str | None,
+        ok: int,
+        retried: int,
+        failed: list[tuple[int, str]],
+        now: float,
+    ) -> None:
+        """Counters, breaker and log lines for one batch."""
+        policy = self.pipeline.backoff
         with self._state:  # several threads may finish batches at once
-            dropped = [i for i in result.dropped_by_destination if i in by_id]
+            ids = {e.id for e in events}
+            dropped = [i for i in result.dropped_by_destination if i in ids]
             # Events the destination accepted but said it dropped leave the outbox (resending would
             # not help) and count as dropped, not delivered.
-            self.delivered += len(ok_rows) - len(dropped)
-            self.retried += len(retry_rows)
-            self.failed += len(failed_rows)
+            self.delivered += ok - len(dropped)
+            self.retried += retried
+            self.failed += len(failed)
             self.dropped_by_destination += len(dropped)
-            if failed_rows:
-                self.pipeline.counters.drop(f"refused:{self.name}", len(failed_rows))
+            if failed:
+                self.pipeline.counters.drop(f"refused:{self.name}", len(failed))
             if dropped:
                 self.pipeline.counters.drop(f"destination:{self.name}", len(dropped))
             if result.receipt:
                 self.receipts.append(result.receipt)
                 log.info("waypost: sink %r: receipt %s", self.name, result.receipt)
-            if ok_rows:
+            if ok:
                 self.last_success = now
-            if retry_rows or failed_rows:
+            if retried or failed:
                 sample = result.retry or result.failed
                 reason = batch_error or next(iter(sample.values()), "failed")
                 self.last_error, self.last_error_at = reason, now
-            if retry_rows and not ok_rows:
+            if retried and not ok:
                 self.consecutive_failures += 1
                 if self.consecutive_failures >= self.pipeline.breaker_threshold:
                     self.open_until = now + policy.delay(
@@ -290,19 +468,19 @@ class Runner:
                     f"retry:{self.name}",
                     "waypost: sink %r: %d events will be retried: %s",
                     self.name,
-                    len(retry_rows),
+                    retried,
                     self.last_error,
                 )
-            elif ok_rows:
+            elif ok:
                 self.consecutive_failures = 0
                 self.open_until = 0.0
-            if failed_rows:
+            if failed:
                 self.pipeline.log_once(
                     f"failed:{self.name}",
                     "waypost: sink %r refused %d events for good: %s",
                     self.name,
-                    len(failed_rows),
-                    failed_rows[0][1],
+                    len(failed),
+                    failed[0][1],
                 )
 
     def _send(self, events: Sequence[Event]) -> tuple[SendResult, str | None]:
@@ -325,6 +503,7 @@ class Runner:
             "last_error_at": self.last_error_at,
             "error": self.open_error,
             "deprecated": self.sink.deprecated,
+            "in_memory": self.in_memory(),
         }
 
 
@@ -393,8 +572,10 @@ class Pipeline:
         retention: Callable[[], None],
         debug: bool = False,
         strict: bool = False,
+        sync: bool = False,
     ) -> None:
         self.outbox = outbox
+        self.sync = sync
         self.build = build
         self.counters = counters
         self.interval = batch_interval
@@ -412,6 +593,7 @@ class Pipeline:
         self.log_once = LogOnce(log)
         self.runners = [Runner(self, s) for s in sinks]
         self._contract_errors: list[SinkContractError] = []
+        self._stored_lock = threading.Lock()
         self._reset_sync()
 
     def _reset_sync(self) -> None:
@@ -421,6 +603,7 @@ class Pipeline:
         self.stopping = False
         self.worker: threading.Thread | None = None
         self.last_housekeeping = 0.0
+        self._linger = False
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -461,12 +644,17 @@ class Pipeline:
         else:
             self.wake.set()
 
+    def count_stored(self, n: int) -> None:
+        with self._stored_lock:
+            self.counters.stored += n
+
     def _work(self) -> None:
         while True:
-            self.wake.wait(self.interval)
+            self.wake.wait(self._next_wait())
             self.wake.clear()
             try:
                 self.drain()
+                self.spill_stale()
                 now = time.monotonic()
                 if now - self.last_housekeeping > 60:
                     self.last_housekeeping = now
@@ -483,11 +671,35 @@ class Pipeline:
             if self.stopping and not self.buffer:
                 return
 
-    def drain(self) -> bool:
-        """Move everything buffered into the outbox (or, in debug mode, print it)."""
+    def _next_wait(self) -> float:
+        """Until the next drain: ``batch.interval``; sooner while a burst goes on (the last
+        drain took a full batch), and when events in memory are due to be stored."""
+        wait = min(self.interval, LINGER) if self._linger else self.interval
+        oldest = [t for t in (r.oldest_in_memory() for r in self.runners) if t is not None]
+        if oldest:
+            wait = min(wait, max(0.01, min(oldest) + self.interval - time.monotonic()))
+        return wait
+
+    def spill_stale(self) -> None:
+        """Store what has waited in memory for ``batch.interval``: a slow or stuck sink never
+        holds more than that much at risk of a crash."""
+        older_than = time.monotonic() - self.interval
+        for runner in self.runners:
+            runner.spill(older_than)
+
+    def spill(self) -> bool:
+        """Store everything held in memory for the sinks; False if the outbox refused it."""
+        with self.lock:
+            for runner in self.runners:
+                runner.spill()
+            return not any(runner.in_memory() for runner in self.runners)
+
+    def drain(self, *, store: bool = False) -> bool:
+        """Build everything buffered and hand it to the sinks' threads, or (``store``, a sink
+        behind, or ``durability: sync``) write it to the outbox; in debug mode, print it."""
         with self.lock:
             buffer = self.buffer
-            stored_any = False
+            moved = 0
             while buffer:
                 items: list[Item] = []
                 pop = buffer.popleft
@@ -496,6 +708,7 @@ class Pipeline:
                         items.append(pop())
                 except IndexError:
                     pass
+                moved += len(items)
                 self.counters.accepted += len(items)
                 events = self.build(items)
                 if not events:
@@ -505,7 +718,7 @@ class Pipeline:
                     continue
                 assert self.outbox is not None
                 try:
-                    self._store(events)
+                    self._dispatch(events, store=store)
                 except Exception as exc:
                     self.counters.drop("outbox_error", len(events))
                     self.log_once(
@@ -515,30 +728,37 @@ class Pipeline:
                         len(events),
                         level=logging.ERROR,
                     )
-                    continue
-                self.counters.stored += len(events)
-                stored_any = True
-        if stored_any:
-            for runner in self.runners:
-                runner.wake()
+            self._linger = moved >= self.wake_at
         return True
 
-    def _store(self, events: list[Event]) -> None:
-        """Write events to the outbox, one row per sink instance that takes them."""
+    def _dispatch(self, events: list[Event], *, store: bool) -> None:
+        """Hand events to each sink that takes them: in memory to a healthy sink, else to the
+        outbox (one row per sink instance), in one transaction."""
         assert self.outbox is not None
-        configs = [(r.name, r.sink.config) for r in self.runners]
-        if all(c.routes_all for _, c in configs):
-            self.outbox.add(events, [name for name, _ in configs])
-            return
-        groups: dict[tuple[str, ...], list[Event]] = {}
-        for event in events:
-            key = tuple(name for name, c in configs if c.accepts(event.name))
-            groups.setdefault(key, []).append(event)
-        for sinks, group in groups.items():
-            if sinks:
-                self.outbox.add(group, list(sinks))
-            else:
+        now = time.monotonic()
+        runners = self.runners
+        if all(r.sink.config.routes_all for r in runners):
+            groups = {tuple(runners): events}
+        else:
+            groups = {}
+            for event in events:
+                key = tuple(r for r in runners if r.sink.config.accepts(event.name))
+                groups.setdefault(key, []).append(event)
+        for targets, group in groups.items():
+            if not targets:
                 self.counters.drop("no_sink", len(group))
+                continue
+            stored = [r.name for r in targets if store or self.sync or not r.takes_fresh()]
+            if stored:
+                self.outbox.add(group, stored)
+                self.count_stored(len(group))
+                for runner in targets:
+                    if runner.name in stored:
+                        runner.outbox_due_at = 0.0
+                        runner.wake()
+            for runner in targets:
+                if runner.name not in stored:
+                    runner.offer(group, now)
 
     def _print_debug(self, events: list[Event]) -> None:
         for runner in self.runners:
@@ -557,6 +777,8 @@ class Pipeline:
     # --- flush and shutdown -----------------------------------------------------------------
 
     def flush(self, timeout: float) -> bool:
+        """Hand everything buffered to the sinks and wait (until ``timeout``) for them to send
+        it; what is still in memory then is stored. True when nothing is left only in memory."""
         deadline = time.monotonic() + max(0.0, timeout)
         if not self._acquire(deadline):
             return False
@@ -571,7 +793,7 @@ class Pipeline:
         tickets = [(r, r.request_pass()) for r in self.runners if r.threads]
         for runner, ticket in tickets:
             runner.wait_pass(ticket, deadline)
-        return not self.buffer
+        return self.spill() and not self.buffer
 
     def _acquire(self, deadline: float) -> bool:
         while True:
@@ -592,7 +814,12 @@ class Pipeline:
     def shutdown(self, timeout: float, *, flush: bool = True) -> bool:
         """Stop the threads within ``timeout``; with ``flush``, deliver what can be first."""
         deadline = time.monotonic() + max(0.0, timeout)
-        ok = self.flush(max(0.0, timeout * 0.9)) if flush else True
+        if flush:
+            ok = self.flush(max(0.0, timeout * 0.9))
+        else:
+            ok = True
+            for runner in self.runners:
+                runner.discard()
         self.stopping = True
         self.wake.set()
         for runner in self.runners:

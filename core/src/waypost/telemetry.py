@@ -113,6 +113,7 @@ class SinkStatus(BaseModel):
     last_error_at: _dt.datetime | None = None
     error: str | None = None
     deprecated: str | None = None
+    in_memory: int = 0
 
 
 class CounterStatus(BaseModel):
@@ -345,6 +346,7 @@ class Telemetry:
             retention=self._retention,
             debug=self.debug,
             strict=self.strict,
+            sync=cfg.outbox.durability == "sync",
         )
         self._runners_by_name = {r.name: r for r in self.pipeline.runners}
         self._buffer = self.pipeline.buffer
@@ -818,7 +820,7 @@ class Telemetry:
         else:
             self.track(name or "event", payload)
         if self.pipeline is not None:
-            self.pipeline.drain()  # stored before the run is recorded as done
+            self.pipeline.drain(store=True)  # stored before the run is recorded as done
         return True
 
     # --- consent and status -----------------------------------------------------------------
