@@ -37,6 +37,52 @@ def test_burst_to_a_healthy_server_arrives_exactly_once(
     assert max(len(r.json()) for r in recording_server.requests) <= 100  # the sink's max batch
 
 
+def pending_rows(tel: Any) -> dict[str, int]:
+    return {state: n for state, n in tel.open_outbox().counts().get("dest", {}).items()}
+
+
+def test_a_healthy_sink_sends_from_memory_and_writes_nothing(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    tel = make_telemetry(sinks=url_sink(recording_server.url))
+    for i in range(1000):
+        tel.track("fast", {"i": i})
+    assert tel.flush(timeout=30)
+    st = tel.status()
+    assert st.sinks[0].delivered == 1000 and st.sinks[0].in_memory == 0
+    assert st.counters.stored == 0 and pending_rows(tel) == {}
+
+
+def test_delivered_events_are_kept_for_inspection_when_asked(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    tel = make_telemetry(
+        sinks=url_sink(recording_server.url), config={"outbox": {"keep_sent": "1h"}}
+    )
+    for i in range(150):
+        tel.track("kept", {"i": i})
+    assert tel.flush(timeout=30)
+    records, total = tel.open_outbox().records(state="sent", limit=200)
+    assert total == 150 and {r.properties["i"] for r in records} == set(range(150))
+    assert pending_rows(tel) == {"sent": 150}
+
+
+def test_a_slow_answer_is_stored_while_in_flight_and_forgotten_once_delivered(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    # Slower than batch.interval (0.05 s): the batch is stored while its request is out.
+    recording_server.responder = lambda r: Response(200, {}, delay=0.6)
+    tel = make_telemetry(sinks=url_sink(recording_server.url))
+    for i in range(250):
+        tel.track("slow", {"i": i})
+    assert tel.flush(timeout=30)
+    st = tel.status()
+    assert st.sinks[0].delivered == 250 and st.counters.stored > 0
+    assert pending_rows(tel) == {}
+    counts = collections.Counter(ids_of(recording_server.requests))
+    assert len(counts) == 250 and set(counts.values()) == {1}
+
+
 def test_flaky_server_loses_nothing(
     urlsink: str, recording_server: RecordingServer, make_telemetry: Any
 ) -> None:

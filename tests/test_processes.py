@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from waypost.testing import RecordingServer, Request, free_port
+from waypost.testing import RecordingServer, Request, Response, free_port
 
 SUPPORT = Path(__file__).parent / "support"
 
@@ -89,6 +90,58 @@ def test_kill_9_after_flush_loses_nothing(tmp_path: Path, clean_env: dict[str, s
         assert out.strip() == "0"
         counts = collections.Counter(ids_of(server.requests))
     assert len(counts) == 500
+
+
+def test_kill_9_while_a_batch_is_in_flight_loses_nothing(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    # Events are sent from memory; once they have waited batch.interval (0.05 s here) they are
+    # stored too, even while their request hangs, so a kill -9 cannot lose them.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/ingest"
+    data = tmp_path / "data"
+    with RecordingServer(lambda r: Response(hang=True), port=port):
+        first = run(
+            script(
+                f"""
+                tel = make({url!r}, {str(data)!r}, timeout=60)
+                for i in range(300):
+                    tel.track("in_flight", {{"i": i}})
+                print("tracked", flush=True)
+                time.sleep(60)
+                """
+            ),
+            clean_env,
+        )
+        assert first.stdout is not None
+        assert first.stdout.readline().strip() == "tracked"
+        deadline = time.monotonic() + 10
+        stored = 0
+        while time.monotonic() < deadline and stored < 300:
+            time.sleep(0.1)
+            if (data / "outbox.sqlite3").exists():
+                with sqlite3.connect(data / "outbox.sqlite3") as db:
+                    query = "SELECT COUNT(*) FROM outbox WHERE state = 'pending'"
+                    stored = db.execute(query).fetchone()[0]
+        assert stored == 300
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    with RecordingServer(port=port) as server:
+        second = run(
+            script(
+                f"""
+                tel = make({url!r}, {str(data)!r})
+                assert tel.flush(timeout=20)
+                print(tel.status().outbox_pending_events)
+                tel.shutdown()
+                """
+            ),
+            clean_env,
+        )
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 0, err
+        assert out.strip() == "0"
+        assert len(set(ids_of(server.requests))) == 300
 
 
 def test_fork_child_delivers_its_own_events_only(tmp_path: Path, clean_env: dict[str, str]) -> None:

@@ -36,7 +36,10 @@ class _Model(BaseModel):
 class BatchConfig(_Model):
     size: int = Field(default=500, ge=1, description="Events per batch handed to a sink.")
     interval: float = Field(
-        default=1.0, gt=0, description="Seconds the worker waits before writing a partial batch."
+        default=1.0,
+        gt=0,
+        description="Seconds between the worker's drains; the longest an unsent event waits in "
+        "memory before it is stored too.",
     )
 
     _dur = field_validator("interval", mode="before")(parse_duration)
@@ -50,7 +53,8 @@ class OutboxConfig(_Model):
     )
     durability: Literal["batch", "sync"] = Field(
         default="batch",
-        description="batch: events reach the outbox within batch.interval; sync: inside track().",
+        description="batch: unsent events reach the outbox within two batch.interval; sync: inside "
+        "track().",
     )
     buffer: int = Field(
         default=10_000, ge=1, description="Events held in memory before they spill to the outbox."
