@@ -704,7 +704,7 @@ class Pipeline:
                 items: list[Item] = []
                 pop = buffer.popleft
                 try:
-                    for _ in range(5000):
+                    for _ in range(1000):  # small enough that sinks start on it soon
                         items.append(pop())
                 except IndexError:
                     pass

@@ -534,11 +534,17 @@ class Telemetry:
         instance_id = self.instance_id or ""
         context = self.context
         scrubber = self.scrubber
+        default_who = self.distinct_id or instance_id
+        usage_passes = level_allows(configured, "usage")
         out: list[Event] = []
         for event, properties, when, level, distinct_id in items:
             try:
                 remarks: list[str] = []
-                if isinstance(event, Payload):
+                if type(event) is str and 0 < len(event) <= 200 and type(properties) is dict:
+                    # The common case: a name and a plain dict.
+                    name = event
+                    props = coerce(properties)
+                elif isinstance(event, Payload):
                     name = type(event).__event__
                     level = level or type(event).__level__
                     extra = event.undeclared()
@@ -552,10 +558,10 @@ class Telemetry:
                         raise TrackError(
                             f"properties must be a mapping, not {type(properties).__name__}"
                         )
-                if not level_allows(configured, level or "usage"):
+                if not (usage_passes if level is None else level_allows(configured, level)):
                     self.counters.drop("level")
                     continue
-                who = distinct_id or self.distinct_id or instance_id
+                who = distinct_id or default_who
                 if scrubber is not None:
                     props = scrubber.scrub(props, "properties", remarks)
                     if who is not instance_id:  # an id the application chose may be personal

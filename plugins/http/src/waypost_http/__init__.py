@@ -163,7 +163,7 @@ class HttpSink(Sink):
 
     type = "http"
     Config = HttpConfig
-    max_batch_size = 500
+    max_batch_size = 1000
     default_concurrency = 4  # send() is safe from several threads
     config: HttpConfig
 
