@@ -315,3 +315,48 @@ def test_events_are_routed_per_sink_instance(make_telemetry: Any, tmp_path: Any)
     read = lambda p: [json.loads(x)["name"] for x in p.read_text().splitlines()]  # noqa: E731
     assert read(pages) == ["$pageview", "page_leave"]
     assert read(pings) == ["heartbeat", "run"]
+
+
+class GatePlugin:
+    """A ``waypost_before_send`` hook that holds the worker until the gate opens."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    @waypost.hookimpl
+    def waypost_before_send(self, event: Any) -> None:
+        self.entered.set()
+        self.gate.wait(30)
+
+
+def test_a_stuck_worker_holds_track_back_for_a_bounded_time_then_drops_counted(
+    make_telemetry: Any, tmp_path: Any
+) -> None:
+    from waypost import pipeline
+
+    plugin = GatePlugin()
+    tel = make_telemetry(
+        sinks={"jsonl": {"path": str(tmp_path / "out.jsonl")}},
+        plugins=[plugin],
+        strict=False,
+        config={"outbox": {"buffer": 50}, "batch": {"size": 10}},
+    )
+    try:
+        tel.track("held", {"i": -1})
+        assert plugin.entered.wait(10)  # the worker is inside the hook, stuck
+        started = time.monotonic()
+        for i in range(199):
+            tel.track("held", {"i": i})
+        took = time.monotonic() - started
+        # One wait of STALL seconds, then drops without waiting.
+        assert pipeline.STALL <= took < pipeline.STALL + 3
+        dropped = tel.status().counters.dropped.get("buffer_full", 0)
+        assert 0 < dropped < 200
+    finally:
+        plugin.gate.set()
+    assert tel.flush(timeout=10)
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(lines) + dropped == 200

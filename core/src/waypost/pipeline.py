@@ -26,6 +26,8 @@ Item = tuple[Any, Any, float, "str | None", "str | None"]
 
 LINGER = 0.05
 """Seconds the worker waits between drains while a burst goes on."""
+STALL = 2.0
+"""Seconds ``track`` waits for room in a full buffer before it drops instead."""
 
 
 class LogOnce:
@@ -604,6 +606,8 @@ class Pipeline:
         self.worker: threading.Thread | None = None
         self.last_housekeeping = 0.0
         self._linger = False
+        self._room = threading.Condition()
+        self._stalled = False
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -637,12 +641,35 @@ class Pipeline:
     # --- the worker -------------------------------------------------------------------------
 
     def nudge(self) -> None:
-        """Called by ``track`` when the buffer passed the batch size."""
-        if len(self.buffer) >= self.buffer_size:
-            # The host outruns the worker: spill to the outbox now rather than grow or drop.
-            self.drain()
-        else:
+        """Called by ``track`` when the buffer reached a batch, or is full."""
+        buffer = self.buffer
+        if len(buffer) < self.buffer_size:
             self.wake.set()
+            return
+        # The host outruns the worker: never grow, hold the caller back until the worker takes
+        # its next chunk (a few milliseconds). The caller never runs the worker's code (hooks,
+        # sinks); should the worker be stuck, after STALL seconds it drops (counted) instead.
+        self.wake.set()
+        if not self._stalled:
+            with self._room:
+                room = self._room.wait_for(lambda: len(buffer) < self.buffer_size, timeout=STALL)
+            if room:
+                return
+            self._stalled = True
+        if len(buffer) >= self.buffer_size:
+            try:
+                buffer.pop()
+            except IndexError:
+                return
+            self.counters.drop("buffer_full")
+            self.log_once(
+                "buffer-full",
+                "waypost: the worker has taken nothing for %g s; events are dropped while the "
+                "buffer (outbox.buffer = %d) is full",
+                STALL,
+                self.buffer_size,
+                level=logging.ERROR,
+            )
 
     def count_stored(self, n: int) -> None:
         with self._stored_lock:
@@ -708,6 +735,9 @@ class Pipeline:
                         items.append(pop())
                 except IndexError:
                     pass
+                with self._room:  # a caller held back by a full buffer may go on
+                    self._stalled = False
+                    self._room.notify_all()
                 moved += len(items)
                 self.counters.accepted += len(items)
                 events = self.build(items)
