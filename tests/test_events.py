@@ -11,12 +11,15 @@ import sys
 import textwrap
 import uuid
 from pathlib import PurePosixPath
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import Field
 
 import waypost
-from waypost.events import _UUID7, Event, coerce, uuid7
+from waypost.events import _UUID7, Event, coerce, dumps, uuid7
 
 
 def test_uuid7_is_version_7_rfc_variant_and_ordered() -> None:
@@ -69,6 +72,23 @@ def test_uuid7_in_a_forked_child_differs_from_the_parent() -> None:
     assert len(parent) == len(child) == 50
     assert [i[:19] for i in parent] == [i[:19] for i in child]  # same millisecond and counter
     assert not set(parent) & set(child)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(json_values)
+def test_dumps_is_compact_json_dumps(value: Any) -> None:
+    assert dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_dumps_names_what_it_cannot_encode() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        dumps({"a": [object()]})
 
 
 class Color(enum.Enum):

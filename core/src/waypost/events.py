@@ -162,9 +162,38 @@ def _coerce(value: Any, _depth: int) -> Any:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
+def _c_encoder() -> Any:
+    """The C encoder that ``_ENCODER.encode`` makes anew on every call, made once; None where
+    the interpreter has none (or makes it differently). Coerced data is a tree, so it goes
+    without the circular-reference check, which would make it unsafe to share across threads.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        # markers, default, encoder, indent, key and item separators, sort_keys, skipkeys,
+        # allow_nan: what JSONEncoder.iterencode passes for _ENCODER, but the markers.
+        encoder = make(
+            None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",",
+            False, False, True,
+        )  # fmt: skip
+        sample = {"a": [1, 2.5, None, True, '\u00e9\n"', {}], "b": float("nan")}
+        if "".join(encoder(sample, 0)) != _ENCODER.encode(sample):
+            return None
+    except Exception:
+        return None
+    return encoder
+
+
+_C_ENCODER = _c_encoder()
+
+
 def dumps(data: Any) -> str:
     """Compact JSON for the wire and the outbox (data must already be coerced)."""
-    # One encoder for every call: json.dumps with options builds a new one each time.
+    # One encoder for every call: json.dumps with options builds a new one each time, and
+    # JSONEncoder.encode builds a new C encoder each time.
+    if _C_ENCODER is not None:
+        return "".join(_C_ENCODER(data, 0))
     return _ENCODER.encode(data)
 
 
