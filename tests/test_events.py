@@ -5,14 +5,21 @@ import datetime as dt
 import decimal
 import enum
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import uuid
 from pathlib import PurePosixPath
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import Field
 
 import waypost
-from waypost.events import Event, coerce, uuid7
+from waypost.events import _UUID7, Event, coerce, dumps, uuid7
 
 
 def test_uuid7_is_version_7_rfc_variant_and_ordered() -> None:
@@ -27,6 +34,61 @@ def test_uuid7_carries_the_millisecond_timestamp() -> None:
     when = 1_732_531_200.123
     u = uuid.UUID(uuid7(when))
     assert u.int >> 80 == int(when * 1000)
+
+
+def test_uuid7_text_is_the_uuid_text_of_its_value() -> None:
+    make = _UUID7()
+    for when in (0.0, 1_732_531_200.123, 1_732_531_200.123, 1_000.0, 2**47 / 1000):
+        text = make(when)
+        assert str(uuid.UUID(text)) == text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_uuid7_in_a_forked_child_differs_from_the_parent() -> None:
+    # Same clock reading in both processes: only the random bits can tell the ids apart.
+    code = textwrap.dedent(
+        """
+        import os
+        from waypost.events import _UUID7
+        make = _UUID7()
+        make(1_732_531_200.0)  # the parent has random words in hand at the fork
+        read, write = os.pipe()
+        pid = os.fork()
+        ids = [make(1_732_531_200.0) for _ in range(50)]
+        if pid == 0:
+            os.write(write, " ".join(ids).encode())
+            os._exit(0)
+        os.close(write)
+        child = os.read(read, 100_000).decode().split()
+        os.waitpid(pid, 0)
+        print(" ".join(ids))
+        print(" ".join(child))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    parent, child = (line.split() for line in done.stdout.splitlines())
+    assert len(parent) == len(child) == 50
+    assert [i[:19] for i in parent] == [i[:19] for i in child]  # same millisecond and counter
+    assert not set(parent) & set(child)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(json_values)
+def test_dumps_is_compact_json_dumps(value: Any) -> None:
+    assert dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_dumps_names_what_it_cannot_encode() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        dumps({"a": [object()]})
 
 
 class Color(enum.Enum):

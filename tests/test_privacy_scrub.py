@@ -382,6 +382,43 @@ def test_keys_redacted_alike_keep_both_values() -> None:
     assert clean == {"[REDACTED:email]": 1, "[REDACTED:email]#2": 2}
 
 
+def test_a_clean_key_equal_to_an_earlier_redacted_key_keeps_both_values() -> None:
+    scrubber = Scrubber()
+    scrubber.scrub({"[REDACTED:email]": 0}, "properties", [])  # now a known clean key
+    remarks: list[str] = []
+    clean = scrubber.scrub({"a@example.com": 1, "[REDACTED:email]": 2}, "properties", remarks)
+    assert clean == {"[REDACTED:email]": 1, "[REDACTED:email]#2": 2}
+    assert remarks == ["email@properties.<key>"]
+
+
+flat_keys = st.sampled_from(
+    ["plan", "seats", "region", "password", "app_version", "ann@example.com", "[REDACTED:email]",
+     "[REDACTED:email]#2", "", "n", "client_ip"]
+)  # fmt: skip
+flat_values = st.one_of(
+    st.sampled_from(["pro", "eu-west", "1.2.3.4", "ann@example.com", "token=abcdefgh12345678"]),
+    st.integers(-(10**16), 10**16),
+    st.sampled_from([4111111111111111, 10**13 - 1, -(10**13) + 1, 10**13, -(10**13)]),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False),
+    st.lists(st.sampled_from(["pro", "ann@example.com", 4111111111111111]), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(flat_keys, flat_values), max_size=6))
+def test_known_clean_keys_and_values_scrub_as_the_first_time(pairs: list[Any]) -> None:
+    # The first pass learns which keys and values are clean; the second takes the fast path
+    # for them and must give the same properties and the same remarks.
+    value = dict(pairs)
+    scrubber = Scrubber()
+    first: list[str] = []
+    second: list[str] = []
+    assert scrubber.scrub(value, "properties", first) == scrubber.scrub(value, "properties", second)
+    assert first == second
+
+
 @pytest.mark.parametrize(
     "key",
     ["password", "db_password", "accessToken", "X-API-Key", "api_key", "client_secret",

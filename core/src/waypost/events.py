@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import datetime as _dt
 import decimal
@@ -29,6 +30,9 @@ _ISO_SECOND: tuple[int, str] = (-(2**62), "")  # the last second formatted by is
 
 # --- ids --------------------------------------------------------------------------------------
 
+_POOL_WORDS = 256
+"""Random 64-bit words drawn from the OS at once for ids (two at most per id)."""
+
 
 class _UUID7:
     """UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then a 12-bit counter that keeps ids made in
@@ -38,27 +42,46 @@ class _UUID7:
         self._lock = threading.Lock()
         self._last_ms = 0
         self._counter = 0
+        # One os.urandom call per _POOL_WORDS words: a syscall per id cost more than the rest
+        # of the id.
+        self._pool: list[int] = []
+        self._prefix = (-1, "")  # the last millisecond and its text, "xxxxxxxx-xxxx-7"
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        # The child must not replay the parent's random words, nor inherit a lock that
+        # another thread of the parent held at the fork.
+        self._pool = []
+        self._lock = threading.Lock()
 
     def __call__(self, unix_seconds: float | None = None) -> str:
         ms = int((time.time() if unix_seconds is None else unix_seconds) * 1000)
         with self._lock:
+            pool = self._pool
+            if len(pool) < 2:
+                pool = self._pool = array.array("Q", os.urandom(8 * _POOL_WORDS)).tolist()
             if ms < self._last_ms - 1000:
                 # A backdated event: its own millisecond, no effect on the running order.
-                counter = int.from_bytes(os.urandom(2), "big") & 0xFFF
+                counter = pool.pop() & 0xFFF
             else:
                 if ms > self._last_ms:
                     self._last_ms = ms
-                    self._counter = int.from_bytes(os.urandom(2), "big") & 0x3FF
+                    self._counter = pool.pop() & 0x3FF
                 else:  # same millisecond (or the clock stepped back a little): keep order
                     self._counter += 1
                     if self._counter > 0xFFF:
                         self._last_ms += 1
                         self._counter = 0
                 ms, counter = self._last_ms, self._counter
-        rand = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
-        value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand
-        h = f"{value:032x}"  # what str(uuid.UUID(int=value)) gives, without building the UUID
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+            # The variant bits 10, then 62 random bits.
+            tail = f"{pool.pop() >> 2 | 0x8000_0000_0000_0000:016x}"
+        prefix = self._prefix
+        if prefix[0] != ms:
+            wrapped = ms & 0xFFFF_FFFF_FFFF
+            prefix = self._prefix = (ms, f"{wrapped >> 16:08x}-{wrapped & 0xFFFF:04x}-7")
+        # What str(uuid.UUID(int=...)) gives, without building the 128-bit number.
+        return f"{prefix[1]}{counter:03x}-{tail[:4]}-{tail[4:]}"
 
 
 uuid7 = _UUID7()
@@ -139,9 +162,38 @@ def _coerce(value: Any, _depth: int) -> Any:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
+def _c_encoder() -> Any:
+    """The C encoder that ``_ENCODER.encode`` makes anew on every call, made once; None where
+    the interpreter has none (or makes it differently). Coerced data is a tree, so it goes
+    without the circular-reference check, which would make it unsafe to share across threads.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        # markers, default, encoder, indent, key and item separators, sort_keys, skipkeys,
+        # allow_nan: what JSONEncoder.iterencode passes for _ENCODER, but the markers.
+        encoder = make(
+            None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",",
+            False, False, True,
+        )  # fmt: skip
+        sample = {"a": [1, 2.5, None, True, '\u00e9\n"', {}], "b": float("nan")}
+        if "".join(encoder(sample, 0)) != _ENCODER.encode(sample):
+            return None
+    except Exception:
+        return None
+    return encoder
+
+
+_C_ENCODER = _c_encoder()
+
+
 def dumps(data: Any) -> str:
     """Compact JSON for the wire and the outbox (data must already be coerced)."""
-    # One encoder for every call: json.dumps with options builds a new one each time.
+    # One encoder for every call: json.dumps with options builds a new one each time, and
+    # JSONEncoder.encode builds a new C encoder each time.
+    if _C_ENCODER is not None:
+        return "".join(_C_ENCODER(data, 0))
     return _ENCODER.encode(data)
 
 

@@ -492,8 +492,25 @@ class Scrubber:
             return self.scrub_text(value, path, remarks)
         if isinstance(value, dict):
             out: dict[str, Any] = {}
+            cache, kinds = self._clean, self._keys
             for key, item in value.items():
-                clean = self.scrub_text(key, f"{path}.<key>", remarks) if key else key
+                if key in cache and kinds.get(key) == _PLAIN and key not in out:
+                    # The common case, kept fast: a known clean key holding a known clean
+                    # string or a scalar that no rule applies to; no path is built for it.
+                    of = type(item)
+                    if (
+                        (of is str and item in cache)
+                        or of is bool
+                        or of is float
+                        or item is None
+                        or (of is int and -_BIG_INT < item < _BIG_INT)
+                    ):
+                        out[key] = item
+                        continue
+                if not key or key in cache:
+                    clean = key
+                else:
+                    clean = self.scrub_text(key, f"{path}.<key>", remarks)
                 if clean in out:  # two keys redacted alike: keep both values
                     n = 2
                     while f"{clean}#{n}" in out:

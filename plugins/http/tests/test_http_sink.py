@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from waypost_http import HttpConfig, HttpSink, verify_signature
+from waypost_http import _CONTEXT_MARK, HttpConfig, HttpSink, verify_signature
 
+from waypost.events import Event, base_context, dumps
 from waypost.plugins import PluginManager
 from waypost.sinks import SinkContext
 from waypost.testing import (
@@ -186,6 +187,38 @@ def test_cloudevents_batch(recording_server: RecordingServer, sink_factory: Any)
             "datacontenttype",
             "data",
         }
+
+
+@pytest.mark.parametrize("fmt", ["json", "ndjson", "cloudevents"])
+def test_body_is_the_rendered_events_whatever_their_contexts(fmt: str, tmp_path: Path) -> None:
+    sink = make_sink("http://127.0.0.1:9", tmp_path, format=fmt)
+
+    def plain(events: list[Event]) -> bytes:
+        items = sink.render(events)
+        if fmt == "ndjson":
+            return "".join(dumps(item) + "\n" for item in items).encode()
+        return dumps(items).encode()
+
+    shared = base_context("My App", "2.3.4")
+    contexts = [
+        [shared] * 4,
+        [shared, dict(shared), {**shared, "python": "3.14.0"}, shared],  # equal is not shared
+        [{**shared, "app": {"name": "é", "version": "1"}}, shared, shared, {}],
+        [shared, {}, shared, shared],
+        [shared, dict(reversed(shared.items())), shared, shared],  # equal, other text
+    ]
+    try:
+        for batch in contexts:
+            events = make_events(len(batch))
+            for event, context in zip(events, batch, strict=True):
+                event.context = context
+            assert sink.encode(events) == plain(events)
+            # The same text as the shared context's, in the data: still the same body.
+            events[2].properties = {"note": _CONTEXT_MARK, _CONTEXT_MARK: dumps(shared)}
+            assert sink.encode(events) == plain(events)
+        assert sink.encode([]) == plain([])
+    finally:
+        sink.close()
 
 
 def test_cloudevents_source_and_type_are_configurable(

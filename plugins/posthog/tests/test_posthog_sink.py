@@ -259,6 +259,20 @@ def test_only_oversized_events_send_nothing(
     assert posthog_server.requests == []
 
 
+def test_batch_over_900_kib_of_small_events_is_one_request(
+    posthog_server: RecordingServer, tmp_path: Path
+) -> None:
+    events = [
+        make_event("mid", {"blob": str(i % 10) * 1200}) for i in range(PosthogSink.max_batch_size)
+    ]
+    sink = make_sink(posthog_server.url, tmp_path)
+    result = send_batch(sink, events)
+    assert not result.retry and not result.failed
+    assert len(posthog_server.requests) == 1
+    assert 900 * 1024 < len(posthog_server.requests[0].body) <= MAX_BATCH_BYTES
+    assert uuids(posthog_server) == [e.id for e in events]
+
+
 def test_batch_over_5_mib_goes_in_several_requests(
     posthog_server: RecordingServer, tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +49,9 @@ CONTENT_TYPES = {
     "ndjson": "application/x-ndjson",
     "cloudevents": "application/cloudevents-batch+json",
 }
+
+_CONTEXT_MARK = f"waypost-context-{secrets.token_hex(8)}"
+"""Stands for the batch's shared context in ``encode`` until the body is written."""
 
 # Headers the sink sets itself: a config that overrode them would corrupt the request.
 _RESERVED_HEADERS = frozenset(
@@ -215,9 +219,29 @@ class HttpSink(Sink):
     def encode(self, events: Sequence[Event]) -> bytes:
         """The body exactly as it is sent (before gzip)."""
         items = self.render(events)
+        # The events of a batch share one context object: its JSON is written once, a marker
+        # holding its place in each event until then.
+        shared = events[0].context if events else None
+        cloud = self.config.format == "cloudevents"
+        marked = 0
+        for item in items:
+            envelope = item["data"] if cloud else item
+            if envelope["context"] is shared:
+                envelope["context"] = _CONTEXT_MARK
+                marked += 1
+        text = self._dumps(items)
+        if marked:
+            mark = dumps(_CONTEXT_MARK)
+            if text.count(mark) == marked:
+                text = text.replace(mark, dumps(shared))
+            else:  # the data holds the marker too (only if put there on purpose)
+                text = self._dumps(self.render(events))
+        return text.encode()
+
+    def _dumps(self, items: list[Any]) -> str:
         if self.config.format == "ndjson":
-            return "".join(dumps(item) + "\n" for item in items).encode()
-        return dumps(items).encode()
+            return "".join(dumps(item) + "\n" for item in items)
+        return dumps(items)
 
     def _request(self, events: Sequence[Event]) -> httpx.Response:
         if self._client is None:
