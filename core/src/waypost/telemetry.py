@@ -566,17 +566,11 @@ class Telemetry:
                     props = scrubber.scrub(props, "properties", remarks)
                     if who is not instance_id:  # an id the application chose may be personal
                         who = scrubber.scrub_text(who, "distinct_id", remarks)
+                # Positional (the fields' order): a third cheaper than keywords, per event.
                 built = Event(
-                    id=uuid7(when),
-                    name=name,
-                    time=when,
-                    instance_id=instance_id,
-                    properties=props,
-                    context=context,
-                    distinct_id=who,
-                    level=level or "usage",
-                    remarks=remarks,
-                )
+                    uuid7(when), name, when, instance_id, props, context, who,
+                    level or "usage", remarks,
+                )  # fmt: skip
                 if self._before_send:
                     result = self._apply_before_send(built)
                     if result is None:
