@@ -90,6 +90,7 @@ class PosthogSink(Sink):
     _sdk: ModuleType
     _session: requests.Session | None = None
     _session_pid = 0
+    _from_context: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     def open(self) -> None:
         # Imported only when a posthog sink is configured: posthog loads its whole client.
@@ -115,18 +116,10 @@ class PosthogSink(Sink):
     def message(self, event: Event) -> dict[str, Any]:
         """One event in PostHog's batch format."""
         context = event.context
-        app = context.get("app") or {}
-        os_info = context.get("os") or {}
-        properties: dict[str, Any] = {}
-        for key, value in (
-            ("$app_name", app.get("name")),
-            ("$app_version", app.get("version")),
-            ("$os", _OS_NAMES.get(str(os_info.get("type")), os_info.get("type"))),
-            ("$os_version", os_info.get("release")),
-            ("$python_version", context.get("python")),
-        ):
-            if value:
-                properties[key] = value
+        cached = self._from_context
+        if cached is None or cached[0] is not context:  # events of a run share one context
+            cached = self._from_context = (context, _context_properties(context))
+        properties = cached[1].copy()
         properties.update(event.properties)
         properties["$lib"] = "waypost"
         properties["$lib_version"] = context.get("waypost") or waypost_version
@@ -272,6 +265,23 @@ class PosthogSink(Sink):
         session, self._session = self._session, None
         if session is not None and self._session_pid == os.getpid():
             session.close()
+
+
+def _context_properties(context: dict[str, Any]) -> dict[str, Any]:
+    """The PostHog properties taken from an envelope's shared context."""
+    app = context.get("app") or {}
+    os_info = context.get("os") or {}
+    properties: dict[str, Any] = {}
+    for key, value in (
+        ("$app_name", app.get("name")),
+        ("$app_version", app.get("version")),
+        ("$os", _OS_NAMES.get(str(os_info.get("type")), os_info.get("type"))),
+        ("$os_version", os_info.get("release")),
+        ("$python_version", context.get("python")),
+    ):
+        if value:
+            properties[key] = value
+    return properties
 
 
 def _chunks(
