@@ -142,6 +142,7 @@ class Runner:
         return any(t.is_alive() for t in self.threads)
 
     def request_pass(self) -> int:
+        self.outbox_due_at = 0.0  # a flush looks in the outbox too
         with self._pass_lock:
             self._requested += 1
             ticket = self._requested
@@ -168,28 +169,35 @@ class Runner:
         assert outbox is not None  # runners exist only when the outbox does
         idle_wait = self.pipeline.poll_interval
         while not self.stop:
+            seen = self._wakes  # before looking for work: a wake-up after this is not missed
             try:
                 if not self.opened and not self._open():
                     self._idle()
-                    self._sleep(min(30.0, max(1.0, self.open_until - time.time())))
+                    self._sleep(min(30.0, max(1.0, self.open_until - time.time())), seen)
                     continue
                 now = time.time()
                 if self.open_until > now:
                     self._idle()
-                    self._sleep(self.open_until - now)
+                    self._sleep(self.open_until - now, seen)
                     continue
                 if self.consecutive_failures and self.fresh:
                     self.spill(flights=False)  # a failing sink retries from the outbox
-                # Fresh events first; with a backlog due in the outbox, every other batch.
+                # Fresh events first; when the outbox has rows due, every other batch. The
+                # outbox is read only when rows may be due: it is written for this sink, a
+                # retry falls due, a flush asks, or every poll interval (other processes).
                 self._turn = not self._turn
-                backlog = self._turn and time.monotonic() >= self.outbox_due_at
-                flight = None if backlog else self._take_fresh()
+                outbox_wait = self.outbox_due_at - time.monotonic()
+                flight = None if outbox_wait <= 0 and self._turn else self._take_fresh()
                 if flight is not None:
                     try:
                         self._deliver_fresh(flight)
                     finally:
                         with self._state:
                             self._busy -= 1
+                    continue
+                if outbox_wait > 0:
+                    self._idle()
+                    self._sleep(outbox_wait, seen)
                     continue
                 leased = outbox.lease(
                     self.name, self.sink.batch_size, lease_seconds=self.pipeline.lease_seconds
@@ -198,10 +206,6 @@ class Runner:
                     due = outbox.next_due(self.name)
                     wait = idle_wait if due is None else max(0.01, min(idle_wait, due - now))
                     self.outbox_due_at = time.monotonic() + wait
-                    if self.fresh:
-                        continue
-                    self._idle()
-                    self._sleep(wait)
                     continue
                 with self._state:
                     self._busy += 1
@@ -219,7 +223,7 @@ class Runner:
                     exc,
                     level=logging.ERROR,
                 )
-                self._sleep(1.0)
+                self._sleep(1.0, seen)
         self._complete_pass()
 
     def _idle(self) -> None:
@@ -229,16 +233,20 @@ class Runner:
         if not busy:
             self._complete_pass()
 
-    def _sleep(self, seconds: float) -> None:
+    def _sleep(self, seconds: float, seen: int) -> None:
+        """Sleep until woken after ``seen`` (the wake count when this turn began), or a stop."""
         with self._wakeup:
-            seen = self._wakes
             self._wakeup.wait_for(lambda: self._wakes != seen or self.stop, timeout=seconds)
 
-    def wake(self) -> None:
-        """Wake every thread of this runner (new events, a flush, a stop)."""
+    def wake(self, threads: int | None = None) -> None:
+        """Wake this runner's threads (all, or as many as ``threads``): new events, a flush,
+        a stop."""
         with self._wakeup:
             self._wakes += 1
-            self._wakeup.notify_all()
+            if threads is None:
+                self._wakeup.notify_all()
+            else:
+                self._wakeup.notify(threads)
 
     def _open(self) -> bool:
         with self._open_lock:
@@ -278,7 +286,7 @@ class Runner:
     def offer(self, events: list[Event], now: float) -> None:
         """Hand fresh events to this sink's threads."""
         self.fresh.extend([(now, e) for e in events])
-        self.wake()
+        self.wake(-(-len(self.fresh) // self.sink.batch_size))  # a thread per batch waiting
 
     def _take_fresh(self) -> Flight | None:
         fresh = self.fresh
@@ -839,6 +847,7 @@ class Pipeline:
             self.outbox.retry_now([r.name for r in self.runners])
         for runner in self.runners:
             runner.open_until = 0.0
+            runner.outbox_due_at = 0.0
             runner.wake()
 
     def shutdown(self, timeout: float, *, flush: bool = True) -> bool:
