@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, SecretStr, field_validator
@@ -23,8 +25,6 @@ from waypost.retry import raise_for_status
 from waypost.sinks import HttpSinkConfig, SendResult, Sink
 
 if TYPE_CHECKING:
-    from types import ModuleType
-
     import requests
 
 __all__ = [
@@ -154,8 +154,16 @@ class PosthogSink(Sink):
         # Sizes are measured as posthog-python measures them: its own json.dumps. The batch's
         # JSON is longer than any of its events' and than their sum in _chunks: under the event
         # limit, no event is too large and the batch is one request; nothing more to measure.
-        if messages and len(json.dumps(messages).encode()) <= MAX_EVENT_BYTES:
-            self._post(messages)  # whatever it raises is about the whole batch
+        if messages and not self._config.gzip:
+            # Measured on the way out instead: the body posthog-python made is refused before it
+            # leaves if it is over the event limit, and only then is each event measured.
+            try:
+                self._post(messages, at_most=MAX_EVENT_BYTES)
+                return SendResult()  # whatever it raises is about the whole batch
+            except _OverLimit:
+                pass
+        elif messages and len(json.dumps(messages).encode()) <= MAX_EVENT_BYTES:
+            self._post(messages)
             return SendResult()
         result = SendResult()
         sized: list[tuple[Event, dict[str, Any], int]] = []
@@ -213,12 +221,14 @@ class PosthogSink(Sink):
             "uuid": event.id,
         }
 
-    def _post(self, batch: list[dict[str, Any]]) -> requests.Response:
-        """One ``POST /batch/`` through posthog-python; any failure becomes a ``SinkError``."""
+    def _post(self, batch: list[dict[str, Any]], *, at_most: int = 0) -> requests.Response:
+        """One ``POST /batch/`` through posthog-python; any failure becomes a ``SinkError``.
+        With ``at_most``, a body longer than that many bytes raises ``_OverLimit`` unsent."""
         if not hasattr(self, "_sdk"):
             self.open()
         http, sdk = self._requests, self._sdk
         config = self._config
+        _limits.at_most = at_most
         try:
             response: requests.Response = sdk.batch_post(
                 config.api_key.get_secret_value(),
@@ -248,6 +258,8 @@ class PosthogSink(Sink):
             raise RetryableError(
                 f"PostHog: cannot reach {self.endpoint}: {type(exc).__name__}"
             ) from None
+        finally:
+            _limits.at_most = 0
         return response
 
     def _http(self) -> requests.Session:
@@ -255,7 +267,7 @@ class PosthogSink(Sink):
         https, and retries belong to the core. Rebuilt in a forked child."""
         if self._session is None or self._session_pid != os.getpid():
             session = self._requests.Session()
-            adapter = self._requests.adapters.HTTPAdapter(max_retries=0)
+            adapter = _limited_adapter(self._requests)
             session.mount("https://", adapter)
             session.mount("http://", adapter)
             self._session, self._session_pid = session, os.getpid()
@@ -265,6 +277,31 @@ class PosthogSink(Sink):
         session, self._session = self._session, None
         if session is not None and self._session_pid == os.getpid():
             session.close()
+
+
+class _OverLimit(Exception):
+    """A request body over the size its sender allowed; it was not sent."""
+
+
+_limits = threading.local()
+"""Per thread: the largest body the request being made may have (0: no limit)."""
+
+
+def _limited_adapter(http: ModuleType) -> Any:
+    """A requests adapter that never retries (the core does) and refuses, unsent, a body over
+    the calling thread's ``_limits.at_most``."""
+
+    class LimitedAdapter(http.adapters.HTTPAdapter):  # type: ignore[name-defined,misc]
+        def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+            at_most = getattr(_limits, "at_most", 0)
+            body = request.body
+            if at_most and body is not None:
+                size = len(body.encode() if isinstance(body, str) else body)
+                if size > at_most:
+                    raise _OverLimit(size)
+            return super().send(request, *args, **kwargs)
+
+    return LimitedAdapter(max_retries=0)
 
 
 def _context_properties(context: dict[str, Any]) -> dict[str, Any]:
