@@ -108,6 +108,8 @@ class Runner:
         self.threads: list[threading.Thread] = []
         self._busy = 0
         self._state = threading.Lock()
+        self._room = threading.Condition(self._state)  # notified as the queue in memory shrinks
+        self.behind = False
         self._open_lock = threading.Lock()
         self._pass_lock = threading.Condition()
         self._requested = 0
@@ -275,13 +277,30 @@ class Runner:
 
     # --- events in memory -------------------------------------------------------------------
 
-    def takes_fresh(self) -> bool:
-        """Whether new events may wait in memory for this sink: it is healthy and not behind."""
-        return (
-            not self.consecutive_failures
-            and not self.open_error
-            and len(self.fresh) < self.pipeline.buffer_size
-        )
+    def takes_fresh(self, deadline: float) -> bool:
+        """Whether new events may wait in memory for this sink: it is healthy and not behind.
+
+        A healthy sink whose queue is full is waited for, briefly (until ``deadline``,
+        monotonic): a sink that keeps up frees room within milliseconds, and holding the worker
+        back costs less than writing to the outbox and leasing back. One that fails, or frees no
+        room in time, is behind: its events go to the outbox, without waiting, until it frees
+        room again.
+        """
+        if self.consecutive_failures or self.open_error:
+            return False
+        limit = self.pipeline.buffer_size
+        if len(self.fresh) < limit:
+            return True
+        if self.behind:
+            return False
+        with self._room:
+            room = self._room.wait_for(
+                lambda: len(self.fresh) < limit or self.consecutive_failures > 0 or self.stop,
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+            if not room:
+                self.behind = True
+            return room and not (self.consecutive_failures or self.stop)
 
     def offer(self, events: list[Event], now: float) -> None:
         """Hand fresh events to this sink's threads."""
@@ -299,6 +318,8 @@ class Runner:
             flight = Flight(events, since)
             self.flights.add(flight)
             self._busy += 1
+            self.behind = False
+            self._room.notify_all()
         return flight
 
     def in_memory(self) -> int:
@@ -326,6 +347,8 @@ class Runner:
             waiting: list[Event] = []
             while fresh and (older_than is None or fresh[0][0] <= older_than):
                 waiting.append(fresh.popleft()[1])
+            if waiting:
+                self._room.notify_all()
             flying: list[Event] = []
             for flight in self.flights if flights else ():
                 if not flight.stored and (older_than is None or flight.since <= older_than):
@@ -356,6 +379,7 @@ class Runner:
         """Forget the events waiting in memory (consent was withdrawn)."""
         with self._state:
             self.fresh.clear()
+            self._room.notify_all()
 
     # --- one batch ----------------------------------------------------------------------------
 
@@ -468,6 +492,7 @@ class Runner:
                 self.last_error, self.last_error_at = reason, now
             if retried and not ok:
                 self.consecutive_failures += 1
+                self._room.notify_all()  # a worker waiting for room stores instead
                 if self.consecutive_failures >= self.pipeline.breaker_threshold:
                     self.open_until = now + policy.delay(
                         self.consecutive_failures, result.retry_after
@@ -786,7 +811,8 @@ class Pipeline:
             if not targets:
                 self.counters.drop("no_sink", len(group))
                 continue
-            stored = [r.name for r in targets if store or self.sync or not r.takes_fresh()]
+            deadline = time.monotonic() + min(self.interval, LINGER)
+            stored = [r.name for r in targets if store or self.sync or not r.takes_fresh(deadline)]
             if stored:
                 self.outbox.add(group, stored)
                 self.count_stored(len(group))
