@@ -90,7 +90,7 @@ class PosthogSink(Sink):
     _sdk: ModuleType
     _session: requests.Session | None = None
     _session_pid = 0
-    _from_context: tuple[dict[str, Any], dict[str, Any]] | None = None
+    _from_context: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None = None
 
     def open(self) -> None:
         # Imported only when a posthog sink is configured: posthog loads its whole client.
@@ -118,13 +118,15 @@ class PosthogSink(Sink):
         context = event.context
         cached = self._from_context
         if cached is None or cached[0] is not context:  # events of a run share one context
-            cached = self._from_context = (context, _context_properties(context))
-        properties = cached[1].copy()
-        properties.update(event.properties)
-        properties["$lib"] = "waypost"
-        properties["$lib_version"] = context.get("waypost") or waypost_version
-        # waypost never lets PostHog derive a location from the sender's IP address.
-        properties["$geoip_disable"] = True
+            lib = {
+                "$lib": "waypost",
+                "$lib_version": context.get("waypost") or waypost_version,
+                # waypost never lets PostHog derive a location from the sender's IP address.
+                "$geoip_disable": True,
+            }
+            cached = self._from_context = (context, _context_properties(context), lib)
+        # The context's properties, then the event's (which may override them), then ours.
+        properties = {**cached[1], **event.properties, **cached[2]}
         distinct_id = event.distinct_id or event.instance_id
         if distinct_id == event.instance_id:
             # Anonymous installation telemetry: no person profile for an instance id.
