@@ -51,6 +51,28 @@ def run(code: str, env: dict[str, str], **kwargs: Any) -> subprocess.Popen[str]:
     )
 
 
+def restart_and_deliver(port: int, data: Path, env: dict[str, str]) -> list[str]:
+    """Start a new process on ``data`` with a healthy server on ``port``; once it has flushed
+    with nothing left pending, the ids the server received."""
+    url = f"http://127.0.0.1:{port}/ingest"
+    with RecordingServer(port=port) as server:
+        second = run(
+            script(
+                f"""
+                tel = make({url!r}, {str(data)!r})
+                assert tel.flush(timeout=20)
+                print(tel.status().outbox_pending_events)
+                tel.shutdown()
+                """
+            ),
+            env,
+        )
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 0, err
+        assert out.strip() == "0"
+        return ids_of(server.requests)
+
+
 def test_kill_9_after_flush_loses_nothing(tmp_path: Path, clean_env: dict[str, str]) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/ingest"
@@ -73,22 +95,7 @@ def test_kill_9_after_flush_loses_nothing(tmp_path: Path, clean_env: dict[str, s
     assert line.strip() == "flushed", first.stderr.read() if first.stderr else ""
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    with RecordingServer(port=port) as server:
-        second = run(
-            script(
-                f"""
-                tel = make({url!r}, {str(data)!r})
-                assert tel.flush(timeout=20)
-                print(tel.status().outbox_pending_events)
-                tel.shutdown()
-                """
-            ),
-            clean_env,
-        )
-        out, err = second.communicate(timeout=60)
-        assert second.returncode == 0, err
-        assert out.strip() == "0"
-        counts = collections.Counter(ids_of(server.requests))
+    counts = collections.Counter(restart_and_deliver(port, data, clean_env))
     assert len(counts) == 500
 
 
@@ -126,22 +133,7 @@ def test_kill_9_while_a_batch_is_in_flight_loses_nothing(
         assert stored == 300
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
-    with RecordingServer(port=port) as server:
-        second = run(
-            script(
-                f"""
-                tel = make({url!r}, {str(data)!r})
-                assert tel.flush(timeout=20)
-                print(tel.status().outbox_pending_events)
-                tel.shutdown()
-                """
-            ),
-            clean_env,
-        )
-        out, err = second.communicate(timeout=60)
-        assert second.returncode == 0, err
-        assert out.strip() == "0"
-        assert len(set(ids_of(server.requests))) == 300
+    assert len(set(restart_and_deliver(port, data, clean_env))) == 300
 
 
 def test_fork_child_delivers_its_own_events_only(tmp_path: Path, clean_env: dict[str, str]) -> None:
