@@ -399,12 +399,23 @@ class Runner:
             outcomes += [(events[i], "sent", 0.0, None) for i in ok]
         outbox = self.pipeline.outbox
         assert outbox is not None
-        if flight.stored and not keep:
-            outbox.forget(self.name, [events[i].id for i in ok])
-        if outcomes:
-            outbox.settle(self.name, outcomes, now=now)
-            if not flight.stored:
-                self.pipeline.count_stored(len(outcomes) - (len(ok) if keep else 0))
+        try:
+            if flight.stored and not keep:
+                outbox.forget(self.name, [events[i].id for i in ok])
+            if outcomes:
+                outbox.settle(self.name, outcomes, now=now)
+                if not flight.stored:
+                    self.pipeline.count_stored(len(retry) + len(failed))
+        except Exception as exc:
+            lost = 0 if flight.stored else len(retry)  # stored rows stay, to be sent again
+            self.pipeline.counters.drop("outbox_error", lost)
+            self.pipeline.log_once(
+                "outbox-write",
+                "waypost: cannot write the outbox (%s): %d events to retry are lost",
+                exc,
+                lost,
+                level=logging.ERROR,
+            )
         if retry:
             self.outbox_due_at = min(self.outbox_due_at, time.monotonic() + 0.01)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
