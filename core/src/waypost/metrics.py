@@ -454,7 +454,12 @@ _HEALTH: tuple[MetricInfo, ...] = (
     _health(
         "waypost_events_dropped", "counter", "Events or recordings dropped", "{event}", "reason"
     ),
-    _health("waypost_buffered_events", "gauge", "Events in memory, not yet stored", "{event}"),
+    _health(
+        "waypost_buffered_events",
+        "gauge",
+        "Events held only in memory: the buffer and the sinks' queues",
+        "{event}",
+    ),
     _health("waypost_outbox_pending", "gauge", "Records waiting for delivery", "{record}", "sink"),
     _health("waypost_sink_up", "gauge", "1 when a sink delivers or is idle, else 0", "", "sink"),
 )
@@ -474,7 +479,9 @@ def _health_points(status: Any) -> dict[str, list[Point]]:
         "waypost_events_dropped": [
             Point({"reason": reason}, float(n)) for reason, n in sorted(counters.dropped.items())
         ],
-        "waypost_buffered_events": [Point({}, float(status.buffered))],
+        "waypost_buffered_events": [
+            Point({}, float(status.buffered + sum(s.in_memory for s in sinks)))
+        ],
         "waypost_outbox_pending": [Point({"sink": s.name}, float(s.pending)) for s in sinks],
         "waypost_sink_up": [
             Point({"sink": s.name}, 1.0 if s.state in ("ok", "idle") else 0.0) for s in sinks
