@@ -360,3 +360,23 @@ def test_a_stuck_worker_holds_track_back_for_a_bounded_time_then_drops_counted(
     assert tel.flush(timeout=10)
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(lines) + dropped == 200
+
+
+def test_a_sink_runs_one_thread_when_idle_and_more_under_a_burst(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    import threading
+
+    def threads() -> int:
+        return sum(t.name == "waypost-sink-dest" for t in threading.enumerate())
+
+    recording_server.responder = lambda r: Response(200, {}, delay=0.2)
+    tel = make_telemetry(sinks=url_sink(recording_server.url, concurrency=3))
+    tel.track("one")
+    assert tel.flush(timeout=10)
+    assert threads() == 1
+    for i in range(1000):  # ten batches of the sink's 100
+        tel.track("burst", {"i": i})
+    assert tel.flush(timeout=30)
+    assert threads() == 3
+    assert len(set(ids_of(recording_server.requests))) == 1001

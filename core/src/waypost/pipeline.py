@@ -111,6 +111,7 @@ class Runner:
         self._room = threading.Condition(self._state)  # notified as the queue in memory shrinks
         self.behind = False
         self._open_lock = threading.Lock()
+        self._grow_lock = threading.Lock()
         self._pass_lock = threading.Condition()
         self._requested = 0
         self._completed = 0
@@ -132,12 +133,18 @@ class Runner:
     # --- thread ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.threads = [
-            threading.Thread(target=self._run, name=f"waypost-sink-{self.name}", daemon=True)
-            for _ in range(max(1, self.sink.concurrency))
-        ]
-        for thread in self.threads:
-            thread.start()
+        """Start one thread; more start as batches queue up, to ``Sink.concurrency`` in all."""
+        self._add_threads(1)
+
+    def _add_threads(self, n: int) -> None:
+        with self._grow_lock:
+            n = min(n, max(1, self.sink.concurrency) - len(self.threads))
+            for _ in range(n):
+                thread = threading.Thread(
+                    target=self._run, name=f"waypost-sink-{self.name}", daemon=True
+                )
+                thread.start()
+                self.threads = [*self.threads, thread]
 
     @property
     def alive(self) -> bool:
@@ -211,6 +218,11 @@ class Runner:
                     continue
                 with self._state:
                     self._busy += 1
+                    backlog = len(leased) == self.sink.batch_size and self._busy >= len(
+                        self.threads
+                    )
+                if backlog:
+                    self._add_threads(1)  # a backlog: more batches in flight at once
                 try:
                     self._deliver(leased)
                 finally:
@@ -305,7 +317,11 @@ class Runner:
     def offer(self, events: list[Event], now: float) -> None:
         """Hand fresh events to this sink's threads."""
         self.fresh.extend([(now, e) for e in events])
-        self.wake(-(-len(self.fresh) // self.sink.batch_size))  # a thread per batch waiting
+        batches = -(-len(self.fresh) // self.sink.batch_size)
+        idle = len(self.threads) - self._busy
+        if 0 < len(self.threads) < self.sink.concurrency and batches > idle:
+            self._add_threads(batches - idle)  # a burst: more batches in flight at once
+        self.wake(batches)  # a thread per batch waiting
 
     def _take_fresh(self) -> Flight | None:
         fresh = self.fresh

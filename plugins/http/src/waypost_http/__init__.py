@@ -168,7 +168,7 @@ class HttpSink(Sink):
     type = "http"
     Config = HttpConfig
     max_batch_size = 1000
-    default_concurrency = 4  # send() is safe from several threads
+    default_concurrency = 8  # send() is safe from several threads; started as needed
     config: HttpConfig
 
     def __init__(self, name: str, config: SinkConfig, context: SinkContext) -> None:

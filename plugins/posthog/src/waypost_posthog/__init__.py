@@ -84,7 +84,7 @@ class PosthogSink(Sink):
     type = "posthog"
     Config = PosthogConfig
     max_batch_size = 1000  # PostHog limits a request's bytes, not its events
-    default_concurrency = 4  # send() is safe from several threads
+    default_concurrency = 8  # send() is safe from several threads; started as needed
 
     _requests: ModuleType
     _sdk: ModuleType
