@@ -380,3 +380,38 @@ def test_a_sink_runs_one_thread_when_idle_and_more_under_a_burst(
     assert tel.flush(timeout=30)
     assert threads() == 3
     assert len(set(ids_of(recording_server.requests))) == 1001
+
+
+def test_a_host_that_never_pauses_still_gets_a_slow_sink_events_stored_in_time(
+    urlsink: str, recording_server: RecordingServer, make_telemetry: Any
+) -> None:
+    import threading
+
+    # batch.interval is 0.05 s: nothing should stay only in memory much longer, even while the
+    # host keeps the worker busy and the sink takes 1.5 s an answer.
+    recording_server.responder = lambda r: Response(200, {}, delay=1.5)
+    tel = make_telemetry(sinks=url_sink(recording_server.url, timeout=10), strict=False)
+    stop = threading.Event()
+
+    def host() -> None:
+        i = 0
+        while not stop.is_set():
+            tel.track("steady", {"i": i})
+            i += 1
+
+    thread = threading.Thread(target=host)
+    thread.start()
+    try:
+        runner = tel.pipeline.runners[0]
+        oldest_age = 0.0
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            since = runner.oldest_in_memory()
+            if since is not None:
+                oldest_age = max(oldest_age, time.monotonic() - since)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    assert tel.status().counters.stored > 0
+    assert oldest_age < 1.0

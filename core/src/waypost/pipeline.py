@@ -403,27 +403,30 @@ class Runner:
         events = flight.events
         result, batch_error = self._send(events)
         retry, failed, ok = self._classify(events, {}, result)
-        with self._state:
-            self.flights.discard(flight)
         now = time.time()
         keep = self.pipeline.keep_sent > 0
         outcomes: list[tuple[Event, str, float, str | None]] = [
             (events[i], "pending", next_at, reason) for i, next_at, reason in retry
         ]
         outcomes += [(events[i], "failed", 0.0, reason) for i, reason in failed]
-        if keep:
-            outcomes += [(events[i], "sent", 0.0, None) for i in ok]
+        delivered: list[tuple[Event, str, float, str | None]] = [
+            (events[i], "sent", 0.0, None) for i in ok
+        ]
         outbox = self.pipeline.outbox
         assert outbox is not None
+        # The batch stays among the flights until its outcome is written: until then a flush or
+        # the worker may still store it (leased), and nothing is left only in memory.
+        with self._state:
+            stored = flight.stored
         try:
-            if flight.stored and not keep:
+            if stored and not keep:
                 outbox.forget(self.name, [events[i].id for i in ok])
-            if outcomes:
-                outbox.settle(self.name, outcomes, now=now)
-                if not flight.stored:
+            if outcomes or (keep and delivered):
+                outbox.settle(self.name, outcomes + (delivered if keep else []), now=now)
+                if not stored:
                     self.pipeline.count_stored(len(retry) + len(failed))
         except Exception as exc:
-            lost = 0 if flight.stored else len(retry)  # stored rows stay, to be sent again
+            lost = 0 if stored else len(retry)  # stored rows stay, to be sent again
             self.pipeline.counters.drop("outbox_error", lost)
             self.pipeline.log_once(
                 "outbox-write",
@@ -432,6 +435,17 @@ class Runner:
                 lost,
                 level=logging.ERROR,
             )
+        with self._state:
+            self.flights.discard(flight)
+            late = flight.stored and not stored
+        if late:  # stored while its outcome was being written: the delivered rows go too
+            try:
+                if keep:
+                    outbox.settle(self.name, delivered, now=now)
+                else:
+                    outbox.forget(self.name, [events[i].id for i in ok])
+            except Exception as exc:  # they stay leased, and are sent again later
+                self.pipeline.log_once("outbox-write", "waypost: cannot write the outbox (%s)", exc)
         if retry:
             self.outbox_due_at = min(self.outbox_due_at, time.monotonic() + 0.01)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
@@ -655,7 +669,6 @@ class Pipeline:
         self.log_once = LogOnce(log)
         self.runners = [Runner(self, s) for s in sinks]
         self._contract_errors: list[SinkContractError] = []
-        self._stored_lock = threading.Lock()
         self._reset_sync()
 
     def _reset_sync(self) -> None:
@@ -668,6 +681,7 @@ class Pipeline:
         self._linger = False
         self._room = threading.Condition()
         self._stalled = False
+        self._stored_lock = threading.Lock()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -760,7 +774,10 @@ class Pipeline:
 
     def _next_wait(self) -> float:
         """Until the next drain: ``batch.interval``; sooner while a burst goes on (the last
-        drain took a full batch), and when events in memory are due to be stored."""
+        drain took a full batch), and when events in memory are due to be stored; not at all
+        when a batch is already buffered."""
+        if len(self.buffer) >= self.wake_at:
+            return 0.0
         wait = min(self.interval, LINGER) if self._linger else self.interval
         oldest = [t for t in (r.oldest_in_memory() for r in self.runners) if t is not None]
         if oldest:
@@ -775,11 +792,11 @@ class Pipeline:
             runner.spill(older_than)
 
     def spill(self) -> bool:
-        """Store everything held in memory for the sinks; False if the outbox refused it."""
-        with self.lock:
-            for runner in self.runners:
-                runner.spill()
-            return not any(runner.in_memory() for runner in self.runners)
+        """Store everything held in memory for the sinks; False if the outbox refused it.
+        Each sink's own lock guards its queue: this never waits for a drain."""
+        for runner in self.runners:
+            runner.spill()
+        return not any(runner.in_memory() for runner in self.runners)
 
     def drain(self, *, store: bool = False) -> bool:
         """Build everything buffered and hand it to the sinks' threads, or (``store``, a sink
@@ -787,14 +804,18 @@ class Pipeline:
         with self.lock:
             buffer = self.buffer
             moved = 0
-            while buffer:
+            # What is buffered now, not what a busy host adds meanwhile: the worker gets back to
+            # its other duties (storing what waited too long in memory) between drains.
+            left = len(buffer)
+            while left > 0 and buffer:
                 items: list[Item] = []
                 pop = buffer.popleft
                 try:
-                    for _ in range(1000):  # small enough that sinks start on it soon
+                    for _ in range(min(left, 1000)):  # small enough that sinks start on it soon
                         items.append(pop())
                 except IndexError:
                     pass
+                left -= len(items)
                 with self._room:  # a caller held back by a full buffer may go on
                     self._stalled = False
                     self._room.notify_all()
@@ -874,17 +895,15 @@ class Pipeline:
         if not self._acquire(deadline):
             return False
         try:
-            self.drain()
+            self.drain()  # everything buffered before this call (the host may add more)
         finally:
             self.lock.release()
-        if self.buffer:
-            return False
         if self.debug:
             return True
         tickets = [(r, r.request_pass()) for r in self.runners if r.threads]
         for runner, ticket in tickets:
             runner.wait_pass(ticket, deadline)
-        return self.spill() and not self.buffer
+        return self.spill()
 
     def _acquire(self, deadline: float) -> bool:
         while True:
