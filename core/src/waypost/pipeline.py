@@ -112,6 +112,7 @@ class Runner:
         self.behind = False
         self._open_lock = threading.Lock()
         self._grow_lock = threading.Lock()
+        self._spill_lock = threading.Lock()  # held by a spill while it writes; before _state
         self._pass_lock = threading.Condition()
         self._requested = 0
         self._completed = 0
@@ -358,21 +359,23 @@ class Runner:
         outbox = self.pipeline.outbox
         if outbox is None:
             return 0
-        with self._state:
-            fresh = self.fresh
-            waiting: list[Event] = []
-            while fresh and (older_than is None or fresh[0][0] <= older_than):
-                waiting.append(fresh.popleft()[1])
-            if waiting:
-                self._room.notify_all()
-            flying: list[Event] = []
-            for flight in self.flights if flights else ():
-                if not flight.stored and (older_than is None or flight.since <= older_than):
-                    flight.stored = True
-                    flying.extend(flight.events)
+        # _spill_lock, not _state, is held while writing: a slow disk (or another process's
+        # write) holds up only a batch ending now, which must find its rows in place.
+        with self._spill_lock:
+            with self._state:
+                fresh = self.fresh
+                waiting: list[Event] = []
+                while fresh and (older_than is None or fresh[0][0] <= older_than):
+                    waiting.append(fresh.popleft()[1])
+                if waiting:
+                    self._room.notify_all()
+                flying: list[Event] = []
+                for flight in self.flights if flights else ():
+                    if not flight.stored and (older_than is None or flight.since <= older_than):
+                        flight.stored = True
+                        flying.extend(flight.events)
             if not waiting and not flying:
                 return 0
-            # Written under the lock: a batch that ends now finds its rows in place.
             try:
                 outbox.add(waiting, [self.name])
                 outbox.add(flying, [self.name], lease_seconds=self.pipeline.lease_seconds)
@@ -416,7 +419,7 @@ class Runner:
         assert outbox is not None
         # The batch stays among the flights until its outcome is written: until then a flush or
         # the worker may still store it (leased), and nothing is left only in memory.
-        with self._state:
+        with self._spill_lock, self._state:  # a spill writing this batch has finished
             stored = flight.stored
         try:
             if stored and not keep:
@@ -435,7 +438,7 @@ class Runner:
                 lost,
                 level=logging.ERROR,
             )
-        with self._state:
+        with self._spill_lock, self._state:
             self.flights.discard(flight)
             late = flight.stored and not stored
         if late:  # stored while its outcome was being written: the delivered rows go too
