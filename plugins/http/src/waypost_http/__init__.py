@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import re
-import secrets
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -57,8 +56,6 @@ CONTENT_TYPES = {
     "cloudevents": "application/cloudevents-batch+json",
 }
 
-_CONTEXT_MARK = f"waypost-context-{secrets.token_hex(8)}"
-"""Stands for the batch's shared context in ``encode`` until the body is written."""
 
 # Headers the sink sets itself: a config that overrode them would corrupt the request.
 _RESERVED_HEADERS = frozenset(
@@ -234,29 +231,9 @@ class HttpSink(Sink):
                 return body
             except TypeError:  # an integer past 64 bits: the standard encoder takes it
                 pass
-        # The events of a batch share one context object: its JSON is written once, a marker
-        # holding its place in each event until then.
-        shared = events[0].context if events else None
-        cloud = self.config.format == "cloudevents"
-        marked = 0
-        for item in items:
-            envelope = item["data"] if cloud else item
-            if envelope["context"] is shared:
-                envelope["context"] = _CONTEXT_MARK
-                marked += 1
-        text = self._dumps(items)
-        if marked:
-            mark = dumps(_CONTEXT_MARK)
-            if text.count(mark) == marked:
-                text = text.replace(mark, dumps(shared))
-            else:  # the data holds the marker too (only if put there on purpose)
-                text = self._dumps(self.render(events))
-        return text.encode()
-
-    def _dumps(self, items: list[Any]) -> str:
         if self.config.format == "ndjson":
-            return "".join(dumps(item) + "\n" for item in items)
-        return dumps(items)
+            return "".join(dumps(item) + "\n" for item in items).encode()
+        return dumps(items).encode()
 
     def _request(self, events: Sequence[Event]) -> httpx.Response:
         if self._client is None:
