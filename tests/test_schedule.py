@@ -76,6 +76,26 @@ def test_flowforge_schedule_on_a_manual_clock(make_telemetry: Any, tmp_path: Pat
     assert wait_until(lambda: job.runs == 2)
 
 
+def test_a_period_that_passes_during_a_run_is_not_skipped(
+    make_telemetry: Any, tmp_path: Path
+) -> None:
+    clock = ManualClock(start=1_700_000_000.0)
+    out = tmp_path / "hb.jsonl"
+    tel = make_telemetry(sinks={"hb": {"type": "jsonl", "path": str(out)}}, clock=clock)
+    calls: list[float] = []
+
+    def facts() -> dict[str, Any]:
+        calls.append(clock.time())
+        if len(calls) == 1:
+            clock.advance(DAY)  # a whole period goes by while the first run is under way
+        return {}
+
+    job = tel.heartbeat(every="24h", first_delay=0, time_of_day=None, facts=facts)
+    assert wait_until(lambda: job.runs == 2)
+    assert calls == [1_700_000_000.0, 1_700_000_000.0 + DAY]
+    assert job.next_at == 1_700_000_000.0 + 2 * DAY
+
+
 def test_a_restart_does_not_resend_before_the_period(make_telemetry: Any, tmp_path: Path) -> None:
     clock = ManualClock(start=1_700_000_000.0)
     out = tmp_path / "hb.jsonl"

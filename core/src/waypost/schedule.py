@@ -210,10 +210,12 @@ class Scheduler:
                 self.run(job)
                 # Next time counts from this installation's last run (perhaps by another
                 # process, or before a restart), not from this attempt.
-                after = job.last_run if job.last_run is not None else self.clock.time()
+                # Both against the time this pass began: a clock that moves on meanwhile
+                # makes the job due again, rather than skipping the period it moved into.
+                after = job.last_run if job.last_run is not None else now
                 job.next_at = next_run(after, job.every, job.time_of_day)
-                if job.next_at <= self.clock.time():
-                    job.next_at = next_run(self.clock.time(), job.every, job.time_of_day)
+                if job.next_at <= now:
+                    job.next_at = next_run(now, job.every, job.time_of_day)
                 if job.jitter:
                     job.next_at += self.rng.uniform(0, job.jitter)
             if due:
