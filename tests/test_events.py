@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import PurePosixPath
 from typing import Any
@@ -23,7 +24,8 @@ from waypost.events import _UUID7, Event, coerce, dumps, uuid7
 
 
 def test_uuid7_is_version_7_rfc_variant_and_ordered() -> None:
-    ids = [uuid7() for _ in range(5000)]
+    make = _UUID7()
+    ids = [make() for _ in range(5000)]
     parsed = [uuid.UUID(i) for i in ids]
     assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
     assert ids == sorted(ids)
@@ -43,6 +45,39 @@ def test_uuid7_text_is_the_uuid_text_of_its_value() -> None:
         assert str(uuid.UUID(text)) == text
 
 
+def test_uuid7_many_orders_ids_across_calls_and_milliseconds() -> None:
+    make = _UUID7()
+    start = float(int(time.time()) - 60)
+    # 5,000 in one millisecond overflow the 12-bit counter into the next; then later times,
+    # a time a little in the past (kept in order), and single calls in between.
+    times = [start] * 5000 + [start + 0.0005, start + 0.002, start + 0.0015, start + 1.0]
+    ids = [*make.many(times[:2500]), make(times[2500]), *make.many(times[2501:])]
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert all(str(u) == i for u, i in zip(parsed, ids, strict=True))
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    millis = [u.int >> 80 for u in parsed]
+    assert millis[0] == int(start * 1000) and millis[-1] == int((start + 1.0) * 1000)
+    overflow = 0x1000 - (parsed[0].int >> 64 & 0xFFF)  # the counter starts at random
+    assert millis[overflow - 1] == millis[0] and millis[overflow] == millis[0] + 1
+
+
+def test_uuid7_keeps_a_future_time_out_of_the_running_order() -> None:
+    make = _UUID7()
+    now = time.time()
+    before, future, after = make.many([now, now + 10 * 365 * 86400, now + 0.01])
+    assert uuid.UUID(future).int >> 80 == int((now + 10 * 365 * 86400) * 1000)
+    assert uuid.UUID(after).int >> 80 == int((now + 0.01) * 1000) and before < after
+
+
+def test_uuid7_keeps_a_backdated_time_without_disturbing_the_order() -> None:
+    make = _UUID7()
+    now = 1_732_531_200.0
+    first, old, second = make.many([now, now - 3600, now])
+    assert uuid.UUID(old).int >> 80 == int((now - 3600) * 1000)
+    assert first < second and uuid.UUID(second).int >> 80 == int(now * 1000)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_uuid7_in_a_forked_child_differs_from_the_parent() -> None:
     # Same clock reading in both processes: only the random bits can tell the ids apart.
@@ -51,7 +86,7 @@ def test_uuid7_in_a_forked_child_differs_from_the_parent() -> None:
         import os
         from waypost.events import _UUID7
         make = _UUID7()
-        make(1_732_531_200.0)  # the parent has random words in hand at the fork
+        make(1_732_531_200.0)  # the parent's counter and millisecond carry over
         read, write = os.pipe()
         pid = os.fork()
         ids = [make(1_732_531_200.0) for _ in range(50)]

@@ -102,6 +102,23 @@ def test_planted_personal_data_never_reaches_the_file(
     assert not any(secret in json.dumps(records[0].properties) for secret in SECRETS)
 
 
+def test_a_known_clean_shape_does_not_let_personal_data_through(
+    make_telemetry: Factory, tmp_path: Path
+) -> None:
+    # The worker keeps known-clean properties as they are; the first new value is scrubbed.
+    tel, path = jsonl_telemetry(make_telemetry, tmp_path)
+    clean = {"plan": "pro", "seats": 3, "ratio": 0.5, "ok": True}
+    for _ in range(3):
+        tel.track("usage", clean)
+    tel.track("usage", {**clean, "plan": "jane.doe@example.com"})
+    tel.track("usage", {**clean, "seats": 4111111111111111, "ratio": float("nan")})
+    assert tel.flush(5)
+    props = [event["properties"] for event in lines(path)]
+    assert props[:3] == [clean] * 3
+    assert props[3] == {**clean, "plan": "[REDACTED:email]"}
+    assert props[4] == {**clean, "seats": "[REDACTED:credit_card]", "ratio": None}
+
+
 class RunPayload(waypost.Payload, event="run_finished"):
     seconds: float = Field(description="Run time.")
     success: bool = Field(description="Whether the run succeeded.")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from waypost.config import TelemetryConfig
 from waypost.errors import ConfigError
-from waypost.events import uuid7
+from waypost.events import coerce, uuid7
 from waypost.privacy import BUILTIN_RULES, Rule, Scrubber
 
 SCRUBBER = Scrubber()
@@ -417,6 +417,32 @@ def test_known_clean_keys_and_values_scrub_as_the_first_time(pairs: list[Any]) -
     second: list[str] = []
     assert scrubber.scrub(value, "properties", first) == scrubber.scrub(value, "properties", second)
     assert first == second
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(flat_keys, st.one_of(flat_values, st.floats())), max_size=6))
+def test_properties_taken_as_they_are_would_scrub_to_themselves(pairs: list[Any]) -> None:
+    # The worker keeps a known-clean flat dict as it is; that must be what coercion and
+    # scrubbing would have made of it, without a remark.
+    value = dict(pairs)
+    scrubber = Scrubber()
+    scrubber.scrub(coerce(value), "properties", [])  # learns the clean keys and strings
+    if scrubber.as_is(value):
+        remarks: list[str] = []
+        assert scrubber.scrub(coerce(value), "properties", remarks) == value
+        assert remarks == []
+
+
+def test_a_clean_dict_is_taken_as_it_is_only_once_known() -> None:
+    scrubber = Scrubber()
+    value = {"plan": "pro", "seats": 3, "ratio": 0.5, "ok": True, "none": None}
+    assert not scrubber.as_is(value)  # nothing seen yet
+    scrubber.scrub(value, "properties", [])
+    assert scrubber.as_is(value)
+    for changed in ({"plan": "ann@example.com"}, {"seats": 4111111111111111},
+                    {"ratio": float("nan")}, {"ratio": float("inf")}, {"password": "pro"},
+                    {"plan": ["pro"]}, {"plan": b"pro"}):  # fmt: skip
+        assert not scrubber.as_is({**value, **changed}), changed
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import array
 import dataclasses
 import datetime as _dt
 import decimal
@@ -16,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -30,8 +29,10 @@ _ISO_SECOND: tuple[int, str] = (-(2**62), "")  # the last second formatted by is
 
 # --- ids --------------------------------------------------------------------------------------
 
-_POOL_WORDS = 256
-"""Random 64-bit words drawn from the OS at once for ids (two at most per id)."""
+_HEX3 = [f"{i:03x}" for i in range(4096)]
+"""The 12-bit counters as text."""
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+"""A random hex digit made the first digit of the variant field: bits 10, then two of its own."""
 
 
 class _UUID7:
@@ -42,46 +43,60 @@ class _UUID7:
         self._lock = threading.Lock()
         self._last_ms = 0
         self._counter = 0
-        # One os.urandom call per _POOL_WORDS words: a syscall per id cost more than the rest
-        # of the id.
-        self._pool: list[int] = []
         self._prefix = (-1, "")  # the last millisecond and its text, "xxxxxxxx-xxxx-7"
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._forked)
 
     def _forked(self) -> None:
-        # The child must not replay the parent's random words, nor inherit a lock that
-        # another thread of the parent held at the fork.
-        self._pool = []
+        # Another thread of the parent may have held the lock at the fork.
         self._lock = threading.Lock()
 
     def __call__(self, unix_seconds: float | None = None) -> str:
-        ms = int((time.time() if unix_seconds is None else unix_seconds) * 1000)
+        return self.many([time.time() if unix_seconds is None else unix_seconds])[0]
+
+    def many(self, times: Sequence[float]) -> list[str]:
+        """One id per Unix time, in order; a third of the cost of one call per id."""
+        n = len(times)
+        # One draw from the OS for all of them: 16 hex digits per id (the random bits of its
+        # last two fields), then two bytes per id for counters that start a millisecond.
+        raw = os.urandom(10 * n)
+        digits, seeds = raw[: 8 * n].hex(), raw[8 * n :]
+        hex3, variant = _HEX3, _VARIANT
+        out: list[str] = []
+        append = out.append
+        ahead = int(time.time() * 1000) + 1000
         with self._lock:
-            pool = self._pool
-            if len(pool) < 2:
-                pool = self._pool = array.array("Q", os.urandom(8 * _POOL_WORDS)).tolist()
-            if ms < self._last_ms - 1000:
-                # A backdated event: its own millisecond, no effect on the running order.
-                counter = pool.pop() & 0xFFF
-            else:
-                if ms > self._last_ms:
-                    self._last_ms = ms
-                    self._counter = pool.pop() & 0x3FF
-                else:  # same millisecond (or the clock stepped back a little): keep order
-                    self._counter += 1
-                    if self._counter > 0xFFF:
-                        self._last_ms += 1
-                        self._counter = 0
-                ms, counter = self._last_ms, self._counter
-            # The variant bits 10, then 62 random bits.
-            tail = f"{pool.pop() >> 2 | 0x8000_0000_0000_0000:016x}"
-        prefix = self._prefix
-        if prefix[0] != ms:
-            wrapped = ms & 0xFFFF_FFFF_FFFF
-            prefix = self._prefix = (ms, f"{wrapped >> 16:08x}-{wrapped & 0xFFFF:04x}-7")
-        # What str(uuid.UUID(int=...)) gives, without building the 128-bit number.
-        return f"{prefix[1]}{counter:03x}-{tail[:4]}-{tail[4:]}"
+            last_ms, counter = self._last_ms, self._counter
+            prefix_ms, prefix = self._prefix
+            at = seed = 0
+            for t in times:
+                ms = int(t * 1000)
+                if ms < last_ms - 1000 or ms > ahead:
+                    # A backdated (or future) event: its own millisecond, no effect on the
+                    # running order of the others.
+                    count = (seeds[seed] << 8 | seeds[seed + 1]) & 0xFFF
+                    seed += 2
+                else:
+                    if ms > last_ms:
+                        last_ms = ms
+                        counter = (seeds[seed] << 8 | seeds[seed + 1]) & 0x3FF
+                        seed += 2
+                    else:  # same millisecond (or the clock stepped back a little): keep order
+                        counter += 1
+                        if counter > 0xFFF:
+                            last_ms += 1
+                            counter = 0
+                    ms, count = last_ms, counter
+                if ms != prefix_ms:
+                    wrapped = ms & 0xFFFF_FFFF_FFFF
+                    prefix_ms, prefix = ms, f"{wrapped >> 16:08x}-{wrapped & 0xFFFF:04x}-7"
+                tail = digits[at : at + 16]
+                at += 16
+                # What str(uuid.UUID(int=...)) gives, without building the 128-bit number.
+                append(f"{prefix}{hex3[count]}-{variant[tail[0]]}{tail[1:4]}-{tail[4:]}")
+            self._last_ms, self._counter = last_ms, counter
+            self._prefix = (prefix_ms, prefix)
+        return out
 
 
 uuid7 = _UUID7()

@@ -346,6 +346,7 @@ def _norm_key(key: str) -> str:
 
 _PLAIN, _SENSITIVE, _VERSION = 0, 1, 2
 _KEY_REDACTED = "[REDACTED:secret_key]"
+_INF = float("inf")
 _BIG_INT = 10**13  # 14 digits and more may be a card number; counts and sizes stay below
 
 
@@ -480,6 +481,28 @@ class Scrubber:
                 self._keys.clear()
             self._keys[key] = kind
         return kind
+
+    def as_is(self, properties: dict[str, Any]) -> bool:
+        """True when ``properties``, a flat dict, needs neither coercion nor scrubbing: every
+        key and string was seen clean before, and every other value is a JSON scalar that no
+        rule applies to (a finite float, a short int, a bool, None)."""
+        cache, kinds = self._clean, self._keys
+        for key, item in properties.items():
+            if type(key) is not str or key not in cache or kinds.get(key) != _PLAIN:
+                return False
+            of = type(item)
+            if of is str:
+                if item not in cache:
+                    return False
+            elif of is int:
+                if not -_BIG_INT < item < _BIG_INT:
+                    return False
+            elif of is float:
+                if not -_INF < item < _INF:  # nan compares false too
+                    return False
+            elif of is not bool and item is not None:
+                return False
+        return True
 
     def scrub(self, value: Any, path: str, remarks: list[str]) -> Any:
         """Return ``value`` with every match redacted; append a remark per redaction.

@@ -537,13 +537,19 @@ class Telemetry:
         default_who = self.distinct_id or instance_id
         usage_passes = level_allows(configured, "usage")
         out: list[Event] = []
-        for event, properties, when, level, distinct_id in items:
+        ids = uuid7.many([item[2] for item in items])
+        for i, (event, properties, when, level, distinct_id) in enumerate(items):
             try:
                 remarks: list[str] = []
+                scrub = scrubber is not None
                 if type(event) is str and 0 < len(event) <= 200 and type(properties) is dict:
-                    # The common case: a name and a plain dict.
+                    # The common case: a name and a plain dict (track's own copy, which is kept
+                    # as it is when it holds only known-clean keys and JSON scalars).
                     name = event
-                    props = coerce(properties)
+                    if scrubber is not None and scrubber.as_is(properties):
+                        props, scrub = properties, False
+                    else:
+                        props = coerce(properties)
                 elif isinstance(event, Payload):
                     name = type(event).__event__
                     level = level or type(event).__level__
@@ -563,12 +569,13 @@ class Telemetry:
                     continue
                 who = distinct_id or default_who
                 if scrubber is not None:
-                    props = scrubber.scrub(props, "properties", remarks)
+                    if scrub:
+                        props = scrubber.scrub(props, "properties", remarks)
                     if who is not instance_id:  # an id the application chose may be personal
                         who = scrubber.scrub_text(who, "distinct_id", remarks)
                 # Positional (the fields' order): a third cheaper than keywords, per event.
                 built = Event(
-                    uuid7(when), name, when, instance_id, props, context, who,
+                    ids[i], name, when, instance_id, props, context, who,
                     level or "usage", remarks,
                 )  # fmt: skip
                 if self._before_send:
