@@ -214,3 +214,10 @@ def test_event_envelope_round_trip() -> None:
     back = Event.from_dict(data)
     assert back.time == pytest.approx(e.time) and back.properties == e.properties
     assert e.timestamp.tzinfo is dt.timezone.utc
+
+
+@given(st.floats(-2_000_000_000, 4_000_000_000, allow_nan=False))
+def test_iso_timestamp_is_the_timestamp_to_the_millisecond(when: float) -> None:
+    event = Event(id="x", name="e", time=when, instance_id="i", properties={}, context={})
+    expected = event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert event.iso_timestamp == expected

@@ -25,6 +25,7 @@ LEVELS: dict[str, int] = {"off": 0, "error": 1, "usage": 2, "all": 3}
 
 _UTC = _dt.timezone.utc
 _ISO_SECOND: tuple[int, str] = (-(2**62), "")  # the last second formatted by iso_timestamp
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
 
 
 # --- ids --------------------------------------------------------------------------------------
@@ -244,15 +245,16 @@ class Event:
         # The same text as timestamp.isoformat(timespec="milliseconds") (microseconds rounded
         # half to even, then cut to milliseconds), with the seconds part cached: sinks ask for
         # it once per event.
-        seconds = math.floor(self.time)
-        micros = round((self.time - seconds) * 1e6)
+        t = self.time
+        seconds = int(t) if t >= 0 else math.floor(t)
+        micros = round((t - seconds) * 1e6)
         if micros >= 1_000_000:
             seconds, micros = seconds + 1, micros - 1_000_000
         cached = _ISO_SECOND
         if cached[0] != seconds:
             cached = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
             globals()["_ISO_SECOND"] = cached
-        return f"{cached[1]}.{micros // 1000:03d}Z"
+        return cached[1] + _MILLIS[micros // 1000]
 
     def to_dict(self) -> dict[str, Any]:
         """The envelope as sent by generic sinks (``jsonl``, ``http``, warehouses)."""
