@@ -221,3 +221,45 @@ def test_iso_timestamp_is_the_timestamp_to_the_millisecond(when: float) -> None:
     event = Event(id="x", name="e", time=when, instance_id="i", properties={}, context={})
     expected = event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     assert event.iso_timestamp == expected
+
+
+def test_track_takes_a_timestamp_as_seconds_or_datetime(make_telemetry: Any, tmp_path: Any) -> None:
+    out = tmp_path / "events.jsonl"
+    tel = make_telemetry(sinks={"jsonl": {"path": str(out)}})
+    tel.track("a", {}, timestamp=1_732_531_200.5)
+    tel.track("b", {}, timestamp=dt.datetime(2024, 11, 25, 10, 40, 0, 250_000))  # naive: UTC
+    tel.track(
+        "c",
+        {},
+        timestamp=dt.datetime(2024, 11, 25, 11, 40, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+    )
+    assert tel.flush(5)
+    stamps = {e["name"]: e["timestamp"] for e in map(json.loads, out.read_text().splitlines())}
+    assert stamps == {
+        "a": "2024-11-25T10:40:00.500Z",
+        "b": "2024-11-25T10:40:00.250Z",
+        "c": "2024-11-25T10:40:00.000Z",
+    }
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1732531200", object()])
+def test_a_bad_timestamp_raises_in_strict_mode(make_telemetry: Any, bad: Any) -> None:
+    with pytest.raises(waypost.TrackError, match="timestamp"):
+        make_telemetry().track("a", {}, timestamp=bad)
+
+
+def test_a_bad_timestamp_is_a_counted_drop_in_production(
+    make_telemetry: Any, tmp_path: Any, caplog: Any
+) -> None:
+    out = tmp_path / "events.jsonl"
+    tel = make_telemetry(sinks={"jsonl": {"path": str(out)}}, strict=False)
+    tel.track("ok", {"n": 1})
+    for bad in (float("nan"), float("-inf"), "yesterday", object()):
+        tel.track("bad", {"n": 2}, timestamp=bad)
+    tel.track("ok", {"n": 3}, timestamp=1_732_531_200.0)
+    assert tel.flush(5)
+    assert [json.loads(line)["name"] for line in out.read_text().splitlines()] == ["ok", "ok"]
+    assert tel.status().counters.dropped["invalid"] == 4
+    assert [r.message for r in caplog.records].count(
+        "waypost: event dropped: timestamp nan: must be a finite number of Unix seconds"
+    ) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import logging
+import math
 import os
 import sys
 import threading
@@ -151,6 +152,20 @@ class Status(BaseModel):
 
 def _ts(value: float | None) -> _dt.datetime | None:
     return None if value is None else _dt.datetime.fromtimestamp(value, _dt.timezone.utc)
+
+
+def _unix_seconds(timestamp: Any) -> float:
+    """An event's time as Unix seconds: a number, or a datetime (naive is taken as UTC)."""
+    if isinstance(timestamp, _dt.datetime):
+        if timestamp.tzinfo is None:
+            timestamp = timestamp.replace(tzinfo=_dt.timezone.utc)
+        return timestamp.timestamp()
+    if isinstance(timestamp, (str, bytes)):  # float("1e9") would pass; a time is not text
+        raise TypeError("must be Unix seconds or a datetime, not text")
+    when = float(timestamp)
+    if not math.isfinite(when):
+        raise ValueError("must be a finite number of Unix seconds")
+    return when
 
 
 class Telemetry:
@@ -478,12 +493,17 @@ class Telemetry:
             self._check(event, properties, level)
         if timestamp is None:
             when = time.time()
-        elif isinstance(timestamp, _dt.datetime):
-            when = (
-                timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=_dt.timezone.utc)
-            ).timestamp()
         else:
-            when = float(timestamp)
+            try:
+                when = _unix_seconds(timestamp)
+            except (TypeError, ValueError, OverflowError) as exc:
+                if self.strict:
+                    raise TrackError(f"timestamp {timestamp!r}: {exc}") from None
+                self.counters.drop("invalid")
+                self._log_once(
+                    "invalid:timestamp", "waypost: event dropped: timestamp %r: %s", timestamp, exc
+                )
+                return
         buffer = self._buffer
         buffer.append(
             (
@@ -537,7 +557,7 @@ class Telemetry:
         default_who = self.distinct_id or instance_id
         usage_passes = level_allows(configured, "usage")
         out: list[Event] = []
-        ids = uuid7.many([item[2] for item in items])
+        ids = uuid7.many([item[2] for item in items])  # track() let only finite times in
         for i, (event, properties, when, level, distinct_id) in enumerate(items):
             try:
                 remarks: list[str] = []
