@@ -157,9 +157,8 @@ def _ts(value: float | None) -> _dt.datetime | None:
 def _unix_seconds(timestamp: Any) -> float:
     """An event's time as Unix seconds: a number, or a datetime (naive is taken as UTC)."""
     if isinstance(timestamp, _dt.datetime):
-        if timestamp.tzinfo is None:
-            timestamp = timestamp.replace(tzinfo=_dt.timezone.utc)
-        return timestamp.timestamp()
+        aware = timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=_dt.timezone.utc)
+        return aware.timestamp()
     if isinstance(timestamp, (str, bytes)):  # float("1e9") would pass; a time is not text
         raise TypeError("must be Unix seconds or a datetime, not text")
     when = float(timestamp)
