@@ -463,7 +463,8 @@ class Telemetry:
         distinct_id: str | None = None,
         timestamp: float | _dt.datetime | None = None,
     ) -> None:
-        """Record an event: a name and properties, or a typed :class:`waypost.Payload`.
+        """Record an event: a name and properties, or a typed :class:`waypost.Payload`;
+        ``timestamp`` (Unix seconds, or a datetime: naive is UTC) when it happened, if not now.
 
         Never blocks on I/O and never raises in production mode; in strict mode bad input
         raises :class:`waypost.TrackError` at once.
