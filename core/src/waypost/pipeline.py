@@ -24,7 +24,7 @@ Item = tuple[Any, Any, float, "str | None", "str | None"]
 """What ``track`` buffers: (name or payload, properties, unix time, level, distinct id)."""
 
 
-LINGER = 0.005
+LINGER = 0.05
 """Seconds the worker waits between drains while a burst goes on."""
 STALL = 2.0
 """Seconds ``track`` waits for room in a full buffer before it drops instead."""
