@@ -561,15 +561,13 @@ class Telemetry:
         for i, (event, properties, when, level, distinct_id) in enumerate(items):
             try:
                 remarks: list[str] = []
-                scrub = scrubber is not None
+                clean = False  # properties already JSON and scrubbed
                 if type(event) is str and 0 < len(event) <= 200 and type(properties) is dict:
                     # The common case: a name and a plain dict (track's own copy, which is kept
                     # as it is when it holds only known-clean keys and JSON scalars).
                     name = event
-                    if scrubber is not None and scrubber.as_is(properties):
-                        props, scrub = properties, False
-                    else:
-                        props = coerce(properties)
+                    clean = scrubber is not None and scrubber.as_is(properties)
+                    props = properties if clean else coerce(properties)
                 elif isinstance(event, Payload):
                     name = type(event).__event__
                     level = level or type(event).__level__
@@ -589,7 +587,7 @@ class Telemetry:
                     continue
                 who = distinct_id or default_who
                 if scrubber is not None:
-                    if scrub:
+                    if not clean:
                         props = scrubber.scrub(props, "properties", remarks)
                     if who is not instance_id:  # an id the application chose may be personal
                         who = scrubber.scrub_text(who, "distinct_id", remarks)
