@@ -2,7 +2,7 @@
 
     python bench/stages.py [--events 20000]
 
-Prints microseconds per event (best of three) for: building the envelope (``Telemetry._build``:
+Prints microseconds per event (best of three) for: building the envelope (``Gate.build``:
 coercion, scrubbing, UUIDv7), the ``http`` sink's body, the ``posthog`` sink's messages and
 posthog-python's own serialiser, and the outbox's write and lease (what a spill costs). Needs the
 bench requirements (``uv run nox -s bench`` installs them); nothing is sent.
@@ -48,7 +48,7 @@ def main() -> None:
     )
     try:
         items = [(EVENT, properties(i), time.time(), None, None) for i in range(n)]
-        events = tel._build(items)
+        events = tel.gate.build(items)
         http, posthog = tel.sinks["http"], tel.sinks["posthog"]
         posthog.open()
         batches = [events[i : i + 1000] for i in range(0, n, 1000)]
@@ -64,7 +64,7 @@ def main() -> None:
                 outbox.delivered([seq for seq, _, _ in leased], keep=False)
 
         figures = {
-            "build the envelope (Telemetry._build)": best(lambda: tel._build(items), n),
+            "build the envelope (Gate.build)": best(lambda: tel.gate.build(items), n),
             "http sink body (HttpSink.encode)": best(lambda: [http.encode(b) for b in batches], n),
             "posthog messages (PosthogSink.message)": best(
                 lambda: [[posthog.message(e) for e in b] for b in batches], n

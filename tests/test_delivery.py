@@ -335,7 +335,7 @@ class GatePlugin:
 def test_a_stuck_worker_holds_track_back_for_a_bounded_time_then_drops_counted(
     make_telemetry: Any, tmp_path: Any
 ) -> None:
-    from waypost import pipeline
+    from waypost.delivery import pipeline
 
     plugin = GatePlugin()
     tel = make_telemetry(

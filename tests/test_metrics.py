@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 import waypost
-from waypost import metrics as metrics_module
 from waypost.errors import ConfigError
 from waypost.metrics import DEFAULT_BUCKETS, MANDATORY, OPTIONAL, MetricRegistry
+from waypost.metrics import registry as metrics_module
 
 
 def points(registry: MetricRegistry, name: str) -> dict[tuple[tuple[str, str], ...], Any]:

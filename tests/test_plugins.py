@@ -134,7 +134,7 @@ def test_track_from_a_coroutine_does_not_block_the_loop(telemetry: Any, tmp_path
 
 
 def test_retention_drops_oldest_past_the_limits(tmp_path: Path) -> None:
-    from waypost.outbox import Outbox
+    from waypost.delivery.outbox import Outbox
     from waypost.testing import make_event
 
     outbox = Outbox(tmp_path)

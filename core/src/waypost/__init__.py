@@ -10,8 +10,11 @@ Names are imported lazily, so ``import waypost`` costs next to nothing until the
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
-from typing import TYPE_CHECKING, Any
+
+# Not typing.TYPE_CHECKING: importing typing would double the cost of ``import waypost``.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -52,7 +55,7 @@ _LAZY = {
     "OPTIONAL": "waypost.metrics",
     "MetricRegistry": "waypost.metrics",
     "Telemetry": "waypost.telemetry",
-    "Status": "waypost.telemetry",
+    "Status": "waypost.status",
     "Event": "waypost.events",
     "Payload": "waypost.events",
     "Sink": "waypost.sinks",
@@ -73,7 +76,12 @@ _LAZY = {
     "PayloadTooLarge": "waypost.errors",
 }
 
+# A library's loggers get no handler but this one: the application decides where records go.
+logging.getLogger("waypost").addHandler(logging.NullHandler())
+
 if TYPE_CHECKING:
+    from typing import Any
+
     from waypost.errors import (
         ConfigError,
         PayloadTooLarge,
@@ -89,7 +97,8 @@ if TYPE_CHECKING:
     from waypost.hookspecs import hookimpl, hookspec
     from waypost.metrics import MANDATORY, OPTIONAL, MetricRegistry
     from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkConfig, SinkContext
-    from waypost.telemetry import Status, Telemetry
+    from waypost.status import Status
+    from waypost.telemetry import Telemetry
 
 
 def __getattr__(name: str) -> Any:
@@ -134,8 +143,6 @@ def track(event: Any, properties: Any = None, **kwargs: Any) -> None:
     global _warned
     if not _warned:
         _warned = True
-        import logging
-
         logging.getLogger("waypost").warning(
             "waypost.track() called before waypost.init(): events are ignored until init"
         )

@@ -406,11 +406,11 @@ def test_sink(obj: Ctx, name: str, as_json: bool) -> None:
         return
     import time
 
+    from waypost.datadir import ensure_instance_id
     from waypost.events import Event, base_context, uuid7
-    from waypost.telemetry import _instance_id
 
     sink = tel.sinks[name]
-    instance = _instance_id(tel.data_dir) if tel.data_dir.exists() else "test-instance"
+    instance = ensure_instance_id(tel.data_dir) if tel.data_dir.exists() else "test-instance"
     now = time.time()
     event = Event(
         id=uuid7(now),

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import email.utils
-import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 
@@ -69,18 +67,5 @@ def raise_for_status(
     raise PermanentError(reason)
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter, capped; ``Retry-After`` wins when it is longer."""
-
-    initial: float = 1.0
-    maximum: float = 300.0
-    multiplier: float = 2.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
-        ceiling = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
-        jittered = random.uniform(0, ceiling)
-        if retry_after is not None:
-            return max(jittered, min(retry_after, 24 * 3600.0))
-        return jittered
+# Backoff moved to waypost.delivery.backoff; importable from here as before.
+from waypost.delivery.backoff import Backoff  # noqa: E402, F401

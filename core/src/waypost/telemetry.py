@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import logging
-import math
 import os
 import sys
 import threading
@@ -16,10 +15,14 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from waypost import config as _config
+from waypost import datadir, heartbeat
 from waypost.config import TelemetryConfig
+from waypost.datadir import default_data_dir
+from waypost.delivery.backoff import Backoff
+from waypost.delivery.pipeline import Pipeline
 from waypost.errors import (
     ConfigError,
     MissingVariableError,
@@ -27,15 +30,17 @@ from waypost.errors import (
     TrackError,
     WaypostError,
 )
-from waypost.events import Event, Payload, base_context, coerce, uuid7
-from waypost.pipeline import Counters, Item, LogOnce, Pipeline
+from waypost.events import Payload
+from waypost.gate import Gate, check, unix_seconds
 from waypost.plugins import PluginManager
-from waypost.privacy import Decision, Scrubber, StoredConsent, level_allows, resolve_consent
-from waypost.retry import Backoff
+from waypost.privacy import Decision, StoredConsent, resolve_consent
 from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
 from waypost.sinks import Sink, SinkContext
+from waypost.status import Counters, CounterStatus, LogOnce, SinkStatus, Status, as_datetime
 
-log = logging.getLogger("waypost")
+__all__ = ["Status", "Telemetry", "default_data_dir"]
+
+log = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()
 _now = time.time
@@ -49,122 +54,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def default_data_dir(app: str) -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("waypost", appauthor=False)) / app
-
-
-def _installations_file() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("waypost", appauthor=False)) / "installations.json"
-
-
-def _recall_installation(config_file: str) -> dict[str, str] | None:
-    """The app name and data dir an application last used with this config file, so that
-    ``waypost --config FILE`` works on the application's own data dir."""
-    import json
-
-    try:
-        known = json.loads(_installations_file().read_text(encoding="utf-8"))
-        entry = known.get(str(Path(config_file).resolve()))
-    except (OSError, ValueError, AttributeError):
-        return None
-    return entry if isinstance(entry, dict) and entry.get("data_dir") else None
-
-
-def _remember_installation(config_file: str, app: str, data_dir: Path) -> None:
-    import json
-
-    path = _installations_file()
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    key = str(Path(config_file).resolve())
-    entry = {"app": app, "data_dir": str(data_dir.resolve())}
-    if known.get(key) == entry:
-        return
-    known[key] = entry
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.debug("waypost: cannot record the installation: %s", exc)
-
-
-class SinkStatus(BaseModel):
-    name: str
-    type: str
-    state: str
-    delivered: int = 0
-    retried: int = 0
-    failed: int = 0
-    dropped_by_destination: int = 0
-    pending: int = 0
-    last_success: _dt.datetime | None = None
-    last_error: str | None = None
-    last_error_at: _dt.datetime | None = None
-    error: str | None = None
-    deprecated: str | None = None
-    in_memory: int = 0
-
-
-class CounterStatus(BaseModel):
-    accepted: int = 0
-    stored: int = 0
-    delivered: int = 0
-    retried: int = 0
-    failed: int = 0
-    dropped: dict[str, int] = {}
-
-
-class Status(BaseModel):
-    """What ``status()`` and ``waypost status --json`` report."""
-
-    app: str
-    version: str
-    enabled: bool
-    running: bool
-    rule: str
-    reason: str
-    mode: str
-    level: str
-    debug: bool
-    strict: bool
-    config_file: str | None
-    config_error: str | None = None
-    data_dir: str
-    instance_id: str | None
-    sinks: list[SinkStatus]
-    buffered: int
-    outbox_pending_events: int
-    outbox: dict[str, dict[str, int]]
-    counters: CounterStatus
-
-
-def _ts(value: float | None) -> _dt.datetime | None:
-    return None if value is None else _dt.datetime.fromtimestamp(value, _dt.timezone.utc)
-
-
-def _unix_seconds(timestamp: Any) -> float:
-    """An event's time as Unix seconds: a number, or a datetime (naive is taken as UTC)."""
-    if isinstance(timestamp, _dt.datetime):
-        aware = timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=_dt.timezone.utc)
-        return aware.timestamp()
-    if isinstance(timestamp, (str, bytes)):  # float("1e9") would pass; a time is not text
-        raise TypeError("must be Unix seconds or a datetime, not text")
-    when = float(timestamp)
-    if not math.isfinite(when):
-        raise ValueError("must be a finite number of Unix seconds")
-    return when
 
 
 class Telemetry:
@@ -234,31 +123,16 @@ class Telemetry:
             self.config = TelemetryConfig(enabled=False, strict=False)
             self.config_file = str(config) if isinstance(config, (str, os.PathLike)) else None
         cfg = self.config
-        from_file = self.config_file not in (None, "<config>")
-        recalled = None
-        if not (app or cfg.app or data_dir or cfg.data_dir or self._env.get("WAYPOST_HOME")):
-            # An inspecting process (the CLI) with only the config file: use the data dir the
-            # application itself used with this file, if it has run here.
-            recalled = _recall_installation(str(self.config_file)) if from_file else None
-        self.app = app or cfg.app or (recalled or {}).get("app") or "app"
+        where = datadir.locate(
+            app=app, data_dir=data_dir, config=cfg, config_file=self.config_file, env=self._env
+        )
+        self.app = where.app
         self.version = version or cfg.version or "0"
         self.strict = cfg.strict
         self.debug = cfg.debug
         self.distinct_id = distinct_id or cfg.distinct_id or ""
-        configured = cfg.data_dir.expanduser() if cfg.data_dir else None
-        if configured is None and recalled is not None:
-            configured = Path(recalled["data_dir"])
-        self.data_dir_source = (
-            "argument" if data_dir else "WAYPOST_HOME" if self._env.get("WAYPOST_HOME")
-            else "config" if cfg.data_dir else "recalled" if recalled
-            else "default"
-        )  # fmt: skip
-        if configured is not None and not configured.is_absolute() and from_file:
-            configured = Path(str(self.config_file)).resolve().parent / configured
-        env_home = self._env.get("WAYPOST_HOME")
-        self.data_dir = Path(
-            data_dir or env_home or configured or default_data_dir(self.app)
-        ).expanduser()
+        self.data_dir_source = where.source
+        self.data_dir: Path = where.data_dir
 
         self.decision = self._decide()
         for plugin in plugins:
@@ -317,25 +191,28 @@ class Telemetry:
         cfg = self.config
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            self.instance_id = _instance_id(self.data_dir)
+            self.instance_id = datadir.ensure_instance_id(self.data_dir)
         except OSError as exc:
             self._fail_start(f"cannot use the data dir {self.data_dir}: {exc}")
             return
         if not self._show_notice():
             return
         self._make_sinks()  # first: sink plugins may implement the hooks below too
-        self.context = base_context(self.app, self.version)
-        for extra in self.plugins.call_chain("waypost_context", context=dict(self.context)):
-            if isinstance(extra, Mapping):
-                self.context = _config.merge(self.context, extra)
-        extra_rules: list[Any] = []
-        for _ in self.plugins.call_chain("register_scrubbers", register=extra_rules.append):
-            pass
-        self.scrubber = Scrubber.from_config(cfg, extra_rules) if cfg.scrub.enabled else None
-        self._before_send = self.plugins.has_impls("waypost_before_send")
+        self.gate = Gate.create(
+            cfg,
+            self.plugins,
+            app=self.app,
+            version=self.version,
+            instance_id=self.instance_id,
+            distinct_id=self.distinct_id,
+            counters=self.counters,
+            log_once=self._log_once,
+        )
+        self.context = self.gate.context
+        self.scrubber = self.gate.scrubber
         outbox = None
         if not self.debug:
-            from waypost.outbox import Outbox
+            from waypost.delivery.outbox import Outbox
 
             try:
                 outbox = Outbox(self.data_dir, sync=cfg.outbox.durability == "sync")
@@ -348,7 +225,7 @@ class Telemetry:
         self.pipeline = Pipeline(
             outbox=outbox,
             sinks=list(self.sinks.values()),
-            build=self._build,
+            build=self.gate.build,
             counters=self.counters,
             batch_interval=cfg.batch.interval,
             batch_size=cfg.batch.size,
@@ -372,7 +249,7 @@ class Telemetry:
         self._fast = not self.strict and not self._sync
         _LIVE.add(self)
         if self.config_file not in (None, "<config>") and self.data_dir_source == "default":
-            _remember_installation(str(self.config_file), self.app, self.data_dir)
+            datadir.remember_installation(str(self.config_file), self.app, self.data_dir)
         atexit.register(self._at_exit)
         if cfg.heartbeat is not None and cfg.heartbeat.enabled:
             hb = cfg.heartbeat
@@ -490,12 +367,12 @@ class Telemetry:
         if not self._on:
             return
         if self.strict:
-            self._check(event, properties, level)
+            check(event, properties, level)
         if timestamp is None:
             when = time.time()
         else:
             try:
-                when = _unix_seconds(timestamp)
+                when = unix_seconds(timestamp)
             except (TypeError, ValueError, OverflowError) as exc:
                 if self.strict:
                     raise TrackError(f"timestamp {timestamp!r}: {exc}") from None
@@ -518,120 +395,6 @@ class Telemetry:
             self.pipeline.drain()  # type: ignore[union-attr]
         elif len(buffer) == self._wake_at or len(buffer) >= self._spill_at:
             self.pipeline.nudge()  # type: ignore[union-attr]
-
-    def _check(self, event: Any, properties: Any, level: str | None) -> None:
-        if level is not None and level not in ("error", "usage", "all"):
-            raise TrackError(f"level must be error, usage or all, not {level!r}")
-        if isinstance(event, Payload):
-            if properties is not None:
-                raise TrackError("pass either a Payload or a name with properties, not both")
-            extra = event.undeclared()
-            if extra:
-                raise TrackError(
-                    f"{type(event).__name__} got undeclared field(s) {', '.join(extra)}: only "
-                    "declared fields may leave; declare them on the class or remove them"
-                )
-            return
-        _check_name(event)
-        if properties is not None:
-            if not isinstance(properties, Mapping):
-                raise TrackError(
-                    f"properties of event {event!r} must be a mapping, "
-                    f"not {type(properties).__name__}"
-                )
-            for key, value in properties.items():
-                try:
-                    coerce({key: value})
-                except (TypeError, ValueError) as exc:
-                    raise TrackError(f"event {event!r}: property {key!r}: {exc}") from None
-
-    # --- the worker's side of the gate --------------------------------------------------------
-
-    def _build(self, items: list[Item]) -> list[Event]:
-        """Gate and envelope a batch of buffered items (runs on the worker thread)."""
-        cfg = self.config
-        configured = cfg.level
-        instance_id = self.instance_id or ""
-        context = self.context
-        scrubber = self.scrubber
-        default_who = self.distinct_id or instance_id
-        usage_passes = level_allows(configured, "usage")
-        out: list[Event] = []
-        ids = uuid7.many([item[2] for item in items])  # track() let only finite times in
-        for i, (event, properties, when, level, distinct_id) in enumerate(items):
-            try:
-                remarks: list[str] = []
-                clean = False  # properties already JSON and scrubbed
-                if type(event) is str and 0 < len(event) <= 200 and type(properties) is dict:
-                    # The common case: a name and a plain dict (track's own copy, which is kept
-                    # as it is when it holds only known-clean keys and JSON scalars).
-                    name = event
-                    clean = scrubber is not None and scrubber.as_is(properties)
-                    props = properties if clean else coerce(properties)
-                elif isinstance(event, Payload):
-                    name = type(event).__event__
-                    level = level or type(event).__level__
-                    extra = event.undeclared()
-                    if extra:
-                        remarks.extend(f"undeclared@properties.{f}" for f in extra)
-                    props = event.wire()
-                else:
-                    name = _check_name(event)
-                    props = coerce(properties) if properties is not None else {}
-                    if not isinstance(props, dict):
-                        raise TrackError(
-                            f"properties must be a mapping, not {type(properties).__name__}"
-                        )
-                if not (usage_passes if level is None else level_allows(configured, level)):
-                    self.counters.drop("level")
-                    continue
-                who = distinct_id or default_who
-                if scrubber is not None:
-                    if not clean:
-                        props = scrubber.scrub(props, "properties", remarks)
-                    if who is not instance_id:  # an id the application chose may be personal
-                        who = scrubber.scrub_text(who, "distinct_id", remarks)
-                # Positional (the fields' order): a third cheaper than keywords, per event.
-                built = Event(
-                    ids[i], name, when, instance_id, props, context, who,
-                    level or "usage", remarks,
-                )  # fmt: skip
-                if self._before_send:
-                    result = self._apply_before_send(built)
-                    if result is None:
-                        self.counters.drop("before_send")
-                        continue
-                    built = result
-                out.append(built)
-            except Exception as exc:
-                self.counters.drop("invalid")
-                self._log_once(
-                    f"invalid:{type(exc).__name__}",
-                    "waypost: event dropped: %s: %s",
-                    type(exc).__name__,
-                    exc,
-                )
-        return out
-
-    def _apply_before_send(self, event: Event) -> Event | None:
-        context, distinct_id = event.context, event.distinct_id
-        for result in self.plugins.call_chain("waypost_before_send", event=event):
-            if result is False:
-                return None
-            if isinstance(result, Event):
-                event = result
-        # Whatever a hook did, the scrubbers have the last word on properties and the id;
-        # the shared context may not be changed per event.
-        props = coerce(event.properties)
-        if self.scrubber is not None:
-            props = self.scrubber.scrub(props, "properties", event.remarks)
-            if event.distinct_id != distinct_id:
-                event.distinct_id = self.scrubber.scrub_text(
-                    str(event.distinct_id), "distinct_id", event.remarks
-                )
-        event.properties = props
-        event.context = context
-        return event
 
     def _retention(self) -> None:
         outbox = self.outbox_
@@ -777,7 +540,7 @@ class Telemetry:
         """Schedule the heartbeat snapshot (FlowForge's ping, see :meth:`heartbeat_payload`)."""
         self._heartbeat_facts = facts
         return self.schedule(
-            "heartbeat",
+            heartbeat.NAME,
             lambda: self.heartbeat_payload(facts),
             every=every,
             first_delay=first_delay,
@@ -793,36 +556,26 @@ class Telemetry:
         """The heartbeat in FlowForge's shape: instance id, os, runtime and app versions, and
         ``platform.counts`` / ``platform.config`` contributed by the application (``facts``) and
         by plugins (hook ``waypost_heartbeat``)."""
-        ctx = base_context(self.app, self.version)
-        payload: dict[str, Any] = {
-            "instanceId": self.instance_id or _read_instance_id(self.data_dir),
-            "os": ctx["os"],
-            "env": {"python": ctx["python"], self.app: self.version, "waypost": ctx["waypost"]},
-            "platform": {"counts": {}, "config": {}},
-        }
-        if facts is not None:
-            payload = _config.merge(payload, facts())
-        for extra in self.plugins.call_chain("waypost_heartbeat", facts=payload):
-            if isinstance(extra, Mapping):
-                payload = _config.merge(payload, extra)
-        return payload
+        return heartbeat.payload(
+            app=self.app,
+            version=self.version,
+            instance_id=self.instance_id or datadir.read_instance_id(self.data_dir),
+            facts=facts,
+            plugins=self.plugins,
+        )
 
     def send_heartbeat(self, *, force: bool = False) -> bool:
         """Send the heartbeat now (for cron: ``waypost send-heartbeat``). Unless ``force``, it
         is skipped when this installation already sent one within the period."""
-        if self.scheduler is None or "heartbeat" not in self.scheduler.jobs:
-            hb = self.config.heartbeat
+        if self.scheduler is None or heartbeat.NAME not in self.scheduler.jobs:
             self.scheduler = self.scheduler or Scheduler(
                 data_dir=self.data_dir, emit=self._emit_job, clock=self.clock
             )
-            job = Job(
-                name="heartbeat",
-                callback=lambda: self.heartbeat_payload(self._heartbeat_facts),
-                every=hb.every if hb else 0.0,
-                event=hb.event if hb else "heartbeat",
+            job = heartbeat.job_from_config(
+                lambda: self.heartbeat_payload(self._heartbeat_facts), self.config.heartbeat
             )
         else:
-            job = self.scheduler.jobs["heartbeat"]
+            job = self.scheduler.jobs[heartbeat.NAME]
         sent = self.scheduler.run(job, force=force)
         self.last_heartbeat_outcome = job.last_outcome
         return sent
@@ -921,8 +674,8 @@ class Telemetry:
                     SinkStatus(
                         **{
                             **snap,
-                            "last_success": _ts(snap["last_success"]),
-                            "last_error_at": _ts(snap["last_error_at"]),
+                            "last_success": as_datetime(snap["last_success"]),
+                            "last_error_at": as_datetime(snap["last_error_at"]),
                         },
                         pending=pending,
                     )
@@ -962,7 +715,7 @@ class Telemetry:
             config_file=self.config_file,
             config_error=self.config_error,
             data_dir=str(self.data_dir),
-            instance_id=self.instance_id or _read_instance_id(self.data_dir),
+            instance_id=self.instance_id or datadir.read_instance_id(self.data_dir),
             sinks=sinks,
             buffered=len(self.pipeline.buffer) if self.pipeline else 0,
             outbox_pending_events=pending_events,
@@ -976,52 +729,10 @@ class Telemetry:
             return self.outbox_
         cached = self.__dict__.get("_inspect_outbox")
         if cached is None:
-            from waypost.outbox import Outbox
+            from waypost.delivery.outbox import Outbox
 
             cached = self.__dict__["_inspect_outbox"] = Outbox(self.data_dir)
         return cached
 
     def __repr__(self) -> str:
         return f"<Telemetry app={self.app!r} enabled={self._on} rule={self.decision.rule!r}>"
-
-
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or len(name) > 200:
-        raise TrackError(
-            f"event name must be a non-empty string of at most 200 characters or a "
-            f"waypost.Payload, not {name!r:.60}"
-        )
-    return name
-
-
-def _read_instance_id(data_dir: Path) -> str | None:
-    try:
-        value = (data_dir / "instance_id").read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    return value or None
-
-
-def _instance_id(data_dir: Path) -> str:
-    """The installation's random id: created once (atomically, even with several processes)."""
-    import uuid
-
-    path = data_dir / "instance_id"
-    existing = _read_instance_id(data_dir)
-    if existing:
-        return existing
-    tmp = data_dir / f".instance_id.{os.getpid()}.{threading.get_ident()}"
-    tmp.write_text(str(uuid.uuid4()), encoding="utf-8")
-    try:
-        os.link(tmp, path)  # fails if another process won the race
-    except FileExistsError:
-        pass
-    except OSError:
-        if not path.exists():
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    value = _read_instance_id(data_dir)
-    if not value:
-        raise OSError(f"cannot create {path}")
-    return value

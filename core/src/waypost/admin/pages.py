@@ -14,8 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 
+from waypost.delivery.outbox import FILENAME, Outbox
 from waypost.events import Payload, registered_payloads
-from waypost.outbox import FILENAME, Outbox
 from waypost.privacy import Scrubber, StoredConsent
 
 log = logging.getLogger("waypost.admin")

@@ -16,8 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from waypost.delivery.boundary import call_send
 from waypost.events import Event, base_context, uuid7
-from waypost.pipeline import call_send
 from waypost.sinks import SendResult, Sink
 from waypost.testing.contract import SinkContract
 from waypost.testing.server import RecordingServer, Request, Response, free_port

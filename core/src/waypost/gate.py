@@ -1,0 +1,224 @@
+"""The privacy gate as the worker applies it: buffered items become validated, levelled,
+scrubbed and enveloped events; then the ``waypost_before_send`` chain, whose result the
+scrubbers see again. ``track`` only checks its input (in strict mode) with :func:`check`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from waypost import config as _config
+from waypost.errors import TrackError
+from waypost.events import Event, Payload, base_context, coerce, uuid7
+from waypost.privacy import Scrubber, level_allows
+
+if TYPE_CHECKING:
+    from waypost.config import TelemetryConfig
+    from waypost.delivery.pipeline import Item
+    from waypost.plugins import PluginManager
+    from waypost.privacy import Rule
+    from waypost.status import Counters, LogOnce
+
+log = logging.getLogger(__name__)
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise TrackError(
+            f"event name must be a non-empty string of at most 200 characters or a "
+            f"waypost.Payload, not {name!r:.60}"
+        )
+    return name
+
+
+def unix_seconds(timestamp: Any) -> float:
+    """An event's time as Unix seconds: a number, or a datetime (naive is taken as UTC)."""
+    if isinstance(timestamp, _dt.datetime):
+        aware = timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=_dt.timezone.utc)
+        return aware.timestamp()
+    if isinstance(timestamp, (str, bytes)):  # float("1e9") would pass; a time is not text
+        raise TypeError("must be Unix seconds or a datetime, not text")
+    when = float(timestamp)
+    if not math.isfinite(when):
+        raise ValueError("must be a finite number of Unix seconds")
+    return when
+
+
+def check(event: Any, properties: Any, level: str | None) -> None:
+    """What strict mode refuses at once, in ``track``: a bad level, name or property."""
+    if level is not None and level not in ("error", "usage", "all"):
+        raise TrackError(f"level must be error, usage or all, not {level!r}")
+    if isinstance(event, Payload):
+        if properties is not None:
+            raise TrackError("pass either a Payload or a name with properties, not both")
+        extra = event.undeclared()
+        if extra:
+            raise TrackError(
+                f"{type(event).__name__} got undeclared field(s) {', '.join(extra)}: only "
+                "declared fields may leave; declare them on the class or remove them"
+            )
+        return
+    check_name(event)
+    if properties is not None:
+        if not isinstance(properties, Mapping):
+            raise TrackError(
+                f"properties of event {event!r} must be a mapping, not {type(properties).__name__}"
+            )
+        for key, value in properties.items():
+            try:
+                coerce({key: value})
+            except (TypeError, ValueError) as exc:
+                raise TrackError(f"event {event!r}: property {key!r}: {exc}") from None
+
+
+def build_scrubber(config: TelemetryConfig, plugins: PluginManager) -> Scrubber | None:
+    """The scrubber of this configuration with the rules plugins register; None when
+    ``telemetry.scrub.enabled`` is false."""
+    extra_rules: list[Rule] = []
+    for _ in plugins.call_chain("register_scrubbers", register=extra_rules.append):
+        pass
+    return Scrubber.from_config(config, extra_rules) if config.scrub.enabled else None
+
+
+class Gate:
+    """Turns buffered items into events (on the worker thread, a batch at a time)."""
+
+    def __init__(
+        self,
+        *,
+        level: str,
+        instance_id: str,
+        context: dict[str, Any],
+        scrubber: Scrubber | None,
+        distinct_id: str,
+        plugins: PluginManager,
+        counters: Counters,
+        log_once: LogOnce,
+    ) -> None:
+        self.level = level
+        self.instance_id = instance_id
+        self.context = context
+        self.scrubber = scrubber
+        self.distinct_id = distinct_id
+        self.plugins = plugins
+        self.counters = counters
+        self._log_once = log_once
+        self._before_send = plugins.has_impls("waypost_before_send")
+
+    @classmethod
+    def create(
+        cls,
+        config: TelemetryConfig,
+        plugins: PluginManager,
+        *,
+        app: str,
+        version: str,
+        instance_id: str,
+        distinct_id: str,
+        counters: Counters,
+        log_once: LogOnce,
+    ) -> Gate:
+        """The gate of a starting instance: the context (with what ``waypost_context`` hooks
+        add) and the scrubber (with the rules of ``register_scrubbers`` hooks)."""
+        context = base_context(app, version)
+        for extra in plugins.call_chain("waypost_context", context=dict(context)):
+            if isinstance(extra, Mapping):
+                context = _config.merge(context, extra)
+        return cls(
+            level=config.level,
+            instance_id=instance_id,
+            context=context,
+            scrubber=build_scrubber(config, plugins),
+            distinct_id=distinct_id,
+            plugins=plugins,
+            counters=counters,
+            log_once=log_once,
+        )
+
+    def build(self, items: list[Item]) -> list[Event]:
+        """Gate and envelope a batch of buffered items (runs on the worker thread)."""
+        configured = self.level
+        instance_id = self.instance_id
+        context = self.context
+        scrubber = self.scrubber
+        default_who = self.distinct_id or instance_id
+        usage_passes = level_allows(configured, "usage")
+        out: list[Event] = []
+        ids = uuid7.many([item[2] for item in items])  # track() let only finite times in
+        for i, (event, properties, when, level, distinct_id) in enumerate(items):
+            try:
+                remarks: list[str] = []
+                clean = False  # properties already JSON and scrubbed
+                if type(event) is str and 0 < len(event) <= 200 and type(properties) is dict:
+                    # The common case: a name and a plain dict (track's own copy, which is kept
+                    # as it is when it holds only known-clean keys and JSON scalars).
+                    name = event
+                    clean = scrubber is not None and scrubber.as_is(properties)
+                    props = properties if clean else coerce(properties)
+                elif isinstance(event, Payload):
+                    name = type(event).__event__
+                    level = level or type(event).__level__
+                    extra = event.undeclared()
+                    if extra:
+                        remarks.extend(f"undeclared@properties.{f}" for f in extra)
+                    props = event.wire()
+                else:
+                    name = check_name(event)
+                    props = coerce(properties) if properties is not None else {}
+                    if not isinstance(props, dict):
+                        raise TrackError(
+                            f"properties must be a mapping, not {type(properties).__name__}"
+                        )
+                if not (usage_passes if level is None else level_allows(configured, level)):
+                    self.counters.drop("level")
+                    continue
+                who = distinct_id or default_who
+                if scrubber is not None:
+                    if not clean:
+                        props = scrubber.scrub(props, "properties", remarks)
+                    if who is not instance_id:  # an id the application chose may be personal
+                        who = scrubber.scrub_text(who, "distinct_id", remarks)
+                # Positional (the fields' order): a third cheaper than keywords, per event.
+                built = Event(
+                    ids[i], name, when, instance_id, props, context, who,
+                    level or "usage", remarks,
+                )  # fmt: skip
+                if self._before_send:
+                    result = self._apply_before_send(built)
+                    if result is None:
+                        self.counters.drop("before_send")
+                        continue
+                    built = result
+                out.append(built)
+            except Exception as exc:
+                self.counters.drop("invalid")
+                self._log_once(
+                    f"invalid:{type(exc).__name__}",
+                    "waypost: event dropped: %s: %s",
+                    type(exc).__name__,
+                    exc,
+                )
+        return out
+
+    def _apply_before_send(self, event: Event) -> Event | None:
+        context, distinct_id = event.context, event.distinct_id
+        for result in self.plugins.call_chain("waypost_before_send", event=event):
+            if result is False:
+                return None
+            if isinstance(result, Event):
+                event = result
+        # Whatever a hook did, the scrubbers have the last word on properties and the id;
+        # the shared context may not be changed per event.
+        props = coerce(event.properties)
+        if self.scrubber is not None:
+            props = self.scrubber.scrub(props, "properties", event.remarks)
+            if event.distinct_id != distinct_id:
+                event.distinct_id = self.scrubber.scrub_text(
+                    str(event.distinct_id), "distinct_id", event.remarks
+                )
+        event.properties = props
+        event.context = context
+        return event

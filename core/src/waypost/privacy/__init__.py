@@ -1,0 +1,37 @@
+"""The privacy gate's parts: consent resolution and levels (:mod:`.consent`), the scrubbers
+(:mod:`.scrub`) and the IP-hashing helper (:mod:`.iphash`).
+
+One gate stands in front of every sink (:mod:`waypost.gate` applies it on the worker thread);
+``docs/privacy.md`` tells the whole story.
+"""
+
+from __future__ import annotations
+
+from waypost.privacy.consent import (
+    CONSENT_FILE,
+    FALSE_VALUES,
+    TRUE_VALUES,
+    Decision,
+    StoredConsent,
+    level_allows,
+    parse_bool,
+    resolve_consent,
+)
+from waypost.privacy.iphash import IpHasher
+from waypost.privacy.scrub import BUILTIN_RULES, SECRET_KEYS, Rule, Scrubber
+
+__all__ = [
+    "BUILTIN_RULES",
+    "CONSENT_FILE",
+    "FALSE_VALUES",
+    "SECRET_KEYS",
+    "TRUE_VALUES",
+    "Decision",
+    "IpHasher",
+    "Rule",
+    "Scrubber",
+    "StoredConsent",
+    "level_allows",
+    "parse_bool",
+    "resolve_consent",
+]

@@ -1,0 +1,102 @@
+"""What an instance counts and reports: the counters, the once-a-minute log line, and the
+models of ``status()`` (``waypost status --json``)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class LogOnce:
+    """Logs the first occurrence of a cause, then at most once a minute with a count."""
+
+    def __init__(self, logger: logging.Logger, period: float = 60.0) -> None:
+        self.logger = logger
+        self.period = period
+        self._seen: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._seen.get(key, (0.0, -1))
+            if suppressed >= 0 and now - last < self.period:
+                self._seen[key] = (last, suppressed + 1)
+                return
+            self._seen[key] = (now, 0)
+        if suppressed > 0:
+            message += f" ({suppressed} more like this since the last report)"
+        self.logger.log(level, message, *args)
+
+
+@dataclass
+class Counters:
+    """Process-wide counters; ``dropped`` is keyed by reason."""
+
+    accepted: int = 0
+    stored: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+
+class SinkStatus(BaseModel):
+    name: str
+    type: str
+    state: str
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    dropped_by_destination: int = 0
+    pending: int = 0
+    last_success: _dt.datetime | None = None
+    last_error: str | None = None
+    last_error_at: _dt.datetime | None = None
+    error: str | None = None
+    deprecated: str | None = None
+    in_memory: int = 0
+
+
+class CounterStatus(BaseModel):
+    accepted: int = 0
+    stored: int = 0
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    dropped: dict[str, int] = {}
+
+
+class Status(BaseModel):
+    """What ``status()`` and ``waypost status --json`` report."""
+
+    app: str
+    version: str
+    enabled: bool
+    running: bool
+    rule: str
+    reason: str
+    mode: str
+    level: str
+    debug: bool
+    strict: bool
+    config_file: str | None
+    config_error: str | None = None
+    data_dir: str
+    instance_id: str | None
+    sinks: list[SinkStatus]
+    buffered: int
+    outbox_pending_events: int
+    outbox: dict[str, dict[str, int]]
+    counters: CounterStatus
+
+
+def as_datetime(value: float | None) -> _dt.datetime | None:
+    return None if value is None else _dt.datetime.fromtimestamp(value, _dt.timezone.utc)
