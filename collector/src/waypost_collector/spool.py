@@ -1,0 +1,421 @@
+"""The spool and its handoff to storage, both the core's own: the outbox (SQLite, WAL,
+``synchronous=FULL``) holds every accepted batch, and the core's delivery pipeline hands it to
+the storage sinks with its retries, backoff and circuit breaker. A row leaves the spool only
+when its sink reported it delivered, so a storage sink's success is what lets the spool forget
+a batch (a sink whose acknowledgement means "durable", such as a Kafka producer with
+``acks: all``, fits as it is).
+
+One writer thread per process makes submissions durable a group at a time: several requests'
+batches share one transaction (one fsync), then each request is answered.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from waypost.config import expand, validation_error
+from waypost.errors import ConfigError, PluginError
+from waypost.events import Event
+from waypost.outbox import Outbox
+from waypost.pipeline import Counters, Pipeline
+from waypost.plugins import PluginManager
+from waypost.retry import Backoff
+from waypost.sinks import SendResult, Sink, SinkContext
+
+from waypost_collector.config import CollectorConfig
+from waypost_collector.ledger import REQUEST, Entry, Ledger, iso
+
+log = logging.getLogger("waypost.collector")
+
+SPOOL_DIR = "spool"
+GROUP_EVENTS = 20_000
+"""Events written in one transaction at most."""
+MIN_FREE_BYTES = 64 * 1024 * 1024
+"""Below this much free disk the spool takes nothing more (503), before SQLite fails."""
+
+
+class SpoolError(Exception):
+    """The spool could not make a batch durable (the request is answered 503)."""
+
+
+def build_storage(
+    config: CollectorConfig,
+    *,
+    version: str,
+    plugins: PluginManager | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Sink]:
+    """The storage sinks ``config.storage`` names (or the embedded default), made through the
+    plugin manager exactly as the core makes an application's sinks."""
+    plugins = plugins or PluginManager()
+    context = SinkContext(
+        app="waypost-collector",
+        version=version,
+        instance_id="",
+        data_dir=config.data_dir,
+        strict=True,
+    )
+    sinks: dict[str, Sink] = {}
+    for name, spec in config.storage_specs().items():
+        spec = dict(spec)
+        sink_type = str(spec.pop("type"))
+        key = f"collector.storage.{name}"
+        try:
+            spec = expand(spec, os.environ if env is None else env, key)
+            cls = plugins.load_sink_type(sink_type, key=key)
+            try:
+                sink_config = cls.Config.model_validate(spec)
+            except ValidationError as exc:
+                raise validation_error(exc, source=config.source, prefix=key) from None
+        except ConfigError as exc:
+            if exc.source is None:
+                raise type(exc)(exc.reason, source=config.source, key=exc.key) from None
+            raise
+        except PluginError as exc:
+            raise ConfigError(str(exc), source=config.source, key=key) from None
+        sinks[name] = cls(name, sink_config, context)
+    return sinks
+
+
+class StampedSink(Sink):
+    """A storage sink, given each event with what the collector knows of its arrival in
+    ``context.collector``: ``received_at`` (ISO 8601), ``receipt`` and, with ``ip: hash``, the
+    address's daily hash. The spool keeps events as they came; this comes from the ledger."""
+
+    def __init__(self, inner: Sink, ledger: Ledger) -> None:
+        super().__init__(inner.name, inner.config, inner.context)
+        self.inner = inner
+        self.ledger = ledger
+        self.type = inner.type  # type: ignore[misc]
+        self.deprecated = inner.deprecated  # type: ignore[misc]
+
+    @property
+    def concurrency(self) -> int:
+        return self.inner.concurrency
+
+    @property
+    def batch_size(self) -> int:
+        return self.inner.batch_size
+
+    @property
+    def destination(self) -> str:
+        return self.inner.destination
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def stamp(self, events: Sequence[Event]) -> list[Event]:
+        known = self.ledger.arrivals([e.id for e in events])
+        now = time.time()
+        out = []
+        for event in events:
+            at, receipt, ip_hash = known.get(event.id, (now, None, None))
+            stamp: dict[str, Any] = {"received_at": iso(at)}
+            if receipt:
+                stamp["receipt"] = receipt
+            if ip_hash:
+                stamp["ip_hash"] = ip_hash
+            out.append(dataclasses.replace(event, context={**event.context, "collector": stamp}))
+        return out
+
+    def send(self, events: Sequence[Event]) -> SendResult:
+        return self.inner.send(self.stamp(events))
+
+    def render(self, events: Sequence[Event]) -> Any:
+        return self.inner.render(self.stamp(events))
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+
+@dataclass(eq=False)
+class Submission:
+    """A checked batch waiting to be made durable; ``future`` gets (accepted, duplicate) ids."""
+
+    entry: Entry
+    events: list[Event]
+    future: concurrent.futures.Future[tuple[list[Event], list[Event]]]
+
+
+class Spool:
+    """The outbox as the collector's spool, the storage runners behind it, and the writer."""
+
+    def __init__(
+        self,
+        config: CollectorConfig,
+        sinks: Mapping[str, Sink],
+        ledger: Ledger,
+        *,
+        max_bytes: float,
+        housekeeping: Any = None,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.dir = config.data_dir / SPOOL_DIR
+        self.max_bytes = max_bytes
+        self.housekeeping = housekeeping
+        self.outbox = Outbox(self.dir, sync=True)
+        self.counters = Counters()
+        self.sinks = [StampedSink(s, ledger) for s in sinks.values()]
+        self.pipeline = Pipeline(
+            outbox=self.outbox,
+            sinks=self.sinks,
+            build=lambda items: [],
+            counters=self.counters,
+            batch_interval=1.0,
+            batch_size=500,
+            buffer_size=10_000,
+            backoff=Backoff(initial=1.0, maximum=300.0),
+            max_attempts=None,
+            breaker_threshold=5,
+            keep_sent=0.0,
+            retention=self._housekeeping,
+            sync=True,
+        )
+        self._queue: queue.SimpleQueue[Submission | tuple[str, str, str, int] | None] = (
+            queue.SimpleQueue()
+        )
+        self._writer: threading.Thread | None = None
+        self._started = False
+        self._lock = threading.Lock()
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_write: float | None = None
+        self._full_checked = 0.0
+        self._full = False
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        self.outbox.reclaim()  # leases of a process that died (kill -9) are void
+        self.outbox.retry_now([s.name for s in self.sinks])  # a restart is a retry point
+        self.pipeline.start()
+        self._writer = threading.Thread(
+            target=self._write_loop, name="waypost-collector-spool", daemon=True
+        )
+        self._writer.start()
+
+    @property
+    def running(self) -> bool:
+        return self._writer is not None and self._writer.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Finish the writes queued so far, then hand what can be handed to storage within
+        ``timeout``; the rest stays in the spool for the next start."""
+        deadline = time.monotonic() + timeout
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(max(0.0, deadline - time.monotonic()))
+        ok = self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
+        self.ledger.close()
+        return ok
+
+    # --- taking batches -----------------------------------------------------------------------
+
+    def submit(
+        self, entry: Entry, events: list[Event]
+    ) -> concurrent.futures.Future[tuple[list[Event], list[Event]]]:
+        """Queue a checked batch; the future resolves once it is durable (or fails)."""
+        future: concurrent.futures.Future[tuple[list[Event], list[Event]]] = (
+            concurrent.futures.Future()
+        )
+        if not self.running:
+            future.set_exception(SpoolError("the spool is not running"))
+            return future
+        self._queue.put(Submission(entry, events, future))
+        return future
+
+    def tally(self, app: str, reason: str, n: int = 1) -> None:
+        """Count a whole request refused (written with the next group, never waited for)."""
+        self._queue.put((app, REQUEST, reason, n))
+
+    def full(self) -> bool:
+        """Whether the spool must refuse more (over its size, or the disk nearly full)."""
+        now = time.monotonic()
+        if now - self._full_checked > 2.0:
+            self._full_checked = now
+            try:
+                free = shutil.disk_usage(self.dir).free
+                self._full = free < MIN_FREE_BYTES or self.outbox.size_bytes() > self.max_bytes
+            except OSError:
+                self._full = True
+        return self._full
+
+    def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            group: list[Submission] = []
+            tallies: list[tuple[str, str, str, int]] = []
+            events = 0
+            item: Submission | tuple[str, str, str, int] | None = first
+            while item is not None:
+                if isinstance(item, Submission):
+                    group.append(item)
+                    events += len(item.events)
+                else:
+                    tallies.append(item)
+                if events >= GROUP_EVENTS:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+            try:
+                self._commit(group, tallies)
+            except Exception as exc:  # never let the writer die: answer, log, go on
+                log.error("waypost collector: spool writer error %s: %s", type(exc).__name__, exc)
+                for sub in group:
+                    if not sub.future.done():
+                        sub.future.set_exception(SpoolError(str(exc)))
+
+    def _commit(self, group: list[Submission], tallies: list[tuple[str, str, str, int]]) -> None:
+        if not group:
+            if tallies:
+                self._record([], tallies)
+            return
+        ids = [e.id for sub in group for e in sub.events]
+        try:
+            seen = self.ledger.seen(ids) if ids else set()
+        except Exception as exc:  # dedup is best effort here: storage writes are idempotent
+            log.warning("waypost collector: cannot read the ledger: %s", exc)
+            seen = set()
+        taken: set[str] = set()
+        results: list[tuple[Submission, list[Event], list[Event]]] = []
+        fresh_all: list[Event] = []
+        for sub in group:
+            fresh, dups = [], []
+            for event in sub.events:
+                if event.id in seen or event.id in taken:
+                    dups.append(event)
+                else:
+                    taken.add(event.id)
+                    fresh.append(event)
+            results.append((sub, fresh, dups))
+            fresh_all.extend(fresh)
+        try:
+            stored = self._store(fresh_all)
+        except Exception as exc:
+            self.last_error, self.last_error_at = f"{type(exc).__name__}: {exc}", time.time()
+            log.error("waypost collector: cannot write the spool: %s", self.last_error)
+            for sub in group:
+                sub.future.set_exception(SpoolError(self.last_error))
+            self._record([], tallies)
+            return
+        self.last_write = time.time()
+        entries = []
+        for sub, fresh, dups in results:
+            sub.entry.accepted = [(e.id, e.name) for e in fresh]
+            sub.entry.duplicates = [(e.id, e.name) for e in dups]
+            entries.append(sub.entry)
+        # Durable now: the ledger comes second, so a crash in between costs at most a
+        # duplicate count (storage writes are idempotent), never an event.
+        self._record(entries, tallies)
+        for runner in self.pipeline.runners:
+            if runner.name in stored:
+                runner.outbox_due_at = 0.0
+                runner.wake()
+        for sub, fresh, dups in results:
+            sub.future.set_result((fresh, dups))
+
+    def _store(self, events: list[Event]) -> set[str]:
+        """Spool events for every storage sink that takes them; returns the sinks written."""
+        if not events:
+            return set()
+        sinks = self.sinks
+        if all(s.config.routes_all for s in sinks):
+            groups = {tuple(s.name for s in sinks): events}
+        else:
+            groups = {}
+            for event in events:
+                key = tuple(s.name for s in sinks if s.config.accepts(event.name))
+                groups.setdefault(key, []).append(event)
+        written: set[str] = set()
+        for names, group in groups.items():
+            if names:
+                self.outbox.add(group, list(names))
+                written.update(names)
+        return written
+
+    def _record(self, entries: list[Entry], tallies: list[tuple[str, str, str, int]]) -> None:
+        if not entries and not tallies:
+            return
+        try:
+            self.ledger.record(entries, tallies)
+        except Exception as exc:
+            log.error("waypost collector: cannot write the ledger: %s", exc)
+
+    # --- state ------------------------------------------------------------------------------
+
+    def depth(self) -> dict[str, dict[str, int]]:
+        """Spool rows by storage sink and state."""
+        return self.outbox.counts()
+
+    def lag(self) -> float | None:
+        """Seconds the oldest batch not yet in storage has waited (None: the spool is empty)."""
+        records, total = self.outbox.records(state="pending", limit=1)
+        if not total:
+            return None
+        oldest, _ = self.outbox.records(state="pending", limit=1, offset=total - 1)
+        return max(0.0, time.time() - oldest[0].created_at) if oldest else None
+
+    def storage_state(self) -> list[dict[str, Any]]:
+        return [r.snapshot() for r in self.pipeline.runners]
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """Whether to take traffic: the spool is writable (and not full), storage answers."""
+        problems = []
+        if not self.running:
+            problems.append("the spool writer is not running")
+        if not os.access(self.dir, os.W_OK):
+            problems.append(f"the spool directory {self.dir} is not writable")
+        if self.full():
+            problems.append("the spool is full (limits.max_spool_mb or the disk)")
+        if self.last_error_at and (self.last_write or 0) < self.last_error_at:
+            problems.append(f"the last spool write failed: {self.last_error}")
+        for runner in self.pipeline.runners:
+            if runner.state in ("error", "circuit_open"):
+                why = runner.open_error or runner.last_error or runner.state
+                problems.append(f"storage {runner.name!r} is unreachable: {why}")
+        return not problems, problems
+
+    # --- housekeeping -------------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        retention = self.config.retention
+        try:
+            self.ledger.expire(
+                dedup=retention.dedup, receipts=retention.receipts, counts=retention.counts
+            )
+            self.outbox.enforce_retention(max_age=retention.spool, max_bytes=math.inf, keep_sent=0)
+            self.outbox.reclaim()
+            if self.housekeeping is not None:
+                self.housekeeping()
+        except Exception as exc:
+            log.warning("waypost collector: housekeeping failed: %s", exc)
+
+
