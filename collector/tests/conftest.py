@@ -18,7 +18,7 @@ from waypost.testing import free_port
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import REPO, SECRET, TOKEN, Process, Served  # noqa: E402
+from helpers import REPO, SECRET, TOKEN, Process, Served
 
 # The warehouse tests start a PostgreSQL cluster for the session; the same fixture serves here.
 _peers_spec = importlib.util.spec_from_file_location(
@@ -46,6 +46,7 @@ def serve() -> Iterator[Callable[..., Served]]:
     yield start
     for served in running:
         served.stop()
+
 
 @pytest.fixture
 def child_env() -> dict[str, str]:
@@ -79,9 +80,13 @@ def make_client(tmp_path: Path, child_env: dict[str, str]) -> Iterator[Callable[
     counter = iter(range(1_000_000))
 
     def make(
-        url: str, *, app: str = "myapp", version: str = "1.2.0", config: dict[str, Any] | None = None,
+        url: str,
+        *,
+        app: str = "myapp",
+        version: str = "1.2.0",
+        config: dict[str, Any] | None = None,
         **sink: Any,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         settings: dict[str, Any] = {
             "type": "http",
             "url": f"{url}/v1/{app}/events",

@@ -75,7 +75,6 @@ class Served:
         self.thread.join(20)
 
 
-
 class Process:
     """``waypost collector serve`` in a child process (a real server that can be killed)."""
 
@@ -127,7 +126,6 @@ class Process:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.kill()
-
 
 
 def stored_rows(data_dir: Path, table: str = "waypost_events") -> list[dict[str, Any]]:

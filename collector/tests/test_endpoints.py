@@ -230,9 +230,7 @@ def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(tmp_path: Path, serve
 
 
 def test_rates(tmp_path: Path, serve: Any) -> None:
-    section = base_section(
-        tmp_path / "d", limits={"per_address": "3/m", "per_installation": "4/h"}
-    )
+    section = base_section(tmp_path / "d", limits={"per_address": "3/m", "per_installation": "4/h"})
     served = serve(write_config(tmp_path / "c.yml", section))
     url = served.url + "/v1/myapp/events"
     first = make_event("run").to_dict()

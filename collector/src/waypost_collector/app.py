@@ -21,7 +21,6 @@ from starlette.routing import Mount, Route
 
 from waypost.errors import WaypostError
 from waypost.events import Event, uuid7
-
 from waypost_collector.config import CollectorConfig, load_config
 from waypost_collector.intake import App, Checked, Collector
 from waypost_collector.ledger import Entry

@@ -39,7 +39,6 @@ def _dump(data: Any) -> None:
 
 def _config(config_file: str | None) -> Any:
     from waypost.errors import WaypostError
-
     from waypost_collector.config import load_config
 
     try:
@@ -70,7 +69,6 @@ def serve(config_file: str | None, host: str, port: int, workers: int, log_level
     import uvicorn
 
     from waypost.errors import WaypostError
-
     from waypost_collector.app import create_app
 
     config = _config(config_file)
@@ -95,9 +93,7 @@ def serve(config_file: str | None, host: str, port: int, workers: int, log_level
     if config.source in (None, "<config>"):
         raise Failure("--workers needs a config file (each worker reads it)")
     os.environ["WAYPOST_COLLECTOR_CONFIG"] = str(Path(config.source).resolve())
-    uvicorn.run(
-        "waypost_collector.app:from_environment", factory=True, workers=workers, **options
-    )
+    uvicorn.run("waypost_collector.app:from_environment", factory=True, workers=workers, **options)
 
 
 @collector.command()
@@ -106,7 +102,6 @@ def serve(config_file: str | None, host: str, port: int, workers: int, log_level
 def check(config_file: str | None, as_json: bool) -> None:
     """Validate the config: apps, schemas, storage sinks (nothing is opened or sent)."""
     from waypost.errors import WaypostError
-
     from waypost_collector.intake import FREE_FORM
     from waypost_collector.schemas import Schemas
     from waypost_collector.spool import build_storage
@@ -164,7 +159,6 @@ def check(config_file: str | None, as_json: bool) -> None:
 
 def _read_state(config: Any) -> dict[str, Any]:
     from waypost.outbox import Outbox
-
     from waypost_collector.ledger import Ledger
     from waypost_collector.spool import SPOOL_DIR
 

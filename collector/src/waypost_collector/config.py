@@ -50,7 +50,7 @@ def _duration(value: Any) -> Any:
 
 
 class Rate(_Model):
-    """``count`` per ``per`` seconds, written ``"600/m"`` (also ``/s``, ``/h``, ``/d``, ``/10m``)."""
+    """``count`` per ``per`` seconds, written ``"600/m"`` (or ``/s``, ``/h``, ``/d``, ``/10m``)."""
 
     count: int = Field(ge=1)
     per: float = Field(gt=0)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from waypost_http import verify_signature
+
 from waypost.config import TelemetryConfig
 from waypost.events import Event, uuid7
 from waypost.plugins import PluginManager
 from waypost.privacy import IpHasher, Scrubber
-from waypost_http import verify_signature
-
 from waypost_collector.config import AppConfig, CollectorConfig
 from waypost_collector.control import control_block
 from waypost_collector.ledger import Entry, Ledger
@@ -76,7 +76,8 @@ class Collector:
         self.version = __version__
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        search = [str(Path(config.source).resolve().parent)] if _is_file(config.source) else []
+        source = config.source
+        search = [str(Path(source).resolve().parent)] if source and source != "<config>" else []
         self.apps: dict[str, App] = {}
         for name, app in config.apps.items():
             schemas = Schemas.load(
@@ -89,7 +90,9 @@ class Collector:
             token = app.token.get_secret_value().encode() if app.token else None
             self.apps[name] = App(name, app, schemas, token)
         scrub = config.scrub
-        self.scrubber = Scrubber.from_config(TelemetryConfig(scrub=scrub)) if scrub.enabled else None
+        self.scrubber = (
+            Scrubber.from_config(TelemetryConfig(scrub=scrub)) if scrub.enabled else None
+        )
         self.ledger = Ledger(self.data_dir)
         self.sinks = build_storage(config, version=self.version, plugins=plugins, env=env)
         self.spool = Spool(
@@ -263,8 +266,3 @@ class Collector:
 
         for sink in self.sinks.values():
             expire_events(sink, before=time.time() - keep)
-
-
-def _is_file(source: str | None) -> bool:
-    return source is not None and source != "<config>"
-

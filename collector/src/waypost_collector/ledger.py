@@ -52,7 +52,13 @@ CREATE TABLE IF NOT EXISTS counts (
 ) WITHOUT ROWID;
 """
 
-ACCEPTED, DUPLICATE, REFUSED, RETRY, REQUEST = "accepted", "duplicate", "refused", "retry", "request"
+ACCEPTED, DUPLICATE, REFUSED, RETRY, REQUEST = (
+    "accepted",
+    "duplicate",
+    "refused",
+    "retry",
+    "request",
+)
 """Kinds of counts: events accepted, duplicates, events refused (by reason), events asked to
 come back later (rate limits), whole requests refused (by reason)."""
 

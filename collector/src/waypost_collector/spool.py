@@ -34,7 +34,6 @@ from waypost.pipeline import Counters, Pipeline
 from waypost.plugins import PluginManager
 from waypost.retry import Backoff
 from waypost.sinks import SendResult, Sink, SinkContext
-
 from waypost_collector.config import CollectorConfig
 from waypost_collector.ledger import REQUEST, Entry, Ledger, iso
 
@@ -377,7 +376,7 @@ class Spool:
 
     def lag(self) -> float | None:
         """Seconds the oldest batch not yet in storage has waited (None: the spool is empty)."""
-        records, total = self.outbox.records(state="pending", limit=1)
+        _, total = self.outbox.records(state="pending", limit=1)
         if not total:
             return None
         oldest, _ = self.outbox.records(state="pending", limit=1, offset=total - 1)
@@ -417,5 +416,3 @@ class Spool:
                 self.housekeeping()
         except Exception as exc:
             log.warning("waypost collector: housekeeping failed: %s", exc)
-
-

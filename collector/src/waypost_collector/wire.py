@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from waypost.events import coerce
-
 from waypost_collector.config import Limits
 
 _loads: Callable[[bytes], Any]
@@ -137,8 +136,7 @@ def parse_items(body: bytes, content_type: str) -> list[Any]:
     raise Refused(
         415,
         "unsupported_media_type",
-        f"Content-Type {kind!r}: send application/json, application/x-ndjson or "
-        f"{CE_BATCH}",
+        f"Content-Type {kind!r}: send application/json, application/x-ndjson or {CE_BATCH}",
     )
 
 

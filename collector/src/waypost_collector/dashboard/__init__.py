@@ -20,7 +20,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from waypost.admin.security import Auth, Guard
-
 from waypost_collector.config import DashboardConfig
 from waypost_collector.dashboard.charts import CHARTS, chart_data, to_svg
 from waypost_collector.ledger import ACCEPTED, DUPLICATE, REFUSED, RETRY
@@ -46,9 +45,9 @@ def basic_auth(config: DashboardConfig) -> Auth | None:
         if scheme.lower() != "basic":
             return False
         try:
-            given_user, _, given_password = base64.b64decode(value.strip(), validate=True).partition(
-                b":"
-            )
+            given_user, _, given_password = base64.b64decode(
+                value.strip(), validate=True
+            ).partition(b":")
         except ValueError:
             return False
         # Both compared, always: the time taken tells nothing about which was wrong.

@@ -52,9 +52,9 @@ def chart_data(
     today = today or _dt.datetime.now(_dt.timezone.utc).date()
     out: dict[str, Any] = {"chart": name, "title": CHARTS[name], "app": app}
     if name == "refusals":
-        since = (today - _dt.timedelta(days=DAYS - 1)).isoformat()
+        first_day = (today - _dt.timedelta(days=DAYS - 1)).isoformat()
         totals: dict[str, int] = {}
-        for _day, row_app, kind, reason, n in ledger.counts(since_day=since):
+        for _day, row_app, kind, reason, n in ledger.counts(since_day=first_day):
             if row_app == app and kind in (REFUSED, REQUEST):
                 label = reason if kind == REFUSED else f"{reason} (request)"
                 totals[label] = totals.get(label, 0) + n
@@ -72,9 +72,7 @@ def chart_data(
         for event, day, n in store.events_per_day(app, since):
             per_name.setdefault(event, {})[day] = n
         ranked = sorted(per_name, key=lambda e: (-sum(per_name[e].values()), e))[:TOP_NAMES]
-        series = [
-            {"name": e, "points": [[d, per_name[e].get(d, 0)] for d in days]} for e in ranked
-        ]
+        series = [{"name": e, "points": [[d, per_name[e].get(d, 0)] for d in days]} for e in ranked]
         return {**out, "kind": "lines", "unit": "events", "series": series}
     if name == "active_weekly":
         monday = today - _dt.timedelta(days=today.weekday())
@@ -101,15 +99,15 @@ LEFT, RIGHT, TOP, BOTTOM = 48, 12, 28, 36
 
 def _text(x: float, y: float, text: str, *, anchor: str = "start", cls: str = "label") -> str:
     return (
-        f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" class="{cls}">'
-        f"{escape(text)}</text>"
+        f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" class="{cls}">{escape(text)}</text>'
     )
 
 
 def _frame(title: str, body: list[str], height: int = HEIGHT) -> str:
+    label = escape(title, {'"': "&quot;"})
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" '
-        f'width="{WIDTH}" height="{height}" role="img" aria-label="{escape(title, {chr(34): "&quot;"})}">'
+        f'width="{WIDTH}" height="{height}" role="img" aria-label="{label}">'
         f"<title>{escape(title)}</title>"
         f'<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="#ffffff"/>'
         + _text(LEFT, 18, title, cls="title")
@@ -223,7 +221,5 @@ def _share_bars(title: str, items: list[dict[str, Any]]) -> str:
             f'<rect x="{label_w}" y="{y}" width="{max(1.0, w):.1f}" height="{row - 6}" '
             f'fill="{PALETTE[i % len(PALETTE)]}"><title>{escape(str(item["label"]))}</title></rect>'
         )
-        body.append(
-            _text(label_w + w + 6, y + 12, f"{item['share'] * 100:.1f}% ({item['value']})")
-        )
+        body.append(_text(label_w + w + 6, y + 12, f"{item['share'] * 100:.1f}% ({item['value']})"))
     return _frame(title, body, height)

@@ -1,0 +1,86 @@
+"""What an answer promises, tested for real: ``waypost collector serve`` in a child process,
+``kill -9`` right after it answered, restarted on the same data dir; storage that is down, a
+relay whose destination answers 503 first."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+from helpers import base_section, envelope, signed_headers, stored_rows, wait_for, write_config
+
+from waypost.testing import RecordingServer, Response
+
+
+def _batch(n: int, instance: str) -> list[dict[str, Any]]:
+    return [envelope(instance_id=instance, properties={"i": i}) for i in range(n)]
+
+
+def _send(url: str, batch: list[dict[str, Any]]) -> dict[str, Any]:
+    body = json.dumps(batch).encode()
+    response = httpx.post(url, content=body, headers=signed_headers(body), timeout=30)
+    assert response.status_code == 200, response.text
+    data: dict[str, Any] = response.json()
+    return data
+
+
+def test_kill_9_right_after_an_answer_loses_nothing_acknowledged(
+    tmp_path: Path, spawn: Any
+) -> None:
+    data = tmp_path / "d"
+    config = write_config(tmp_path / "c.yml", base_section(data))
+    process = spawn(config)
+    url = process.url + "/v1/myapp/events"
+    acknowledged: list[str] = []
+    batches = [_batch(50, f"inst-{k}") for k in range(12)]
+    for batch in batches[:6]:
+        answer = _send(url, batch)
+        assert answer["accepted"] == 50
+        acknowledged += [e["id"] for e in batch]
+    process.kill()  # at once after the answer: the storage may not have it yet
+    process.start()
+    for batch in batches[6:]:
+        _send(url, batch)
+        acknowledged += [e["id"] for e in batch]
+    # Every batch sent again (a client whose answers were lost): all duplicates.
+    replayed = [_send(url, b) for b in batches]
+    assert sum(a["duplicates"] for a in replayed) == 600
+    assert sum(a["accepted"] for a in replayed) == 0
+    rows = wait_for(lambda: (r := stored_rows(data)) and len(r) >= 600 and r, 30, "600 rows")
+    counts = Counter(r["id"] for r in rows)
+    assert set(counts) == set(acknowledged) and set(counts.values()) == {1}
+
+
+def test_storage_down_then_back(tmp_path: Path, spawn: Any) -> None:
+    """The relay case: storage is another waypost sink (http here), down at first. Batches are
+    answered from the spool, survive a kill -9, and reach the destination when it is back."""
+    with RecordingServer() as destination:
+        destination.responder = lambda request: Response(503, {"error": "down"})
+        section = base_section(
+            tmp_path / "d",
+            storage={"relay": {"type": "http", "url": destination.url + "/ingest"}},
+        )
+        process = spawn(write_config(tmp_path / "c.yml", section))
+        url = process.url + "/v1/myapp/events"
+        sent = [_batch(20, "relay-inst") for _ in range(3)]
+        for batch in sent:
+            assert _send(url, batch)["accepted"] == 20
+        assert destination.wait_for(lambda reqs: len(reqs) >= 1, 30)
+        process.kill()
+        delivered: set[str] = set()
+
+        def accept(request: Any) -> Response:
+            delivered.update(e["id"] for e in request.json())
+            return Response(200, {})
+
+        destination.responder = accept
+        process.start()
+        ids = {e["id"] for batch in sent for e in batch}
+        wait_for(lambda: delivered >= ids, 60, "every batch at the destination")
+        stats = httpx.get(process.url + "/metrics").text
+        assert 'waypost_collector_spool_rows{state="pending",storage="relay"}' not in stats or (
+            'state="pending",storage="relay"} 0.0' in stats
+        )
