@@ -110,27 +110,38 @@ class Service:
         fresh, dups = await asyncio.wrap_future(future)
         return self._answer(entry, fresh, dups)
 
-    async def events(self, request: Request) -> Response:
+    async def _arrive(self, request: Request) -> tuple[App, str | None, bytes]:
+        """What every POST passes first: the app, the address's rate, the token, the body's
+        size, the signature, the encoding. Returns the app, the address's hash, the body."""
+        c = self.c
+        limits = c.config.limits
+        app = self._app(request)
+        _, ip_hash = c.address(
+            app.name,
+            request.client.host if request.client else None,
+            request.headers.getlist("x-forwarded-for"),
+        )
+        c.authorize(app, request.headers.get("authorization"))
+        raw = await _body(request, limits.max_body)
+        c.verify(app, request.headers, raw)
+        body = decode_body(raw, request.headers.get("content-encoding"), limits)
+        c.refuse_if_full(app.name)
+        return app, ip_hash, body
+
+    async def _handle(self, request: Request, *, ping: bool) -> Response:
         started = time.perf_counter()
         name = str(request.path_params["app"])
         self._started()
         c = self.c
-        limits = c.config.limits
         try:
-            app = self._app(request)
-            _, ip_hash = c.address(
-                app.name,
-                request.client.host if request.client else None,
-                request.headers.getlist("x-forwarded-for"),
-            )
-            c.authorize(app, request.headers.get("authorization"))
-            raw = await _body(request, limits.max_body)
-            c.verify(app, request.headers, raw)
-            body = decode_body(raw, request.headers.get("content-encoding"), limits)
-            items = parse_items(body, request.headers.get("content-type", ""))
-            c.refuse_if_full(app.name)
+            app, ip_hash, body = await self._arrive(request)
             now = time.time()
-            checked = c.check(app, items, now, body_size=len(body))
+            if ping:
+                arrival = ping_arrival(body, app.name, app.config.ping_event, now, uuid7(now))
+                checked = c.admit(app, [arrival], [])
+            else:
+                items = parse_items(body, request.headers.get("content-type", ""))
+                checked = c.check(app, items, now, body_size=len(body))
             response = await self._accept(app, checked, ip_hash, now)
         except Refused as exc:
             c.spool.tally(name if name in c.apps else "(unknown)", exc.reason)
@@ -141,32 +152,11 @@ class Service:
         self.metrics.ack_seconds.labels(app.name).observe(time.perf_counter() - started)
         return response
 
+    async def events(self, request: Request) -> Response:
+        return await self._handle(request, ping=False)
+
     async def ping(self, request: Request) -> Response:
-        name = str(request.path_params["app"])
-        self._started()
-        c = self.c
-        limits = c.config.limits
-        try:
-            app = self._app(request)
-            _, ip_hash = c.address(
-                app.name,
-                request.client.host if request.client else None,
-                request.headers.getlist("x-forwarded-for"),
-            )
-            c.authorize(app, request.headers.get("authorization"))
-            raw = await _body(request, limits.max_body)
-            c.verify(app, request.headers, raw)
-            body = decode_body(raw, request.headers.get("content-encoding"), limits)
-            c.refuse_if_full(app.name)
-            now = time.time()
-            arrival = ping_arrival(body, app.name, app.config.ping_event, now, uuid7(now))
-            checked = c.admit(app, [arrival], [])
-            return await self._accept(app, checked, ip_hash, now)
-        except Refused as exc:
-            c.spool.tally(name if name in c.apps else "(unknown)", exc.reason)
-            return _refusal(exc)
-        except SpoolError:
-            return _refusal(Refused(503, "unavailable", "the spool cannot take it", retry_after=5))
+        return await self._handle(request, ping=True)
 
     async def control(self, request: Request) -> Response:
         try:

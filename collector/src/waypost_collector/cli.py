@@ -102,8 +102,7 @@ def serve(config_file: str | None, host: str, port: int, workers: int, log_level
 def check(config_file: str | None, as_json: bool) -> None:
     """Validate the config: apps, schemas, storage sinks (nothing is opened or sent)."""
     from waypost.errors import WaypostError
-    from waypost_collector.intake import FREE_FORM
-    from waypost_collector.schemas import Schemas
+    from waypost_collector.intake import app_schemas
     from waypost_collector.spool import build_storage
 
     config = _config(config_file)
@@ -112,13 +111,7 @@ def check(config_file: str | None, as_json: bool) -> None:
     warnings: list[str] = []
     try:
         for name, app in config.apps.items():
-            schemas = Schemas.load(
-                app.schemas,
-                accept_undeclared=app.accept_undeclared,
-                free_form=FREE_FORM | {app.ping_event},
-                key=f"collector.apps.{name}.schemas",
-                search=search,
-            )
+            schemas = app_schemas(name, app, search)
             apps[name] = {
                 "token": app.token is not None,
                 "signed": app.signing_secret is not None,
@@ -160,7 +153,7 @@ def check(config_file: str | None, as_json: bool) -> None:
 def _read_state(config: Any) -> dict[str, Any]:
     from waypost.outbox import Outbox
     from waypost_collector.ledger import Ledger
-    from waypost_collector.spool import SPOOL_DIR
+    from waypost_collector.spool import SPOOL_DIR, storage_lag
 
     data_dir = Path(config.data_dir)
     if not (data_dir / "ledger.sqlite3").exists():
@@ -170,14 +163,8 @@ def _read_state(config: Any) -> dict[str, Any]:
     spool: dict[str, Any] = {}
     lag = None
     if (data_dir / SPOOL_DIR / "outbox.sqlite3").exists():
-        import time
-
         outbox = Outbox(data_dir / SPOOL_DIR)
-        spool = outbox.counts()
-        _, pending = outbox.records(state="pending", limit=1)
-        if pending:
-            oldest, _ = outbox.records(state="pending", limit=1, offset=pending - 1)
-            lag = max(0.0, time.time() - oldest[0].created_at) if oldest else None
+        spool, lag = outbox.counts(), storage_lag(outbox)
         outbox.close()
     ledger.close()
     return {"apps": totals, "spool": spool, "storage_lag_seconds": lag}

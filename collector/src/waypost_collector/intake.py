@@ -32,6 +32,17 @@ FREE_FORM = frozenset({"heartbeat"})
 """Events every app may send without declaring a payload: the core's heartbeat snapshot."""
 
 
+def app_schemas(name: str, app: AppConfig, search: list[str]) -> Schemas:
+    """The schemas ``app`` declares (``search``: where its modules may be, besides sys.path)."""
+    return Schemas.load(
+        app.schemas,
+        accept_undeclared=app.accept_undeclared,
+        free_form=FREE_FORM | {app.ping_event},
+        key=f"collector.apps.{name}.schemas",
+        search=search,
+    )
+
+
 @dataclass
 class App:
     """One configured app, ready to check requests."""
@@ -80,13 +91,7 @@ class Collector:
         search = [str(Path(source).resolve().parent)] if source and source != "<config>" else []
         self.apps: dict[str, App] = {}
         for name, app in config.apps.items():
-            schemas = Schemas.load(
-                app.schemas,
-                accept_undeclared=app.accept_undeclared,
-                free_form=FREE_FORM | {app.ping_event},
-                key=f"collector.apps.{name}.schemas",
-                search=search,
-            )
+            schemas = app_schemas(name, app, search)
             token = app.token.get_secret_value().encode() if app.token else None
             self.apps[name] = App(name, app, schemas, token)
         scrub = config.scrub

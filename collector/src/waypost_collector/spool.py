@@ -89,6 +89,15 @@ def build_storage(
     return sinks
 
 
+def storage_lag(outbox: Outbox) -> float | None:
+    """Seconds the oldest row still pending in ``outbox`` has waited; None when none is."""
+    _, total = outbox.records(state="pending", limit=1)
+    if not total:
+        return None
+    oldest, _ = outbox.records(state="pending", limit=1, offset=total - 1)  # newest first
+    return max(0.0, time.time() - oldest[0].created_at) if oldest else None
+
+
 class StampedSink(Sink):
     """A storage sink, given each event with what the collector knows of its arrival in
     ``context.collector``: ``received_at`` (ISO 8601), ``receipt`` and, with ``ip: hash``, the
@@ -376,11 +385,7 @@ class Spool:
 
     def lag(self) -> float | None:
         """Seconds the oldest batch not yet in storage has waited (None: the spool is empty)."""
-        _, total = self.outbox.records(state="pending", limit=1)
-        if not total:
-            return None
-        oldest, _ = self.outbox.records(state="pending", limit=1, offset=total - 1)
-        return max(0.0, time.time() - oldest[0].created_at) if oldest else None
+        return storage_lag(self.outbox)
 
     def storage_state(self) -> list[dict[str, Any]]:
         return [r.snapshot() for r in self.pipeline.runners]
