@@ -151,7 +151,7 @@ def check(config_file: str | None, as_json: bool) -> None:
 
 
 def _read_state(config: Any) -> dict[str, Any]:
-    from waypost.outbox import Outbox
+    from waypost.delivery.outbox import Outbox
     from waypost_collector.ledger import Ledger
     from waypost_collector.spool import SPOOL_DIR, storage_lag
 

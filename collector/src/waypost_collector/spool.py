@@ -27,13 +27,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from waypost.config import expand, validation_error
+from waypost.delivery.backoff import Backoff
+from waypost.delivery.outbox import Outbox
+from waypost.delivery.pipeline import Pipeline
 from waypost.errors import ConfigError, PluginError
 from waypost.events import Event
-from waypost.outbox import Outbox
-from waypost.pipeline import Counters, Pipeline
 from waypost.plugins import PluginManager
-from waypost.retry import Backoff
 from waypost.sinks import SendResult, Sink, SinkContext
+from waypost.status import Counters
 from waypost_collector.config import CollectorConfig
 from waypost_collector.ledger import REQUEST, Entry, Ledger, iso
 
