@@ -182,7 +182,32 @@ class Spool:
         self.outbox = Outbox(self.dir, sync=True)
         self.counters = Counters()
         self.sinks = [StampedSink(s, ledger) for s in sinks.values()]
-        self.pipeline = Pipeline(
+        self.pipeline = self._pipeline()
+        self._queue: queue.SimpleQueue[Submission | tuple[str, str, str, int] | None] = (
+            queue.SimpleQueue()
+        )
+        self._writer: threading.Thread | None = None
+        self._started = False
+        self._lock = threading.Lock()
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_write: float | None = None
+        self._full_checked = 0.0
+        self._full = False
+        if hasattr(os, "register_at_fork"):
+            import weakref
+
+            ref = weakref.ref(self)
+
+            def forked() -> None:
+                spool = ref()
+                if spool is not None:
+                    spool.after_fork()
+
+            os.register_at_fork(after_in_child=forked)
+
+    def _pipeline(self) -> Pipeline:
+        return Pipeline(
             outbox=self.outbox,
             sinks=self.sinks,
             build=lambda items: [],
@@ -197,17 +222,18 @@ class Spool:
             retention=self._housekeeping,
             sync=True,
         )
-        self._queue: queue.SimpleQueue[Submission | tuple[str, str, str, int] | None] = (
-            queue.SimpleQueue()
-        )
-        self._writer: threading.Thread | None = None
-        self._started = False
+
+    def after_fork(self) -> None:
+        """In a forked child (gunicorn ``--preload``): never the parent's SQLite connections,
+        locks or threads; the child starts its own on its first request or lifespan."""
+        self.outbox.after_fork()
+        self.ledger.after_fork()
+        self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self.last_error: str | None = None
-        self.last_error_at: float | None = None
-        self.last_write: float | None = None
-        self._full_checked = 0.0
-        self._full = False
+        self._writer = None
+        if self._started:
+            self._started = False
+            self.pipeline = self._pipeline()
 
     # --- lifecycle --------------------------------------------------------------------------
 
