@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from helpers import base_section, envelope, signed_headers, stored_rows, wait_for, write_config
 
 from waypost.testing import RecordingServer, Response
@@ -54,13 +55,15 @@ def test_kill_9_right_after_an_answer_loses_nothing_acknowledged(
     assert set(counts) == set(acknowledged) and set(counts.values()) == {1}
 
 
-def test_storage_down_then_back(tmp_path: Path, spawn: Any) -> None:
+@pytest.mark.parametrize("ack", ["spool", "storage"])
+def test_storage_down_then_back(ack: str, tmp_path: Path, spawn: Any) -> None:
     """The relay case: storage is another waypost sink (http here), down at first. Batches are
     answered from the spool, survive a kill -9, and reach the destination when it is back."""
     with RecordingServer() as destination:
         destination.responder = lambda request: Response(503, {"error": "down"})
         section = base_section(
             tmp_path / "d",
+            ack=ack,
             storage={"relay": {"type": "http", "url": destination.url + "/ingest"}},
         )
         process = spawn(write_config(tmp_path / "c.yml", section))
@@ -84,3 +87,22 @@ def test_storage_down_then_back(tmp_path: Path, spawn: Any) -> None:
         assert 'waypost_collector_spool_rows{state="pending",storage="relay"}' not in stats or (
             'state="pending",storage="relay"} 0.0' in stats
         )
+
+
+def test_ack_storage_answers_once_storage_has_it(tmp_path: Path, spawn: Any) -> None:
+    data = tmp_path / "d"
+    process = spawn(write_config(tmp_path / "c.yml", base_section(data, ack="storage")))
+    url = process.url + "/v1/myapp/events"
+    first = _batch(5, "warm")
+    _send(url, first)
+    wait_for(lambda: len(stored_rows(data)) == 5, 30, "the storage to be open")
+    for k in range(5):
+        batch = _batch(30, f"direct-{k}")
+        assert _send(url, batch)["accepted"] == 30
+        # In storage when the answer comes: nothing waited in the spool.
+        stored = {r["id"] for r in stored_rows(data)}
+        assert {e["id"] for e in batch} <= stored
+    assert _send(url, batch)["duplicates"] == 30
+    process.kill()
+    process.start()
+    assert len(stored_rows(data)) == 155

@@ -252,6 +252,11 @@ class CollectorConfig(_Model):
         default_factory=list,
         description="Peers whose X-Forwarded-For is read (load balancers); nobody else's is.",
     )
+    ack: Literal["spool", "storage"] = Field(
+        default="spool",
+        description="spool: answer once the spool has a batch; storage: once storage has it "
+        "(the spool keeps only what storage did not take).",
+    )
     limits: Limits = Field(default_factory=Limits)
     retention: Retention = Field(default_factory=Retention)
     control: dict[str, AppControl] = Field(default_factory=dict)

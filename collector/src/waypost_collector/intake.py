@@ -28,6 +28,8 @@ from waypost_collector.wire import Arrival, Refused, Rejection, check_envelope
 log = logging.getLogger("waypost.collector")
 
 SALT_FILE = "ip-salt.json"
+HASH_TTL = 60.0
+"""Seconds an address's hash is kept in memory (under its in-process pseudonym)."""
 FREE_FORM = frozenset({"heartbeat"})
 """Events every app may send without declaring a payload: the core's heartbeat snapshot."""
 
@@ -100,6 +102,11 @@ class Collector:
         )
         self.ledger = Ledger(self.data_dir)
         self.sinks = build_storage(config, version=self.version, plugins=plugins, env=env)
+        if config.embedded_storage:
+            from waypost_collector.storage import prepare_embedded
+
+            for sink in self.sinks.values():
+                prepare_embedded(sink)
         self.spool = Spool(
             config,
             self.sinks,
@@ -116,6 +123,7 @@ class Collector:
             if config.ip == "hash"
             else None
         )
+        self._hashes: dict[str, tuple[float, str]] = {}
         self.started = time.time()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -142,12 +150,24 @@ class Collector:
         address = client_address(peer, forwarded_for, self.config.trusted_proxies)
         if address is None:
             return None, None
-        wait = self.addresses.take(self.pseudonyms(address))
+        pseudonym = self.pseudonyms(address)
+        wait = self.addresses.take(pseudonym)
         if wait:
             raise Refused(
                 429, "rate_limited", "too many requests from this address", retry_after=wait
             )
-        hashed = self.hasher.hash(address) if self.hasher is not None else None
+        if self.hasher is None:
+            return address, None
+        now = time.monotonic()
+        cached = self._hashes.get(pseudonym)
+        if cached is not None and cached[0] > now:
+            return address, cached[1]
+        # The salt file is read once a minute per address, not on every request; a hash made
+        # just before the daily rotation is used for at most that minute after it.
+        hashed = self.hasher.hash(address)
+        if len(self._hashes) > 100_000:
+            self._hashes.clear()
+        self._hashes[pseudonym] = (now + HASH_TTL, hashed)
         return address, hashed
 
     def authorize(self, app: App, authorization: str | None) -> None:
@@ -186,8 +206,9 @@ class Collector:
         measure = body_size > limits.max_event_bytes
         arrivals: list[Arrival] = []
         rejections: list[Rejection] = []
+        contexts: dict[bytes, dict[str, Any]] = {}
         for item in items:
-            checked = check_envelope(item, now, limits, measure=measure)
+            checked = check_envelope(item, now, limits, measure=measure, contexts=contexts)
             if isinstance(checked, Rejection):
                 rejections.append(checked)
             else:
@@ -204,6 +225,8 @@ class Collector:
         granted = {key: self.installations.grant(key, n) for key, n in wanted.items()}
         scrubber = self.scrubber if app.config.scrub else None
         version: str | None = None
+        # Events of one installation share their context: it is made ready once per batch.
+        ready: dict[int, tuple[dict[str, Any], list[str]]] = {}
         for arrival in arrivals:
             checked = app.schemas.check(arrival.name, arrival.properties)
             if isinstance(checked, tuple):
@@ -213,16 +236,15 @@ class Collector:
                 retry.append(arrival.id)
                 continue
             granted[arrival.instance_id] -= 1
-            remarks: list[str] = []
+            shared = ready.get(id(arrival.context))
+            if shared is None:
+                shared = ready[id(arrival.context)] = self._context(app, arrival.context, scrubber)
+            context, context_remarks = shared
+            remarks = list(context_remarks)
             properties = checked
-            context = arrival.context
-            app_context = context.get("app")
-            context["app"] = {**(app_context if isinstance(app_context, dict) else {})}
-            context["app"]["name"] = app.name  # the app the token vouches for, whatever it says
             distinct_id, instance_id = arrival.distinct_id, arrival.instance_id
             if scrubber is not None:
                 properties = scrubber.scrub(properties, "properties", remarks)
-                context = scrubber.scrub(context, "context", remarks)
                 instance_id = scrubber.scrub_text(instance_id, "instance_id", remarks)
                 distinct_id = scrubber.scrub_text(distinct_id, "distinct_id", remarks)
             if version is None:
@@ -242,6 +264,22 @@ class Collector:
                 rejections[0].reason,
             )
         return Checked(events, rejections, retry, version)
+
+    @staticmethod
+    def _context(
+        app: App, context: dict[str, Any], scrubber: Scrubber | None
+    ) -> tuple[dict[str, Any], list[str]]:
+        """An arriving context made ready to keep: scrubbed, named for the app the token
+        vouches for (whatever the client said)."""
+        remarks: list[str] = []
+        if scrubber is not None:
+            context = scrubber.scrub(context, "context", remarks)
+        found = context.get("app")
+        context = {
+            **context,
+            "app": {**(found if isinstance(found, dict) else {}), "name": app.name},
+        }
+        return context, remarks
 
     def entry(self, app: App, checked: Checked, ip_hash: str | None, now: float) -> Entry:
         return Entry(

@@ -12,7 +12,7 @@ batches share one transaction (one fsync), then each request is answered.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from waypost.config import expand, validation_error
 from waypost.delivery.backoff import Backoff
+from waypost.delivery.boundary import call_send
 from waypost.delivery.outbox import Outbox
 from waypost.delivery.pipeline import Pipeline
 from waypost.errors import ConfigError, PluginError
@@ -99,15 +100,41 @@ def storage_lag(outbox: Outbox) -> float | None:
     return max(0.0, time.time() - oldest[0].created_at) if oldest else None
 
 
+class Arrivals:
+    """What this process knows of the events it accepted lately (event id -> time received,
+    receipt, address hash), so the handoff to storage seldom asks the ledger."""
+
+    def __init__(self, size: int = 200_000) -> None:
+        self.size = size
+        self._known: dict[str, tuple[float, str, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, entries: Sequence[Entry]) -> None:
+        with self._lock:
+            known = self._known
+            for e in entries:
+                for event_id, _ in e.accepted:
+                    known[event_id] = (e.at, e.receipt, e.ip_hash)
+            if len(known) > self.size:  # the oldest half goes (dicts keep insertion order)
+                for key in list(itertools.islice(known, len(known) - self.size // 2)):
+                    del known[key]
+
+    def find(self, ids: Sequence[str]) -> dict[str, tuple[float, str, str | None]]:
+        with self._lock:
+            known = self._known
+            return {i: known[i] for i in ids if i in known}
+
+
 class StampedSink(Sink):
     """A storage sink, given each event with what the collector knows of its arrival in
     ``context.collector``: ``received_at`` (ISO 8601), ``receipt`` and, with ``ip: hash``, the
     address's daily hash. The spool keeps events as they came; this comes from the ledger."""
 
-    def __init__(self, inner: Sink, ledger: Ledger) -> None:
+    def __init__(self, inner: Sink, ledger: Ledger, recent: Arrivals | None = None) -> None:
         super().__init__(inner.name, inner.config, inner.context)
         self.inner = inner
         self.ledger = ledger
+        self.recent = recent if recent is not None else Arrivals()
         self.type = inner.type  # type: ignore[misc]
         self.deprecated = inner.deprecated  # type: ignore[misc]
 
@@ -130,17 +157,30 @@ class StampedSink(Sink):
         self.inner.close()
 
     def stamp(self, events: Sequence[Event]) -> list[Event]:
-        known = self.ledger.arrivals([e.id for e in events])
+        known = self.recent.find([e.id for e in events])
+        missing = [e.id for e in events if e.id not in known]
+        if missing:  # accepted by another process, or before a restart
+            known.update(self.ledger.arrivals(missing))
         now = time.time()
         out = []
-        for event in events:
-            at, receipt, ip_hash = known.get(event.id, (now, None, None))
-            stamp: dict[str, Any] = {"received_at": iso(at)}
+        times: dict[float, str] = {}  # the events of one submission share their time
+        for e in events:
+            at, receipt, ip_hash = known.get(e.id, (now, None, None))
+            when = times.get(at)
+            if when is None:
+                when = times[at] = iso(at)
+            stamp: dict[str, Any] = {"received_at": when}
             if receipt:
                 stamp["receipt"] = receipt
             if ip_hash:
                 stamp["ip_hash"] = ip_hash
-            out.append(dataclasses.replace(event, context={**event.context, "collector": stamp}))
+            context = {**e.context, "collector": stamp}
+            out.append(
+                Event(
+                    e.id, e.name, e.time, e.instance_id, e.properties, context, e.distinct_id,
+                    e.level, e.remarks,
+                )
+            )  # fmt: skip
         return out
 
     def send(self, events: Sequence[Event]) -> SendResult:
@@ -181,8 +221,10 @@ class Spool:
         self.housekeeping = housekeeping
         self.outbox = Outbox(self.dir, sync=True)
         self.counters = Counters()
-        self.sinks = [StampedSink(s, ledger) for s in sinks.values()]
+        self.recent = Arrivals()
+        self.sinks = [StampedSink(s, ledger, self.recent) for s in sinks.values()]
         self.pipeline = self._pipeline()
+        self.direct = config.ack == "storage"
         self._queue: queue.SimpleQueue[Submission | tuple[str, str, str, int] | None] = (
             queue.SimpleQueue()
         )
@@ -205,6 +247,10 @@ class Spool:
                     spool.after_fork()
 
             os.register_at_fork(after_in_child=forked)
+
+    @property
+    def _runners(self) -> dict[str, Any]:
+        return {r.name: r for r in self.pipeline.runners}
 
     def _pipeline(self) -> Pipeline:
         return Pipeline(
@@ -352,6 +398,12 @@ class Spool:
                     fresh.append(event)
             results.append((sub, fresh, dups))
             fresh_all.extend(fresh)
+        entries = []
+        for sub, fresh, dups in results:
+            sub.entry.accepted = [(e.id, e.name) for e in fresh]
+            sub.entry.duplicates = [(e.id, e.name) for e in dups]
+            entries.append(sub.entry)
+        self.recent.add(entries)  # the stamps storage is given, before it is given them
         try:
             stored = self._store(fresh_all)
         except Exception as exc:
@@ -362,11 +414,6 @@ class Spool:
             self._record([], tallies)
             return
         self.last_write = time.time()
-        entries = []
-        for sub, fresh, dups in results:
-            sub.entry.accepted = [(e.id, e.name) for e in fresh]
-            sub.entry.duplicates = [(e.id, e.name) for e in dups]
-            entries.append(sub.entry)
         # Durable now: the ledger comes second, so a crash in between costs at most a
         # duplicate count (storage writes are idempotent), never an event.
         self._record(entries, tallies)
@@ -378,7 +425,9 @@ class Spool:
             sub.future.set_result((fresh, dups))
 
     def _store(self, events: list[Event]) -> set[str]:
-        """Spool events for every storage sink that takes them; returns the sinks written."""
+        """Make events durable for every storage sink that takes them: in the spool, or (with
+        ``ack: storage``) in storage itself, the spool keeping only what storage did not take.
+        Returns the sinks whose spool was written."""
         if not events:
             return set()
         sinks = self.sinks
@@ -391,10 +440,36 @@ class Spool:
                 groups.setdefault(key, []).append(event)
         written: set[str] = set()
         for names, group in groups.items():
-            if names:
+            if not names:
+                continue
+            if not self.direct:
                 self.outbox.add(group, list(names))
                 written.update(names)
+                continue
+            for name in names:
+                left = self._send_now(name, group)
+                if left:
+                    self.outbox.add(left, [name])
+                    written.add(name)
         return written
+
+    def _send_now(self, name: str, events: list[Event]) -> list[Event]:
+        """``ack: storage``: hand events to one sink from here, inside the core's error
+        boundary; returns those it did not take (the spool keeps them, its runner retries)."""
+        runner = self._runners[name]
+        if not runner.opened or runner.state != "ok":
+            return events  # not ready, or failing: the runner and its backoff have them
+        result, reason, _ = call_send(runner.sink, events)
+        if not (result.retry or result.failed):
+            return []
+        self.pipeline.log_once(
+            f"direct:{name}",
+            "waypost collector: storage %r did not take a batch (%s); the spool keeps it",
+            name,
+            reason or next(iter({**result.retry, **result.failed}.values()), "refused"),
+        )
+        refused = result.retry.keys() | result.failed.keys()
+        return [e for e in events if e.id in refused]
 
     def _record(self, entries: list[Entry], tallies: list[tuple[str, str, str, int]]) -> None:
         if not entries and not tallies:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 import uuid
 import zlib
 from collections.abc import Callable
@@ -34,12 +35,9 @@ CE_BATCH = "application/cloudevents-batch+json"
 CE_SINGLE = "application/cloudevents+json"
 ENCODINGS = ("", "identity", "gzip", "x-gzip")
 _EPOCH_MIN = 946_684_800.0  # 2000-01-01: older "times" are clocks that were never set
-_FORBIDDEN_CHARS = frozenset(
-    [chr(c) for c in range(0x20)]
-    + [chr(0x7F)]
-    + [chr(c) for c in range(0x80, 0xA0)]
-    + list("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-)
+_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Control characters and bidirectional overrides: never in a name or an id."""
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class Refused(Exception):
@@ -157,7 +155,7 @@ def _text(value: Any, field: str, *, limit: int) -> str:
         raise ValueError(f"{field} must be a non-empty string")
     if len(value) > limit:
         raise ValueError(f"{field} is longer than {limit} characters")
-    if any(ch in _FORBIDDEN_CHARS for ch in value):
+    if _FORBIDDEN.search(value):
         raise ValueError(f"{field} holds control or bidirectional-override characters")
     return value
 
@@ -184,9 +182,17 @@ def _time(value: Any, now: float, limits: Limits) -> float:
     return seconds
 
 
-def check_envelope(item: Any, now: float, limits: Limits, *, measure: bool) -> Arrival | Rejection:
+def check_envelope(
+    item: Any,
+    now: float,
+    limits: Limits,
+    *,
+    measure: bool,
+    contexts: dict[bytes, dict[str, Any]] | None = None,
+) -> Arrival | Rejection:
     """Check one item's envelope; ``measure``: the body was large enough that one event may be
-    over ``limits.max_event_bytes``, so each is measured."""
+    over ``limits.max_event_bytes``, so each is measured. ``contexts``: the contexts seen so far
+    in this batch, so that the events of one installation share one (checked once)."""
     if not isinstance(item, dict):
         return Rejection(None, "malformed", "an event must be a JSON object")
     raw_id = item.get("id")
@@ -202,11 +208,14 @@ def check_envelope(item: Any, now: float, limits: Limits, *, measure: bool) -> A
         raw_id = envelope.get("id")
         if not isinstance(raw_id, str):
             raise ValueError("id must be a UUID string")
-        try:
-            event_id = str(uuid.UUID(raw_id))
-        except ValueError:
-            event_id = None
-            raise ValueError("id is not a UUID") from None
+        if _UUID.fullmatch(raw_id):  # the canonical form the core writes
+            event_id = raw_id
+        else:
+            try:
+                event_id = str(uuid.UUID(raw_id))
+            except ValueError:
+                event_id = None
+                raise ValueError("id is not a UUID") from None
         name = _text(envelope.get("name"), "name", limit=200)
         seconds = _time(envelope.get("timestamp"), now, limits)
         instance_id = _text(envelope.get("instance_id"), "instance_id", limit=64)
@@ -221,7 +230,15 @@ def check_envelope(item: Any, now: float, limits: Limits, *, measure: bool) -> A
         if not isinstance(properties, dict) or not isinstance(context, dict):
             raise ValueError("properties and context must be objects")
         # The core's one coercion: JSON data only, nested at most 32 levels deep.
-        properties, context = coerce(properties), coerce(context)
+        properties = coerce(properties)
+        if contexts is None:
+            context = coerce(context)
+        else:
+            key = _dumps(context)
+            known = contexts.get(key)
+            if known is None:
+                known = contexts[key] = coerce(context)
+            context = known
     except (ValueError, TypeError, RecursionError) as exc:
         return Rejection(event_id, "malformed", str(exc))
     return Arrival(event_id, name, seconds, instance_id, distinct_id, properties, context)
