@@ -112,3 +112,22 @@ def make_client(tmp_path: Path, child_env: dict[str, str]) -> Iterator[Callable[
     yield make
     for tel in made:
         tel.shutdown(timeout=2)
+
+
+@pytest.fixture
+def clean_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 6 MB tmpfs: a disk that really fills up. Needs the right to mount (root here)."""
+    import subprocess
+
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

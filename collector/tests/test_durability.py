@@ -106,3 +106,45 @@ def test_ack_storage_answers_once_storage_has_it(tmp_path: Path, spawn: Any) -> 
     process.kill()
     process.start()
     assert len(stored_rows(data)) == 155
+
+
+def test_a_full_disk_is_503_and_nothing_answered_is_lost(
+    tmp_path: Path, spawn: Any, clean_tmpfs: Path
+) -> None:
+    data = clean_tmpfs / "d"
+    section = base_section(data, limits={"min_free_mb": 0.5})
+    process = spawn(write_config(tmp_path / "c.yml", section))
+    url = process.url + "/v1/myapp/events"
+    acknowledged: set[str] = set()
+    filler = clean_tmpfs / "filler"
+    with open(filler, "wb") as out:  # the disk fills up with something else
+        try:
+            while True:
+                out.write(b"x" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    filler.write_bytes(filler.read_bytes()[:-1_200_000])  # a little room left
+    statuses = set()
+    for k in range(60):
+        batch = _batch(50, f"full-{k}")
+        body = json.dumps(batch).encode()
+        answer = httpx.post(url, content=body, headers=signed_headers(body), timeout=30)
+        statuses.add(answer.status_code)
+        if answer.status_code == 200:
+            acknowledged |= {e["id"] for e in batch}
+        else:
+            assert answer.status_code == 503 and int(answer.headers["retry-after"]) >= 1
+            assert answer.json()["error"] == "unavailable"
+    assert statuses == {200, 503}
+    filler.unlink()
+    more = _batch(50, "after")
+    wait_for(lambda: httpx.get(process.url + "/readyz").status_code == 200, 30, "room again")
+    assert _send(url, more)["accepted"] == 50
+    acknowledged |= {e["id"] for e in more}
+    rows = wait_for(
+        lambda: (r := stored_rows(data)) and {x["id"] for x in r} >= acknowledged and r,
+        60,
+        "every acknowledged event",
+    )
+    assert len(rows) == len({r["id"] for r in rows})

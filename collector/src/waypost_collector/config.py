@@ -139,6 +139,9 @@ class Limits(_Model):
     max_spool_mb: float = Field(
         default=4096, gt=0, description="Past this size the spool takes nothing more (503)."
     )
+    min_free_mb: float = Field(
+        default=64, ge=0, description="Below this much free disk the spool takes nothing more."
+    )
 
     _dur = field_validator("max_future", mode="before")(_duration)
 

@@ -42,10 +42,10 @@ from waypost_collector.ledger import REQUEST, Entry, Ledger, iso
 log = logging.getLogger("waypost.collector")
 
 SPOOL_DIR = "spool"
+ERROR_HOLD = 10.0
+"""Seconds a failed spool write keeps /readyz at 503 (unless a write succeeds sooner)."""
 GROUP_EVENTS = 20_000
 """Events written in one transaction at most."""
-MIN_FREE_BYTES = 64 * 1024 * 1024
-"""Below this much free disk the spool takes nothing more (503), before SQLite fails."""
 
 
 class SpoolError(Exception):
@@ -337,7 +337,8 @@ class Spool:
             self._full_checked = now
             try:
                 free = shutil.disk_usage(self.dir).free
-                self._full = free < MIN_FREE_BYTES or self.outbox.size_bytes() > self.max_bytes
+                low = free < self.config.limits.min_free_mb * 1024 * 1024
+                self._full = low or self.outbox.size_bytes() > self.max_bytes
             except OSError:
                 self._full = True
         return self._full
@@ -501,7 +502,8 @@ class Spool:
             problems.append(f"the spool directory {self.dir} is not writable")
         if self.full():
             problems.append("the spool is full (limits.max_spool_mb or the disk)")
-        if self.last_error_at and (self.last_write or 0) < self.last_error_at:
+        failed_at = self.last_error_at or 0.0
+        if failed_at > (self.last_write or 0.0) and time.time() - failed_at < ERROR_HOLD:
             problems.append(f"the last spool write failed: {self.last_error}")
         for runner in self.pipeline.runners:
             if runner.state in ("error", "circuit_open"):
