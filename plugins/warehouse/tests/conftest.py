@@ -34,11 +34,11 @@ def _server_missing(reason: str) -> None:
 
 
 def _need(module: str) -> None:
-    """Skip (or fail, under WAYPOST_REQUIRE_SERVERS=1) when a driver of the test extra is absent."""
+    """Skip (or fail, under WAYPOST_REQUIRE_SERVERS=1) when a driver of the test group is absent."""
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        _server_missing(f"{module} is not installed: pip install 'waypost-warehouse[test]'")
+        _server_missing(f"{module} is not installed: uv sync --all-packages --group test")
 
 
 def _pg_bindir() -> Path | None:
