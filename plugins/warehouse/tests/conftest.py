@@ -38,7 +38,7 @@ def _need(module: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        _server_missing(f"{module} is not installed: uv sync --all-packages --group test")
+        _server_missing(f"{module} is not installed (it is in the test dependency group)")
 
 
 def _pg_bindir() -> Path | None:
