@@ -5,7 +5,7 @@
 - ``plugin(<name>)``: one per ``plugins/*``, with the core alone; ``example_sink`` and
   ``collector`` likewise (a new plugin or the collector gets its session by existing).
 - ``examples``: the application examples, with every plugin installed side by side.
-- ``lint``: ruff and mypy strict.
+- ``lint``: ruff and mypy strict.  ``package``: every wheel and sdist built, checked and installed.
 - ``tests`` (not by default): every suite in one environment.  ``bench``: the benchmarks.
 
 Test tools come from each distribution's ``test`` dependency group (PEP 735) and the linters from
@@ -135,7 +135,7 @@ def example_sink(session: nox.Session) -> None:
 
 @nox.session
 def collector(session: nox.Session) -> None:
-    """The collector with the core alone."""
+    """The collector with what it needs of the workspace (the core, two plugins) alone."""
     if not (ROOT / COLLECTOR / "pyproject.toml").exists():
         session.skip("no collector in this checkout")
     _alone(session, COLLECTOR)
@@ -169,7 +169,7 @@ def examples(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def tests(session: nox.Session) -> None:
-    """Every suite in one environment (what the other sessions run, minus the Python matrix)."""
+    """Every suite in one environment (the default sessions' tests, minus the Python matrix)."""
     dists = _install_all(session)
     paths = ["tests", *(f"{p}/tests" for p in dists if (ROOT / p / "tests").is_dir())]
     session.run("pytest", *paths, *_app_examples(), *session.posargs)
@@ -228,8 +228,10 @@ def _check_sdist(sdist: Path, license_text: bytes) -> list[str]:
 
 @nox.session
 def package(session: nox.Session) -> None:
-    """Build every distribution; check each wheel and sdist ships the LICENSE, the project URLs and
-    the classifiers; install the wheels alone, as the README says, and load every plugin."""
+    """Build every wheel and sdist, check their LICENSE and metadata, install and load them.
+
+    Each must ship the LICENSE, the project URLs and the Python classifiers; the wheels are then
+    installed alone, as the README says, and every plugin must load from them."""
     out = Path(session.create_tmp()) / "dist"
     shutil.rmtree(out, ignore_errors=True)
     session.run("uv", "build", "--all-packages", "--quiet", "--out-dir", str(out), external=True)
@@ -242,7 +244,8 @@ def package(session: nox.Session) -> None:
     plugins = set()
     for wheel in wheels:
         lacks, is_plugin = _check_wheel(wheel, license_text)
-        problems += [f"{wheel.name} lacks {what}" for what in lacks]
+        if lacks:
+            problems.append(f"{wheel.name} lacks {', '.join(lacks)}")
         if is_plugin:
             plugins.add(wheel.name.split("-")[0].replace("_", "-"))
     problems += [f"{t.name} lacks {what}" for t in sdists for what in _check_sdist(t, license_text)]
