@@ -26,7 +26,7 @@ def _bin(name: str) -> str:
     if found is None:
         if os.environ.get("WAYPOST_REQUIRE_SERVERS") == "1":
             pytest.fail(f"{name} is missing (WAYPOST_REQUIRE_SERVERS=1 forbids skipping)")
-        pytest.skip(f"{name} is not installed: pip install 'waypost-collector[test]'")
+        pytest.skip(f"{name} is not installed (it is in the test dependency group)")
     return found
 
 

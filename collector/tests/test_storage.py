@@ -23,7 +23,7 @@ def _need(module: str) -> None:
     if importlib.util.find_spec(module) is None:
         if os.environ.get("WAYPOST_REQUIRE_SERVERS") == "1":
             pytest.fail(f"{module} is missing (WAYPOST_REQUIRE_SERVERS=1 forbids skipping)")
-        pytest.skip(f"{module} is not installed: pip install 'waypost-collector[test]'")
+        pytest.skip(f"{module} is not installed (it is in the test dependency group)")
 
 
 def _url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
