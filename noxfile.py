@@ -77,16 +77,27 @@ def _test_tools(path: str) -> list[str]:
     return [*data["project"].get("optional-dependencies", {}).get("test", [])]
 
 
+def _requirements(path: str, *, tests: bool) -> list[str]:
+    data = _pyproject(path)
+    specs = list(data["project"].get("dependencies", []))
+    if tests:  # a test group may name workspace distributions (plugins an end-to-end test uses)
+        specs += [
+            s for s in data.get("dependency-groups", {}).get("test", []) if isinstance(s, str)
+        ]
+    return specs
+
+
 def _workspace_requirements(path: str) -> list[str]:
-    """The distribution at ``path`` and the workspace distributions it depends on, as local
-    paths with their extras (none of them is on the package index yet)."""
+    """The distribution at ``path`` and the workspace distributions it or its tests depend on, as
+    local paths with their extras (none of them is on the package index yet)."""
     members = {
         canonicalize_name(_pyproject(p)["project"]["name"]): p for p in ["core", *_distributions()]
     }
     found: dict[str, set[str]] = {path: set()}
     pending = [path]
     while pending:
-        for spec in _pyproject(pending.pop())["project"].get("dependencies", []):
+        current = pending.pop()
+        for spec in _requirements(current, tests=current == path):
             req = Requirement(spec)
             dep = members.get(canonicalize_name(req.name))
             if dep is not None:
