@@ -5,7 +5,6 @@ event is stored exactly once."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -215,20 +214,26 @@ def test_fleet_behind_a_load_balancer_with_a_collector_killed(
         return rows if len({(inst, n) for _, inst, n in rows}) >= total else None
 
     rows = wait_for(all_stored, 120, f"{total} events in PostgreSQL")
+
+    def drained() -> bool:
+        # A batch the killed collector held, or one that two collectors both took (a client
+        # retried after its answer was lost), is handed over late: wait for every spool.
+        for collector in collectors:
+            for line in httpx.get(collector.url + "/metrics").text.splitlines():
+                pending = line.startswith("waypost_collector_spool_rows{") and "pending" in line
+                if pending and float(line.rsplit(" ", 1)[1]) > 0:
+                    return False
+        return True
+
+    wait_for(drained, 180, "every spool to hand over to storage")
+    rows = _stored(postgres_url, table)
     assert len(rows) == total, "an event was stored twice"
     assert {(inst, n) for _, inst, n in rows} == {
         (f"i{i}", n) for i in range(INSTALLATIONS) for n in range(EVENTS_EACH)
     }
     assert len({event_id for event_id, _, _ in rows}) == total
-    # Each collector took part, and the restarted one handed its spool over.
-    for collector in collectors:
+    for collector in collectors:  # each took part (the ledger outlives the restart)
         metrics = httpx.get(collector.url + "/metrics").text
-        pending = [
-            line
-            for line in metrics.splitlines()
-            if line.startswith("waypost_collector_spool_rows{") and 'state="pending"' in line
-        ]
-        assert all(float(line.rsplit(" ", 1)[1]) == 0 for line in pending), pending
         accepted = [
             float(line.rsplit(" ", 1)[1])
             for line in metrics.splitlines()
@@ -236,4 +241,4 @@ def test_fleet_behind_a_load_balancer_with_a_collector_killed(
             and 'outcome="accepted"' in line
             and 'app="myapp"' in line
         ]
-        assert accepted and accepted[0] > 0, json.dumps(metrics[:500])
+        assert accepted and accepted[0] > 0, metrics[:500]

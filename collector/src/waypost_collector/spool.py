@@ -100,6 +100,10 @@ def storage_lag(outbox: Outbox) -> float | None:
     return max(0.0, time.time() - oldest[0].created_at) if oldest else None
 
 
+def _event_id(event: Event) -> str:
+    return event.id
+
+
 class Arrivals:
     """What this process knows of the events it accepted lately (event id -> time received,
     receipt, address hash), so the handoff to storage seldom asks the ledger."""
@@ -184,7 +188,9 @@ class StampedSink(Sink):
         return out
 
     def send(self, events: Sequence[Event]) -> SendResult:
-        return self.inner.send(self.stamp(events))
+        # In id order: collectors writing overlapping batches into one database then take
+        # their row locks in the same order, and never deadlock on each other.
+        return self.inner.send(self.stamp(sorted(events, key=_event_id)))
 
     def render(self, events: Sequence[Event]) -> Any:
         return self.inner.render(self.stamp(events))
