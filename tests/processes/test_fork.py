@@ -1,0 +1,166 @@
+"""``os.fork()`` at any moment: right after ``Telemetry()`` (a sink thread still opening its
+client), during an outbox write transaction, and fifteen at once. Every child delivers its own
+events itself, quickly; nothing is sent twice; the parent goes on."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import harness
+
+from waypost.testing import RecordingServer
+
+TRIALS = 8
+
+
+def check_children(results: list[dict], got: dict[str, int], tags: list[str]) -> None:
+    for tag, r in zip(tags, results, strict=True):
+        assert not r.get("timeout"), r
+        assert r["child"] == 0, r  # exit 0: the child's flush returned True
+        # The child's own sink thread delivered its events (not the parent, from the outbox,
+        # after the child gave up on a stuck thread), well within the flush budget.
+        assert r["child_delivered"] == 100, r
+        assert r["flush_seconds"] < 5, r
+        assert r["shutdown"] is True, r
+        assert r["parent_flush"] is True, r
+        assert sum(1 for k in got if k.startswith(f"{tag}-c")) == 100, r
+        assert sum(1 for k in got if k.startswith(f"{tag}-p")) == 100, r
+    assert max(got.values()) == 1
+
+
+def test_a_fork_soon_after_telemetry_is_safe(tmp_path: Path, env: dict[str, str]) -> None:
+    """Forks 0-50 ms after ``Telemetry()``, as gunicorn ``--preload`` does: the sink thread may be
+    importing or building its HTTP client at that moment."""
+    tags = [f"t{i}" for i in range(TRIALS)]
+    with RecordingServer() as ingest:
+        url = f"{ingest.url}/ingest"
+        procs = [
+            harness.fork_trial(
+                url, tmp_path / tag, env, tag=tag, before=f"time.sleep({random.uniform(0, 0.05)})"
+            )
+            for tag in tags
+        ]
+        results = [harness.finish(p) for p in procs]
+        got = harness.rids(ingest)
+    check_children(results, got, tags)
+
+
+WRITER = """
+import random
+stop = False
+def writer():
+    i = 0
+    while not stop:
+        tel.track("w", {"rid": "w%d" % i})  # durability sync: each one a write transaction
+        i += 1
+threading.Thread(target=writer, daemon=True).start()
+time.sleep(0.2 + random.random() * 0.05)
+"""
+
+SPILL = """
+import random
+for i in range(20000):
+    tel.track("w", {"rid": "w%d" % i})
+# the worker's code on another thread: one long transaction storing 20,000 events
+threading.Thread(target=lambda: tel.pipeline.drain(store=True), daemon=True).start()
+time.sleep(0.05 + random.random() * 0.1)
+"""
+
+
+def test_a_fork_during_an_outbox_write_is_safe(tmp_path: Path, env: dict[str, str]) -> None:
+    tags = [f"s{i}" for i in range(3)] + [f"x{i}" for i in range(3)]
+    with RecordingServer() as ingest:
+        url = f"{ingest.url}/ingest"
+        procs = [
+            harness.fork_trial(
+                url,
+                tmp_path / tag,
+                env,
+                tag=tag,
+                before=WRITER,
+                flush=5,
+                wait=30,
+                telemetry={"outbox": {"durability": "sync"}},
+            )
+            for tag in tags[:3]
+        ] + [
+            harness.fork_trial(url, tmp_path / tag, env, tag=tag, before=SPILL, flush=5, wait=30)
+            for tag in tags[3:]
+        ]
+        results = [harness.finish(p, timeout=120) for p in procs]
+        got = harness.rids(ingest)
+    for r in results:
+        assert not r.get("timeout"), r
+        assert r["child"] == 0, r
+        assert r["flush_seconds"] < 5, r
+    children = {tag: sum(1 for k in got if k.startswith(f"{tag}-c")) for tag in tags}
+    assert children == dict.fromkeys(tags, 100), (children, results)
+    assert max(got.values()) == 1
+
+
+STORM = """
+import json
+stop = False
+def busy():
+    i = 0
+    while not stop:
+        tel.track("busy", {{"rid": "busy%d" % i}})
+        i += 1
+        if i % 200 == 0:
+            time.sleep(0.001)
+threading.Thread(target=busy, daemon=True).start()
+time.sleep(0.1)
+pids = []
+for n in range(15):
+    pid = os.fork()
+    if pid == 0:
+        for i in range(100):
+            tel.track("child", {{"rid": "k%d-%d" % (n, i)}})
+        t = time.monotonic()
+        ok = tel.flush(timeout=5)
+        with open({report!r} + str(n), "w") as fh:
+            json.dump({{"flush": ok, "seconds": time.monotonic() - t,
+                       "delivered": tel.status().counters.delivered}}, fh)
+        tel.shutdown(timeout=2)
+        os._exit(0 if ok else 3)
+    pids.append(pid)
+deadline = time.monotonic() + 30
+codes = {{}}
+while pids and time.monotonic() < deadline:
+    for pid in list(pids):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            codes[pid] = os.waitstatus_to_exitcode(status)
+            pids.remove(pid)
+    time.sleep(0.02)
+for pid in pids:
+    os.kill(pid, 9)
+stop = True
+print(json.dumps({{"hung": len(pids), "codes": sorted(codes.values()),
+                  "parent_flush": tel.flush(timeout=10)}}))
+tel.shutdown(5)
+"""
+
+
+def test_a_fork_storm_of_fifteen_children(tmp_path: Path, env: dict[str, str]) -> None:
+    report = str(tmp_path / "child")
+    with RecordingServer() as ingest:
+        code = STORM.format(report=report)
+        proc = harness.python(
+            harness.script(
+                f"tel = make({ingest.url + '/ingest'!r}, {str(tmp_path / 'd')!r})\n" + code
+            ),
+            env,
+        )
+        result = harness.finish(proc, timeout=120)
+        got = harness.rids(ingest)
+    assert result.get("hung") == 0, result
+    assert result["codes"] == [0] * 15, result
+    assert result["parent_flush"] is True, result
+    for n in range(15):
+        child = json.loads(Path(report + str(n)).read_text())
+        assert child["flush"] and child["delivered"] == 100, (n, child)
+        assert sum(1 for k in got if k.startswith(f"k{n}-")) == 100
+    assert max(got.values()) == 1
