@@ -579,6 +579,10 @@ def test_actions_answer_json(admin_telemetry, client_for, gate):
     }
     assert client.post("/actions/purge", data={"what": "sent"}, headers=headers).json()["n"] == 2
     assert tel.open_outbox().counts() == {}
+    gate.clear()  # a destination down: the answer says what is still pending, and is not ok
+    fill(tel, ["b"])
+    partial = client.post("/actions/flush", headers=headers).json()
+    assert partial == {"ok": False, "done": "flush_partial", "n": 1}
 
 
 # --- prefix and mounting ----------------------------------------------------------------------

@@ -43,9 +43,15 @@ DONE = {
         "Submitted, but {n} event(s) are still pending (a destination is down, slow or "
         "backing off); they stay in the outbox and are retried."
     ),
+    "flush_unfinished": (
+        "Not finished in time: some events are still only in memory (a destination or the "
+        "outbox is stuck), and {n} event(s) are pending in the outbox."
+    ),
     "purged_all": "Deleted {n} record(s).",
     "purged_sent": "Deleted {n} submitted record(s).",
 }
+_NOT_DONE = frozenset({"flush_unfinished"})
+"""Outcomes shown as an alert: something the operator asked for did not happen."""
 MAX_PER_PAGE = 200
 
 
@@ -169,7 +175,8 @@ class Admin:
         if text is None:
             return None
         n = _int(request.query_params.get("n"), 0, 0, 10**12)
-        return {"kind": "ok", "text": text.format(n=n)}
+        kind = "error" if key in _NOT_DONE else "ok"
+        return {"kind": kind, "text": text.format(n=n)}
 
     def refuse(self, request: Request, reason: str) -> Response:
         """The answer to a request the auth callback did not allow."""
@@ -188,9 +195,13 @@ class Admin:
             message={"kind": "error", "text": text},
         )  # fmt: skip
 
-    def done(self, request: Request, path: str, key: str, result: dict[str, Any]) -> Response:
+    def done(
+        self, request: Request, path: str, key: str, result: dict[str, Any], *, ok: bool = True
+    ) -> Response:
+        """The answer to an action: a redirect to ``path`` saying ``key``, or JSON whose ``ok``
+        says whether it did everything asked (a partial submit is not ok)."""
         if wants_json(request):
-            return JSONResponse({"ok": True, "done": key, **result})
+            return JSONResponse({"ok": ok, "done": key, **result})
         query = {"done": key}
         if "n" in result:
             query["n"] = str(result["n"])
@@ -289,15 +300,19 @@ class Admin:
             return self.problem(
                 request, 409, "telemetry is off, so nothing is submitted; turn it on first"
             )
-        pending = await run_in_threadpool(self._flush)
+        flushed, pending = await run_in_threadpool(self._flush)
+        if not flushed:
+            return self.done(request, "/actions", "flush_unfinished", {"n": pending}, ok=False)
         if pending:
-            return self.done(request, "/actions", "flush_partial", {"n": pending})
+            return self.done(request, "/actions", "flush_partial", {"n": pending}, ok=False)
         return self.done(request, "/actions", "flushed", {"n": 0})
 
-    def _flush(self) -> int:
+    def _flush(self) -> tuple[bool, int]:
+        """What ``flush`` achieved: whether nothing is left only in memory, and how many
+        events the outbox still holds for delivery."""
         outbox = self.outbox.get()
-        self.tel.flush(self.flush_timeout, force=True)
-        return int(outbox.pending_events()) if outbox is not None else 0
+        flushed = bool(self.tel.flush(self.flush_timeout, force=True))
+        return flushed, int(outbox.pending_events()) if outbox is not None else 0
 
     async def purge_post(self, request: Request) -> Response:
         form = await self.checked_form(request)
