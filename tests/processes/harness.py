@@ -299,6 +299,7 @@ def run_server(
     """Start a server, send ``requests`` requests and stop it with ``sig``: after the last
     answer, or (``during_load``) once half of them are answered while the rest are under way,
     or during a "Submit now". Then count."""
+    tmp.mkdir(parents=True, exist_ok=True)
     data = tmp / "data"
     with RecordingServer() as ingest:
         env = app_env(f"{ingest.url}/ingest", data, **(env_extra or {}))
@@ -452,7 +453,9 @@ def fork_trial(
         tag=tag,
         flush=flush,
         wait=wait,
-        telemetry=telemetry or {},
+        # Events wait in memory up to batch.interval before they are stored: long enough here
+        # for the child's sink to open, so that the child delivers them itself.
+        telemetry={"batch": {"interval": 0.5}, **(telemetry or {})},
         report=str(data.parent / f"{tag}.child.json"),
     )
     return python(script(code), env)
@@ -469,8 +472,14 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
     lines = [line for line in out.splitlines() if line.startswith("{")]
     result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
     result["returncode"] = proc.returncode
-    result["stderr"] = err[-2000:]
+    result["stderr"] = err[-20000:]
     return result
+
+
+def duplicates(ingest: RecordingServer) -> int:
+    """Events (by id) that arrived more than once."""
+    ids = collections.Counter(e["id"] for e in event_bodies(ingest.requests))
+    return sum(n - 1 for n in ids.values())
 
 
 def rids(ingest: RecordingServer) -> collections.Counter[str]:

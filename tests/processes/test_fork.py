@@ -15,19 +15,18 @@ from waypost.testing import RecordingServer
 TRIALS = 8
 
 
-def check_children(results: list[dict], got: dict[str, int], tags: list[str]) -> None:
+def check_children(results: list[dict], got: dict[str, int], tags: list[str], twice: int) -> None:
     for tag, r in zip(tags, results, strict=True):
         assert not r.get("timeout"), r
         assert r["child"] == 0, r  # exit 0: the child's flush returned True
-        # The child's own sink thread delivered its events (not the parent, from the outbox,
-        # after the child gave up on a stuck thread), well within the flush budget.
-        assert r["child_delivered"] == 100, r
-        assert r["flush_seconds"] < 5, r
+        # A stuck sink thread makes flush wait its whole budget (10 s) and shutdown say False.
+        assert r["flush_seconds"] < 9, r
         assert r["shutdown"] is True, r
         assert r["parent_flush"] is True, r
+        # Parent and child share the data dir: either may send what the other stored.
         assert sum(1 for k in got if k.startswith(f"{tag}-c")) == 100, r
         assert sum(1 for k in got if k.startswith(f"{tag}-p")) == 100, r
-    assert max(got.values()) == 1
+    assert twice == 0
 
 
 def test_a_fork_soon_after_telemetry_is_safe(tmp_path: Path, env: dict[str, str]) -> None:
@@ -44,7 +43,8 @@ def test_a_fork_soon_after_telemetry_is_safe(tmp_path: Path, env: dict[str, str]
         ]
         results = [harness.finish(p) for p in procs]
         got = harness.rids(ingest)
-    check_children(results, got, tags)
+        twice = harness.duplicates(ingest)
+    check_children(results, got, tags, twice)
 
 
 WRITER = """
@@ -91,13 +91,15 @@ def test_a_fork_during_an_outbox_write_is_safe(tmp_path: Path, env: dict[str, st
         ]
         results = [harness.finish(p, timeout=120) for p in procs]
         got = harness.rids(ingest)
+        twice = harness.duplicates(ingest)
     for r in results:
         assert not r.get("timeout"), r
         assert r["child"] == 0, r
-        assert r["flush_seconds"] < 5, r
+        assert r["flush_seconds"] < 4.5, r  # of 5: nothing waited for a lock to the end
+        assert r["shutdown"] is True, r
     children = {tag: sum(1 for k in got if k.startswith(f"{tag}-c")) for tag in tags}
     assert children == dict.fromkeys(tags, 100), (children, results)
-    assert max(got.values()) == 1
+    assert twice == 0
 
 
 STORM = """
@@ -156,11 +158,12 @@ def test_a_fork_storm_of_fifteen_children(tmp_path: Path, env: dict[str, str]) -
         )
         result = harness.finish(proc, timeout=120)
         got = harness.rids(ingest)
+        twice = harness.duplicates(ingest)
     assert result.get("hung") == 0, result
     assert result["codes"] == [0] * 15, result
     assert result["parent_flush"] is True, result
     for n in range(15):
         child = json.loads(Path(report + str(n)).read_text())
-        assert child["flush"] and child["delivered"] == 100, (n, child)
+        assert child["flush"] and child["seconds"] < 4.5, (n, child)
         assert sum(1 for k in got if k.startswith(f"k{n}-")) == 100
-    assert max(got.values()) == 1
+    assert twice == 0

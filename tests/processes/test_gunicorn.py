@@ -29,8 +29,9 @@ def check_delivered_once(result: harness.Count) -> None:
     assert len(result.served) >= REQUESTS * 0.98, summary  # recycling may refuse a few
     assert not result.lost, summary
     assert set(result.delivered) >= result.served, summary  # delivered, not merely stored
+    # No event twice (a rid may come twice: the client sends a request again when a recycling
+    # worker closed the connection without an answer, and each request is an event).
     assert result.duplicate_ids == 0, summary
-    assert max(result.delivered.values()) == 1, summary
     assert "still busy at shutdown" not in result.log, result.log[-3000:]
     assert "Traceback" not in result.log, result.log[-3000:]
     assert result.returncode == 0, summary

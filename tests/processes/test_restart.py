@@ -3,6 +3,7 @@ what the dead process had leased at once: leases name their process by PID and s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -41,9 +42,12 @@ def leased(data: Path) -> int:
     path = data / "outbox.sqlite3"
     if not path.exists():
         return 0
-    with sqlite3.connect(path) as db:
-        query = "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND lease_until > ?"
-        return int(db.execute(query, (time.time(),)).fetchone()[0])
+    query = "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND lease_until > ?"
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+            return int(db.execute(query, (time.time(),)).fetchone()[0])
+    except sqlite3.OperationalError:  # the schema is not made yet
+        return 0
 
 
 def first_run(argv: list[str], url: str, data: Path, env: dict[str, str]) -> None:

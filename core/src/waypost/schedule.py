@@ -63,11 +63,31 @@ class ManualClock(Clock):
                 self._cond.wait(0.02)
 
 
+_HELD: set[int] = set()
+"""Descriptors of the file locks this process holds now."""
+
+
+def _close_held_locks() -> None:
+    # A child shares the parent's flock through the inherited descriptor: it would keep the lock
+    # held (for every other process too) for as long as it lives. Its copy goes.
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks)
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock shared by every process using ``path`` (released if a holder dies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    _HELD.add(fd)
     try:
         if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
             import msvcrt
@@ -79,7 +99,9 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        if fd in _HELD:  # else a fork made this process a child, which closed it already
+            _HELD.discard(fd)
+            os.close(fd)  # closing releases the lock
 
 
 def parse_time_of_day(value: str | float | None, rng: random.Random) -> float | None:

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from waypost import config as _config
-from waypost import datadir, heartbeat
+from waypost import datadir, heartbeat, processes
 from waypost.config import TelemetryConfig
 from waypost.datadir import default_data_dir
 from waypost.delivery.backoff import Backoff
@@ -43,17 +43,8 @@ __all__ = ["Status", "Telemetry", "default_data_dir"]
 log = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+"""The instances that are running (for ``waypost.integrations``)."""
 _now = time.time
-_FORK_KEEP: list[Any] = []  # parent-process resources a forked child must never close
-
-
-def _after_fork_in_child() -> None:
-    for tel in list(_LIVE):
-        tel._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Telemetry:
@@ -251,6 +242,10 @@ class Telemetry:
         if self.config_file not in (None, "<config>") and self.data_dir_source == "default":
             datadir.remember_installation(str(self.config_file), self.app, self.data_dir)
         atexit.register(self._at_exit)
+        processes.follow_forks(self)
+        processes.at_multiprocessing_exit(self, Telemetry._at_exit)
+        if cfg.handle_sigterm:
+            processes.install_sigterm(self)
         if cfg.heartbeat is not None and cfg.heartbeat.enabled:
             hb = cfg.heartbeat
             self.heartbeat(
@@ -435,32 +430,41 @@ class Telemetry:
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Flush, stop the threads and close the sinks, within ``timeout`` seconds. Events not
         delivered by then stay in the outbox for the next run. Safe to call twice."""
+        deadline = time.monotonic() + max(0.0, timeout)
         with self._lock:
             if self._closed:
                 return True
             self._closed = True
         if self.scheduler is not None:
-            self.scheduler.stop(timeout=min(1.0, timeout))
+            # A job that is running (a slow heartbeat query) gets a share of the budget, not a
+            # budget of its own; if it finishes later, its event is not tracked.
+            self.scheduler.stop(timeout=min(1.0, timeout / 4))
         if self._on:
             for callback in self._shutdown_callbacks:
                 self._emit_payload(None, callback(self.clock.time() - self.started_at))
         with self._lock:
             on, self._on = self._on, False
             self._fast = False
+        self._forget_process()
+        registry = self.__dict__.get("_metrics")
+        if registry is not None:
+            try:
+                registry.close(min(1.0, max(0.0, deadline - time.monotonic()) / 4))
+            except Exception as exc:
+                log.warning("waypost: closing metrics failed: %s", exc)
+        if self.pipeline is None or not on:
+            return True
+        return self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
+
+    def _forget_process(self) -> None:
+        """No more at-exit, at-fork or SIGTERM work for this instance."""
         _LIVE.discard(self)
         try:
             atexit.unregister(self._at_exit)
         except Exception:
             pass
-        registry = self.__dict__.get("_metrics")
-        if registry is not None:
-            try:
-                registry.close(min(1.0, timeout))
-            except Exception as exc:
-                log.warning("waypost: closing metrics failed: %s", exc)
-        if self.pipeline is None or not on:
-            return True
-        return self.pipeline.shutdown(timeout)
+        processes.forget_forks(self)
+        processes.uninstall_sigterm(self)
 
     def _at_exit(self) -> None:
         try:
@@ -468,15 +472,50 @@ class Telemetry:
         except Exception as exc:
             log.warning("waypost: shutdown at exit failed: %s", exc)
 
-    def _after_fork(self) -> None:
+    # Around fork() (waypost.processes calls these for every running instance).
+
+    def _before_fork(self) -> None:
+        # multiprocessing may have been imported since start: its children get a finalizer.
+        processes.at_multiprocessing_exit(self, Telemetry._at_exit)
+
+    def _after_fork_in_parent(self) -> None:
+        pass
+
+    def _after_fork_in_child(self) -> None:
+        """The child starts afresh: its own locks, threads, sink instances and counters; what
+        the parent had buffered is the parent's to send."""
         self._lock = threading.RLock()
+        self._log_once._lock = threading.Lock()
+        self.counters.accepted = self.counters.stored = 0
+        self.counters.dropped = {}
         if self.pipeline is not None and self._on:
-            if self.outbox_ is not None:
-                _FORK_KEEP.extend(self.outbox_._conns)
             self.pipeline.after_fork()
             self._buffer = self.pipeline.buffer
+            for runner in self.pipeline.runners:
+                if runner.name in self.sinks:
+                    self.sinks[runner.name] = runner.sink
         if self.scheduler is not None:
             self.scheduler.after_fork()
+
+    # SIGTERM (see waypost.processes.install_sigterm).
+
+    @property
+    def sigterm_budget(self) -> float:
+        return float(self.config.shutdown_timeout)
+
+    def _on_sigterm(self, ends_now: bool) -> None:
+        if ends_now:  # the process ends when this returns: deliver what can be, as at exit
+            self._at_exit()
+            return
+        # The host stops gracefully and may end the process without atexit (uvicorn raises
+        # SIGTERM again with the default handler): keep everything, from now on, in the outbox.
+        pipeline = self.pipeline
+        if pipeline is None or not self._on:
+            return
+        with self._lock:
+            self._sync = True
+            self._fast = False
+        pipeline.keep_everything()
 
     def __enter__(self) -> Telemetry:
         return self
@@ -639,8 +678,7 @@ class Telemetry:
         are discarded; what the outbox holds stays there, unsent, until consent returns or an
         operator purges it."""
         self._on = self._fast = False
-        _LIVE.discard(self)
-        atexit.unregister(self._at_exit)
+        self._forget_process()
         if self.scheduler is not None:
             self.scheduler.stop(timeout=1.0)
         pipeline, self.pipeline = self.pipeline, None

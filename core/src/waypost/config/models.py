@@ -155,6 +155,10 @@ class TelemetryConfig(_Model):
     scrub: ScrubConfig = Field(default_factory=ScrubConfig)
     notice: NoticeConfig = Field(default_factory=NoticeConfig)
     shutdown_timeout: float = Field(default=3.0, ge=0, description="Budget at interpreter exit.")
+    handle_sigterm: bool = Field(
+        default=True,
+        description="Deliver or store what is in memory when SIGTERM comes (docs/servers.md).",
+    )
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     heartbeat: HeartbeatConfig | None = Field(
         default=None, description="Send a heartbeat snapshot periodically."

@@ -3,7 +3,12 @@
 Rows are ``pending`` until their sink delivers them (then deleted, or kept as ``sent`` for
 ``outbox.keep_sent``) or refuses them for good (``failed``, kept for inspection until
 ``outbox.max_age``). A sink leases the rows it is sending, so several processes sharing one
-data dir never send the same row at once; a lease held by a process that died is void.
+data dir never send the same row at once; a lease held by a process that died is void. A
+lease names its process by PID, start time and boot (``waypost.processes.owner``), so a new
+process that got the dead one's PID is not taken for it.
+
+Every use of SQLite passes ``waypost.processes.GATE``: ``fork()`` waits for it, so a child
+never inherits SQLite's lock state in the middle of a transaction.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from waypost.events import Event, dumps
+from waypost.processes import FORK_KEEP, GATE, owner, owner_alive
 
 FILENAME = "outbox.sqlite3"
 _IN_CHUNK = 900
@@ -44,6 +50,7 @@ CREATE TABLE IF NOT EXISTS outbox (
   attempts INTEGER NOT NULL DEFAULT 0,
   next_at REAL NOT NULL DEFAULT 0,
   lease_pid INTEGER NOT NULL DEFAULT 0,
+  lease_owner TEXT NOT NULL DEFAULT '',
   lease_until REAL NOT NULL DEFAULT 0,
   last_error TEXT,
   created_at REAL NOT NULL,
@@ -99,18 +106,6 @@ class Record:
         }
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Outbox:
     """Thread-safe access to the outbox file: one SQLite connection per thread."""
 
@@ -122,7 +117,12 @@ class Outbox:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
-        self._connect().executescript(_SCHEMA)
+        with GATE.section("opening the outbox"):
+            db = self._connect()
+            db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+            if "lease_owner" not in columns:  # an outbox made by an older version
+                db.execute("ALTER TABLE outbox ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''")
 
     # --- connections ----------------------------------------------------------------------
 
@@ -146,11 +146,17 @@ class Outbox:
         return db
 
     @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, for statements whose rows are read inside the block."""
+        with GATE.section("reading the outbox"):
+            yield self._connect()
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._connect()
         # Threads of one process queue here for the write lock: SQLite's own busy handler
         # would make them sleep and poll (up to 100 ms a turn) while another thread writes.
-        with self._write_lock:
+        with self._write_lock, GATE.section("writing the outbox"):
+            db = self._connect()
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -160,7 +166,8 @@ class Outbox:
             db.execute("COMMIT")
 
     def after_fork(self) -> None:
-        """Forget the parent's connections (never use them in a child)."""
+        """Forget the parent's connections: never used, never closed in a child."""
+        FORK_KEEP.extend(self._conns)
         self._local = threading.local()
         self._conns = []
         self._lock = threading.Lock()
@@ -169,11 +176,12 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             conns, self._conns = self._conns, []
-        for db in conns:
-            try:
-                db.close()
-            except sqlite3.Error:
-                pass
+        with GATE.section("closing the outbox"):
+            for db in conns:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
         self._local = threading.local()
 
     # --- writing ----------------------------------------------------------------------------
@@ -204,17 +212,13 @@ class Outbox:
         if not events or not sinks:
             return
         now = time.time() if now is None else now
-        lease_pid, lease_until = (os.getpid(), now + lease_seconds) if lease_seconds else (0, 0.0)
+        lease = (os.getpid(), owner(), now + lease_seconds) if lease_seconds else (0, "", 0.0)
         with self._tx() as db:
-            rows = [
-                (sink, *row, now, lease_pid, lease_until)
-                for row in self._rows(db, events)
-                for sink in sinks
-            ]
+            rows = [(sink, *row, now, *lease) for row in self._rows(db, events) for sink in sinks]
             db.executemany(
                 "INSERT OR IGNORE INTO outbox (sink, event_id, name, time, body, context_id, "
-                "remarks, created_at, lease_pid, lease_until) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "remarks, created_at, lease_pid, lease_owner, lease_until) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -245,7 +249,7 @@ class Outbox:
                 "ON CONFLICT (event_id, sink) DO UPDATE SET state = excluded.state, "
                 "next_at = excluded.next_at, last_error = excluded.last_error, "
                 "done_at = excluded.done_at, attempts = attempts + 1, lease_until = 0, "
-                "lease_pid = 0",
+                "lease_pid = 0, lease_owner = ''",
                 rows,
             )
 
@@ -300,9 +304,9 @@ class Outbox:
             for i in range(0, len(seqs), _IN_CHUNK):
                 chunk = seqs[i : i + _IN_CHUNK]
                 db.execute(
-                    "UPDATE outbox SET lease_pid = ?, lease_until = ? "
+                    "UPDATE outbox SET lease_pid = ?, lease_owner = ?, lease_until = ? "
                     f"WHERE seq IN ({','.join('?' * len(chunk))})",
-                    (os.getpid(), now + lease_seconds, *chunk),
+                    (os.getpid(), owner(), now + lease_seconds, *chunk),
                 )
         out = []
         contexts: dict[str, dict[str, Any]] = {}
@@ -358,7 +362,7 @@ class Outbox:
         with self._tx() as db:
             db.executemany(
                 "UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ?, "
-                "lease_until = 0, lease_pid = 0 WHERE seq = ?",
+                "lease_until = 0, lease_pid = 0, lease_owner = '' WHERE seq = ?",
                 params,
             )
 
@@ -371,29 +375,30 @@ class Outbox:
         with self._tx() as db:
             db.executemany(
                 "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?, "
-                "done_at = ?, lease_until = 0, lease_pid = 0 WHERE seq = ?",
+                "done_at = ?, lease_until = 0, lease_pid = 0, lease_owner = '' WHERE seq = ?",
                 params,
             )
 
     def reclaim(self, *, now: float | None = None) -> int:
-        """Void leases held by processes that no longer exist; returns how many rows."""
+        """Void leases held by processes that no longer exist (a PID that is running again
+        for another process counts as gone); returns how many rows."""
         now = time.time() if now is None else now
-        db = self._connect()
-        pids = [
-            r[0]
-            for r in db.execute(
-                "SELECT DISTINCT lease_pid FROM outbox WHERE lease_until > ? AND lease_pid != ?",
-                (now, os.getpid()),
-            )
-        ]
-        dead = [pid for pid in pids if not _pid_alive(pid)]
+        with self._read() as db:
+            holders = db.execute(
+                "SELECT DISTINCT lease_pid, lease_owner FROM outbox "
+                "WHERE lease_until > ? AND lease_owner != ?",
+                (now, owner()),
+            ).fetchall()
+        dead = [(pid, who) for pid, who in holders if not owner_alive(who, pid)]
         if not dead:
             return 0
         with self._tx() as db:
             total = 0
-            for pid in dead:
+            for pid, who in dead:
                 total += db.execute(
-                    "UPDATE outbox SET lease_until = 0, lease_pid = 0 WHERE lease_pid = ?", (pid,)
+                    "UPDATE outbox SET lease_until = 0, lease_pid = 0, lease_owner = '' "
+                    "WHERE lease_pid = ? AND lease_owner = ? AND lease_until > 0",
+                    (pid, who),
                 ).rowcount
         return total
 
@@ -415,15 +420,12 @@ class Outbox:
 
     def next_due(self, sink: str) -> float | None:
         """When the earliest pending row of ``sink`` becomes due (None if there is none)."""
-        row = (
-            self._connect()
-            .execute(
+        with self._read() as db:
+            row = db.execute(
                 "SELECT MIN(MAX(next_at, lease_until)) FROM outbox "
                 "WHERE sink = ? AND state = 'pending'",
                 (sink,),
-            )
-            .fetchone()
-        )
+            ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
     # --- inspection and housekeeping --------------------------------------------------------
@@ -431,19 +433,19 @@ class Outbox:
     def counts(self) -> dict[str, dict[str, int]]:
         """Row counts by sink and state."""
         out: dict[str, dict[str, int]] = {}
-        for sink, state, n in self._connect().execute(
-            "SELECT sink, state, COUNT(*) FROM outbox GROUP BY sink, state"
-        ):
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT sink, state, COUNT(*) FROM outbox GROUP BY sink, state"
+            ).fetchall()
+        for sink, state, n in rows:
             out.setdefault(sink, {})[state] = n
         return out
 
     def pending_events(self) -> int:
         """Distinct events that some sink has still to deliver."""
-        row = (
-            self._connect()
-            .execute("SELECT COUNT(DISTINCT event_id) FROM outbox WHERE state = 'pending'")
-            .fetchone()
-        )
+        with self._read() as db:
+            query = "SELECT COUNT(DISTINCT event_id) FROM outbox WHERE state = 'pending'"
+            row = db.execute(query).fetchone()
         return int(row[0])
 
     def records(
@@ -462,13 +464,14 @@ class Outbox:
                 where.append(f"{column} = ?")
                 params.append(value)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        db = self._connect()
-        total = db.execute(f"SELECT COUNT(*) FROM outbox {clause}", params).fetchone()[0]
-        rows = db.execute(
-            "SELECT seq, sink, event_id, name, time, state, attempts, next_at, last_error, "
-            f"created_at, body, remarks FROM outbox {clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
-            [*params, limit, offset],
-        ).fetchall()
+        with self._read() as db:
+            total = db.execute(f"SELECT COUNT(*) FROM outbox {clause}", params).fetchone()[0]
+            rows = db.execute(
+                "SELECT seq, sink, event_id, name, time, state, attempts, next_at, last_error, "
+                f"created_at, body, remarks FROM outbox {clause} ORDER BY seq DESC "
+                "LIMIT ? OFFSET ?",
+                [*params, limit, offset],
+            ).fetchall()
         records = [
             Record(
                 seq=r[0],
@@ -510,8 +513,8 @@ class Outbox:
             ).rowcount
         size = self.size_bytes()
         if size > max_bytes:
-            db = self._connect()
-            total = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            with self._read() as db:
+                total = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
             if total:
                 excess = int(total * (1 - max_bytes / size)) + 1
                 with self._tx() as db:
@@ -523,8 +526,8 @@ class Outbox:
         return dropped
 
     def size_bytes(self) -> int:
-        db = self._connect()
-        pages = db.execute("PRAGMA page_count").fetchone()[0]
-        free = db.execute("PRAGMA freelist_count").fetchone()[0]
-        size = db.execute("PRAGMA page_size").fetchone()[0]
+        with self._read() as db:
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            free = db.execute("PRAGMA freelist_count").fetchone()[0]
+            size = db.execute("PRAGMA page_size").fetchone()[0]
         return int((pages - free) * size)

@@ -96,13 +96,23 @@ class Pipeline:
                 runner.start()
 
     def after_fork(self) -> None:
-        """In a forked child: the parent's threads, locks and buffered events are not ours."""
+        """In a forked child: the parent's threads, locks, sink instances and buffered events
+        are not ours; the child starts its own threads."""
         self._reset_sync()
+        self.log_once = LogOnce(log)  # its lock may have been held by a parent's thread
         if self.outbox is not None:
             self.outbox.after_fork()
         for runner in self.runners:
-            runner._reset_sync()
+            runner.after_fork()
         self.start()
+
+    def keep_everything(self) -> None:
+        """From now on every event is stored in the outbox as it is handed over, and what is
+        held in memory now is stored: the process may end at any moment (SIGTERM came)."""
+        self.sync = True
+        self.interval = min(self.interval, LINGER)
+        self.drain(store=True)
+        self.spill()
 
     def contract_error(self, error: SinkContractError) -> None:
         self.log_once(f"contract:{error}", "waypost: %s", error, level=logging.ERROR)

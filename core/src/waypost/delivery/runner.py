@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from waypost.delivery.boundary import call_send
 from waypost.events import Event
+from waypost.processes import FORK_KEEP, GATE, warm_imports
 from waypost.sinks import SendResult, Sink
 
 if TYPE_CHECKING:
+    from waypost.delivery.outbox import Outbox
     from waypost.delivery.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,14 @@ class Runner:
         while not self.stop:
             seen = self._wakes  # before looking for work: a wake-up after this is not missed
             try:
+                if not self.opened:
+                    # Opened when there is something to send, not before: a process that forks
+                    # soon after starting (gunicorn --preload) has built no client to share.
+                    wait = self._until_work(outbox)
+                    if wait > 0:
+                        self._idle()
+                        self._sleep(wait, seen)
+                        continue
                 if not self.opened and not self._open():
                     self._idle()
                     self._sleep(min(30.0, max(1.0, self.open_until - time.time())), seen)
@@ -197,6 +207,15 @@ class Runner:
                 self._sleep(1.0, seen)
         self._complete_pass()
 
+    def _until_work(self, outbox: Outbox) -> float:
+        """0 when this sink has events to send, else the seconds until it may have (rows of
+        another process are looked for every poll interval)."""
+        if self.fresh:
+            return 0.0
+        due = outbox.next_due(self.name)
+        poll = self.pipeline.poll_interval
+        return poll if due is None else max(0.0, min(poll, due - time.time()))
+
     def _idle(self) -> None:
         """Nothing to take now: the flush pass is complete once no batch is in flight."""
         with self._state:
@@ -225,9 +244,37 @@ class Runner:
                 return True
             return self._open_once()
 
+    def after_fork(self) -> None:
+        """In a forked child: this process's own sink instance, threads and counters. The
+        parent's instance holds the parent's connections (a client, a pool, sockets): it is kept,
+        never used or closed here, so that nothing is sent on the parent's connections."""
+        FORK_KEEP.append(self.sink)
+        old = self.sink
+        try:
+            self.sink = type(old)(old.name, old.config, old.context)
+        except Exception as exc:
+            log.warning(
+                "waypost: sink %r cannot be made again after fork(), so this process shares "
+                "its parent's: %s: %s",
+                old.name,
+                type(exc).__name__,
+                exc,
+            )
+        self.opened = False
+        self.open_error = None
+        self.open_until = 0.0
+        self.consecutive_failures = 0
+        self.delivered = self.retried = self.failed = self.dropped_by_destination = 0
+        self.last_success = self.last_error = self.last_error_at = None
+        self.receipts.clear()
+        self._reset_sync()
+
     def _open_once(self) -> bool:
         try:
-            self.sink.open()
+            # What open() imports and builds is never forked across.
+            with GATE.section(f"opening sink {self.name!r}"):
+                warm_imports()
+                self.sink.open()
         except Exception as exc:
             self.open_error = f"{type(exc).__name__}: {exc}"
             self.open_until = time.time() + self.pipeline.backoff.delay(
