@@ -21,7 +21,7 @@ def need(*modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if not missing:
         return
-    reason = f"{', '.join(missing)} not installed (pip install -e './core[test]')"
+    reason = f"{', '.join(missing)} not installed (the core's test group: uv sync --all-groups)"
     if os.environ.get("WAYPOST_REQUIRE_SERVERS") == "1":
         pytest.fail(f"{reason}; WAYPOST_REQUIRE_SERVERS=1 forbids skipping")
     pytest.skip(reason)

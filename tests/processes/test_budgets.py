@@ -45,7 +45,8 @@ def run(mode: str, tmp_path: Path, env: dict[str, str]) -> tuple[dict[str, float
         delivered = len(
             [e for e in harness.event_bodies(ingest.requests) if e["name"] == "before_stop"]
         )
-    return figures, delivered
+    # Delivered within the budget, or (a machine too busy to open the sink in time) stored.
+    return figures, delivered + len(harness.stored_rows(tmp_path / mode))
 
 
 def test_shutdown_holds_its_budget_with_a_job_running(tmp_path: Path, env: dict[str, str]) -> None:

@@ -13,7 +13,7 @@ from conftest import need
 pytestmark = pytest.mark.server
 
 REQUESTS = 1500
-RECYCLE = ["--max-requests", "150", "--max-requests-jitter", "50"]
+RECYCLE = ["--max-requests", "300", "--max-requests-jitter", "50"]
 CASES = {
     "sync": ("sync", []),
     "sync-preload": ("sync", ["--preload"]),

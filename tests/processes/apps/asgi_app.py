@@ -27,3 +27,8 @@ def pid() -> str:
 
 
 app.mount("/admin/telemetry", create_app(tel, auth=allow_all))
+
+if os.environ.get("PROC_LIFESPAN") == "1":
+    from waypost.integrations.asgi import Lifespan
+
+    app.add_middleware(Lifespan, telemetry=tel)

@@ -1,0 +1,24 @@
+"""One-line hooks that tell waypost when its host stops, for servers and task queues that end
+their processes without running ``atexit`` (see docs/servers.md).
+
+- ASGI (FastAPI, Starlette, Django's ASGI app, any ASGI server): :class:`asgi.Lifespan`.
+- gunicorn and uWSGI (Flask, Django, any WSGI app): :func:`wsgi.worker_exit`.
+- Celery: :func:`celery.connect`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["shutdown_all"]
+
+
+def shutdown_all(timeout: float | None = None) -> bool:
+    """Shut down every running ``Telemetry`` of this process: deliver what it holds, or store
+    it for the next run, within ``timeout`` seconds each (default: its ``shutdown_timeout``).
+    True when nothing is left only in memory."""
+    from waypost.telemetry import _LIVE
+
+    ok = True
+    for tel in list(_LIVE):
+        budget = tel.config.shutdown_timeout if timeout is None else timeout
+        ok = tel.shutdown(budget) and ok
+    return ok
