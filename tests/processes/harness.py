@@ -203,6 +203,8 @@ class Served:
             token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', html)
             assert token, html[:500]
             body = urllib.parse.urlencode({"csrf_token": token.group(1)})
+            conn.close()  # a sync worker closes the connection after each answer
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
             started = time.monotonic()
             conn.request(
                 "POST",
