@@ -139,12 +139,12 @@ def test_a_full_disk_is_503_and_nothing_answered_is_lost(
     assert statuses == {200, 503}
     filler.unlink()
     more = _batch(50, "after")
-    wait_for(lambda: httpx.get(process.url + "/readyz").status_code == 200, 30, "room again")
+    wait_for(lambda: httpx.get(process.url + "/readyz").status_code == 200, 90, "room again")
     assert _send(url, more)["accepted"] == 50
     acknowledged |= {e["id"] for e in more}
     rows = wait_for(
         lambda: (r := stored_rows(data)) and {x["id"] for x in r} >= acknowledged and r,
-        60,
+        120,
         "every acknowledged event",
     )
     assert len(rows) == len({r["id"] for r in rows})

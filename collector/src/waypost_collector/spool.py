@@ -267,7 +267,7 @@ class Spool:
             batch_interval=1.0,
             batch_size=500,
             buffer_size=10_000,
-            backoff=Backoff(initial=1.0, maximum=300.0),
+            backoff=Backoff(initial=0.5, maximum=30.0),  # storage is ours and near: back soon
             max_attempts=None,
             breaker_threshold=5,
             keep_sent=0.0,
