@@ -19,7 +19,13 @@ from typing import Any
 
 @dataclass
 class Request:
-    """One request as the server received it (body already gunzipped)."""
+    """One request as the server received it.
+
+    ``raw`` is the body as it came over the wire (still gzip- or deflate-compressed when the
+    client sent ``Content-Encoding``); ``body`` is the same body decompressed. ``headers`` keep
+    the client's spelling; :meth:`header` looks one up regardless of case. ``at`` is the
+    arrival time (``time.time()``).
+    """
 
     method: str
     path: str
@@ -30,20 +36,25 @@ class Request:
     at: float
 
     def header(self, name: str) -> str | None:
+        """The value of header ``name`` (any case), or ``None``."""
         lowered = name.lower()
         return next((v for k, v in self.headers.items() if k.lower() == lowered), None)
 
     @property
     def text(self) -> str:
+        """The decompressed body as UTF-8 text (undecodable bytes replaced)."""
         return self.body.decode("utf-8", "replace")
 
     def json(self) -> Any:
+        """The body parsed as JSON (raises ``ValueError`` if it is not)."""
         return json.loads(self.body)
 
     def form(self) -> dict[str, list[str]]:
+        """The body parsed as ``application/x-www-form-urlencoded``."""
         return urllib.parse.parse_qs(self.text, keep_blank_values=True)
 
     def ndjson(self) -> list[Any]:
+        """The body parsed as JSON Lines (blank lines skipped)."""
         return [json.loads(line) for line in self.text.splitlines() if line.strip()]
 
 
@@ -72,6 +83,12 @@ class Response:
 
 
 Responder = Callable[[Request], Response]
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    # Set on a subclass: the standard library's class stays as it was for everyone else.
+    allow_reuse_address = True
+    daemon_threads = True
 
 
 class RecordingServer:
@@ -150,9 +167,7 @@ class RecordingServer:
 
             do_POST = do_GET = do_PUT = do_PATCH = do_DELETE = _handle
 
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer((host, port), Handler)
         address = self._httpd.server_address
         self.host, self.port = str(address[0]), int(address[1])
         self._thread: threading.Thread | None = None
@@ -162,7 +177,9 @@ class RecordingServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> RecordingServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -183,7 +200,9 @@ class RecordingServer:
             self.script.extend(responses)
 
     def wait_for(self, predicate: Callable[[list[Request]], bool], timeout: float = 10.0) -> bool:
-        """Wait until ``predicate(requests)`` holds; returns whether it did in time."""
+        """Wait until ``predicate(requests)`` holds, checked on every new request; returns
+        whether it did within ``timeout`` seconds. For work that reaches the server from a
+        background thread: ``server.wait_for(lambda reqs: len(reqs) >= 3)``."""
         deadline = time.monotonic() + timeout
         with self._received:
             while not predicate(self.requests):
@@ -194,6 +213,7 @@ class RecordingServer:
         return True
 
     def clear(self) -> None:
+        """Forget the requests received so far (scripted answers stay queued)."""
         with self._received:
             self.requests.clear()
 
