@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from plugin_guide import guide_files
 
 from waypost import hookspecs
 from waypost.plugins import PluginInfo
@@ -69,13 +70,6 @@ def test_plugins_json_keys_are_documented() -> None:
 # --- the guide's plugin, built and tested as written ----------------------------------------------
 
 
-def guide_files() -> dict[str, str]:
-    """The files the guide spells out, marked ``<!-- file: PATH -->`` before their code block."""
-    text = GUIDE.read_text(encoding="utf-8")
-    blocks = re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)\n```\n", text, re.DOTALL)
-    return {path: body + "\n" for path, body in blocks}
-
-
 FILES = guide_files()
 _BUILT = Path(tempfile.mkdtemp(prefix="waypost-guide-"))
 for _path, _body in FILES.items():
@@ -91,8 +85,8 @@ exec(
 
 
 @pytest.fixture(autouse=True)
-def _guide_plugin_installed(register_plugin: Any) -> None:
-    register_plugin("acme", "waypost_acme")  # as `pip install waypost-acme` would
+def _guide_plugin_installed(waypost_register_plugin: Any) -> None:
+    waypost_register_plugin("acme", "waypost_acme")  # as `pip install waypost-acme` would
 
 
 def test_guide_spells_out_the_plugin() -> None:
@@ -130,4 +124,5 @@ def test_guide_plugin_is_listed_by_waypost_plugins() -> None:
 
 TestGuideAcmeContract = _guide_tests.TestAcmeContract
 test_guide_per_event_errors = _guide_tests.test_per_event_errors_fail_those_events
+test_guide_distinct_id = _guide_tests.test_sends_the_applications_distinct_id
 test_guide_delivers_from_config = _guide_tests.test_delivers_from_config
