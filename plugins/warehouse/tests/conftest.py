@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,10 @@ from typing import Any
 import pytest
 
 from waypost.testing import free_port
+
+sys.path.insert(0, str(Path(__file__).parent))  # warehouse_peers, for the test modules
+
+from warehouse_peers import SQL_KINDS
 
 PG_USER = "waypost"
 PG_PASSWORD = "pg-Secret-4711"  # must never show up in a repr or a log line
@@ -179,10 +184,6 @@ class Backend:
                 t=self.table,
             )
         }
-
-
-SERVER = pytest.mark.server  # needs PostgreSQL installed; CI forbids the skip
-SQL_KINDS = ("sqlite", "duckdb", pytest.param("postgresql", marks=SERVER))
 
 
 @pytest.fixture
