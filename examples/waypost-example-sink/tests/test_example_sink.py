@@ -1,11 +1,10 @@
 """The example sink against a real receiver on loopback: the contract suite and its own tests.
 
-``SinkContract`` is written for HTTP destinations: its tests take a ``recording_server`` and
-script answers as :class:`waypost.testing.Response` objects. This sink speaks a TCP line
-protocol whose statuses are HTTP's, so instead of overriding each contract test, the module
-overrides the ``recording_server`` fixture with :class:`ScriptedReceiver`, a receiver of the
-line protocol that answers each scripted ``Response`` in the line protocol (status, text,
-``retry-after=``, delay, reset, hang). Every contract test then runs unchanged.
+``SinkContract`` drives a :class:`waypost.testing.Peer`. This sink speaks a TCP line protocol,
+so the module gives the contract :class:`LinePeer`: the protocol's receiver, whose answers are
+scripted like the recording HTTP server's (:class:`ScriptedReceiver`: status, text,
+``retry-after=``, delay, reset, hang), and which reads back every envelope it received. Every
+contract test runs as written.
 """
 
 from __future__ import annotations
@@ -19,12 +18,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import ValidationError
 
-from waypost.testing import Response, SinkContract, free_port, make_events, send_batch
+from waypost.testing import (
+    Arrival,
+    BasePeer,
+    PeerCannot,
+    Response,
+    SinkContract,
+    free_port,
+    make_events,
+    send_batch,
+)
 
 TOKEN = "tok-example-3b9d1f-never-logged"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -36,12 +44,12 @@ from waypost_example_sink.receiver import Batch, Receiver  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _installed(register_plugin: Callable[[str, str], None]) -> None:
+def _installed(waypost_register_plugin: Callable[[str, str], None]) -> None:
     """The plugin is normally installed (``pip install ./examples/waypost-example-sink``, as
     the ``example_sink`` nox session does). In a checkout where it is not, use its source and
     register its entry point for the test, exactly as the installed one would be."""
     if not INSTALLED:
-        register_plugin("example", "waypost_example_sink")
+        waypost_register_plugin("example", "waypost_example_sink")
 
 
 class ScriptedReceiver(Receiver):
@@ -79,32 +87,67 @@ class ScriptedReceiver(Receiver):
         super().stop()
 
 
+class LinePeer(BasePeer):
+    """The receiver as the contract's peer: HTTP's status numbers in one-line answers."""
+
+    name = "the line-protocol receiver"
+    REFUSALS: ClassVar[dict[str, int]] = {"400 bad batch": 400, "401 bad or missing token": 401}
+    RETRYABLE: ClassVar[dict[str, int]] = {"408 timeout": 408, "429 busy": 429, "503 down": 503}
+
+    def __init__(self, receiver: ScriptedReceiver) -> None:
+        self.receiver = receiver
+
+    def config(self) -> dict[str, Any]:
+        return {"url": self.receiver.url, "token": TOKEN}
+
+    def unreachable_config(self) -> dict[str, Any]:
+        return {"url": f"tcp://127.0.0.1:{free_port()}", "token": TOKEN}
+
+    def deliver(self) -> None:
+        self.receiver.responder = lambda batch: Response(200, f"ok {len(batch.events)}")
+
+    def permanent_failures(self) -> list[str]:
+        return list(self.REFUSALS)
+
+    def refuse(self, failure: str) -> None:
+        status, text = self.REFUSALS[failure], failure.split(" ", 1)[1]
+        self.receiver.responder = lambda batch: Response(status, text)
+
+    def retryable_failures(self) -> list[str]:
+        return list(self.RETRYABLE)
+
+    def fail_retryably(self, failure: str, retry_after: float | None = None) -> None:
+        status, text = self.RETRYABLE[failure], failure.split(" ", 1)[1]
+        headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+        self.receiver.responder = lambda batch: Response(status, text, headers=headers)
+
+    def slow(self, seconds: float) -> None:
+        self.receiver.responder = lambda batch: Response(200, "ok", delay=seconds)
+
+    def redirect(self, status: int) -> None:
+        raise PeerCannot("the line protocol has no redirects")
+
+    def received(self) -> list[Arrival]:
+        return [
+            Arrival(e["id"], e["name"], e["properties"])
+            for batch in self.receiver.requests
+            for e in batch.events
+        ]
+
+
 @pytest.fixture
-def recording_server() -> Iterator[ScriptedReceiver]:
-    """Overrides waypost's HTTP ``recording_server`` for the contract tests: same scripting,
-    this sink's protocol."""
-    with ScriptedReceiver() as receiver:
-        yield receiver  # type: ignore[misc]
-
-
-def tcp(url: str) -> str:
-    """The contract hands out ``http://127.0.0.1:PORT`` addresses; this sink wants tcp://."""
-    return "tcp://" + url.split("://", 1)[1]
+def receiver() -> Iterator[ScriptedReceiver]:
+    """A scripted receiver on 127.0.0.1, stopped after the test."""
+    with ScriptedReceiver() as scripted:
+        yield scripted
 
 
 class TestExampleSinkContract(SinkContract):
     sink_type = "example"
-    secret_fields = ("token",)
-    retry_statuses = (408, 429, 503)
 
-    def config(self, url: str) -> dict[str, Any]:
-        return {"url": tcp(url), "token": TOKEN}
-
-    def received_ids(self, requests: list[Any]) -> list[str]:
-        return [event["id"] for batch in requests for event in batch.json()]
-
-    def ok_response(self, request: Any) -> Response:
-        return Response(200, f"ok {len(request.json())}")
+    @pytest.fixture
+    def waypost_peer(self, receiver: ScriptedReceiver) -> LinePeer:
+        return LinePeer(receiver)
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -155,21 +198,21 @@ def test_wrong_token_is_permanent(tmp_path: Path) -> None:
         assert not receiver.batches
 
 
-def test_413_is_split_by_the_core(recording_server: ScriptedReceiver, tmp_path: Path) -> None:
-    recording_server.responder = lambda batch: (
+def test_413_is_split_by_the_core(receiver: ScriptedReceiver, tmp_path: Path) -> None:
+    receiver.responder = lambda batch: (
         Response(413, "too large") if len(batch.events) > 2 else Response(200, "ok")
     )
-    sink = TestExampleSinkContract().make_sink(recording_server.url, tmp_path)
+    sink = TestExampleSinkContract().peer_sink(LinePeer(receiver), tmp_path)
     events = make_events(7)
     result = send_batch(sink, events)
     assert not result.retry and not result.failed
-    delivered = [e["id"] for b in recording_server.requests if len(b.events) <= 2 for e in b.events]
+    delivered = [e["id"] for b in receiver.requests if len(b.events) <= 2 for e in b.events]
     assert sorted(delivered) == sorted(e.id for e in events)
 
 
-def test_garbage_answer_is_retryable(recording_server: ScriptedReceiver, tmp_path: Path) -> None:
-    recording_server.answer(Response(999, "what"), Response(reset=True))
-    sink = TestExampleSinkContract().make_sink(recording_server.url, tmp_path)
+def test_garbage_answer_is_retryable(receiver: ScriptedReceiver, tmp_path: Path) -> None:
+    receiver.answer(Response(999, "what"), Response(reset=True))
+    sink = TestExampleSinkContract().peer_sink(LinePeer(receiver), tmp_path)
     for _ in range(2):
         events = make_events(1)
         assert set(send_batch(sink, events).retry) == {events[0].id}
@@ -178,9 +221,9 @@ def test_garbage_answer_is_retryable(recording_server: ScriptedReceiver, tmp_pat
 # --- from config, through the whole pipeline ----------------------------------------------------
 
 
-def test_delivers_from_config(make_telemetry: Any) -> None:
+def test_delivers_from_config(waypost_make_telemetry: Any) -> None:
     with Receiver(token=TOKEN) as receiver:
-        tel = make_telemetry(
+        tel = waypost_make_telemetry(
             sinks={"local": {"type": "example", "url": receiver.url, "token": TOKEN}}
         )
         for i in range(30):
@@ -193,9 +236,11 @@ def test_delivers_from_config(make_telemetry: Any) -> None:
         assert status.sinks[0].type == "example" and status.sinks[0].delivered == 30
 
 
-def test_receiver_down_then_up_loses_nothing(make_telemetry: Any) -> None:
+def test_receiver_down_then_up_loses_nothing(waypost_make_telemetry: Any) -> None:
     port = free_port()
-    tel = make_telemetry(sinks={"local": {"type": "example", "url": f"tcp://127.0.0.1:{port}"}})
+    tel = waypost_make_telemetry(
+        sinks={"local": {"type": "example", "url": f"tcp://127.0.0.1:{port}"}}
+    )
     for i in range(5):
         tel.track("queued", {"i": i})
     assert tel.flush(timeout=2)  # True: nobody listens, but the events are safe in the outbox

@@ -79,6 +79,12 @@ def read_batch(stream: Lines) -> Batch:
     return batch
 
 
+class _TCPServer(socketserver.ThreadingTCPServer):
+    # On a subclass: the standard library's class stays as it is for the rest of the process.
+    allow_reuse_address = True
+    daemon_threads = True
+
+
 class Receiver:
     """A threaded TCP receiver on ``host`` (loopback by default); ``url`` is its address."""
 
@@ -103,9 +109,7 @@ class Receiver:
                     return
                 receiver.handle(batch, self.connection)
 
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._server = socketserver.ThreadingTCPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _TCPServer((host, port), Handler)
         address = self._server.server_address
         self.host, self.port = str(address[0]), int(address[1])
         self._thread: threading.Thread | None = None
@@ -124,7 +128,9 @@ class Receiver:
             self.batches.append(batch)
 
     def start(self) -> Receiver:
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
