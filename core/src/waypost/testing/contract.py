@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from waypost.testing.peer import Peer
     from waypost.testing.server import RecordingServer, Request, Response
 
+
 class SinkContract:
     """Contract tests for a sink type; subclasses fill in the destination's specifics."""
 
