@@ -382,3 +382,39 @@ def test_close_is_clean(make_sink: MakeSink) -> None:
     sink.close()
     sink.close()
     assert not send_batch(sink, make_events(1)).retry  # reopens if used again
+
+
+def test_app_in_a_topic_is_the_app_that_sent_the_event(
+    cluster: MockCluster, make_sink: MakeSink
+) -> None:
+    """A collector forwards many apps' events: ``{app}`` is each event's own app."""
+    sink = make_sink(topic="telemetry.{app}")
+    other = make_event("run")
+    other.context = {**other.context, "app": {"name": "flowforge", "version": "2.0"}}
+    mine = make_event("run")
+    assert not send_batch(sink, [other, mine]).retry
+    assert ids(read(cluster, "telemetry.flowforge", count=1)) == [other.id]
+    assert mine.id in ids(read(cluster, TOPIC, count=1))
+
+
+def test_a_consumer_subscribes_to_what_the_template_makes() -> None:
+    import re as _re
+
+    assert _config(topic="events").subscription() == ["events"]
+    (pattern,) = _config(topic="telemetry.{app}.{name}").subscription()
+    assert pattern.startswith("^")
+    assert _re.match(pattern, "telemetry.myapp._pageview")
+    assert not _re.match(pattern, "other.myapp.run")
+
+
+def test_a_consumer_gets_the_connection_settings_only() -> None:
+    config = _config(
+        bootstrap_servers="kafka.example.org:9093",
+        sasl_username="u",
+        sasl_password="p-123",
+        producer={"linger.ms": 5, "ssl.endpoint.identification.algorithm": "none"},
+    )
+    conf = config.connection("testapp")
+    assert conf["sasl.password"] == "p-123" and conf["security.protocol"] == "sasl_ssl"
+    assert conf["ssl.endpoint.identification.algorithm"] == "none"
+    assert "linger.ms" not in conf and "enable.idempotence" not in conf

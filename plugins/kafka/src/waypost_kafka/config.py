@@ -19,6 +19,8 @@ __all__ = ["KafkaConfig", "topic_fields"]
 TOPIC_FIELDS = ("app", "name")
 _TOPIC_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _TOPIC_MAX = 249  # Kafka's limit on a topic name
+# producer: settings that concern the connection, which a consumer of the topic needs as well.
+_CONNECTION_PREFIXES = ("sasl.", "ssl.", "socket.", "broker.", "client.", "https.", "enable.ssl")
 
 # librdkafka properties that this config sets from keys of its own.
 _OWN_KEYS = {
@@ -255,23 +257,31 @@ class KafkaConfig(SinkConfig):
             k.startswith("sasl.oauthbearer") for k in (*self.producer, *self.producer_secrets)
         )
 
+    def subscription(self) -> list[str]:
+        """What a consumer subscribes to: the topic, or for a template a regular expression
+        (librdkafka's ``^`` form) that matches every topic it can make."""
+        if not topic_fields(self.topic):
+            return [self.topic]
+        parts = []
+        for literal, field, _, _ in string.Formatter().parse(self.topic):
+            parts.append(re.escape(topic_name(literal)))
+            if field is not None:
+                parts.append("[A-Za-z0-9._-]+")
+        return ["^" + "".join(parts) + "$"]
+
     def secrets(self) -> list[str]:
         """Every secret value of this config (to mask them in librdkafka's messages)."""
         found = [s.get_secret_value() for s in (self.sasl_password, self.ssl_key_password) if s]
         found += [s.get_secret_value() for s in self.producer_secrets.values()]
         return [s for s in found if s]
 
-    def librdkafka(self, app: str) -> dict[str, Any]:
-        """The producer configuration (secrets included: hand it to librdkafka only)."""
+    def connection(self, app: str) -> dict[str, Any]:
+        """librdkafka settings to reach the brokers (servers, security, SASL, SSL, and the
+        connection settings under ``producer``), for a producer or a consumer of the topic.
+        Secrets included: hand it to librdkafka only."""
         conf: dict[str, Any] = {
             "bootstrap.servers": ",".join(self.bootstrap_servers),
             "client.id": self.client_id or f"waypost-{app}",
-            "enable.idempotence": True,
-            "acks": "all",
-            "compression.type": self.compression,
-            # librdkafka gives up on a message at the sink's timeout: its delivery report then
-            # says so, and the core retries the event later.
-            "message.timeout.ms": max(1, int(self.timeout * 1000)),
             "security.protocol": self.protocol,
             # Errors reach the sink through the delivery reports and error_cb; librdkafka's own
             # log keeps to critical lines unless the operator asks for more (log_level, debug).
@@ -294,9 +304,25 @@ class KafkaConfig(SinkConfig):
         }
         conf.update({k: v for k, v in optional.items() if v is not None})
         for key, value in self.producer.items():
-            conf[key.strip()] = _setting(value)
+            if key.strip().startswith(_CONNECTION_PREFIXES):
+                conf[key.strip()] = _setting(value)
         for key, secret in self.producer_secrets.items():
             conf[key.strip()] = secret.get_secret_value()
+        return conf
+
+    def librdkafka(self, app: str) -> dict[str, Any]:
+        """The producer configuration (secrets included: hand it to librdkafka only)."""
+        conf: dict[str, Any] = {
+            **self.connection(app),
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": self.compression,
+            # librdkafka gives up on a message at the sink's timeout: its delivery report then
+            # says so, and the core retries the event later.
+            "message.timeout.ms": max(1, int(self.timeout * 1000)),
+        }
+        for key, value in self.producer.items():
+            conf[key.strip()] = _setting(value)
         return conf
 
 

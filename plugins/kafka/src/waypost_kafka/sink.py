@@ -139,7 +139,7 @@ class KafkaSink(Sink):
         self._pid = 0
         self._broken: str | None = None  # a fatal producer error: the next batch gets a new one
         self._last_error: str | None = None
-        self._topics: dict[str, str] = {}
+        self._topics: dict[tuple[str, str], str] = {}
         self._fixed_topic = None if topic_fields(self.config.topic) else self.config.topic
         self._source = self.config.cloudevents_source or f"/waypost/{context.app}"
         self._content_type = CONTENT_TYPES[self.config.format].encode()
@@ -196,14 +196,19 @@ class KafkaSink(Sink):
     # --- messages ---------------------------------------------------------------------------
 
     def topic(self, event: Event) -> str:
-        """The topic of ``event`` (a template filled in, made a legal topic name)."""
+        """The topic of ``event``: a template filled in with the event's name and the name of
+        the app that sent it (the sink's own app if the event does not say; a collector
+        forwards many apps' events), made a legal topic name."""
         if self._fixed_topic is not None:
             return self._fixed_topic
-        topic = self._topics.get(event.name)
+        app = event.context.get("app")
+        app_name = app.get("name") if isinstance(app, dict) else None
+        app_name = app_name if isinstance(app_name, str) and app_name else self.context.app
+        topic = self._topics.get((app_name, event.name))
         if topic is None:
-            topic = topic_name(self.config.topic.format(app=self.context.app, name=event.name))
+            topic = topic_name(self.config.topic.format(app=app_name, name=event.name))
             if len(self._topics) < _TOPIC_CACHE_MAX:
-                self._topics[event.name] = topic
+                self._topics[(app_name, event.name)] = topic
         return topic
 
     def key(self, event: Event) -> bytes | None:
