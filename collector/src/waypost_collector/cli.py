@@ -1,4 +1,4 @@
-"""``waypost collector ...``: serve, check, stats, receipt. Registered through the core's
+"""``waypost collector ...``: serve, check, stats, receipt, consume. Registered through the core's
 command hook (``register_commands``); importing this module costs only click.
 
 Exit codes as the core's CLI: 0 done, 1 not found or not done, 2 bad usage or configuration.
@@ -234,6 +234,72 @@ def receipt(receipt_id: str, config_file: str | None, as_json: bool) -> None:
         click.echo(f"  {event['outcome']:9} {event['id']}  {event['name']}")
     for refusal in found["refusals"]:
         click.echo(f"  refused   {refusal['id']}  {refusal['reason']}: {refusal['detail']}")
+
+
+@collector.command()
+@config_option
+@click.option("--from", "source", required=True, help="A kafka sink of collector.storage.")
+@click.option("--to", "target", required=True, help="A sink of collector.destinations.")
+@click.option("--group", default=None, help="Consumer group; default waypost-collector-<to>.")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--max-wait", default=1.0, show_default=True, type=click.FloatRange(0.01, 60))
+@click.option(
+    "-X",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A librdkafka consumer setting, e.g. -X session.timeout.ms=10000 (repeatable).",
+)
+def consume(
+    config_file: str | None,
+    source: str,
+    target: str,
+    group: str | None,
+    batch_size: int,
+    max_wait: float,
+    settings: tuple[str, ...],
+) -> None:
+    """Move events from a Kafka storage topic into a sink, as a member of a consumer group
+    (run any number); offsets are committed only once the sink has the events."""
+    import signal
+    import threading
+
+    from waypost.errors import WaypostError
+    from waypost_collector.consume import make_mover
+
+    config = _config(config_file)
+    extra = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise Failure(f"-X {item!r}: write KEY=VALUE")
+        extra[key.strip()] = value.strip()
+    try:
+        mover = make_mover(
+            config,
+            source,
+            target,
+            group=group,
+            batch_size=batch_size,
+            max_wait=max_wait,
+            settings=extra,
+        )
+    except WaypostError as exc:
+        raise Failure(str(exc)) from None
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    click.echo(
+        f"consuming {', '.join(mover.topics)} as {mover.group} into {target} "
+        f"({mover.sink.destination})",
+        err=True,
+    )
+    moved = mover.run(stop)
+    click.echo(
+        f"delivered {moved.delivered}, refused {moved.refused}, undecodable "
+        f"{moved.undecodable}, duplicates {moved.duplicates}, retries {moved.retries}",
+        err=True,
+    )
 
 
 @waypost.hookimpl

@@ -266,6 +266,11 @@ class CollectorConfig(_Model):
     storage: dict[str, dict[str, Any]] | None = Field(
         default=None, description="waypost sinks by name; none: the embedded SQLite storage."
     )
+    destinations: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Sinks that `waypost collector consume --to` loads from a kafka storage "
+        "sink; the collector's intake never writes to them.",
+    )
     scrub: ScrubConfig = Field(default_factory=ScrubConfig)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
 
@@ -292,6 +297,11 @@ class CollectorConfig(_Model):
                     "(it is a path segment of the URL)"
                 )
         return value
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: Any) -> Any:
+        return {} if value is None else cls._storage(value)
 
     @field_validator("storage", mode="before")
     @classmethod
@@ -332,6 +342,10 @@ class CollectorConfig(_Model):
         if self.storage is None:
             return {EMBEDDED: dict(EMBEDDED_SPEC)}
         return {name: {"type": name, **settings} for name, settings in self.storage.items()}
+
+    def destination_specs(self) -> dict[str, dict[str, Any]]:
+        """Destination sinks by name (for ``consume --to``), each with its ``type``."""
+        return {name: {"type": name, **settings} for name, settings in self.destinations.items()}
 
 
 def find_config(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path | None:

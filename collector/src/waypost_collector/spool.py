@@ -58,9 +58,11 @@ def build_storage(
     version: str,
     plugins: PluginManager | None = None,
     env: Mapping[str, str] | None = None,
+    specs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Sink]:
-    """The storage sinks ``config.storage`` names (or the embedded default), made through the
-    plugin manager exactly as the core makes an application's sinks."""
+    """The storage sinks ``config.storage`` names (or the embedded default), or the sinks of
+    ``specs`` (name -> settings with a ``type``), made through the plugin manager exactly as the
+    core makes an application's sinks."""
     plugins = plugins or PluginManager()
     context = SinkContext(
         app="waypost-collector",
@@ -70,10 +72,12 @@ def build_storage(
         strict=True,
     )
     sinks: dict[str, Sink] = {}
-    for name, spec in config.storage_specs().items():
+    chosen = config.storage_specs() if specs is None else specs
+    section = "storage" if specs is None else "destinations"
+    for name, spec in chosen.items():
         spec = dict(spec)
         sink_type = str(spec.pop("type"))
-        key = f"collector.storage.{name}"
+        key = f"collector.{section}.{name}"
         try:
             spec = expand(spec, os.environ if env is None else env, key)
             cls = plugins.load_sink_type(sink_type, key=key)
