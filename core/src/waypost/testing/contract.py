@@ -180,7 +180,7 @@ class SinkContract:
 
         failures = waypost_peer.retryable_failures()
         if not failures:
-            _skip("the peer cannot fail a batch retryably")
+            _skip(f"{_name(waypost_peer)} cannot fail a batch retryably")
         sink = self.peer_sink(waypost_peer, tmp_path, timeout=2)
         sink.open()
         try:
@@ -205,7 +205,7 @@ class SinkContract:
 
         failures = waypost_peer.permanent_failures()
         if not failures:
-            _skip("the peer cannot refuse a batch")
+            _skip(f"{_name(waypost_peer)} cannot refuse a batch")
         sink = self.peer_sink(waypost_peer, tmp_path)
         sink.open()
         try:
@@ -359,6 +359,10 @@ def _assert_arrived(arrived: Sequence[Arrival], events: Sequence[Any]) -> None:
         if arrival.properties is not None:
             lost = {k: v for k, v in event.properties.items() if arrival.properties.get(k) != v}
             assert not lost, f"properties lost or changed on the way: {lost} in {arrival}"
+
+
+def _name(peer: Peer) -> str:
+    return str(getattr(peer, "name", "") or "the peer")
 
 
 def _skip(reason: str) -> None:
