@@ -1,6 +1,5 @@
-"""The clickhouse sink inside waypost: its entry point, ``Telemetry`` end to end, a failing
-sink isolated, a forked child, an HTTP peer answering as ClickHouse does when it refuses, and
-``waypost plugins``."""
+"""The clickhouse sink beyond the contract (test_clickhouse_contract.py): an HTTP peer
+answering as ClickHouse does when it refuses, a forked child, ``waypost plugins``."""
 
 from __future__ import annotations
 
@@ -16,45 +15,8 @@ from typing import Any
 import pytest
 from waypost_clickhouse import ClickHouseConfig, ClickHouseSink
 
-from waypost.plugins import PluginManager
-from waypost.sinks import Sink, SinkContext
-from waypost.testing import RecordingServer, Response, free_port, make_events, send_batch
-
-
-def test_entry_point_loads() -> None:
-    cls = PluginManager().load_sink_type("clickhouse")
-    assert issubclass(cls, Sink) and cls is ClickHouseSink and cls.type == "clickhouse"
-
-
-def test_config_refuses_unknown_keys() -> None:
-    with pytest.raises(ValueError, match="no_such_setting"):
-        ClickHouseSink.Config.model_validate({"no_such_setting": 1})
-
-
-def test_end_to_end_through_telemetry(engine: Any, database: str, make_telemetry: Any) -> None:
-    tel = make_telemetry(
-        sinks={"dest": {"type": "clickhouse", "dsn": engine.dsn, "database": database}}
-    )
-    for i in range(25):
-        tel.track("contract_event", {"i": i})
-    assert tel.flush(timeout=60)
-    rows = engine.query(
-        f"SELECT JSONExtractInt(properties, 'i') FROM {database}.waypost_events FINAL"
-    )
-    assert sorted(r[0] for r in rows) == list(range(25))
-    assert tel.status().sinks[0].delivered == 25
-
-
-def test_failure_is_isolated(make_telemetry: Any, tmp_path: Path) -> None:
-    out = tmp_path / "isolated.jsonl"
-    down = {"type": "clickhouse", "host": "127.0.0.1", "port": free_port(), "timeout": 1}
-    tel = make_telemetry(sinks={"down": down, "file": {"type": "jsonl", "path": str(out)}})
-    for i in range(10):
-        tel.track("isolated_event", {"i": i})
-    tel.flush(timeout=10)
-    assert len(out.read_text().splitlines()) == 10
-    by_name = {s.name: s for s in tel.status().sinks}
-    assert by_name["down"].pending == 10 and by_name["down"].delivered == 0
+from waypost.sinks import SinkContext
+from waypost.testing import RecordingServer, Response, make_events, send_batch
 
 
 def _sink(server: RecordingServer, tmp_path: Path, **settings: Any) -> ClickHouseSink:

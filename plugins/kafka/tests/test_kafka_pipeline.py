@@ -1,6 +1,5 @@
-"""The kafka sink inside waypost: loaded from its entry point, driven by ``Telemetry`` (the
-core's retries and outbox against brokers that go down), isolated when it fails, in forked
-processes, and listed by ``waypost plugins``."""
+"""The kafka sink inside waypost, beyond the contract (test_kafka_contract.py): the core's
+retries and outbox against brokers that go down, forked processes, ``waypost plugins``."""
 
 from __future__ import annotations
 
@@ -14,39 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-from waypost_kafka import KafkaSink
 from waypost_kafka.testing import MockCluster
 
-from waypost.plugins import PluginManager
-from waypost.sinks import Sink
-from waypost.testing import free_port
-
 TOPIC = "telemetry.testapp"
-
-
-def test_entry_point_loads() -> None:
-    cls = PluginManager().load_sink_type("kafka")
-    assert issubclass(cls, Sink) and cls is KafkaSink and cls.type == "kafka"
-
-
-def test_config_refuses_unknown_keys() -> None:
-    with pytest.raises(ValueError, match="no_such_setting"):
-        KafkaSink.Config.model_validate({"bootstrap_servers": "127.0.0.1:1", "no_such_setting": 1})
-
-
-def test_end_to_end_through_telemetry(cluster: MockCluster, make_telemetry: Any) -> None:
-    tel = make_telemetry(
-        sinks={"dest": {"type": "kafka", "bootstrap_servers": cluster.bootstrap_servers}}
-    )
-    for i in range(25):
-        tel.track("contract_event", {"i": i})
-    assert tel.flush(timeout=30)
-    messages = cluster.read(TOPIC, count=25, idle=2)
-    received = [m.event_id for m in messages]
-    assert len(received) == 25 and len(set(received)) == 25
-    assert sorted(m.json()["properties"]["i"] for m in messages) == list(range(25))
-    assert tel.status().sinks[0].delivered == 25
 
 
 def test_the_core_retries_while_the_brokers_are_down(
@@ -73,26 +42,6 @@ def test_the_core_retries_while_the_brokers_are_down(
     copies = collections.Counter(m.event_id for m in cluster.read(TOPIC, idle=2))
     assert len(copies) == 10 and set(copies.values()) == {1}, copies
     assert tel.status().sinks[0].delivered == 10
-
-
-def test_failure_is_isolated(make_telemetry: Any, tmp_path: Path) -> None:
-    out = tmp_path / "isolated.jsonl"
-    tel = make_telemetry(
-        sinks={
-            "down": {
-                "type": "kafka",
-                "bootstrap_servers": f"127.0.0.1:{free_port()}",
-                "timeout": 1,
-            },
-            "file": {"type": "jsonl", "path": str(out)},
-        }
-    )
-    for i in range(10):
-        tel.track("isolated_event", {"i": i})
-    tel.flush(timeout=10)
-    assert len(out.read_text().splitlines()) == 10
-    by_name = {s.name: s for s in tel.status().sinks}
-    assert by_name["down"].pending == 10 and by_name["down"].delivered == 0
 
 
 _FORK_SCRIPT = textwrap.dedent(

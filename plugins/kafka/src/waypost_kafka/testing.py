@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-__all__ = ["API_KEYS", "MockCluster", "ReadMessage", "error_code", "read_topic"]
+__all__ = ["API_KEYS", "MockCluster", "ReadMessage", "error_code", "kafka_peer", "read_topic"]
 
 API_KEYS = {
     "produce": 0,
@@ -278,3 +278,70 @@ def read_topic(
     finally:
         consumer.close()
     return got
+
+
+def _arrival(message: ReadMessage) -> Any:
+    from waypost.testing.peer import Arrival
+
+    try:
+        doc = message.json()
+        if isinstance(doc, dict) and "specversion" in doc:
+            doc = doc.get("data") or {}
+        return Arrival(message.event_id, doc.get("name"), doc.get("properties"))
+    except (ValueError, KeyError, AttributeError):
+        return Arrival(message.event_id)
+
+
+def kafka_peer(cluster: MockCluster, topic: str = "telemetry.testapp", **settings: Any) -> Any:
+    """The mock cluster as :class:`waypost.testing.Peer` of a ``kafka`` sink, for
+    ``SinkContract``: refusals and retryable failures are broker errors pushed onto Produce
+    requests (or the brokers taken down), a slow answer is a round-trip delay, and what
+    arrived is read back with a consumer."""
+    from waypost.testing.peer import BasePeer, PeerCannot
+    from waypost.testing.server import free_port
+
+    class KafkaPeer(BasePeer):
+        name = "librdkafka's mock cluster"
+        _PERMANENT = ("MSG_SIZE_TOO_LARGE", "INVALID_RECORD")
+        _RETRYABLE = ("NOT_ENOUGH_REPLICAS", "brokers down")
+
+        def config(self) -> dict[str, Any]:
+            return {"bootstrap_servers": cluster.bootstrap_servers, "topic": topic, **settings}
+
+        def unreachable_config(self) -> dict[str, Any]:
+            return {"bootstrap_servers": f"127.0.0.1:{free_port()}", "topic": topic, **settings}
+
+        def deliver(self) -> None:
+            cluster.clear_errors("produce")
+            cluster.set_rtt(0)
+            cluster.broker_up()
+
+        def permanent_failures(self) -> tuple[str, ...]:
+            return self._PERMANENT
+
+        def refuse(self, failure: str) -> None:
+            self.deliver()
+            cluster.push_errors("produce", *[failure] * 10_000)
+
+        def retryable_failures(self) -> tuple[str, ...]:
+            return self._RETRYABLE
+
+        def fail_retryably(self, failure: str, retry_after: float | None = None) -> None:
+            if retry_after is not None:
+                raise PeerCannot("Kafka has no Retry-After")
+            self.deliver()
+            if failure == "brokers down":
+                cluster.broker_down()
+            else:  # librdkafka retries it in place until the sink's timeout runs out
+                cluster.push_errors("produce", *[failure] * 100_000)
+
+        def slow(self, seconds: float) -> None:
+            self.deliver()
+            cluster.set_rtt(int(seconds * 1000))
+
+        def received(self) -> list[Any]:
+            return [_arrival(m) for m in cluster.read(topic, timeout=30, idle=1.5)]
+
+    peer = KafkaPeer()
+    cluster.create_topic(topic, partitions=2, replication=min(3, cluster.brokers))
+    return peer
