@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from waypost.datadir import atomic_write
+
 log = logging.getLogger("waypost")
 
 DAY = 86400.0
@@ -292,6 +294,4 @@ class Scheduler:
         return data if isinstance(data, dict) else {}
 
     def _write(self, state: dict[str, Any]) -> None:
-        tmp = self.data_dir / f".{STATE_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps(state), encoding="utf-8")
-        os.replace(tmp, self.data_dir / STATE_FILE)
+        atomic_write(self.data_dir / STATE_FILE, json.dumps(state))

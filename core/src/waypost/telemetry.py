@@ -286,7 +286,7 @@ class Telemetry:
                 self._notice_callback(text)
             else:
                 print(text, file=sys.stderr, flush=True)
-            marker.write_text(cfg.policy_version, encoding="utf-8")
+            datadir.atomic_write(marker, cfg.policy_version)
         except Exception as exc:
             self._fail_start(f"the first-run notice could not be shown: {exc}")
             return False

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import inspect
 import logging
-import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from waypost.datadir import atomic_write
 
 log = logging.getLogger("waypost.admin")
 
@@ -144,16 +145,8 @@ def _read_or_create_key(path: Path) -> bytes:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secrets.token_bytes(32))
-    try:
-        os.link(tmp, path)  # the first process to create it wins; the others read its key
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    # The first process to create it wins; the others read its key.
+    atomic_write(path, secrets.token_bytes(32), mode=0o600, exclusive=True)
     data = path.read_bytes()
     if len(data) < 32:
         raise OSError(f"{path} is too short")

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from waypost.config.models import TelemetryConfig
 from waypost.config.validation import validation_error
 from waypost.errors import ConfigError, MissingVariableError
+from waypost.privacy.consent import parse_bool
 
 ENV_PREFIX = "WAYPOST_"
 DEFAULT_FILES = ("telemetry.yml", "telemetry.yaml", "telemetry.toml", "waypost.yml", "waypost.toml")
@@ -113,12 +114,8 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     if env.get("WAYPOST_HOME"):
         out["data_dir"] = env["WAYPOST_HOME"]
     if env.get("WAYPOST_DEBUG"):
-        out["debug"] = _truthy(env["WAYPOST_DEBUG"])
+        out["debug"] = parse_bool(env["WAYPOST_DEBUG"]) is True
     return out
-
-
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,11 +21,11 @@ does and does not redact, the remarks, IP hashing.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from waypost.datadir import atomic_write
 from waypost.events import LEVELS
 
 if TYPE_CHECKING:
@@ -76,14 +76,8 @@ class StoredConsent:
 
     def write(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = data_dir / f".{CONSENT_FILE}.{os.getpid()}"
-        tmp.write_text(
-            json.dumps(
-                {"enabled": self.enabled, "policy_version": self.policy_version, "at": self.at}
-            ),
-            encoding="utf-8",
-        )
-        os.replace(tmp, data_dir / CONSENT_FILE)
+        record = {"enabled": self.enabled, "policy_version": self.policy_version, "at": self.at}
+        atomic_write(data_dir / CONSENT_FILE, json.dumps(record))
 
 
 def resolve_consent(

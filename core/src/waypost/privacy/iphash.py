@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 import json
@@ -11,6 +10,8 @@ import secrets
 import time
 from pathlib import Path
 from typing import Any
+
+from waypost.datadir import atomic_write
 
 
 class IpHasher:
@@ -53,13 +54,7 @@ class IpHasher:
 
     def _save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with contextlib.suppress(AttributeError, OSError):  # no fchmod on Windows
-            os.fchmod(fd, 0o600)  # a stale temporary file may have been created looser
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(state, fh)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(state), mode=0o600)
 
     @staticmethod
     def _digest(salt: str, address: str) -> str:
