@@ -80,6 +80,8 @@ _LAZY = {
 logging.getLogger("waypost").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from datetime import datetime
     from typing import Any
 
     from waypost.errors import (
@@ -134,11 +136,18 @@ def get() -> Telemetry | None:
     return _default
 
 
-def track(event: Any, properties: Any = None, **kwargs: Any) -> None:
+def track(
+    event: str | Payload,
+    properties: Mapping[str, Any] | None = None,
+    *,
+    level: str | None = None,
+    distinct_id: str | None = None,
+    timestamp: float | datetime | None = None,
+) -> None:
     """``track`` on the default instance; before ``init`` the event is ignored (logged once)."""
     tel = _default
     if tel is not None:
-        tel.track(event, properties, **kwargs)
+        tel.track(event, properties, level=level, distinct_id=distinct_id, timestamp=timestamp)
         return
     global _warned
     if not _warned:

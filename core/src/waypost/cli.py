@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from waypost.errors import WaypostError
+
+if TYPE_CHECKING:
+    from waypost.delivery.outbox import Record
+    from waypost.telemetry import Telemetry
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
@@ -39,7 +43,7 @@ class Ctx:
         self.app = app
         self.data_dir = data_dir
 
-    def telemetry(self, *, start: bool = False, tolerant: bool = False) -> Any:
+    def telemetry(self, *, start: bool = False, tolerant: bool = False) -> Telemetry:
         """The application's Telemetry as seen from here. ``tolerant``: a sink whose secret is
         not in this environment is reported in ``status``, not fatal (read-only commands)."""
         from waypost.telemetry import Telemetry
@@ -53,8 +57,8 @@ class Ctx:
                 start=start,
                 notice=lambda text: None,
             )
-            if not start and tel.config_error is None:
-                tel._make_sinks(tolerant=tolerant)
+            if not start:
+                tel.inspect_sinks(tolerant=tolerant)
             if tel.data_dir_source == "default" and not self.app:
                 click.echo(
                     f"warning: no application name or data dir given; using {tel.data_dir}. "
@@ -214,9 +218,9 @@ def show(
 ) -> None:
     """The records held in the outbox (read-only), with their redaction remarks."""
     tel = obj.telemetry(tolerant=True)
-    if not (tel.data_dir / "outbox.sqlite3").exists():
-        records, total = [], 0
-    else:
+    records: list[Record] = []
+    total = 0
+    if tel.has_outbox():
         records, total = tel.open_outbox().records(
             sink=sink, state=state, name=event_name, limit=limit, offset=offset
         )
@@ -258,7 +262,7 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
     if not probe.decision.enabled:
         _refuse(probe, as_json, "nothing is sent")
         return
-    outbox = probe.open_outbox() if (probe.data_dir / "outbox.sqlite3").exists() else None
+    outbox = probe.open_outbox() if probe.has_outbox() else None
     before = outbox.pending_events() if outbox else 0
     tel = obj.telemetry(start=True)
     import threading
@@ -313,7 +317,7 @@ def purge(obj: Ctx, everything: bool, sent: bool, as_json: bool) -> None:
         raise click.UsageError("give exactly one of --all or --sent")
     tel = obj.telemetry(tolerant=True)
     deleted = 0
-    if (tel.data_dir / "outbox.sqlite3").exists():
+    if tel.has_outbox():
         deleted = tel.open_outbox().purge(sent_only=sent)
     if as_json:
         _dump({"deleted": deleted, "what": "sent" if sent else "all"})
@@ -453,7 +457,7 @@ def send_heartbeat(obj: Ctx, force: bool, timeout: float, as_json: bool) -> None
     tel = obj.telemetry(start=True)
     sent = tel.send_heartbeat(force=force)
     delivered = tel.flush(timeout)
-    receipts = {r.name: list(r.receipts) for r in tel.pipeline.runners} if tel.pipeline else {}
+    receipts = tel.receipts()
     tel.shutdown(timeout=5)
     st = tel.status()
     data = {
@@ -475,7 +479,7 @@ def send_heartbeat(obj: Ctx, force: bool, timeout: float, as_json: bool) -> None
             click.echo(f"  {data['pending']} events still pending in the outbox")
 
 
-def _refuse(tel: Any, as_json: bool, what: str) -> None:
+def _refuse(tel: Telemetry, as_json: bool, what: str) -> None:
     data = {"ok": False, "enabled": False, "rule": tel.decision.rule, "reason": tel.decision.reason}
     if as_json:
         _dump(data)

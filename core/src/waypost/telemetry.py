@@ -13,7 +13,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -22,7 +22,10 @@ from waypost import datadir, heartbeat, processes
 from waypost.config import TelemetryConfig
 from waypost.datadir import default_data_dir
 from waypost.delivery.backoff import Backoff
+from waypost.delivery.outbox import FILENAME as OUTBOX_FILE
+from waypost.delivery.outbox import Outbox
 from waypost.delivery.pipeline import Pipeline
+from waypost.delivery.runner import Runner
 from waypost.errors import (
     ConfigError,
     MissingVariableError,
@@ -33,10 +36,13 @@ from waypost.errors import (
 from waypost.events import Payload
 from waypost.gate import Gate, check, unix_seconds
 from waypost.plugins import PluginManager
-from waypost.privacy import Decision, StoredConsent, resolve_consent
+from waypost.privacy import Decision, Rule, Scrubber, StoredConsent, resolve_consent
 from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
 from waypost.sinks import Sink, SinkContext
 from waypost.status import Counters, CounterStatus, LogOnce, SinkStatus, Status, as_datetime
+
+if TYPE_CHECKING:
+    from waypost.metrics import MetricRegistry
 
 __all__ = ["Status", "Telemetry", "default_data_dir"]
 
@@ -86,13 +92,17 @@ class Telemetry:
         self._lock = threading.RLock()
         self._closed = False
         self.pipeline: Pipeline | None = None
-        self.outbox_: Any = None
+        self.outbox_: Outbox | None = None
         self.counters = Counters()
         self.instance_id: str | None = None
         self.config_error: str | None = None
         self._log_once = LogOnce(log)
         self.plugins = PluginManager()
-        self._runners_by_name: dict[str, Any] = {}
+        self._runners_by_name: dict[str, Runner] = {}
+        self.gate: Gate | None = None
+        self._metrics: MetricRegistry | None = None
+        self._inspect_outbox: Outbox | None = None
+        self._off_scrubber: tuple[Scrubber | None] | None = None  # built when first asked
         self.sinks: dict[str, Sink] = {}
         self.sink_errors: dict[str, tuple[str, str]] = {}
 
@@ -199,12 +209,8 @@ class Telemetry:
             counters=self.counters,
             log_once=self._log_once,
         )
-        self.context = self.gate.context
-        self.scrubber = self.gate.scrubber
         outbox = None
         if not self.debug:
-            from waypost.delivery.outbox import Outbox
-
             try:
                 outbox = Outbox(self.data_dir, sync=cfg.outbox.durability == "sync")
                 outbox.reclaim()
@@ -446,7 +452,7 @@ class Telemetry:
             on, self._on = self._on, False
             self._fast = False
         self._forget_process()
-        registry = self.__dict__.get("_metrics")
+        registry = self._metrics
         if registry is not None:
             try:
                 registry.close(min(1.0, max(0.0, deadline - time.monotonic()) / 4))
@@ -647,14 +653,37 @@ class Telemetry:
         return self._on
 
     @property
-    def metrics(self) -> Any:
+    def metrics(self) -> MetricRegistry:
         """The metric registry of this instance (see :mod:`waypost.metrics`)."""
-        registry = self.__dict__.get("_metrics")
+        registry = self._metrics
         if registry is None:
             from waypost.metrics import MetricRegistry
 
-            registry = self.__dict__["_metrics"] = MetricRegistry(self)
+            registry = self._metrics = MetricRegistry(self)
         return registry
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        """The environment this instance reads (``os.environ`` at creation, or the ``env``
+        given)."""
+        return self._env
+
+    def label_scrubber(self) -> Scrubber | None:
+        """The scrubber metric label values pass (None when ``scrub.enabled`` is false): the
+        gate's once telemetry has started; before that, one built from the config, since the
+        operator's local Prometheus exposition works with telemetry off."""
+        if self.gate is not None:
+            return self.gate.scrubber
+        if self._off_scrubber is None:
+            extra: list[Rule] = []
+            try:
+                for _ in self.plugins.call_chain("register_scrubbers", register=extra.append):
+                    pass
+            except Exception as exc:
+                log.warning("waypost: a register_scrubbers hook failed: %s", exc)
+            enabled = self.config.scrub.enabled
+            self._off_scrubber = (Scrubber.from_config(self.config, extra) if enabled else None,)
+        return self._off_scrubber[0]
 
     def set_consent(self, enabled: bool) -> Decision:
         """Store the administrator's choice (rule 4) and apply it at once where it decides.
@@ -693,7 +722,7 @@ class Telemetry:
         outbox_counts: dict[str, dict[str, int]] = {}
         pending_events = 0
         outbox = self.outbox_
-        if outbox is None and (self.data_dir / "outbox.sqlite3").exists():
+        if outbox is None and self.has_outbox():
             outbox = self.open_outbox()
         if outbox is not None:
             try:
@@ -761,16 +790,30 @@ class Telemetry:
             counters=totals,
         )
 
-    def open_outbox(self) -> Any:
+    def open_outbox(self) -> Outbox:
         """The outbox of this data dir (opened read-write; for inspection and purge)."""
         if self.outbox_ is not None:
             return self.outbox_
-        cached = self.__dict__.get("_inspect_outbox")
-        if cached is None:
-            from waypost.delivery.outbox import Outbox
+        if self._inspect_outbox is None:
+            self._inspect_outbox = Outbox(self.data_dir)
+        return self._inspect_outbox
 
-            cached = self.__dict__["_inspect_outbox"] = Outbox(self.data_dir)
-        return cached
+    def has_outbox(self) -> bool:
+        """Whether this data dir holds an outbox (without creating one)."""
+        return self.outbox_ is not None or (self.data_dir / OUTBOX_FILE).exists()
+
+    def inspect_sinks(self, *, tolerant: bool = True) -> dict[str, Sink]:
+        """The configured sinks of an instance that was not started (``start=False``), made
+        now if they were not: for inspection (``waypost status``, ``test-sink``, ``manifest``).
+        ``tolerant``: a sink whose secret is not in this environment is reported in
+        ``status()``, not raised, even in strict mode."""
+        if not self.sinks and not self.sink_errors and self.config_error is None:
+            self._make_sinks(tolerant=tolerant)
+        return self.sinks
+
+    def receipts(self) -> dict[str, list[str]]:
+        """The last receipts (destination ids for what was delivered) of each running sink."""
+        return {name: list(r.receipts) for name, r in self._runners_by_name.items()}
 
     def __repr__(self) -> str:
         return f"<Telemetry app={self.app!r} enabled={self._on} rule={self.decision.rule!r}>"

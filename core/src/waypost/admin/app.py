@@ -6,7 +6,7 @@ import json
 import logging
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -21,6 +21,9 @@ from starlette.types import ASGIApp
 from waypost.admin import pages
 from waypost.admin.security import Auth, Csrf, Guard, load_key
 from waypost.admin.wsgi import WsgiBridge
+
+if TYPE_CHECKING:
+    from waypost.telemetry import Telemetry
 
 log = logging.getLogger("waypost.admin")
 
@@ -109,7 +112,7 @@ def wants_json(request: Request) -> bool:
 class Admin:
     def __init__(
         self,
-        telemetry: Any,
+        telemetry: Telemetry,
         *,
         prefix: str,
         csrf: Csrf,
@@ -331,7 +334,7 @@ class Admin:
 
 
 def create_app(
-    telemetry: Any,
+    telemetry: Telemetry,
     *,
     auth: Auth | None = None,
     prefix: str = "",
@@ -354,7 +357,7 @@ def create_app(
             "waypost.admin: no auth callback was given, so every request is refused; "
             "pass auth=... (see docs/admin.md)"
         )
-    key = load_key(secret, getattr(telemetry, "data_dir", None))
+    key = load_key(secret, telemetry.data_dir)
     admin = Admin(
         telemetry,
         prefix=prefix,
@@ -384,7 +387,7 @@ def create_app(
     return app
 
 
-def wsgi_app(telemetry: Any, **kwargs: Any) -> Any:
+def wsgi_app(telemetry: Telemetry, **kwargs: Any) -> Any:
     """The same pages as a WSGI application (Flask, Django); takes :func:`create_app`'s
     arguments."""
     return WsgiBridge(create_app(telemetry, **kwargs))

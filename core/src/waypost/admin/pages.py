@@ -9,14 +9,17 @@ import re
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 
-from waypost.delivery.outbox import FILENAME, Outbox
+from waypost.delivery.outbox import Outbox
 from waypost.events import Payload, registered_payloads
 from waypost.privacy import Scrubber, StoredConsent
+
+if TYPE_CHECKING:
+    from waypost.telemetry import Telemetry
 
 log = logging.getLogger("waypost.admin")
 
@@ -91,7 +94,7 @@ def _safe_value(name: str, value: Any) -> Any:
 # --- status and consent -----------------------------------------------------------------------
 
 
-def consent_data(tel: Any) -> dict[str, Any]:
+def consent_data(tel: Telemetry) -> dict[str, Any]:
     decision = tel.decision
     stored = StoredConsent.read(Path(tel.data_dir))
     overridden = is_override(decision.rule)
@@ -113,7 +116,7 @@ def consent_data(tel: Any) -> dict[str, Any]:
     }
 
 
-def _override_hint(tel: Any, rule: str) -> str:
+def _override_hint(tel: Telemetry, rule: str) -> str:
     cfg = tel.config
     if rule == "do_not_track":
         return "Unset DO_NOT_TRACK in the environment to let this switch decide."
@@ -129,7 +132,7 @@ def _override_hint(tel: Any, rule: str) -> str:
     return "Fix the configuration first."
 
 
-def status_data(tel: Any) -> dict[str, Any]:
+def status_data(tel: Telemetry) -> dict[str, Any]:
     status: dict[str, Any] = tel.status().model_dump(mode="json")
     sinks_by_name = getattr(tel, "sinks", {}) or {}
     for sink in status["sinks"]:
@@ -151,22 +154,16 @@ class OutboxAccess:
     """The telemetry's outbox, or one opened read-write on its data dir when telemetry is not
     running; never created just because someone looked."""
 
-    def __init__(self, tel: Any) -> None:
+    def __init__(self, tel: Telemetry) -> None:
         self.tel = tel
-        self._own: Any = None
         self._lock = threading.Lock()
 
-    def get(self) -> Any:
-        running = getattr(self.tel, "outbox_", None)
-        if running is not None:
-            return running
+    def get(self) -> Outbox | None:
         with self._lock:
-            if self._own is None and (Path(self.tel.data_dir) / FILENAME).exists():
-                self._own = Outbox(Path(self.tel.data_dir))
-            return self._own
+            return self.tel.open_outbox() if self.tel.has_outbox() else None
 
 
-def outbox_totals(outbox: Any) -> dict[str, int]:
+def outbox_totals(outbox: Outbox | None) -> dict[str, int]:
     totals = dict.fromkeys(("total", *STATES), 0)
     if outbox is None:
         return totals
@@ -178,8 +175,8 @@ def outbox_totals(outbox: Any) -> dict[str, int]:
 
 
 def records_data(
-    tel: Any,
-    outbox: Any,
+    tel: Telemetry,
+    outbox: Outbox | None,
     *,
     sink: str | None,
     state: str | None,
@@ -209,7 +206,7 @@ def records_data(
     }
 
 
-def actions_data(tel: Any, outbox: Any) -> dict[str, Any]:
+def actions_data(tel: Telemetry, outbox: Outbox | None) -> dict[str, Any]:
     return {"enabled": bool(tel.enabled), "outbox": outbox_totals(outbox)}
 
 
@@ -256,7 +253,7 @@ def _payload_entry(event: str, cls: type[Payload]) -> dict[str, Any]:
     }
 
 
-def manifest_data(tel: Any) -> dict[str, Any]:
+def manifest_data(tel: Telemetry) -> dict[str, Any]:
     errors = []
     for module in getattr(tel.config, "schemas", []):
         try:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from waypost.errors import TrackError
 
 if TYPE_CHECKING:
-    from waypost.metrics.registry import MetricRegistry
     from waypost.privacy import Scrubber
 
 # OpenTelemetry's default explicit bucket boundaries.
@@ -107,12 +106,37 @@ class MetricExporter(Protocol):
     def close(self, timeout: float = 5.0) -> None: ...
 
 
+class Owner(Protocol):
+    """What an instrument needs of its registry (:class:`waypost.metrics.MetricRegistry`)."""
+
+    max_series: int
+    """The most label sets one metric may hold."""
+    listeners: list[Any]
+    """The listeners told of each recording (see ``MetricRegistry.add_listener``)."""
+
+    def recording(self) -> bool:
+        """Whether values are kept now (some destination may read them)."""
+        ...
+
+    def refuse(self, reason: str, message: str, key: str) -> None:
+        """A recording or declaration refused: raise in strict mode, else count and log once."""
+        ...
+
+    def label_scrubber(self) -> Scrubber | None:
+        """The scrubber label values pass (None: scrubbing is off)."""
+        ...
+
+    def notify(self, info: MetricInfo, value: float, key: LabelValues) -> None:
+        """Tell the listeners of a recording."""
+        ...
+
+
 class Instrument:
     """A declared metric. Recording never blocks on I/O; refusals follow the strict flag."""
 
     kind: ClassVar[str] = ""
 
-    def __init__(self, registry: MetricRegistry, info: MetricInfo) -> None:
+    def __init__(self, registry: Owner, info: MetricInfo) -> None:
         self.info = info
         self.name = info.name
         self._registry = registry
@@ -183,7 +207,7 @@ class Instrument:
                     f"type:{name}",
                 )
                 return None
-            scrubber = scrubber or self._registry._current_scrubber()
+            scrubber = scrubber or self._registry.label_scrubber()
             if scrubber is not None:
                 text = scrubber.scrub_text(text, f"metrics.{self.name}.{name}", [])
             clean.append(text)
@@ -193,7 +217,7 @@ class Instrument:
         return key
 
     def _refuse(self, reason: str, message: str, cause: str) -> None:
-        self._registry._refuse(reason, message, f"{self.name}:{cause}")
+        self._registry.refuse(reason, message, f"{self.name}:{cause}")
 
     def _number(self, value: Any) -> float | None:
         kind = type(value)
@@ -223,15 +247,17 @@ class Instrument:
         )
         return False
 
-    def _points(self) -> list[Point]:
+    def points(self) -> list[Point]:
+        """The current points: one per label set recorded."""
         with self._lock:
             items = list(self._values.items())
         return [Point(self.info.label_dict(k), float(v)) for k, v in items]
 
     def _notify(self, value: float, key: LabelValues) -> None:
-        self._registry._notify(self.info, value, key)
+        self._registry.notify(self.info, value, key)
 
-    def _reset_lock(self) -> None:
+    def after_fork(self) -> None:
+        """In a forked child: the parent's lock may have been held at the fork."""
         self._lock = threading.Lock()
 
 
@@ -254,7 +280,7 @@ class _Sum(Instrument):
                 "negative",
             )
             return
-        if not self._registry._recording():
+        if not self._registry.recording():
             return
         values = self._values
         with self._lock:
@@ -264,7 +290,7 @@ class _Sum(Instrument):
                 values[key] = number
             else:
                 return
-        if self._registry._listeners:
+        if self._registry.listeners:
             self._notify(number, key)
 
 
@@ -291,13 +317,13 @@ class Gauge(Instrument):
         if key is None:
             return
         number = self._number(value)
-        if number is None or not self._registry._recording():
+        if number is None or not self._registry.recording():
             return
         with self._lock:
             if key not in self._values and not self._room(key):
                 return
             self._values[key] = number
-        if self._registry._listeners:
+        if self._registry.listeners:
             self._notify(number, key)
 
 
@@ -320,7 +346,7 @@ class Histogram(Instrument):
         if key is None:
             return
         number = self._number(value)
-        if number is None or not self._registry._recording():
+        if number is None or not self._registry.recording():
             return
         bounds = self.info.buckets
         index = bisect.bisect_left(bounds, number)  # bucket i holds (bounds[i-1], bounds[i]]
@@ -335,10 +361,10 @@ class Histogram(Instrument):
             state.sum += number
             state.min = min(state.min, number)
             state.max = max(state.max, number)
-        if self._registry._listeners:
+        if self._registry.listeners:
             self._notify(number, key)
 
-    def _points(self) -> list[Point]:
+    def points(self) -> list[Point]:
         with self._lock:
             items = [
                 (k, tuple(s.counts), s.count, s.sum, s.min, s.max) for k, s in self._values.items()
@@ -349,25 +375,28 @@ class Histogram(Instrument):
         ]
 
 
-_KINDS: dict[str, type[Instrument]] = {
-    cls.kind: cls for cls in (Counter, UpDownCounter, Gauge, Histogram)
-}
+# What a declaration that failed returns in production: an instrument of the kind asked for
+# that accepts and ignores everything (strict mode raises instead).
 
 
-class Disabled:
-    """Returned in production for a declaration that failed: accepts and ignores everything."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
+class DisabledCounter(Counter):
     def add(self, value: float = 1, labels: Mapping[str, Any] | None = None) -> None:
-        pass
+        """Ignored: the declaration of this counter failed (see the log)."""
 
+
+class DisabledUpDownCounter(UpDownCounter):
+    def add(self, value: float = 1, labels: Mapping[str, Any] | None = None) -> None:
+        """Ignored: the declaration of this counter failed (see the log)."""
+
+
+class DisabledGauge(Gauge):
     def set(self, value: float, labels: Mapping[str, Any] | None = None) -> None:
-        pass
+        """Ignored: the declaration of this gauge failed (see the log)."""
 
+
+class DisabledHistogram(Histogram):
     def record(self, value: float, labels: Mapping[str, Any] | None = None) -> None:
-        pass
+        """Ignored: the declaration of this histogram failed (see the log)."""
 
 
 def _label_text(value: Any) -> str | None:

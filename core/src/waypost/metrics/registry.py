@@ -12,14 +12,17 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from waypost.errors import ConfigError, PluginError, TrackError, WaypostError
 from waypost.metrics.health import HEALTH, HEALTH_TTL, health_points
 from waypost.metrics.instruments import (
     MAX_SERIES,
     Counter,
-    Disabled,
+    DisabledCounter,
+    DisabledGauge,
+    DisabledHistogram,
+    DisabledUpDownCounter,
     Gauge,
     Histogram,
     Instrument,
@@ -32,11 +35,13 @@ from waypost.metrics.instruments import (
     declared_info,
     shape_text,
 )
-from waypost.privacy import Scrubber, parse_bool
+from waypost.privacy import parse_bool
 from waypost.status import LogOnce
 
 if TYPE_CHECKING:
-    from waypost.privacy import Rule
+    from waypost.config import TelemetryConfig
+    from waypost.privacy import Decision, Scrubber
+    from waypost.status import Counters, Status
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +68,44 @@ def _entry_points() -> dict[str, md.EntryPoint]:
     return found
 
 
-def prometheus_enabled(config: Any, env: Mapping[str, str]) -> tuple[bool, str]:
+class MetricsHost(Protocol):
+    """What a registry (and the exporters attached to it, through ``registry.telemetry``)
+    reads of its :class:`waypost.Telemetry`."""
+
+    @property
+    def config(self) -> TelemetryConfig: ...
+    @property
+    def config_file(self) -> str | None: ...
+    @property
+    def env(self) -> Mapping[str, str]: ...
+    @property
+    def strict(self) -> bool: ...
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def decision(self) -> Decision: ...
+    @property
+    def counters(self) -> Counters: ...
+    @property
+    def app(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def instance_id(self) -> str | None: ...
+
+    def status(self) -> Status:
+        """The instance's status (the health metrics are computed from it)."""
+        ...
+
+    def label_scrubber(self) -> Scrubber | None:
+        """The scrubber label values pass, whether telemetry is on or off (None: off)."""
+        ...
+
+
+_I = TypeVar("_I", bound=Instrument)
+
+
+def prometheus_enabled(config: TelemetryConfig, env: Mapping[str, str]) -> tuple[bool, str]:
     """Whether the local Prometheus exposition is on, and the rule that decided."""
     raw = env.get(PROMETHEUS_ENV)
     flag = parse_bool(raw)
@@ -82,24 +124,22 @@ class MetricRegistry:
 
     def __init__(
         self,
-        telemetry: Any,
+        telemetry: MetricsHost,
         *,
         max_series: int = MAX_SERIES,
         load_exporters: bool = True,
     ) -> None:
         self.telemetry = telemetry
         self.config = telemetry.config
-        self.strict = bool(getattr(telemetry, "strict", False))
+        self.strict = telemetry.strict
         self.max_series = max_series
-        self.env: Mapping[str, str] = getattr(telemetry, "_env", None) or os.environ
+        self.env: Mapping[str, str] = telemetry.env
         self.prometheus_enabled, self.prometheus_rule = prometheus_enabled(self.config, self.env)
         self.start_time = time.time()
         self._lock = threading.RLock()
         self._instruments: dict[str, Instrument] = {}
-        self._listeners: list[Any] = []
+        self.listeners: list[Any] = []
         self._exporters: dict[str, Any] = {}
-        self._own_scrubber: Scrubber | None = None
-        self._own_built = False
         self._log_once = LogOnce(log)
         self._health_cache: tuple[float, dict[str, list[Point]]] = (-math.inf, {})
         self._closed = False
@@ -118,7 +158,8 @@ class MetricRegistry:
         labels: Mapping[str, Label | bool | str] | Iterable[str] = (),
     ) -> Counter:
         """A monotonic counter; ``labels`` maps each label to ``MANDATORY`` or ``OPTIONAL``."""
-        return self._declare(Counter, name, description=description, unit=unit, labels=labels)  # type: ignore[return-value]
+        declared = self._declare(Counter, name, description=description, unit=unit, labels=labels)
+        return declared or DisabledCounter(self, MetricInfo(str(name), Counter.kind))
 
     def up_down_counter(
         self,
@@ -129,7 +170,10 @@ class MetricRegistry:
         labels: Mapping[str, Label | bool | str] | Iterable[str] = (),
     ) -> UpDownCounter:
         """A sum that may go down."""
-        return self._declare(UpDownCounter, name, description=description, unit=unit, labels=labels)  # type: ignore[return-value]
+        declared = self._declare(
+            UpDownCounter, name, description=description, unit=unit, labels=labels
+        )
+        return declared or DisabledUpDownCounter(self, MetricInfo(str(name), UpDownCounter.kind))
 
     def gauge(
         self,
@@ -140,7 +184,8 @@ class MetricRegistry:
         labels: Mapping[str, Label | bool | str] | Iterable[str] = (),
     ) -> Gauge:
         """The last value set per label set."""
-        return self._declare(Gauge, name, description=description, unit=unit, labels=labels)  # type: ignore[return-value]
+        declared = self._declare(Gauge, name, description=description, unit=unit, labels=labels)
+        return declared or DisabledGauge(self, MetricInfo(str(name), Gauge.kind))
 
     def histogram(
         self,
@@ -152,20 +197,23 @@ class MetricRegistry:
         buckets: Iterable[float] | None = None,
     ) -> Histogram:
         """A distribution; ``buckets`` are the upper bounds (default: OpenTelemetry's)."""
-        return self._declare(
+        declared = self._declare(
             Histogram, name, description=description, unit=unit, labels=labels, buckets=buckets
-        )  # type: ignore[return-value]
+        )
+        return declared or DisabledHistogram(self, MetricInfo(str(name), Histogram.kind))
 
     def _declare(
         self,
-        cls: type[Instrument],
+        cls: type[_I],
         name: str,
         *,
         description: str,
         unit: str,
         labels: Mapping[str, Label | bool | str] | Iterable[str],
         buckets: Iterable[float] | None = None,
-    ) -> Instrument | Disabled:
+    ) -> _I | None:
+        """The instrument declared (or the one already declared with the same shape); None
+        when the declaration is refused in production (strict mode raises)."""
         try:
             info = declared_info(
                 cls.kind, name, description=description, unit=unit, labels=labels, buckets=buckets
@@ -173,7 +221,7 @@ class MetricRegistry:
             with self._lock:
                 existing = self._instruments.get(name)
                 if existing is not None:
-                    if existing.info.shape != info.shape:
+                    if existing.info.shape != info.shape or not isinstance(existing, cls):
                         raise TrackError(
                             f"metric {name!r} is already declared as {shape_text(existing.info)}; "
                             f"it cannot be declared again as {shape_text(info)}"
@@ -181,12 +229,12 @@ class MetricRegistry:
                     return existing
                 instrument = cls(self, info)
                 self._instruments[name] = instrument
-                listeners = list(self._listeners)
+                listeners = list(self.listeners)
         except TrackError as exc:
             if self.strict:
                 raise
-            self._refuse("metric_declaration", str(exc), f"declare:{name}")
-            return Disabled(str(name))
+            self.refuse("metric_declaration", str(exc), f"declare:{name}")
+            return None
         for listener in listeners:
             self._call(listener, "on_declare", info)
         return instrument
@@ -197,38 +245,22 @@ class MetricRegistry:
 
     # --- recording support --------------------------------------------------------------------
 
-    def _recording(self) -> bool:
-        # Values are kept while some destination may read them: the operator's own local
-        # exposition, or pushes while telemetry is on.
+    def recording(self) -> bool:
+        """Whether values are kept: while some destination may read them, the operator's own
+        local exposition, or pushes while telemetry is on."""
         return self.prometheus_enabled or bool(self.telemetry.enabled)
 
-    def _refuse(self, reason: str, message: str, key: str) -> None:
+    def refuse(self, reason: str, message: str, key: str) -> None:
+        """A refused declaration or recording: :class:`waypost.TrackError` in strict mode,
+        otherwise counted as dropped (``reason``) and logged once per ``key``."""
         if self.strict:
             raise TrackError(message)
         self.telemetry.counters.drop(reason)
         self._log_once(f"{reason}:{key}", "waypost: metric recording dropped: %s", message)
 
-    def _current_scrubber(self) -> Scrubber | None:
-        scrubber: Scrubber | bool | None = getattr(self.telemetry, "scrubber", False)
-        if scrubber is not False:  # the running pipeline's own scrubber (None: scrub is off)
-            return scrubber if isinstance(scrubber, Scrubber) else None
-        if not self._own_built:
-            self._own_scrubber, self._own_built = self._build_scrubber(), True
-        return self._own_scrubber
-
-    def _build_scrubber(self) -> Scrubber | None:
-        """Telemetry off has no pipeline and so no scrubber; local exposition still needs one."""
-        if not self.config.scrub.enabled:
-            return None
-        extra: list[Rule] = []
-        plugins = getattr(self.telemetry, "plugins", None)
-        if plugins is not None:
-            try:
-                for _ in plugins.call_chain("register_scrubbers", register=extra.append):
-                    pass
-            except Exception as exc:
-                log.warning("waypost: a register_scrubbers hook failed: %s", exc)
-        return Scrubber.from_config(self.config, extra)
+    def label_scrubber(self) -> Scrubber | None:
+        """The scrubber label values pass: the instance's (None when scrubbing is off)."""
+        return self.telemetry.label_scrubber()
 
     # --- listeners and exporters --------------------------------------------------------------
 
@@ -237,17 +269,18 @@ class MetricRegistry:
         declared so far when ``replay``, then each new one) and ``listener.on_record(info,
         value, labels)`` after each recording."""
         with self._lock:
-            self._listeners = [*self._listeners, listener]
+            self.listeners = [*self.listeners, listener]
             known = list(self.infos()) if replay else []
         for info in known:
             self._call(listener, "on_declare", info)
 
     def remove_listener(self, listener: Any) -> None:
         with self._lock:
-            self._listeners = [x for x in self._listeners if x is not listener]
+            self.listeners = [x for x in self.listeners if x is not listener]
 
-    def _notify(self, info: MetricInfo, value: float, key: LabelValues) -> None:
-        for listener in self._listeners:
+    def notify(self, info: MetricInfo, value: float, key: LabelValues) -> None:
+        """Tell each listener of a recording (a failing listener is logged, never raised)."""
+        for listener in self.listeners:
             self._call(listener, "on_record", info, value, key)
 
     def _call(self, listener: Any, method: str, *args: Any) -> None:
@@ -313,9 +346,7 @@ class MetricRegistry:
                 self.attach(name, exporter)
             except WaypostError as exc:
                 if isinstance(exc, ConfigError) and exc.source is None:
-                    exc = ConfigError(
-                        exc.reason, source=getattr(self.telemetry, "config_file", None), key=exc.key
-                    )
+                    exc = ConfigError(exc.reason, source=self.telemetry.config_file, key=exc.key)
                 if self.strict:
                     raise exc from None
                 log.error("waypost: metrics exporter %r is off: %s", name, exc)
@@ -365,7 +396,7 @@ class MetricRegistry:
         """The current points of one metric (health metrics are computed now)."""
         instrument = self._instruments.get(name)
         if instrument is not None:
-            return instrument._points()
+            return instrument.points()
         return self._health().get(name, [])
 
     def collect(self, *, builtin: bool = True) -> list[MetricData]:
@@ -379,7 +410,7 @@ class MetricRegistry:
                     out.append(MetricData(info, health.get(info.name, []), self.start_time, now))
                 continue
             out.append(
-                MetricData(info, self._instruments[info.name]._points(), self.start_time, now)
+                MetricData(info, self._instruments[info.name].points(), self.start_time, now)
             )
         return out
 
@@ -420,7 +451,7 @@ class MetricRegistry:
     def _after_fork(self) -> None:
         self._lock = threading.RLock()
         for instrument in list(self._instruments.values()):
-            instrument._reset_lock()
+            instrument.after_fork()
 
     def __repr__(self) -> str:
         return (
