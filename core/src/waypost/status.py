@@ -22,6 +22,10 @@ class LogOnce:
         self._seen: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
+    def after_fork(self) -> None:
+        """In a forked child: the lock may have been held by a parent's thread."""
+        self._lock = threading.Lock()
+
     def __call__(self, key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
         now = time.monotonic()
         with self._lock:

@@ -491,7 +491,7 @@ class Telemetry:
         """The child starts afresh: its own locks, threads, sink instances and counters; what
         the parent had buffered is the parent's to send."""
         self._lock = threading.RLock()
-        self._log_once._lock = threading.Lock()
+        self._log_once.after_fork()
         self.counters.accepted = self.counters.stored = 0
         self.counters.dropped = {}
         if self.pipeline is not None and self._on:

@@ -13,7 +13,7 @@ from typing import Any
 
 from waypost.delivery.backoff import Backoff
 from waypost.delivery.outbox import Outbox
-from waypost.delivery.runner import Runner
+from waypost.delivery.runner import Runner, Settings
 from waypost.errors import SinkContractError
 from waypost.events import Event, coerce, dumps
 from waypost.sinks import Sink
@@ -60,17 +60,23 @@ class Pipeline:
         self.interval = batch_interval
         self.wake_at = batch_size
         self.buffer_size = buffer_size
-        self.backoff = backoff
-        self.max_attempts = max_attempts
-        self.breaker_threshold = breaker_threshold
-        self.keep_sent = keep_sent
         self.retention = retention
         self.debug = debug
         self.strict = strict
-        self.poll_interval = 5.0
-        self.lease_seconds = 120.0
         self.log_once = LogOnce(log)
-        self.runners = [Runner(self, s) for s in sinks]
+        settings = Settings(
+            outbox=outbox,
+            backoff=backoff,
+            max_attempts=max_attempts,
+            breaker_threshold=breaker_threshold,
+            keep_sent=keep_sent,
+            buffer_size=buffer_size,
+            counters=counters,
+            log_once=self.log_once,
+            count_stored=self.count_stored,
+            contract_error=self.contract_error,
+        )
+        self.runners = [Runner(sink, settings) for sink in sinks]
         self._contract_errors: list[SinkContractError] = []
         self._reset_sync()
 
@@ -99,7 +105,7 @@ class Pipeline:
         """In a forked child: the parent's threads, locks, sink instances and buffered events
         are not ours; the child starts its own threads."""
         self._reset_sync()
-        self.log_once = LogOnce(log)  # its lock may have been held by a parent's thread
+        self.log_once.after_fork()  # its lock may have been held by a parent's thread
         if self.outbox is not None:
             self.outbox.after_fork()
         for runner in self.runners:
@@ -279,8 +285,7 @@ class Pipeline:
                 self.count_stored(len(group))
                 for runner in targets:
                     if runner.name in stored:
-                        runner.outbox_due_at = 0.0
-                        runner.wake()
+                        runner.outbox_written()
             for runner in targets:
                 if runner.name not in stored:
                     runner.offer(group, now)
@@ -331,9 +336,7 @@ class Pipeline:
         if self.outbox is not None:
             self.outbox.retry_now([r.name for r in self.runners])
         for runner in self.runners:
-            runner.open_until = 0.0
-            runner.outbox_due_at = 0.0
-            runner.wake()
+            runner.force_due()
 
     def shutdown(self, timeout: float, *, flush: bool = True) -> bool:
         """Stop the threads within ``timeout``; with ``flush``, deliver what can be first."""
@@ -347,8 +350,7 @@ class Pipeline:
         self.stopping = True
         self.wake.set()
         for runner in self.runners:
-            runner.stop = True
-            runner.wake()
+            runner.halt()
         if self.worker is not None:
             self.worker.join(max(0.0, deadline - time.monotonic()))
         stuck = False

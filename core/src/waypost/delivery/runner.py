@@ -1,5 +1,12 @@
 """The per-sink runner: one sink instance's threads, its queue in memory, its batches in flight,
-and the counters and circuit breaker behind its status."""
+and the counters and circuit breaker behind its status.
+
+A runner's locks: ``_signal`` (a condition: wake-ups and flush passes), ``_state`` (the queue,
+the flights, the counters; ``_room`` is a condition on it), ``_spill_lock`` (held while a spill
+writes the outbox) and ``_open_lock`` (one ``Sink.open`` at a time). Only ``_spill_lock`` and
+``_state`` are ever held together, and only through :meth:`Runner._spill_then_state`, which
+is the order; the pipeline's own locks are taken before any runner's, never after.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +14,49 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from waypost.delivery.boundary import call_send
+from waypost.delivery.breaker import Breaker
 from waypost.events import Event
 from waypost.processes import FORK_KEEP, GATE, warm_imports
 from waypost.sinks import SendResult, Sink
 
 if TYPE_CHECKING:
+    from waypost.delivery.backoff import Backoff
     from waypost.delivery.outbox import Outbox
-    from waypost.delivery.pipeline import Pipeline
+    from waypost.errors import SinkContractError
+    from waypost.status import Counters, LogOnce
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the runners of one pipeline share: its settings and services."""
+
+    outbox: Outbox | None
+    """None in debug mode, where runners print and never start."""
+    backoff: Backoff
+    max_attempts: int | None
+    breaker_threshold: int
+    keep_sent: float
+    """Seconds delivered records stay in the outbox for inspection (0: not kept)."""
+    buffer_size: int
+    """How many events a sink's queue in memory holds before new ones go to the outbox."""
+    counters: Counters
+    log_once: LogOnce
+    count_stored: Callable[[int], None]
+    """Count events written to the outbox."""
+    contract_error: Callable[[SinkContractError], None]
+    """Report a sink that broke the plugin contract."""
+    poll_interval: float = 5.0
+    """Seconds between looks into the outbox when nothing says rows are due (other processes
+    may have written some)."""
+    lease_seconds: float = 120.0
 
 
 @dataclass(eq=False)
@@ -41,8 +77,8 @@ class Runner:
     ``batch.interval`` goes to the outbox, and the outbox's due rows are leased from there.
     """
 
-    def __init__(self, pipeline: Pipeline, sink: Sink) -> None:
-        self.pipeline = pipeline
+    def __init__(self, sink: Sink, settings: Settings) -> None:
+        self.settings = settings
         self.sink = sink
         self.name = sink.name
         self.delivered = 0
@@ -52,15 +88,14 @@ class Runner:
         self.last_success: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
-        self.consecutive_failures = 0
-        self.open_until = 0.0
+        self.breaker = Breaker(settings.breaker_threshold, settings.backoff)
         self.opened = False
         self.open_error: str | None = None
         self.receipts: deque[str] = deque(maxlen=20)
         self._reset_sync()
 
     def _reset_sync(self) -> None:
-        self._wakeup = threading.Condition()
+        self._signal = threading.Condition()  # wake-ups (_wakes) and flush passes (tickets)
         self._wakes = 0
         self.stop = False
         self.threads: list[threading.Thread] = []
@@ -69,9 +104,7 @@ class Runner:
         self._room = threading.Condition(self._state)  # notified as the queue in memory shrinks
         self.behind = False
         self._open_lock = threading.Lock()
-        self._grow_lock = threading.Lock()
-        self._spill_lock = threading.Lock()  # held by a spill while it writes; before _state
-        self._pass_lock = threading.Condition()
+        self._spill_lock = threading.RLock()  # re-entered by spill() through the helper below
         self._requested = 0
         self._completed = 0
         self.fresh: deque[tuple[float, Event]] = deque()
@@ -79,13 +112,20 @@ class Runner:
         self.outbox_due_at = 0.0  # monotonic: when the outbox may next hold due rows for us
         self._turn = False
 
+    @contextmanager
+    def _spill_then_state(self) -> Iterator[None]:
+        """The runner's lock order: ``_spill_lock``, then ``_state``. Every place that holds
+        both takes them here (a spill that holds ``_spill_lock`` while it writes re-enters it)."""
+        with self._spill_lock, self._state:
+            yield
+
     @property
     def state(self) -> str:
         if self.open_error and not self.opened:
             return "error"
-        if self.open_until > time.time():
+        if self.breaker.is_open():
             return "circuit_open"
-        if self.consecutive_failures:
+        if self.breaker.failures:
             return "retrying"
         return "ok"
 
@@ -96,7 +136,7 @@ class Runner:
         self._add_threads(1)
 
     def _add_threads(self, n: int) -> None:
-        with self._grow_lock:
+        with self._state:  # thread.start() returns once the thread runs: never held for long
             n = min(n, max(1, self.sink.concurrency) - len(self.threads))
             for _ in range(n):
                 thread = threading.Thread(
@@ -111,31 +151,34 @@ class Runner:
 
     def request_pass(self) -> int:
         self.outbox_due_at = 0.0  # a flush looks in the outbox too
-        with self._pass_lock:
+        with self._signal:
             self._requested += 1
             ticket = self._requested
-        self.wake()
+            self._wakes += 1
+            self._signal.notify_all()
         return ticket
 
     def wait_pass(self, ticket: int, deadline: float) -> bool:
-        with self._pass_lock:
+        with self._signal:
             while self._completed < ticket:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.alive:
                     return self._completed >= ticket
-                self._pass_lock.wait(min(left, 0.5))
+                self._signal.wait(min(left, 0.5))
         return True
 
     def _complete_pass(self) -> None:
-        with self._pass_lock:
+        with self._signal:
             if self._completed < self._requested:
                 self._completed = self._requested
-                self._pass_lock.notify_all()
+                self._signal.notify_all()
 
     def _run(self) -> None:
-        outbox = self.pipeline.outbox
-        assert outbox is not None  # runners exist only when the outbox does
-        idle_wait = self.pipeline.poll_interval
+        settings = self.settings
+        outbox = settings.outbox
+        assert outbox is not None  # runners start only when the outbox exists
+        idle_wait = settings.poll_interval
+        breaker = self.breaker
         while not self.stop:
             seen = self._wakes  # before looking for work: a wake-up after this is not missed
             try:
@@ -149,14 +192,15 @@ class Runner:
                         continue
                 if not self.opened and not self._open():
                     self._idle()
-                    self._sleep(min(30.0, max(1.0, self.open_until - time.time())), seen)
+                    self._sleep(min(30.0, max(1.0, breaker.remaining())), seen)
+                    continue
+                held = breaker.remaining()
+                if held > 0:
+                    self._idle()
+                    self._sleep(held, seen)
                     continue
                 now = time.time()
-                if self.open_until > now:
-                    self._idle()
-                    self._sleep(self.open_until - now, seen)
-                    continue
-                if self.consecutive_failures and self.fresh:
+                if breaker.failures and self.fresh:
                     self.spill(flights=False)  # a failing sink retries from the outbox
                 # Fresh events first; when the outbox has rows due, every other batch. The
                 # outbox is read only when rows may be due: it is written for this sink, a
@@ -176,7 +220,7 @@ class Runner:
                     self._sleep(outbox_wait, seen)
                     continue
                 leased = outbox.lease(
-                    self.name, self.sink.batch_size, lease_seconds=self.pipeline.lease_seconds
+                    self.name, self.sink.batch_size, lease_seconds=settings.lease_seconds
                 )
                 if not leased:
                     due = outbox.next_due(self.name)
@@ -196,7 +240,7 @@ class Runner:
                     with self._state:
                         self._busy -= 1
             except Exception as exc:  # the boundary: nothing escapes a sink's thread
-                self.pipeline.log_once(
+                settings.log_once(
                     f"runner:{self.name}:{type(exc).__name__}",
                     "waypost: sink %r: internal error %s: %s",
                     self.name,
@@ -213,7 +257,7 @@ class Runner:
         if self.fresh:
             return 0.0
         due = outbox.next_due(self.name)
-        poll = self.pipeline.poll_interval
+        poll = self.settings.poll_interval
         return poll if due is None else max(0.0, min(poll, due - time.time()))
 
     def _idle(self) -> None:
@@ -225,18 +269,33 @@ class Runner:
 
     def _sleep(self, seconds: float, seen: int) -> None:
         """Sleep until woken after ``seen`` (the wake count when this turn began), or a stop."""
-        with self._wakeup:
-            self._wakeup.wait_for(lambda: self._wakes != seen or self.stop, timeout=seconds)
+        with self._signal:
+            self._signal.wait_for(lambda: self._wakes != seen or self.stop, timeout=seconds)
+
+    def outbox_written(self) -> None:
+        """Rows for this sink were just written to the outbox: look there now."""
+        self.outbox_due_at = 0.0
+        self.wake()
+
+    def force_due(self) -> None:
+        """ "Submit now": close the circuit and look into the outbox at once."""
+        self.breaker.close()
+        self.outbox_written()
+
+    def halt(self) -> None:
+        """Ask the threads to end (each finishes the batch it is sending)."""
+        self.stop = True
+        self.wake()
 
     def wake(self, threads: int | None = None) -> None:
         """Wake this runner's threads (all, or as many as ``threads``): new events, a flush,
         a stop."""
-        with self._wakeup:
+        with self._signal:
             self._wakes += 1
             if threads is None:
-                self._wakeup.notify_all()
+                self._signal.notify_all()
             else:
-                self._wakeup.notify(threads)
+                self._signal.notify(threads)
 
     def _open(self) -> bool:
         with self._open_lock:
@@ -262,8 +321,7 @@ class Runner:
             )
         self.opened = False
         self.open_error = None
-        self.open_until = 0.0
-        self.consecutive_failures = 0
+        self.breaker = Breaker(self.settings.breaker_threshold, self.settings.backoff)
         self.delivered = self.retried = self.failed = self.dropped_by_destination = 0
         self.last_success = self.last_error = self.last_error_at = None
         self.receipts.clear()
@@ -277,18 +335,14 @@ class Runner:
                 self.sink.open()
         except Exception as exc:
             self.open_error = f"{type(exc).__name__}: {exc}"
-            self.open_until = time.time() + self.pipeline.backoff.delay(
-                self.consecutive_failures + 1
-            )
-            self.consecutive_failures += 1
-            self.pipeline.log_once(
+            self.breaker.open_failed()
+            self.settings.log_once(
                 f"open:{self.name}", "waypost: sink %r cannot start: %s", self.name, self.open_error
             )
             return False
         self.opened = True
         self.open_error = None
-        self.consecutive_failures = 0
-        self.open_until = 0.0
+        self.breaker.succeeded()
         return True
 
     # --- events in memory -------------------------------------------------------------------
@@ -302,21 +356,22 @@ class Runner:
         room in time, is behind: its events go to the outbox, without waiting, until it frees
         room again.
         """
-        if self.consecutive_failures or self.open_error:
+        breaker = self.breaker
+        if breaker.failures or self.open_error:
             return False
-        limit = self.pipeline.buffer_size
+        limit = self.settings.buffer_size
         if len(self.fresh) < limit:
             return True
         if self.behind:
             return False
         with self._room:
             room = self._room.wait_for(
-                lambda: len(self.fresh) < limit or self.consecutive_failures > 0 or self.stop,
+                lambda: len(self.fresh) < limit or breaker.failures > 0 or self.stop,
                 timeout=max(0.0, deadline - time.monotonic()),
             )
             if not room:
                 self.behind = True
-            return room and not (self.consecutive_failures or self.stop)
+            return room and not (breaker.failures or self.stop)
 
     def offer(self, events: list[Event], now: float) -> None:
         """Hand fresh events to this sink's threads."""
@@ -330,7 +385,7 @@ class Runner:
     def _take_fresh(self) -> Flight | None:
         fresh = self.fresh
         with self._state:
-            if not fresh or self.consecutive_failures:
+            if not fresh or self.breaker.failures:
                 return None
             since = fresh[0][0]
             pop = fresh.popleft
@@ -359,13 +414,13 @@ class Runner:
         """Store what this sink holds only in memory (or only what got there before
         ``older_than``, monotonic) in the outbox. Batches in flight are stored leased to this
         process, so that nobody sends them twice; their outcome updates the rows."""
-        outbox = self.pipeline.outbox
+        outbox = self.settings.outbox
         if outbox is None:
             return 0
         # _spill_lock, not _state, is held while writing: a slow disk (or another process's
         # write) holds up only a batch ending now, which must find its rows in place.
         with self._spill_lock:
-            with self._state:
+            with self._spill_then_state():
                 fresh = self.fresh
                 waiting: list[Event] = []
                 while fresh and (older_than is None or fresh[0][0] <= older_than):
@@ -381,10 +436,10 @@ class Runner:
                 return 0
             try:
                 outbox.add(waiting, [self.name])
-                outbox.add(flying, [self.name], lease_seconds=self.pipeline.lease_seconds)
+                outbox.add(flying, [self.name], lease_seconds=self.settings.lease_seconds)
             except Exception as exc:
-                self.pipeline.counters.drop("outbox_error", len(waiting) + len(flying))
-                self.pipeline.log_once(
+                self.settings.counters.drop("outbox_error", len(waiting) + len(flying))
+                self.settings.log_once(
                     "outbox-write",
                     "waypost: cannot write the outbox (%s): %d events lost",
                     exc,
@@ -393,7 +448,7 @@ class Runner:
                 )
                 return 0
             self.outbox_due_at = 0.0
-        self.pipeline.count_stored(len(waiting) + len(flying))
+        self.settings.count_stored(len(waiting) + len(flying))
         self.wake()
         return len(waiting) + len(flying)
 
@@ -410,7 +465,8 @@ class Runner:
         result, batch_error = self._send(events)
         retry, failed, ok = self._classify(events, {}, result)
         now = time.time()
-        keep = self.pipeline.keep_sent > 0
+        settings = self.settings
+        keep = settings.keep_sent > 0
         outcomes: list[tuple[Event, str, float, str | None]] = [
             (events[i], "pending", next_at, reason) for i, next_at, reason in retry
         ]
@@ -418,11 +474,11 @@ class Runner:
         delivered: list[tuple[Event, str, float, str | None]] = [
             (events[i], "sent", 0.0, None) for i in ok
         ]
-        outbox = self.pipeline.outbox
+        outbox = settings.outbox
         assert outbox is not None
         # The batch stays among the flights until its outcome is written: until then a flush or
         # the worker may still store it (leased), and nothing is left only in memory.
-        with self._spill_lock, self._state:  # a spill writing this batch has finished
+        with self._spill_then_state():  # a spill writing this batch has finished
             stored = flight.stored
         try:
             if stored and not keep:
@@ -430,18 +486,18 @@ class Runner:
             if outcomes or (keep and delivered):
                 outbox.settle(self.name, outcomes + (delivered if keep else []), now=now)
                 if not stored:
-                    self.pipeline.count_stored(len(retry) + len(failed))
+                    settings.count_stored(len(retry) + len(failed))
         except Exception as exc:
             lost = 0 if stored else len(retry)  # stored rows stay, to be sent again
-            self.pipeline.counters.drop("outbox_error", lost)
-            self.pipeline.log_once(
+            settings.counters.drop("outbox_error", lost)
+            settings.log_once(
                 "outbox-write",
                 "waypost: cannot write the outbox (%s): %d events to retry are lost",
                 exc,
                 lost,
                 level=logging.ERROR,
             )
-        with self._spill_lock, self._state:
+        with self._spill_then_state():
             self.flights.discard(flight)
             late = flight.stored and not stored
         if late:  # stored while its outcome was being written: the delivered rows go too
@@ -451,11 +507,11 @@ class Runner:
                 else:
                     outbox.forget(self.name, [events[i].id for i in ok])
             except Exception as exc:  # they stay leased, and are sent again later
-                self.pipeline.log_once("outbox-write", "waypost: cannot write the outbox (%s)", exc)
+                settings.log_once("outbox-write", "waypost: cannot write the outbox (%s)", exc)
         if retry:
             self.outbox_due_at = min(self.outbox_due_at, time.monotonic() + 0.01)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
-        if self.consecutive_failures:
+        if self.breaker.failures:
             # The sink is failing: what waits in memory goes to the outbox and its backoff.
             self.spill(flights=False)
 
@@ -465,9 +521,9 @@ class Runner:
         result, batch_error = self._send(events)
         retry, failed, ok = self._classify(events, attempts, result)
         now = time.time()
-        outbox = self.pipeline.outbox
+        outbox = self.settings.outbox
         assert outbox is not None
-        outbox.delivered([leased[i][0] for i in ok], keep=self.pipeline.keep_sent > 0, now=now)
+        outbox.delivered([leased[i][0] for i in ok], keep=self.settings.keep_sent > 0, now=now)
         outbox.retry([(leased[i][0], next_at, reason) for i, next_at, reason in retry])
         outbox.failed([(leased[i][0], reason) for i, reason in failed], now=now)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
@@ -477,8 +533,8 @@ class Runner:
     ) -> tuple[list[tuple[int, float, str]], list[tuple[int, str]], list[int]]:
         """Sort a batch's events (by index) into retry (when, why), failed (why) and ok."""
         now = time.time()
-        policy = self.pipeline.backoff
-        max_attempts = self.pipeline.max_attempts
+        policy = self.settings.backoff
+        max_attempts = self.settings.max_attempts
         retry: list[tuple[int, float, str]] = []
         failed: list[tuple[int, str]] = []
         ok: list[int] = []
@@ -496,7 +552,7 @@ class Runner:
                     failed.append((i, f"gave up after {tried + 1} attempts: {reason}"))
                 else:
                     delay = policy.delay(
-                        max(tried + 1, self.consecutive_failures + 1), result.retry_after
+                        max(tried + 1, self.breaker.failures + 1), result.retry_after
                     )
                     retry.append((i, now + delay, reason))
             else:
@@ -514,7 +570,7 @@ class Runner:
         now: float,
     ) -> None:
         """Counters, breaker and log lines for one batch."""
-        policy = self.pipeline.backoff
+        counters, log_once = self.settings.counters, self.settings.log_once
         with self._state:  # several threads may finish batches at once
             ids = {e.id for e in events}
             dropped = [i for i in result.dropped_by_destination if i in ids]
@@ -525,9 +581,9 @@ class Runner:
             self.failed += len(failed)
             self.dropped_by_destination += len(dropped)
             if failed:
-                self.pipeline.counters.drop(f"refused:{self.name}", len(failed))
+                counters.drop(f"refused:{self.name}", len(failed))
             if dropped:
-                self.pipeline.counters.drop(f"destination:{self.name}", len(dropped))
+                counters.drop(f"destination:{self.name}", len(dropped))
             if result.receipt:
                 self.receipts.append(result.receipt)
                 log.info("waypost: sink %r: receipt %s", self.name, result.receipt)
@@ -538,15 +594,9 @@ class Runner:
                 reason = batch_error or next(iter(sample.values()), "failed")
                 self.last_error, self.last_error_at = reason, now
             if retried and not ok:
-                self.consecutive_failures += 1
+                self.breaker.batch_failed(result.retry_after)
                 self._room.notify_all()  # a worker waiting for room stores instead
-                if self.consecutive_failures >= self.pipeline.breaker_threshold:
-                    self.open_until = now + policy.delay(
-                        self.consecutive_failures, result.retry_after
-                    )
-                elif result.retry_after:
-                    self.open_until = now + min(result.retry_after, 24 * 3600.0)
-                self.pipeline.log_once(
+                log_once(
                     f"retry:{self.name}",
                     "waypost: sink %r: %d events will be retried: %s",
                     self.name,
@@ -554,10 +604,9 @@ class Runner:
                     self.last_error,
                 )
             elif ok:
-                self.consecutive_failures = 0
-                self.open_until = 0.0
+                self.breaker.succeeded()
             if failed:
-                self.pipeline.log_once(
+                log_once(
                     f"failed:{self.name}",
                     "waypost: sink %r refused %d events for good: %s",
                     self.name,
@@ -568,7 +617,7 @@ class Runner:
     def _send(self, events: Sequence[Event]) -> tuple[SendResult, str | None]:
         result, reason, contract = call_send(self.sink, events)
         if contract is not None:
-            self.pipeline.contract_error(contract)
+            self.settings.contract_error(contract)
         return result, reason
 
     def snapshot(self) -> dict[str, Any]:
