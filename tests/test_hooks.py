@@ -263,3 +263,59 @@ def test_waypost_plugins_shows_a_broken_and_a_deprecated_plugin(tmp_path: Path) 
     assert broken["deprecated"] is False
     table = _waypost(["plugins"], site, tmp_path)
     assert "DEPRECATED" in table.stdout and "waypost-oldthing" in table.stdout
+
+
+def test_commands_from_the_one_entry_point_group_load_only_when_asked_for(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    marker = tmp_path / "imported"
+    _fake_distribution(
+        site,
+        "waypost-greeter",
+        """
+        [waypost.sinks]
+        greet = waypost_greeter
+        """,
+        {
+            "waypost_greeter": f"""
+                import pathlib
+                import click
+                import waypost
+
+                pathlib.Path({str(marker)!r}).touch()
+
+                @waypost.hookimpl
+                def register_commands(cli):
+                    @cli.group()
+                    def greet():
+                        '''Greetings.'''
+
+                    @greet.command()
+                    @click.argument("who")
+                    def hello(who):
+                        click.echo(f"greetings {{who}}")
+                """
+        },
+    )
+    data = ["--data-dir", str(tmp_path / "data")]
+    out = _waypost([*data, "purge", "--all", "--json"], site, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not marker.exists()  # a built-in command imports no plugin
+    out = _waypost(["greet", "hello", "you"], site, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "greetings you" and marker.exists()
+    assert "deprecated" not in out.stderr
+    helped = _waypost(["--help"], site, tmp_path)
+    assert "Greetings." in helped.stdout
+    listed = {
+        p["name"]: p for p in json.loads(_waypost(["plugins", "--json"], site, tmp_path).stdout)
+    }
+    assert listed["greet"]["kind"] == "commands" and listed["greet"]["status"] == "loaded"
+
+
+def test_the_deprecated_commands_group_is_listed_as_deprecated(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    _fake_distribution(site, "waypost-old", "[waypost.commands]\nold = waypost_old_cli\n", {})
+    listed = json.loads(_waypost(["plugins", "--json"], site, tmp_path).stdout)
+    (old,) = [p for p in listed if p["name"] == "old"]
+    assert old["kind"] == "commands" and old["deprecated"] is True
+    assert "'waypost.sinks'" in old["deprecation"]

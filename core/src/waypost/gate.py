@@ -78,8 +78,7 @@ def build_scrubber(config: TelemetryConfig, plugins: PluginManager) -> Scrubber 
     """The scrubber of this configuration with the rules plugins register; None when
     ``telemetry.scrub.enabled`` is false."""
     extra_rules: list[Rule] = []
-    for _ in plugins.call_chain("register_scrubbers", register=extra_rules.append):
-        pass
+    plugins.hook.register_scrubbers(register=extra_rules.append)
     return Scrubber.from_config(config, extra_rules) if config.scrub.enabled else None
 
 
@@ -106,7 +105,7 @@ class Gate:
         self.plugins = plugins
         self.counters = counters
         self._log_once = log_once
-        self._before_send = plugins.has_impls("waypost_before_send")
+        self._before_send = plugins.before_send_chain()
 
     @classmethod
     def create(
@@ -124,7 +123,7 @@ class Gate:
         """The gate of a starting instance: the context (with what ``waypost_context`` hooks
         add) and the scrubber (with the rules of ``register_scrubbers`` hooks)."""
         context = base_context(app, version)
-        for extra in plugins.call_chain("waypost_context", context=dict(context)):
+        for extra in plugins.hook.waypost_context(context=dict(context)):
             if isinstance(extra, Mapping):
                 context = _config.merge(context, extra)
         return cls(
@@ -205,11 +204,12 @@ class Gate:
 
     def _apply_before_send(self, event: Event) -> Event | None:
         context, distinct_id = event.context, event.distinct_id
-        for result in self.plugins.call_chain("waypost_before_send", event=event):
+        for hook in self._before_send:
+            result = hook(event)
             if result is False:
                 return None
             if isinstance(result, Event):
-                event = result
+                event = result  # the next implementation sees the replacement
         # Whatever a hook did, the scrubbers have the last word on properties and the id;
         # the shared context may not be changed per event.
         props = coerce(event.properties)

@@ -38,7 +38,7 @@ def payload(
     }
     if facts is not None:
         out = _config.merge(out, facts())
-    for extra in plugins.call_chain("waypost_heartbeat", facts=out):
+    for extra in plugins.hook.waypost_heartbeat(facts=out):
         if isinstance(extra, Mapping):
             out = _config.merge(out, extra)
     return out

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import click
 
     from waypost.events import Event
+    from waypost.metrics import MetricExporter, MetricRegistry
     from waypost.privacy import Rule
     from waypost.sinks import Sink
 
@@ -42,17 +43,43 @@ def register_scrubbers(register: Callable[[Rule], None]) -> None:
     """
 
 
-@hookspec
+@hookspec(historic=True)
 def register_commands(cli: click.Group) -> None:
-    """Add commands to the ``waypost`` CLI.
+    """Add commands to the ``waypost`` CLI (called once for each plugin, as it is loaded).
 
-    :param cli: the root ``click.Group``; add commands with ``@cli.command()``.
+    The CLI loads the plugin of entry point ``NAME`` in group ``waypost.sinks`` when it is
+    asked for a command ``NAME`` it does not know, and every plugin for ``waypost --help``:
+    name the entry point after the command (or command group) the plugin adds.
+
+    :param cli: the root ``click.Group``; add commands with ``@cli.command()`` or a group with
+        ``cli.add_command(group)``.
+    """
+
+
+@hookspec
+def register_metric_exporters(
+    register: Callable[[str, Callable[[MetricRegistry, dict[str, Any]], MetricExporter]], None],
+) -> None:
+    """Contribute metric exporters: call ``register(name, attach)`` once per exporter.
+
+    An exporter starts when ``telemetry.metrics`` has a key ``name`` (or the application calls
+    ``attach`` itself); waypost imports the plugin of entry point ``name`` in group
+    ``waypost.sinks`` to find it, so name the entry point after the exporter.
+
+    :param register: takes the exporter's name (its key under ``telemetry.metrics``) and
+        ``attach(registry, settings)``, which starts the exporter for a
+        :class:`waypost.MetricRegistry` with the settings under that key (a dict) and returns
+        a :class:`waypost.metrics.MetricExporter` (``destinations()``, ``close(timeout)``).
     """
 
 
 @hookspec
 def waypost_before_send(event: Event) -> Event | bool | None:
     """Look at an event after the privacy gate and before it is stored and sent.
+
+    The one chained hook: each implementation (the newest plugin first) gets what the one
+    before returned. A wrapper implementation (``hookimpl(wrapper=True)``) is refused when its
+    plugin is registered.
 
     Return ``False`` to drop it, another :class:`waypost.Event` to replace it, or ``None`` to
     keep it (changes made in place are kept). Whatever comes back passes the scrubbers again,

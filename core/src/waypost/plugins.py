@@ -1,5 +1,18 @@
-"""Plugin discovery and loading: entry points in group ``waypost.sinks``, imported only when
-config names their type, registered with a pluggy ``PluginManager`` for project ``waypost``."""
+"""The plugin mechanism: one pluggy ``PluginManager`` (project ``waypost``) and one entry-point
+group, ``waypost.sinks``.
+
+A plugin is a module of hook implementations. It comes from an entry point of the group (its
+name is the plugin's name: for a sink plugin, the sink type), from ``telemetry.plugins`` in
+config, or from ``Telemetry(plugins=[...])``. An entry point is imported only when something
+names it: a configured sink type, an exporter under ``telemetry.metrics``, a ``waypost``
+command, or ``waypost plugins`` (which imports them all). Sinks, metric exporters and CLI
+commands all arrive through hooks (``register_sinks``, ``register_metric_exporters``,
+``register_commands``), called through ``pm.hook`` so that wrappers, ``firstresult`` and
+``pm.trace`` work; only ``waypost_before_send`` is a chain (each result feeds the next
+implementation), and it refuses wrappers.
+
+The entry-point groups ``waypost.commands`` and ``waypost.metrics`` still work, deprecated.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +20,9 @@ import importlib
 import importlib.metadata as md
 import types
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -17,7 +30,17 @@ from waypost import hookspecs
 from waypost.errors import PluginError, UnknownSinkError
 from waypost.sinks import Sink, SinkConfig
 
+if TYPE_CHECKING:
+    from waypost.events import Event
+    from waypost.metrics import MetricExporter, MetricRegistry
+
+    ExporterFactory = Callable[[MetricRegistry, dict[str, Any]], MetricExporter]
+
 GROUP = "waypost.sinks"
+COMMANDS_GROUP = "waypost.commands"
+"""Deprecated: command modules belong in ``waypost.sinks``."""
+METRICS_GROUP = "waypost.metrics"
+"""Deprecated: exporters are registered by the ``register_metric_exporters`` hook."""
 
 
 @dataclass
@@ -49,18 +72,35 @@ class PluginInfo:
         }
 
 
-def _entry_points() -> dict[str, md.EntryPoint]:
+def entry_points(group: str) -> dict[str, md.EntryPoint]:
+    """The entry points of ``group`` by name (the first installed wins): the one scan."""
     found: dict[str, md.EntryPoint] = {}
-    for ep in md.entry_points(group=GROUP):
+    for ep in md.entry_points(group=group):
         found.setdefault(ep.name, ep)
     return found
 
 
-def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
+def _entry_points() -> dict[str, md.EntryPoint]:
+    # Of group waypost.sinks; waypost.testing's register_plugin fixture patches this one.
+    return entry_points(GROUP)
+
+
+def distribution_of(ep: md.EntryPoint) -> tuple[str, str]:
+    """The name and version of the distribution that installed ``ep``."""
     dist = getattr(ep, "dist", None)
     if dist is None:
         return "unknown", "unknown"
     return dist.metadata["Name"] or "unknown", dist.version or "unknown"
+
+
+def deprecated_group(group: str) -> str:
+    """The warning for an entry point of a deprecated group."""
+    return (
+        f"the entry-point group {group!r} is deprecated and will be removed: declare the "
+        f"module in group {GROUP!r} instead; it registers its "
+        + ("commands with the register_commands hook" if group == COMMANDS_GROUP else
+           "exporters with the register_metric_exporters hook")
+    )  # fmt: skip
 
 
 KNOWN_DISTRIBUTIONS = {"sql": "waypost-warehouse", "snowflake": "waypost-warehouse"}
@@ -73,7 +113,7 @@ def install_hint(sink_type: str) -> str:
 
 
 class PluginManager:
-    """Finds sink plugins and hook plugins, loads only what is asked for, keeps the errors."""
+    """Finds plugins, loads only what is asked for, keeps the errors."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("waypost")
@@ -82,6 +122,11 @@ class PluginManager:
         self._sinks: dict[str, type[Sink]] = {}
         self._infos: dict[str, PluginInfo] = {}
         self._modules: dict[str, types.ModuleType] = {}
+
+    @property
+    def hook(self) -> pluggy.HookRelay:
+        """``pm.hook``: call a hook on every registered plugin."""
+        return self.pm.hook
 
     # --- discovery ----------------------------------------------------------------------------
 
@@ -95,37 +140,86 @@ class PluginManager:
         """Every sink type available: installed entry points and classes registered by hand."""
         return sorted(set(self.entry_points) | set(self._sinks))
 
-    def info(self, sink_type: str) -> PluginInfo:
-        if sink_type not in self._infos:
-            ep = self.entry_points[sink_type]
-            dist, version = _dist_of(ep)
-            self._infos[sink_type] = PluginInfo(sink_type, ep.value, dist, version)
-        return self._infos[sink_type]
+    def info(self, name: str) -> PluginInfo:
+        if name not in self._infos:
+            ep = self.entry_points[name]
+            dist, version = distribution_of(ep)
+            self._infos[name] = PluginInfo(name, ep.value, dist, version)
+        return self._infos[name]
 
-    # --- loading ------------------------------------------------------------------------------
+    # --- registering --------------------------------------------------------------------------
 
     def register_module(self, module: types.ModuleType | object, name: str | None = None) -> None:
         """Register a module or object of hook implementations (not through entry points)."""
-        if self.pm.is_registered(module):
-            return
-        self.pm.register(module, name=name)
-        self.pm.check_pending()
-        self._collect_sinks(module)
+        if not self.pm.is_registered(module):
+            self._register(module, name, where=getattr(module, "__name__", repr(module)))
 
     def register_sink(self, sink_class: type[Sink]) -> None:
         """Make a sink class available directly, e.g. for one test or an embedded sink."""
         _check_sink_class(sink_class, where=repr(sink_class))
         self._sinks[sink_class.type] = sink_class
 
-    def _collect_sinks(self, module: object) -> list[str]:
-        impl = getattr(module, "register_sinks", None)
-        found: list[type[Sink]] = []
-        if impl is not None:
-            impl(register=found.append)
+    def _register(self, plugin: object, name: str | None, *, where: str) -> list[str]:
+        """Register ``plugin``, check it, and collect its sink classes (their types)."""
+        try:
+            self.pm.register(plugin, name=name)  # runs its register_commands in the CLI
+            self.pm.check_pending()
+            for impl in self.pm.hook.waypost_before_send.get_hookimpls():
+                if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper):
+                    raise PluginError(
+                        f"{where}: waypost_before_send cannot be a wrapper "
+                        "(hookimpl(wrapper=True) or hookwrapper=True): each implementation's "
+                        "result feeds the next; implement it as a plain hook"
+                    )
+            others = [p for p in self.pm.get_plugins() if p is not plugin]
+            found: list[type[Sink]] = []
+            self.pm.subset_hook_caller("register_sinks", others)(register=found.append)
+            for cls in found:
+                _check_sink_class(cls, where=where)
+        except Exception:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            raise
         for cls in found:
-            _check_sink_class(cls, where=getattr(module, "__name__", repr(module)))
             self._sinks[cls.type] = cls
         return [cls.type for cls in found]
+
+    def load_plugin(self, name: str) -> types.ModuleType:
+        """Import the entry point ``name`` of group ``waypost.sinks`` (once) and register it.
+        Raises :class:`PluginError` naming the distribution when it cannot be imported."""
+        ep = self.entry_points[name]
+        info = self.info(name)
+        if ep.value in self._modules:
+            module = self._modules[ep.value]
+        else:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    module = importlib.import_module(ep.value)
+                for warning in caught:
+                    if issubclass(warning.category, DeprecationWarning):
+                        info.deprecated = str(warning.message)
+                    warnings.warn_explicit(
+                        warning.message, warning.category, warning.filename, warning.lineno
+                    )
+                types_found = (
+                    [] if self.pm.is_registered(module)
+                    else self._register(module, ep.value, where=f"{info.distribution} ({ep.value})")
+                )  # fmt: skip
+            except Exception as exc:  # a broken plugin must not break the others
+                info.error = f"{type(exc).__name__}: {exc}"
+                raise PluginError(
+                    f"error importing plugin {info.distribution} {info.version} "
+                    f"(module {ep.value}, sink type {name!r}): {info.error}"
+                ) from exc
+            self._modules[ep.value] = module
+            info.sink_types = types_found
+        for sibling in self._infos.values():  # several entry points may name one module
+            if sibling.module == ep.value and sibling is not info and sibling.loaded:
+                info.sink_types = sibling.sink_types
+        info.loaded = True
+        info.hooks = sorted(hc.name for hc in self.pm.get_hookcallers(module) or [])
+        return module
 
     def load_sink_type(self, sink_type: str, *, key: str | None = None) -> type[Sink]:
         """Import the plugin that provides ``sink_type`` (once) and return its sink class."""
@@ -138,35 +232,11 @@ class PluginManager:
                 f"{install_hint(sink_type)}",
                 key=key,
             )
-        ep = self.entry_points[sink_type]
+        self.load_plugin(sink_type)
         info = self.info(sink_type)
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                module = self._modules.get(ep.value) or importlib.import_module(ep.value)
-            for warning in caught:
-                if issubclass(warning.category, DeprecationWarning):
-                    info.deprecated = str(warning.message)
-                warnings.warn_explicit(
-                    warning.message, warning.category, warning.filename, warning.lineno
-                )
-            self._modules[ep.value] = module
-            if not self.pm.is_registered(module):
-                self.pm.register(module, name=ep.value)
-                self.pm.check_pending()
-            types_found = self._collect_sinks(module)
-        except Exception as exc:  # a broken plugin must not break the others
-            info.error = f"{type(exc).__name__}: {exc}"
-            raise PluginError(
-                f"error importing plugin {info.distribution} {info.version} "
-                f"(module {ep.value}, sink type {sink_type!r}): {info.error}"
-            ) from exc
-        info.loaded = True
-        info.sink_types = types_found
-        info.hooks = sorted(hc.name for hc in self.pm.get_hookcallers(module) or [])
         if sink_type not in self._sinks:
             raise PluginError(
-                f"plugin {info.distribution} {info.version} (module {ep.value}) is registered "
+                f"plugin {info.distribution} {info.version} (module {info.module}) is registered "
                 f"for sink type {sink_type!r} but its register_sinks() did not register it"
             )
         cls = self._sinks[sink_type]
@@ -174,36 +244,70 @@ class PluginManager:
             info.deprecated = cls.deprecated
         return cls
 
+    def load_all(self, *, report: Callable[[str, PluginError], None] | None = None) -> None:
+        """Import every entry point of the group; ``report`` hears of each one that fails."""
+        for name in sorted(self.entry_points):
+            info = self.info(name)
+            if info.loaded or info.error is not None:
+                continue
+            try:
+                self.load_plugin(name)
+            except PluginError as exc:
+                if report is not None:
+                    report(name, exc)
+
     def describe_all(self, *, load: bool = True) -> list[PluginInfo]:
         """Every installed plugin; with ``load`` each is imported to report its status."""
-        out = []
-        for sink_type in sorted(self.entry_points):
-            info = self.info(sink_type)
-            if load and not info.loaded and info.error is None:
-                try:
-                    self.load_sink_type(sink_type)
-                except PluginError:
-                    pass
-                if sink_type in self._sinks and not info.loaded:
-                    # Its module was loaded through another entry point of the same plugin.
-                    sibling = next(
-                        (i for i in self._infos.values() if i.module == info.module and i.loaded),
-                        None,
-                    )
-                    info.loaded = True
-                    if sibling is not None:
-                        info.sink_types, info.hooks = sibling.sink_types, sibling.hooks
-            out.append(info)
-        return out
+        if load:
+            self.load_all()
+        for name in sorted(self.entry_points):
+            info = self.info(name)
+            cls = self._sinks.get(name)
+            if cls is not None and cls.deprecated and not info.deprecated:
+                info.deprecated = cls.deprecated
+        return [self.info(name) for name in sorted(self.entry_points)]
 
-    def call_chain(self, hook_name: str, **kwargs: Any) -> Iterable[Any]:
-        """Call each implementation of a hook in turn, yielding results (newest plugin first)."""
-        caller = getattr(self.pm.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):
-            yield impl.function(**{k: kwargs[k] for k in impl.argnames if k in kwargs})
+    # --- what plugins contribute --------------------------------------------------------------
+
+    def metric_exporters(self) -> dict[str, ExporterFactory]:
+        """The metric exporters the registered plugins offer, by name."""
+        found: dict[str, ExporterFactory] = {}
+        self.pm.hook.register_metric_exporters(register=found.__setitem__)
+        return found
+
+    def metric_exporter(self, name: str) -> ExporterFactory | None:
+        """The exporter ``name``: from a registered plugin, else from the plugin of that name
+        in ``waypost.sinks`` (imported now). None when no plugin offers it."""
+        found = self.metric_exporters().get(name)
+        if found is None and name in self.entry_points and not self.info(name).loaded:
+            self.load_plugin(name)
+            found = self.metric_exporters().get(name)
+        return found
+
+    def before_send_chain(self) -> list[Callable[[Event], Any]]:
+        """The ``waypost_before_send`` implementations in calling order (newest plugin first):
+        the one hook whose result feeds the next implementation."""
+        chain: list[Callable[[Event], Any]] = []
+        for impl in reversed(self.pm.hook.waypost_before_send.get_hookimpls()):
+            function = impl.function
+            chain.append(function if impl.argnames else _ignoring_event(function))
+        return chain
 
     def has_impls(self, hook_name: str) -> bool:
         return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
+
+    def call_chain(self, hook_name: str, **kwargs: Any) -> Iterable[Any]:
+        """Deprecated: call ``plugins.hook.<name>(...)`` (it returns the results)."""
+        warnings.warn(
+            "PluginManager.call_chain is deprecated: call plugins.hook.<name>(...) instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return list(getattr(self.pm.hook, hook_name)(**kwargs))
+
+
+def _ignoring_event(function: Callable[[], Any]) -> Callable[[Event], Any]:
+    return lambda event: function()
 
 
 def _check_sink_class(cls: Any, *, where: str) -> None:

@@ -677,8 +677,7 @@ class Telemetry:
         if self._off_scrubber is None:
             extra: list[Rule] = []
             try:
-                for _ in self.plugins.call_chain("register_scrubbers", register=extra.append):
-                    pass
+                self.plugins.hook.register_scrubbers(register=extra.append)
             except Exception as exc:
                 log.warning("waypost: a register_scrubbers hook failed: %s", exc)
             enabled = self.config.scrub.enabled

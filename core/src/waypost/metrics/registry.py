@@ -10,10 +10,12 @@ import math
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from waypost import plugins
 from waypost.errors import ConfigError, PluginError, TrackError, WaypostError
 from waypost.metrics.health import HEALTH, HEALTH_TTL, health_points
 from waypost.metrics.instruments import (
@@ -40,12 +42,14 @@ from waypost.status import LogOnce
 
 if TYPE_CHECKING:
     from waypost.config import TelemetryConfig
+    from waypost.plugins import ExporterFactory, PluginManager
     from waypost.privacy import Decision, Scrubber
     from waypost.status import Counters, Status
 
 log = logging.getLogger(__name__)
 
-GROUP = "waypost.metrics"
+GROUP = plugins.METRICS_GROUP
+"""Deprecated: exporters are registered by the ``register_metric_exporters`` hook."""
 PROMETHEUS_ENV = "PROMETHEUS_ENABLED"
 
 
@@ -62,10 +66,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def _entry_points() -> dict[str, md.EntryPoint]:
-    found: dict[str, md.EntryPoint] = {}
-    for ep in md.entry_points(group=GROUP):
-        found.setdefault(ep.name, ep)
-    return found
+    """The deprecated entry-point group ``waypost.metrics`` (``name = module:attach``)."""
+    return plugins.entry_points(GROUP)
 
 
 class MetricsHost(Protocol):
@@ -92,6 +94,8 @@ class MetricsHost(Protocol):
     def version(self) -> str: ...
     @property
     def instance_id(self) -> str | None: ...
+    @property
+    def plugins(self) -> PluginManager: ...
 
     def status(self) -> Status:
         """The instance's status (the health metrics are computed from it)."""
@@ -315,7 +319,6 @@ class MetricRegistry:
         wanted = dict(self.config.metrics.model_extra or {})
         if not wanted:
             return
-        eps: dict[str, md.EntryPoint] | None = None
         for name, given in wanted.items():
             key = f"telemetry.metrics.{name}"
             settings = {} if given is None else given
@@ -325,22 +328,14 @@ class MetricRegistry:
                         f"must be a mapping of exporter settings, not {type(settings).__name__}",
                         key=key,
                     )
-                eps = _entry_points() if eps is None else eps
-                if name not in eps:
-                    installed = ", ".join(sorted(eps)) or "none"
-                    raise ConfigError(
-                        f"unknown metrics exporter {name!r}: installed exporters are {installed}; "
-                        f"pip install waypost-{name.replace('_', '-')}",
-                        key=key,
-                    )
+                attach, where = self._find_exporter(name, key)
                 try:
-                    attach = eps[name].load()
                     exporter = attach(self, dict(settings))
                 except WaypostError:
                     raise
                 except Exception as exc:
                     raise PluginError(
-                        f"metrics exporter {name!r} ({eps[name].value}) failed to start: "
+                        f"metrics exporter {name!r} ({where}) failed to start: "
                         f"{type(exc).__name__}: {exc}"
                     ) from exc
                 self.attach(name, exporter)
@@ -350,6 +345,35 @@ class MetricRegistry:
                 if self.strict:
                     raise exc from None
                 log.error("waypost: metrics exporter %r is off: %s", name, exc)
+
+    def _find_exporter(self, name: str, key: str) -> tuple[ExporterFactory, str]:
+        """The exporter ``name`` and where it comes from: a plugin's
+        ``register_metric_exporters``, else the deprecated entry-point group."""
+        pm = self.telemetry.plugins
+        attach = pm.metric_exporter(name)
+        if attach is not None:
+            return attach, getattr(attach, "__module__", None) or "a plugin"
+        old = _entry_points()
+        if name in old:
+            warnings.warn(
+                f"metrics exporter {name!r} ({old[name].value}): {plugins.deprecated_group(GROUP)}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            try:
+                loaded: ExporterFactory = old[name].load()
+            except Exception as exc:
+                raise PluginError(
+                    f"metrics exporter {name!r} ({old[name].value}) failed to load: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            return loaded, old[name].value
+        installed = ", ".join(sorted({*pm.metric_exporters(), *old})) or "none"
+        raise ConfigError(
+            f"unknown metrics exporter {name!r}: installed exporters are {installed}; "
+            f"pip install waypost-{name.replace('_', '-')}",
+            key=key,
+        )
 
     def destinations(self) -> list[dict[str, Any]]:
         """Where metrics go, as the attached exporters report it: ``name``, ``target``,

@@ -1,8 +1,5 @@
-"""The ``waypost`` command: ``waypost [--config FILE] COMMAND``; every command takes ``--json``.
-
-Exit codes: 0 done, 1 the action did not complete (e.g. a flush left events pending), 2 bad
-usage or configuration.
-"""
+"""The ``waypost`` CLI's own commands: status, plugins, show, flush, purge, consent, manifest,
+test-sink, send-heartbeat, demo."""
 
 from __future__ import annotations
 
@@ -12,13 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from waypost.errors import WaypostError
+from waypost.cli.app import Ctx, Failure, cli, json_option
 
 if TYPE_CHECKING:
     from waypost.delivery.outbox import Record
+    from waypost.plugins import PluginInfo
     from waypost.telemetry import Telemetry
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def _dump(data: Any) -> None:
@@ -29,72 +25,6 @@ def _console() -> Any:
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=True)
-
-
-class Failure(click.ClickException):
-    """An error that names its cause; exits with status 2."""
-
-    exit_code = 2
-
-
-class Ctx:
-    def __init__(self, config: str | None, app: str | None, data_dir: str | None) -> None:
-        self.config = config
-        self.app = app
-        self.data_dir = data_dir
-
-    def telemetry(self, *, start: bool = False, tolerant: bool = False) -> Telemetry:
-        """The application's Telemetry as seen from here. ``tolerant``: a sink whose secret is
-        not in this environment is reported in ``status``, not fatal (read-only commands)."""
-        from waypost.telemetry import Telemetry
-
-        try:
-            tel = Telemetry(
-                app=self.app,
-                config=self.config,
-                data_dir=self.data_dir,
-                strict=True,
-                start=start,
-                notice=lambda text: None,
-            )
-            if not start:
-                tel.inspect_sinks(tolerant=tolerant)
-            if tel.data_dir_source == "default" and not self.app:
-                click.echo(
-                    f"warning: no application name or data dir given; using {tel.data_dir}. "
-                    "Set telemetry.app or telemetry.data_dir in the config (or pass --app) so "
-                    "the CLI works on the application's own records.",
-                    err=True,
-                )
-        except WaypostError as exc:
-            raise Failure(str(exc)) from None
-        return tel
-
-
-class _Group(click.Group):
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().main(*args, **kwargs)
-        except WaypostError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config",
-    type=click.Path(dir_okay=False),
-    envvar="WAYPOST_CONFIG",
-    help="Config file (YAML or TOML); default: telemetry.yml in this directory.",
-)
-@click.option("--app", envvar="WAYPOST_APP", help="Application name (when the config has none).")
-@click.option("--data-dir", envvar="WAYPOST_HOME", help="Data directory (outbox, consent, ids).")
-@click.version_option(package_name="waypost")
-@click.pass_context
-def cli(ctx: click.Context, config: str | None, app: str | None, data_dir: str | None) -> None:
-    """See, limit and switch off what an application's telemetry sends."""
-    ctx.obj = Ctx(config, app, data_dir)
 
 
 # --- status ------------------------------------------------------------------------------------
@@ -155,25 +85,28 @@ def status(obj: Ctx, as_json: bool) -> None:
 @cli.command()
 @json_option
 def plugins(as_json: bool) -> None:
-    """Installed sink plugins: distribution, version, sink types, hooks, status, deprecation."""
-    import importlib.metadata as md
+    """Installed plugins: distribution, version, sink types, hooks, status, deprecation."""
     import warnings
 
-    from waypost.plugins import PluginManager
+    from waypost import plugins as mechanism
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        infos = [{**i.as_dict(), "kind": "sink"} for i in PluginManager().describe_all()]
-    for group, kind in (("waypost.metrics", "metrics"), ("waypost.commands", "commands")):
-        for ep in md.entry_points(group=group):
-            dist = getattr(ep, "dist", None)
+        infos = [
+            {**i.as_dict(), "kind": _kind(i)} for i in mechanism.PluginManager().describe_all()
+        ]
+    for group, kind in (
+        (mechanism.METRICS_GROUP, "metrics"),
+        (mechanism.COMMANDS_GROUP, "commands"),
+    ):
+        for ep in mechanism.entry_points(group).values():
+            dist, version = mechanism.distribution_of(ep)
             infos.append(
                 {
                     "name": ep.name, "kind": kind, "module": ep.value,
-                    "distribution": dist.metadata["Name"] if dist else "unknown",
-                    "version": dist.version if dist else "unknown",
+                    "distribution": dist, "version": version,
                     "sink_types": [], "hooks": [], "status": "not loaded", "error": None,
-                    "deprecated": False, "deprecation": None,
+                    "deprecated": True, "deprecation": mechanism.deprecated_group(group),
                 }
             )  # fmt: skip
     if as_json:
@@ -194,6 +127,17 @@ def plugins(as_json: bool) -> None:
             note,
         )
     _console().print(table)
+
+
+def _kind(info: PluginInfo) -> str:
+    """What a plugin of ``waypost.sinks`` contributes, in a word (``sink`` if any sink)."""
+    if info.sink_types or not info.loaded:
+        return "sink"
+    if "register_commands" in info.hooks:
+        return "commands"
+    if "register_metric_exporters" in info.hooks:
+        return "metrics"
+    return "hooks"
 
 
 # --- records -----------------------------------------------------------------------------------
@@ -530,26 +474,3 @@ def demo(obj: Ctx, events: int, as_json: bool) -> None:
         f"data dir: {result['data_dir']}  (try: waypost --data-dir {result['data_dir']} "
         "show --state sent)"
     )
-
-
-def _load_plugin_commands() -> None:
-    """Let installed plugins add commands: modules in entry-point group ``waypost.commands``
-    implementing the ``register_commands`` hook. A broken one is reported, never fatal."""
-    import importlib.metadata as md
-
-    from waypost.plugins import PluginManager
-
-    pm = PluginManager()
-    for ep in md.entry_points(group="waypost.commands"):
-        try:
-            pm.register_module(ep.load(), name=f"commands:{ep.name}")
-        except Exception as exc:
-            click.echo(f"warning: plugin commands {ep.value!r} failed to load: {exc}", err=True)
-    for _ in pm.call_chain("register_commands", cli=cli):
-        pass
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
-    _load_plugin_commands()
-    cli.main(args=argv, prog_name="waypost")
