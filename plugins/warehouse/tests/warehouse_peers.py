@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -13,10 +17,20 @@ from typing import Any
 
 import pytest
 
-from waypost.testing import Arrival, BasePeer, PeerCannot, free_port
+from waypost.testing import (
+    Arrival,
+    BasePeer,
+    PeerCannot,
+    RecordingServer,
+    Request,
+    Response,
+    free_port,
+)
 
 SQL_KINDS = ("sqlite", "duckdb", pytest.param("postgresql", marks=pytest.mark.server))
 """The databases of the ``sql`` sink; PostgreSQL needs its server (CI forbids the skip)."""
+
+_HOP_BY_HOP = ("host", "connection", "content-length", "transfer-encoding", "keep-alive")
 
 Backend = Any  # conftest.Backend
 SnowflakeDb = Any  # conftest.SnowflakeDb
@@ -74,7 +88,13 @@ class _TablePeer(BasePeer):
     def _rename_table_away(self) -> None:
         table, query = self.db.table, self.db.query
         query(f"ALTER TABLE {table} RENAME TO {table}_gone")
-        self._undo.append(lambda: query(f"ALTER TABLE {table}_gone RENAME TO {table}"))
+
+        def undo() -> None:
+            # A sink told create_table may have made a new one meanwhile (when it reconnects).
+            query(f"DROP TABLE IF EXISTS {table}")
+            query(f"ALTER TABLE {table}_gone RENAME TO {table}")
+
+        self._undo.append(undo)
 
     def close(self) -> None:
         self.deliver()
@@ -224,17 +244,57 @@ def sql_peer(kind: str, make_backend: Any, tmp_path: Path) -> SqlPeer:
 
 
 class SnowflakePeer(_TablePeer):
-    """fakesnow's server as a :class:`~waypost.testing.Peer`: it refuses by renaming the table
-    away; it has no way to fail retryably or slowly while up."""
+    """fakesnow's server as a :class:`~waypost.testing.Peer`, behind a proxy of the peer's own
+    (a recording server that forwards each request): it refuses by renaming the table away,
+    fails retryably with the proxy's 503 and answers slowly by holding fakesnow's answers."""
 
     def __init__(self, db: SnowflakeDb) -> None:
         super().__init__(db, "fakesnow")
+        self.proxy = RecordingServer(self._forward).start()
 
     def config(self) -> dict[str, Any]:
-        return self.db.config()
+        return self.db.config(host=self.proxy.url)
 
     def unreachable_config(self) -> dict[str, Any]:
         return self.db.config(host=f"http://127.0.0.1:{free_port()}")
+
+    def deliver(self) -> None:
+        super().deliver()
+        self.proxy.responder = self._forward
+
+    def retryable_failures(self) -> list[str]:
+        return ["HTTP 503"]
+
+    def fail_retryably(self, failure: str, retry_after: float | None = None) -> None:
+        self.deliver()
+        headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+        self.proxy.responder = lambda request: Response(503, "busy", headers=headers)
+
+    def slow(self, seconds: float) -> None:
+        self.deliver()
+        forward = self._forward
+        self.proxy.responder = lambda request: dataclasses.replace(forward(request), delay=seconds)
+
+    def _forward(self, request: Request) -> Response:
+        """The request as it came (body still compressed), to fakesnow; its answer as it
+        went (compressed the same way)."""
+        query = urllib.parse.urlencode(request.query, doseq=True)
+        url = f"{self.db.url}{request.path}{'?' + query if query else ''}"
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        forwarded = urllib.request.Request(
+            url, data=request.raw or None, headers=headers, method=request.method
+        )
+        try:
+            with urllib.request.urlopen(forwarded, timeout=60) as answer:
+                status, body, got = answer.status, answer.read(), answer.headers
+        except urllib.error.HTTPError as exc:
+            status, body, got = exc.code, exc.read(), exc.headers
+        kept = {k: v for k, v in got.items() if k.lower() not in _HOP_BY_HOP}
+        return Response(status, body, headers=kept)
+
+    def close(self) -> None:
+        super().close()
+        self.proxy.stop()
 
     def secrets(self) -> list[str]:
         return [self.db.password]
