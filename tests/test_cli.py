@@ -298,3 +298,49 @@ def test_status_without_a_secret_in_this_environment(
     assert sink["state"] == "error" and "environment variable OUT_FILE is not set" in sink["error"]
     flush = waypost_run(["flush"], clean_env, tmp_path, waypost_cli)
     assert flush.returncode == 2 and "OUT_FILE" in flush.stderr
+
+
+def test_the_cli_needs_no_rich(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    """Only the core's required dependencies: plain, aligned tables; --json unchanged."""
+    from waypost.cli.output import plain_table
+
+    assert plain_table(("a", "long name"), [("xyz", "1"), ("q", "two\nlines")], title="t") == [
+        "t",
+        "a    long name",
+        "---  ---------",
+        "xyz  1",
+        "q    two lines",
+    ]
+    code = (
+        "import sys; sys.modules['rich'] = None; "  # any import of rich now fails
+        "from waypost.cli import main; main(sys.argv[1:])"
+    )
+    data = ["--app", "plain", "--data-dir", str(tmp_path / "d")]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code, *data, *args],
+            env=clean_env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    demo = run("demo", "--events", "3")
+    assert demo.returncode == 0, demo.stderr
+    assert "== waypost demo ==" in demo.stdout and "properties (as sent)" in demo.stdout
+    status = run("status")
+    assert status.returncode == 0, status.stderr
+    assert "plain telemetry is on" in status.stdout
+    header = next(line for line in status.stdout.splitlines() if line.startswith("sink"))
+    assert header.split() == [
+        "sink",
+        "type",
+        "state",
+        "pending",
+        "last",
+        "success",
+        "last",
+        "error",
+    ]
+    plugins = run("plugins")
+    assert plugins.returncode == 0, plugins.stderr
+    assert "jsonl" in plugins.stdout and "waypost" in plugins.stdout
+    assert json.loads(run("status", "--json").stdout)["app"] == "plain"

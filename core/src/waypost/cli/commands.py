@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from waypost.cli.app import Ctx, Failure, cli, json_option
+from waypost.cli.output import Output
 
 if TYPE_CHECKING:
     from waypost.delivery.outbox import Record
@@ -19,12 +20,6 @@ if TYPE_CHECKING:
 
 def _dump(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(highlight=False, soft_wrap=True)
 
 
 # --- status ------------------------------------------------------------------------------------
@@ -48,35 +43,36 @@ def status(obj: Ctx, as_json: bool) -> None:
     if as_json:
         _dump(data)
         return
-    con = _console()
-    state = "[green]on[/]" if st.enabled else "[red]off[/]"
-    con.print(f"[bold]{st.app}[/] telemetry is {state}: {st.reason} (rule: {st.rule})")
+    con = Output()
+    state = ("on", "green") if st.enabled else ("off", "red")
+    con.print((st.app, "bold"), " telemetry is ", state, f": {st.reason} (rule: {st.rule})")
     con.print(
         f"mode {st.mode}, level {st.level}{', debug' if st.debug else ''}; data dir {st.data_dir}"
     )
     if st.config_file:
         con.print(f"config: {st.config_file}")
-    from rich.table import Table
-
-    table = Table("sink", "type", "state", "pending", "last success", "last error")
-    for s in st.sinks:
-        table.add_row(
-            s.name,
-            s.type,
-            s.state,
-            str(s.pending),
-            str(s.last_success or "-"),
-            (s.error or s.last_error or "-")[:80],
-        )
-    con.print(table)
+    con.table(
+        ("sink", "type", "state", "pending", "last success", "last error"),
+        (
+            (
+                s.name,
+                s.type,
+                s.state,
+                str(s.pending),
+                str(s.last_success or "-"),
+                (s.error or s.last_error or "-")[:80],
+            )
+            for s in st.sinks
+        ),
+    )
     con.print(f"outbox: {st.outbox_pending_events} events pending")
     user_metrics = [m for m in data["metrics"] if not m.get("builtin")]
     con.print(f"metrics: {len(user_metrics)} declared")
     for dest in data["metrics_destinations"]:
         where = "leaves the machine" if dest.get("leaves_machine") else "local"
-        state = "on" if dest.get("active") else "off"
         target, reason = dest.get("target", ""), dest.get("reason", "")
-        con.print(f"  {dest['name']}  {target}  {where}  {state}: {reason}")
+        active = "on" if dest.get("active") else "off"
+        con.print(f"  {dest['name']}  {target}  {where}  {active}: {reason}")
 
 
 # --- plugins -----------------------------------------------------------------------------------
@@ -112,21 +108,14 @@ def plugins(as_json: bool) -> None:
     if as_json:
         _dump(infos)
         return
-    from rich.table import Table
-
-    table = Table("name", "kind", "distribution", "version", "status", "hooks", "note")
+    rows = []
     for i in infos:
         note = "DEPRECATED: " + (i["deprecation"] or "") if i["deprecated"] else (i["error"] or "")
-        table.add_row(
-            i["name"],
-            i["kind"],
-            i["distribution"],
-            i["version"],
-            i["status"],
-            ", ".join(i["hooks"]),
-            note,
-        )
-    _console().print(table)
+        rows.append(
+            (i["name"], i["kind"], i["distribution"], i["version"], i["status"],
+             ", ".join(i["hooks"]), note)
+        )  # fmt: skip
+    Output().table(("name", "kind", "distribution", "version", "status", "hooks", "note"), rows)
 
 
 def _kind(info: PluginInfo) -> str:
@@ -171,29 +160,22 @@ def show(
     if as_json:
         _dump({"total": total, "offset": offset, "records": [r.as_dict() for r in records]})
         return
-    from rich.table import Table
-
-    table = Table(
-        "seq",
-        "sink",
-        "event",
-        "state",
-        "attempts",
-        "properties",
-        "remarks",
+    Output().table(
+        ("seq", "sink", "event", "state", "attempts", "properties", "remarks"),
+        (
+            (
+                str(r.seq),
+                r.sink,
+                r.name,
+                r.state,
+                str(r.attempts),
+                json.dumps(r.properties)[:80],
+                ", ".join(r.remarks),
+            )
+            for r in records
+        ),
         title=f"{total} records",
     )
-    for r in records:
-        table.add_row(
-            str(r.seq),
-            r.sink,
-            r.name,
-            r.state,
-            str(r.attempts),
-            json.dumps(r.properties)[:80],
-            ", ".join(r.remarks),
-        )
-    _console().print(table)
 
 
 @cli.command()
@@ -220,13 +202,9 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
 
     threading.Thread(target=work, daemon=True).start()
     if not as_json and before > 1000:
-        from rich.progress import Progress
-
-        with Progress(transient=True) as progress:
-            task = progress.add_task("delivering", total=before)
+        with Output().progress("delivering", before) as update:
             while not done.wait(0.2):
-                left = tel.open_outbox().pending_events()
-                progress.update(task, completed=max(0, before - left))
+                update(max(0, before - tel.open_outbox().pending_events()))
     done.wait()
     tel.shutdown(timeout=5)
     st = tel.status()
@@ -448,23 +426,25 @@ def demo(obj: Ctx, events: int, as_json: bool) -> None:
     if as_json:
         _dump({**result, "status": st.model_dump(mode="json")})
         return
-    con = _console()
-    con.rule("[bold]waypost demo")
+    con = Output()
+    con.rule("waypost demo")
     if not st.enabled:
-        con.print(f"Telemetry is [red]off[/]: {st.reason}. Nothing was collected or written.")
-        return
-    from rich.table import Table
-
-    table = Table(
-        "event", "properties (as sent)", "redacted", title=f"recorded in {result['file']}"
-    )
-    for record in result["records"]:
-        table.add_row(
-            record["name"],
-            json.dumps(record["properties"])[:90],
-            ", ".join(record["remarks"]) or "-",
+        con.print(
+            "Telemetry is ", ("off", "red"), f": {st.reason}. Nothing was collected or written."
         )
-    con.print(table)
+        return
+    con.table(
+        ("event", "properties (as sent)", "redacted"),
+        (
+            (
+                record["name"],
+                json.dumps(record["properties"])[:90],
+                ", ".join(record["remarks"]) or "-",
+            )
+            for record in result["records"]
+        ),
+        title=f"recorded in {result['file']}",
+    )
     c = st.counters
     con.print(
         f"accepted {c.accepted}, stored {c.stored}, delivered {c.delivered} "
