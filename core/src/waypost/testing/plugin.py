@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from waypost.testing.peer import Peer
 from waypost.testing.server import RecordingServer
 
 _PRIVACY_VARS = ("DO_NOT_TRACK",)
@@ -125,7 +126,7 @@ def waypost_register_plugin(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, s
 
 
 @pytest.fixture
-def waypost_peer(request: pytest.FixtureRequest) -> Iterator[Any]:
+def waypost_peer(request: pytest.FixtureRequest) -> Iterator[Peer]:
     """The :class:`~waypost.testing.Peer` that a :class:`~waypost.testing.SinkContract`
     drives: by default an :class:`~waypost.testing.HttpPeer` on a recording server, answering
     as the contract subclass says. A sink of another transport overrides this fixture (in its
