@@ -3,7 +3,8 @@
     python bench/stages.py [--events 20000]
 
 Prints microseconds per event (best of three) for: building the envelope (``Gate.build``:
-coercion, scrubbing, UUIDv7), the ``http`` sink's body, the ``posthog`` sink's messages and
+coercion, scrubbing, UUIDv7), scrubbing texts the scrubber has not seen before (one per event:
+ids, URLs, paths, messages), the ``http`` sink's body, the ``posthog`` sink's messages and
 posthog-python's own serialiser, and the outbox's write and lease (what a spill costs). Needs the
 bench requirements (``uv run nox -s bench`` installs them); nothing is sent.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from contenders import EVENT, properties
 
 import waypost
+import waypost.privacy
 
 
 def best(fn: Callable[[], Any], n: int, rounds: int = 3) -> float:
@@ -30,6 +32,18 @@ def best(fn: Callable[[], Any], n: int, rounds: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return min(times) * 1e6 / n
+
+
+def new_texts(n: int) -> list[str]:
+    """``n`` distinct free-form texts as events carry them, none holding anything to redact."""
+    shapes = (
+        "/app/flows/export-{i}.json",
+        "https://api.example.com/v1/flows/{i}?page=2&sort=desc",
+        "flow {i} failed: TimeoutError after 30.0s in ChatOpenAI-{i}",
+        "2024-11-25T12:{m:02d}:{s:02d}.{i:03d}Z",
+        "run-{i:08x}-{m:04x}",
+    )
+    return [shapes[i % len(shapes)].format(i=i, m=i % 60, s=(i // 60) % 60) for i in range(n)]
 
 
 def main() -> None:
@@ -57,6 +71,13 @@ def main() -> None:
 
         outbox = tel.open_outbox()
 
+        texts = new_texts(n)
+
+        def scrub_new_texts() -> None:
+            scrubber = waypost.privacy.Scrubber()
+            for text in texts:
+                scrubber.scrub_text(text, "properties.detail", [])
+
         def store_and_lease() -> None:
             for batch in batches:
                 outbox.add(batch, ["stages"])
@@ -65,6 +86,7 @@ def main() -> None:
 
         figures = {
             "build the envelope (Gate.build)": best(lambda: tel.gate.build(items), n),
+            "scrub a text not seen before (Scrubber.scrub_text)": best(scrub_new_texts, n),
             "http sink body (HttpSink.encode)": best(lambda: [http.encode(b) for b in batches], n),
             "posthog messages (PosthogSink.message)": best(
                 lambda: [[posthog.message(e) for e in b] for b in batches], n
