@@ -54,10 +54,12 @@ ORDINARY = {
 }
 
 
-def jsonl_telemetry(make_telemetry: Factory, tmp_path: Path, **kwargs: Any) -> tuple[Any, Path]:
+def jsonl_telemetry(
+    waypost_make_telemetry: Factory, tmp_path: Path, **kwargs: Any
+) -> tuple[Any, Path]:
     path = tmp_path / "events.jsonl"
     config = {"outbox": {"keep_sent": "1d"}, **kwargs.pop("config", {})}
-    tel = make_telemetry(sinks={"jsonl": {"path": str(path)}}, config=config, **kwargs)
+    tel = waypost_make_telemetry(sinks={"jsonl": {"path": str(path)}}, config=config, **kwargs)
     return tel, path
 
 
@@ -68,9 +70,9 @@ def lines(path: Path) -> list[dict[str, Any]]:
 
 
 def test_planted_personal_data_never_reaches_the_file(
-    make_telemetry: Factory, tmp_path: Path
+    waypost_make_telemetry: Factory, tmp_path: Path
 ) -> None:
-    tel, path = jsonl_telemetry(make_telemetry, tmp_path)
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path)
     tel.track("planted", {**PLANTED, **ORDINARY})
     assert tel.flush(5)
     raw = path.read_text(encoding="utf-8")
@@ -103,10 +105,10 @@ def test_planted_personal_data_never_reaches_the_file(
 
 
 def test_a_known_clean_shape_does_not_let_personal_data_through(
-    make_telemetry: Factory, tmp_path: Path
+    waypost_make_telemetry: Factory, tmp_path: Path
 ) -> None:
     # The worker keeps known-clean properties as they are; the first new value is scrubbed.
-    tel, path = jsonl_telemetry(make_telemetry, tmp_path)
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path)
     clean = {"plan": "pro", "seats": 3, "ratio": 0.5, "ok": True}
     for _ in range(3):
         tel.track("usage", clean)
@@ -126,9 +128,9 @@ class RunPayload(waypost.Payload, event="run_finished"):
 
 
 def test_typed_payload_undeclared_field_dropped_in_production(
-    make_telemetry: Factory, tmp_path: Path
+    waypost_make_telemetry: Factory, tmp_path: Path
 ) -> None:
-    tel, path = jsonl_telemetry(make_telemetry, tmp_path, strict=False)
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path, strict=False)
     tel.track(RunPayload(seconds=1.5, success=False, error="bad key for bob@example.com",
                          user_email="bob@example.com", hostname="bobs-laptop"))  # fmt: skip
     assert tel.flush(5)
@@ -147,9 +149,9 @@ def test_typed_payload_undeclared_field_dropped_in_production(
 
 
 def test_typed_payload_undeclared_field_rejected_in_strict_mode(
-    make_telemetry: Factory, tmp_path: Path
+    waypost_make_telemetry: Factory, tmp_path: Path
 ) -> None:
-    tel, path = jsonl_telemetry(make_telemetry, tmp_path)
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path)
     with pytest.raises(waypost.TrackError, match="user_email"):
         tel.track(RunPayload(seconds=1.0, success=True, user_email="bob@example.com"))
     assert tel.flush(5)
@@ -168,9 +170,9 @@ class ReAdd:
 
 
 def test_before_send_hook_cannot_reintroduce_personal_data(
-    make_telemetry: Factory, tmp_path: Path
+    waypost_make_telemetry: Factory, tmp_path: Path
 ) -> None:
-    tel, path = jsonl_telemetry(make_telemetry, tmp_path, plugins=[ReAdd()])
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path, plugins=[ReAdd()])
     tel.track("hooked", {"n": 1})
     assert tel.flush(5)
     raw = path.read_text(encoding="utf-8")
@@ -211,17 +213,17 @@ def _send_all_levels(tel: Any) -> None:
     ],
 )
 def test_levels_filter_events(
-    make_telemetry: Factory, tmp_path: Path, level: str, expected: set[str]
+    waypost_make_telemetry: Factory, tmp_path: Path, level: str, expected: set[str]
 ) -> None:
-    tel, path = jsonl_telemetry(make_telemetry, tmp_path, config={"level": level})
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path, config={"level": level})
     _send_all_levels(tel)
     assert tel.flush(5)
     assert {e["name"] for e in lines(path)} == expected
     assert tel.status().counters.dropped.get("level", 0) == 5 - len(expected)
 
 
-def test_level_off_collects_nothing(make_telemetry: Factory, tmp_path: Path) -> None:
-    tel, path = jsonl_telemetry(make_telemetry, tmp_path, config={"level": "off"})
+def test_level_off_collects_nothing(waypost_make_telemetry: Factory, tmp_path: Path) -> None:
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path, config={"level": "off"})
     status = tel.status()
     assert (status.enabled, status.rule) == (False, "level")
     _send_all_levels(tel)
@@ -230,9 +232,109 @@ def test_level_off_collects_nothing(make_telemetry: Factory, tmp_path: Path) -> 
     assert not (tel.data_dir / "outbox.sqlite3").exists()
 
 
-def test_scrubbing_can_be_switched_off_per_rule(make_telemetry: Factory, tmp_path: Path) -> None:
-    tel, path = jsonl_telemetry(make_telemetry, tmp_path, config={"scrub": {"disable": ["ipv4"]}})
+def test_scrubbing_can_be_switched_off_per_rule(
+    waypost_make_telemetry: Factory, tmp_path: Path
+) -> None:
+    tel, path = jsonl_telemetry(
+        waypost_make_telemetry, tmp_path, config={"scrub": {"disable": ["ipv4"]}}
+    )
     tel.track("lan", {"gateway": "192.168.1.1", "owner": "ann@example.com"})
     assert tel.flush(5)
     (event,) = lines(path)
     assert event["properties"] == {"gateway": "192.168.1.1", "owner": "[REDACTED:email]"}
+
+
+# --- names and context --------------------------------------------------------------------------
+
+
+def test_a_name_holding_personal_data_is_scrubbed_with_a_remark(
+    waypost_make_telemetry: Factory, tmp_path: Path
+) -> None:
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path)
+    tel.track("signup jane.doe@example.com", {"n": 1})
+    tel.track("opened /home/janedoe/flows", {"n": 2})
+    assert tel.flush(5)
+    raw = path.read_text(encoding="utf-8")
+    assert "jane.doe@example.com" not in raw and "janedoe" not in raw
+    assert [e["name"] for e in lines(path)] == [
+        "signup [REDACTED:email]",
+        "opened /home/<user>/flows",
+    ]
+    records, _ = tel.open_outbox().records(state="sent")
+    assert sorted(r.remarks[0] for r in records) == ["email@name", "home_path@name"]
+
+
+def test_a_name_that_is_nothing_but_personal_data_is_refused_and_counted(
+    waypost_make_telemetry: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path, strict=False)
+    tel.track("jane.doe@example.com", {"n": 1})
+    tel.track("kept", {"n": 2})
+    assert tel.flush(5)
+    assert [e["name"] for e in lines(path)] == ["kept"]
+    assert tel.status().counters.dropped == {"unsafe_name": 1}
+    assert "jane.doe" not in caplog.text and "nothing but personal data" in caplog.text
+
+
+class Renamer:
+    @waypost.hookimpl
+    def waypost_before_send(self, event: Event) -> Event:
+        event.name = f"{event.name} for ann@example.org"
+        return event
+
+
+def test_a_hook_cannot_put_personal_data_in_the_name(
+    waypost_make_telemetry: Factory, tmp_path: Path
+) -> None:
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path, plugins=[Renamer()])
+    tel.track("renamed", {"n": 1})
+    assert tel.flush(5)
+    assert [e["name"] for e in lines(path)] == ["renamed for [REDACTED:email]"]
+
+
+class Context:
+    def __init__(self, extra: dict[str, Any]) -> None:
+        self.extra = extra
+
+    @waypost.hookimpl
+    def waypost_context(self, context: dict[str, Any]) -> dict[str, Any]:
+        return self.extra
+
+
+def test_what_a_plugin_adds_to_the_context_passes_the_scrubbers(
+    waypost_make_telemetry: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    extra = {"deploy": {"owner": "ops@example.org", "host": "10.1.2.3", "region": "eu"}}
+    tel, path = jsonl_telemetry(waypost_make_telemetry, tmp_path, plugins=[Context(extra)])
+    tel.track("one", {"n": 1})
+    tel.track("two", {"n": 2})
+    assert tel.flush(5)
+    for event in lines(path):
+        assert event["context"]["deploy"] == {
+            "owner": "[REDACTED:email]",
+            "host": "[REDACTED:ipv4]",
+            "region": "eu",
+        }
+    # Every event carries the context's remarks; the log names the places, never the values.
+    records, _ = tel.open_outbox().records(state="sent")
+    assert all(
+        r.remarks[:2] == ["email@context.deploy.owner", "ipv4@context.deploy.host"] for r in records
+    )
+    assert "email@context.deploy.owner" in caplog.text
+    assert "ops@example.org" not in caplog.text and "10.1.2.3" not in caplog.text
+
+
+def test_context_that_cannot_be_sent_is_refused_and_the_rest_kept(
+    waypost_make_telemetry: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tel, path = jsonl_telemetry(
+        waypost_make_telemetry,
+        tmp_path,
+        strict=False,
+        plugins=[Context({"bad": {"x": object()}}), Context({"good": {"tier": "pro"}})],
+    )
+    tel.track("one", {"n": 1})
+    assert tel.flush(5)
+    (event,) = lines(path)
+    assert event["context"]["good"] == {"tier": "pro"} and "bad" not in event["context"]
+    assert "context from a waypost_context hook refused" in caplog.text

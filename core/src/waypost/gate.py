@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from waypost.status import Counters, LogOnce
 
 log = logging.getLogger(__name__)
+
+_REDACTION = re.compile(r"\[REDACTED:[^\]]*\]")
 
 
 def check_name(name: Any) -> str:
@@ -106,6 +109,19 @@ class Gate:
         self.counters = counters
         self._log_once = log_once
         self._before_send = plugins.before_send_chain()
+        self.context_remarks: list[str] = []
+        """What the scrubbers took out of the shared context; each event carries them."""
+        if scrubber is not None:
+            self.context = scrubber.scrub(context, "context", self.context_remarks)
+            if self.context_remarks:
+                shown = self.context_remarks[:5]
+                more = len(self.context_remarks) - len(shown)
+                log.warning(
+                    "waypost: the context was scrubbed (%s%s): a waypost_context hook added "
+                    "personal data or a secret",
+                    ", ".join(shown),
+                    f" and {more} more" if more else "",
+                )
 
     @classmethod
     def create(
@@ -124,8 +140,14 @@ class Gate:
         add) and the scrubber (with the rules of ``register_scrubbers`` hooks)."""
         context = base_context(app, version)
         for extra in plugins.hook.waypost_context(context=dict(context)):
-            if isinstance(extra, Mapping):
-                context = _config.merge(context, extra)
+            if not isinstance(extra, Mapping):
+                continue
+            try:
+                # What leaves is JSON: a value that cannot be made JSON is refused here, once,
+                # rather than failing every event that carries the context.
+                context = _config.merge(context, coerce(dict(extra)))
+            except (TypeError, ValueError) as exc:
+                log.warning("waypost: context from a waypost_context hook refused: %s", exc)
         return cls(
             level=config.level,
             instance_id=instance_id,
@@ -145,6 +167,7 @@ class Gate:
         scrubber = self.scrubber
         default_who = self.distinct_id or instance_id
         usage_passes = level_allows(configured, "usage")
+        context_remarks = self.context_remarks
         out: list[Event] = []
         ids = uuid7.many([item[2] for item in items])  # track() let only finite times in
         for i, (event, properties, when, level, distinct_id) in enumerate(items):
@@ -174,8 +197,16 @@ class Gate:
                 if not (usage_passes if level is None else level_allows(configured, level)):
                     self.counters.drop("level")
                     continue
+                if context_remarks:
+                    remarks[:0] = context_remarks
                 who = distinct_id or default_who
                 if scrubber is not None:
+                    scrubbed = scrubber.scrub_text(name, "name", remarks)  # remembered if clean
+                    if scrubbed is not name:
+                        kept = self._safe_name(scrubbed)
+                        if kept is None:
+                            continue
+                        name = kept
                     if not clean:
                         props = scrubber.scrub(props, "properties", remarks)
                     if who is not instance_id:  # an id the application chose may be personal
@@ -202,8 +233,21 @@ class Gate:
                 )
         return out
 
+    def _safe_name(self, scrubbed: str, *, count: bool = True) -> str | None:
+        """The name the scrubbers made of an event's name, or None (counted as dropped with
+        reason ``unsafe_name``) when nothing of it is left but redactions."""
+        if _REDACTION.sub("", scrubbed).strip(" _-.:/"):
+            return scrubbed
+        if count:
+            self.counters.drop("unsafe_name")
+        self._log_once(
+            "unsafe_name",
+            "waypost: event dropped: its name is nothing but personal data or a secret",
+        )
+        return None
+
     def _apply_before_send(self, event: Event) -> Event | None:
-        context, distinct_id = event.context, event.distinct_id
+        context, distinct_id, name = event.context, event.distinct_id, event.name
         for hook in self._before_send:
             result = hook(event)
             if result is False:
@@ -219,6 +263,13 @@ class Gate:
                 event.distinct_id = self.scrubber.scrub_text(
                     str(event.distinct_id), "distinct_id", event.remarks
                 )
+            if event.name != name:
+                scrubbed = self._safe_name(
+                    self.scrubber.scrub_text(str(event.name), "name", event.remarks), count=False
+                )  # dropped, and counted, as the hook's doing
+                if scrubbed is None:
+                    return None
+                event.name = scrubbed
         event.properties = props
         event.context = context
         return event
