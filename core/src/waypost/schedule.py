@@ -177,9 +177,13 @@ class Scheduler:
         emit: Callable[[Job, Any], bool],
         clock: Clock | None = None,
         seed: int | None = None,
+        active: Callable[[], bool] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.emit = emit
+        self.active = active
+        """Asked before each run: while it says no (telemetry is off), a job is skipped before
+        anything is touched: no lock file, no record, no callback."""
         self.clock = clock or Clock()
         self.rng = random.Random(seed)
         self.jobs: dict[str, Job] = {}
@@ -250,6 +254,8 @@ class Scheduler:
 
     def run(self, job: Job, *, force: bool = False) -> bool:
         """Run ``job`` now if its period has passed for this installation; True if it sent."""
+        if self.active is not None and not self.active():
+            return self._outcome(job, "skipped: telemetry is off", skipped=True)
         try:
             with file_lock(self.data_dir / LOCK_FILE):
                 state = self._read()

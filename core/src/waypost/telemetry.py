@@ -553,9 +553,7 @@ class Telemetry:
         """
         parse = _config.parse_duration
         if self.scheduler is None:
-            self.scheduler = Scheduler(
-                data_dir=self.data_dir, emit=self._emit_job, clock=self.clock
-            )
+            self.scheduler = self._new_scheduler()
         job = Job(
             name=name,
             callback=callback,
@@ -612,10 +610,12 @@ class Telemetry:
     def send_heartbeat(self, *, force: bool = False) -> bool:
         """Send the heartbeat now (for cron: ``waypost send-heartbeat``). Unless ``force``, it
         is skipped when this installation already sent one within the period."""
+        if not self._on:
+            # Off means off: no schedule file, no facts callback, no waypost_heartbeat hook.
+            self.last_heartbeat_outcome = "skipped: telemetry is off"
+            return False
         if self.scheduler is None or heartbeat.NAME not in self.scheduler.jobs:
-            self.scheduler = self.scheduler or Scheduler(
-                data_dir=self.data_dir, emit=self._emit_job, clock=self.clock
-            )
+            self.scheduler = self.scheduler or self._new_scheduler()
             job = heartbeat.job_from_config(
                 lambda: self.heartbeat_payload(self._heartbeat_facts), self.config.heartbeat
             )
@@ -624,6 +624,14 @@ class Telemetry:
         sent = self.scheduler.run(job, force=force)
         self.last_heartbeat_outcome = job.last_outcome
         return sent
+
+    def _new_scheduler(self) -> Scheduler:
+        return Scheduler(
+            data_dir=self.data_dir, emit=self._emit_job, clock=self.clock, active=self._running
+        )
+
+    def _running(self) -> bool:
+        return self._on
 
     def on_shutdown(self, callback: Callable[[float], Any]) -> None:
         """At shutdown, track what ``callback(seconds_running)`` returns (Langflow's shutdown
