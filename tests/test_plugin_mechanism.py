@@ -42,11 +42,15 @@ class PlainContext:
         return {"plain": True}
 
 
-def test_a_wrapper_runs_and_tracing_sees_the_hooks(make_telemetry: Any, tmp_path: Path) -> None:
+def test_a_wrapper_runs_and_tracing_sees_the_hooks(
+    waypost_make_telemetry: Any, tmp_path: Path
+) -> None:
     wrapper = WrappingContext()
     out = tmp_path / "out.jsonl"
     called: list[str] = []
-    tel = make_telemetry(sinks={"jsonl": {"path": str(out)}}, plugins=[PlainContext(), wrapper])
+    tel = waypost_make_telemetry(
+        sinks={"jsonl": {"path": str(out)}}, plugins=[PlainContext(), wrapper]
+    )
     tel.track("started")
     assert tel.flush(timeout=10)
     (record,) = records(out)
@@ -70,10 +74,10 @@ class Rename:
         return None
 
 
-def test_before_send_is_a_chain(make_telemetry: Any, tmp_path: Path) -> None:
+def test_before_send_is_a_chain(waypost_make_telemetry: Any, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     # The newest plugin runs first: a -> b, then b -> c.
-    tel = make_telemetry(
+    tel = waypost_make_telemetry(
         sinks={"jsonl": {"path": str(out)}}, plugins=[Rename("b", "c"), Rename("a", "b")]
     )
     tel.track("a")
@@ -87,9 +91,9 @@ class WrappingBeforeSend:
         return (yield)
 
 
-def test_before_send_refuses_a_wrapper(make_telemetry: Any) -> None:
+def test_before_send_refuses_a_wrapper(waypost_make_telemetry: Any) -> None:
     with pytest.raises(PluginError, match="waypost_before_send cannot be a wrapper"):
-        make_telemetry(plugins=[WrappingBeforeSend()])
+        waypost_make_telemetry(plugins=[WrappingBeforeSend()])
 
 
 class Exporter:
@@ -111,9 +115,9 @@ class ExporterPlugin:
 
 
 def test_exporters_come_from_the_register_metric_exporters_hook(
-    make_telemetry: Any, recwarn: pytest.WarningsRecorder
+    waypost_make_telemetry: Any, recwarn: pytest.WarningsRecorder
 ) -> None:
-    tel = make_telemetry(
+    tel = waypost_make_telemetry(
         plugins=[ExporterPlugin()], config={"metrics": {"mine": {"url": "file:///m"}}}
     )
     exporter = tel.metrics.exporter("mine")
@@ -125,7 +129,10 @@ def test_exporters_come_from_the_register_metric_exporters_hook(
 
 
 def test_an_exporter_plugin_in_the_one_group_is_imported_only_when_named(
-    make_telemetry: Any, register_plugin: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    waypost_make_telemetry: Any,
+    waypost_register_plugin: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (tmp_path / "exporter_plugin_mod.py").write_text(
         textwrap.dedent(
@@ -149,17 +156,17 @@ def test_an_exporter_plugin_in_the_one_group_is_imported_only_when_named(
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    register_plugin("expo", "exporter_plugin_mod")
+    waypost_register_plugin("expo", "exporter_plugin_mod")
     import sys
 
-    make_telemetry().metrics.counter("runs")
+    waypost_make_telemetry().metrics.counter("runs")
     assert "exporter_plugin_mod" not in sys.modules
-    tel = make_telemetry(config={"metrics": {"expo": {"a": 1}}})
+    tel = waypost_make_telemetry(config={"metrics": {"expo": {"a": 1}}})
     assert tel.metrics.exporter("expo").settings == {"a": 1}
 
 
 def test_the_old_exporter_group_still_works_with_a_deprecation(
-    make_telemetry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    waypost_make_telemetry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "old_exporter_mod.py").write_text(
         "class E:\n    def destinations(self):\n        return []\n"
@@ -170,5 +177,5 @@ def test_the_old_exporter_group_still_works_with_a_deprecation(
     ep = md.EntryPoint(name="old", value="old_exporter_mod:attach", group="waypost.metrics")
     monkeypatch.setattr(registry_module, "_entry_points", lambda: {"old": ep})
     with pytest.warns(DeprecationWarning, match="'waypost.sinks'.*register_metric_exporters"):
-        tel = make_telemetry(config={"metrics": {"old": {}}})
+        tel = waypost_make_telemetry(config={"metrics": {"old": {}}})
     assert tel.metrics.exporter("old") is not None

@@ -7,8 +7,10 @@ from typing import Any
 from waypost.metrics import Counter, Gauge, Histogram, UpDownCounter
 
 
-def test_a_refused_declaration_still_returns_the_kind_asked_for(make_telemetry: Any) -> None:
-    tel = make_telemetry(strict=False)
+def test_a_refused_declaration_still_returns_the_kind_asked_for(
+    waypost_make_telemetry: Any,
+) -> None:
+    tel = waypost_make_telemetry(strict=False)
     reg = tel.metrics
     reg.counter("runs")
     refused = [
@@ -27,16 +29,16 @@ def test_a_refused_declaration_still_returns_the_kind_asked_for(make_telemetry: 
     assert tel.counters.dropped == {"metric_declaration": 4}
 
 
-def test_label_values_are_scrubbed_with_telemetry_off(make_telemetry: Any) -> None:
-    tel = make_telemetry(env={"DO_NOT_TRACK": "1"}, config={"metrics": {}})
+def test_label_values_are_scrubbed_with_telemetry_off(waypost_make_telemetry: Any) -> None:
+    tel = waypost_make_telemetry(env={"DO_NOT_TRACK": "1"}, config={"metrics": {}})
     assert not tel.enabled and tel.gate is None
     scrubber = tel.label_scrubber()
     assert scrubber is not None and scrubber is tel.label_scrubber()  # built once
     assert "[REDACTED:email]" in scrubber.scrub_text("jane@example.com", "l", [])
 
 
-def test_inspection_without_starting(make_telemetry: Any, tmp_path: Any) -> None:
-    tel = make_telemetry(sinks={"jsonl": {"path": str(tmp_path / "o.jsonl")}}, start=False)
+def test_inspection_without_starting(waypost_make_telemetry: Any, tmp_path: Any) -> None:
+    tel = waypost_make_telemetry(sinks={"jsonl": {"path": str(tmp_path / "o.jsonl")}}, start=False)
     assert not tel.has_outbox() and tel.receipts() == {}
     assert list(tel.inspect_sinks()) == ["jsonl"]
     assert not tel.has_outbox()  # looking never creates an outbox

@@ -18,23 +18,26 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import logging
 import types
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from waypost import hookspecs
-from waypost.errors import PluginError, UnknownSinkError
-from waypost.sinks import Sink, SinkConfig
+from waypost.errors import ConfigError, MissingVariableError, PluginError, UnknownSinkError
+from waypost.sinks import Sink, SinkConfig, SinkContext
 
 if TYPE_CHECKING:
     from waypost.events import Event
     from waypost.metrics import MetricExporter, MetricRegistry
 
     ExporterFactory = Callable[[MetricRegistry, dict[str, Any]], MetricExporter]
+
+log = logging.getLogger(__name__)
 
 GROUP = "waypost.sinks"
 COMMANDS_GROUP = "waypost.commands"
@@ -268,6 +271,47 @@ class PluginManager:
         return [self.info(name) for name in sorted(self.entry_points)]
 
     # --- what plugins contribute --------------------------------------------------------------
+
+    def make_sinks(
+        self,
+        specs: Mapping[str, Mapping[str, Any]],
+        *,
+        context: SinkContext,
+        env: Mapping[str, str],
+        config_file: str | None,
+        strict: bool,
+        tolerant: bool = False,
+    ) -> tuple[dict[str, Sink], dict[str, tuple[str, str]]]:
+        """The sinks of ``telemetry.sinks`` (``specs``: name -> settings with their ``type``),
+        only their types' plugins imported; and for each sink that cannot be made, its type and
+        the error (logged). In strict mode the first error raises, unless ``tolerant`` and it is
+        only a variable missing from this environment (inspection from another shell)."""
+        from pydantic import ValidationError
+
+        from waypost.config import expand, validation_error
+
+        made: dict[str, Sink] = {}
+        errors: dict[str, tuple[str, str]] = {}
+        for name, given in specs.items():
+            spec = dict(given)
+            sink_type = str(spec.pop("type"))
+            key = f"telemetry.sinks.{name}"
+            try:
+                spec = expand(spec, env, key)
+                cls = self.load_sink_type(sink_type, key=key)
+                try:
+                    sink_config = cls.Config.model_validate(spec)
+                except ValidationError as exc:
+                    raise validation_error(exc, source=config_file, prefix=key) from None
+                made[name] = cls(name, sink_config, context)
+            except (ConfigError, PluginError) as exc:
+                if isinstance(exc, ConfigError) and exc.source is None:
+                    exc = type(exc)(exc.reason, source=config_file, key=exc.key)
+                if strict and not (tolerant and isinstance(exc, MissingVariableError)):
+                    raise exc from None
+                errors[name] = (sink_type, str(exc))
+                log.error("waypost: sink %r is off: %s", name, exc)
+        return made, errors
 
     def metric_exporters(self) -> dict[str, ExporterFactory]:
         """The metric exporters the registered plugins offer, by name."""

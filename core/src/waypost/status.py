@@ -8,9 +8,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from waypost.delivery.runner import Runner
 
 
 class LogOnce:
@@ -104,3 +107,28 @@ class Status(BaseModel):
 
 def as_datetime(value: float | None) -> _dt.datetime | None:
     return None if value is None else _dt.datetime.fromtimestamp(value, _dt.timezone.utc)
+
+
+def sink_status(
+    name: str,
+    sink_type: str,
+    *,
+    runner: Runner | None,
+    error: str | None,
+    pending: int,
+    running: bool,
+) -> SinkStatus:
+    """One sink's status: its runner's snapshot while it runs; else ``error`` (it could not be
+    made), ``off`` (telemetry is off) or ``idle``."""
+    if runner is not None:
+        snap = runner.snapshot()
+        return SinkStatus(
+            **{
+                **snap,
+                "last_success": as_datetime(snap["last_success"]),
+                "last_error_at": as_datetime(snap["last_error_at"]),
+            },
+            pending=pending,
+        )
+    state = "error" if error else ("idle" if running else "off")
+    return SinkStatus(name=name, type=sink_type, state=state, error=error, pending=pending)

@@ -7,15 +7,12 @@ import atexit
 import datetime as _dt
 import logging
 import os
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from pydantic import ValidationError
 
 from waypost import config as _config
 from waypost import datadir, heartbeat, processes
@@ -28,7 +25,6 @@ from waypost.delivery.pipeline import Pipeline
 from waypost.delivery.runner import Runner
 from waypost.errors import (
     ConfigError,
-    MissingVariableError,
     PluginError,
     TrackError,
     WaypostError,
@@ -36,10 +32,10 @@ from waypost.errors import (
 from waypost.events import Payload
 from waypost.gate import Gate, check, unix_seconds
 from waypost.plugins import PluginManager
-from waypost.privacy import Decision, Rule, Scrubber, StoredConsent, resolve_consent
+from waypost.privacy import Decision, Rule, Scrubber, StoredConsent, notice, resolve_consent
 from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
 from waypost.sinks import Sink, SinkContext
-from waypost.status import Counters, CounterStatus, LogOnce, SinkStatus, Status, as_datetime
+from waypost.status import Counters, CounterStatus, LogOnce, Status, sink_status
 
 if TYPE_CHECKING:
     from waypost.metrics import MetricRegistry
@@ -272,27 +268,14 @@ class Telemetry:
         self.decision = Decision(False, "error", reason)
 
     def _show_notice(self) -> bool:
-        cfg = self.config
-        if cfg.mode != "opt-out" or not cfg.notice.enabled or self.decision.rule != "default":
-            return True
-        marker = self.data_dir / "notice.json"
         try:
-            if marker.read_text(encoding="utf-8").strip() == cfg.policy_version:
-                return True
-        except OSError:
-            pass
-        text = cfg.notice.text or (
-            f"{self.app} collects anonymous usage telemetry to help improve it. Nothing personal "
-            f"is collected. To opt out, set DO_NOT_TRACK=1"
-            + (f" or {cfg.disable_env}=true" if cfg.disable_env else "")
-            + ", or run `waypost consent off`."
-        )
-        try:
-            if self._notice_callback is not None:
-                self._notice_callback(text)
-            else:
-                print(text, file=sys.stderr, flush=True)
-            datadir.atomic_write(marker, cfg.policy_version)
+            notice.show_once(
+                self.config,
+                app=self.app,
+                data_dir=self.data_dir,
+                rule=self.decision.rule,
+                show=self._notice_callback,
+            )
         except Exception as exc:
             self._fail_start(f"the first-run notice could not be shown: {exc}")
             return False
@@ -308,27 +291,16 @@ class Telemetry:
             data_dir=self.data_dir,
             strict=self.strict,
         )
-        for name, spec in self.config.sink_specs().items():
-            spec = dict(spec)
-            sink_type = str(spec.pop("type"))
-            key = f"telemetry.sinks.{name}"
-            try:
-                spec = _config.expand(spec, self._env, key)
-                cls = self.plugins.load_sink_type(sink_type, key=key)
-                try:
-                    sink_config = cls.Config.model_validate(spec)
-                except ValidationError as exc:
-                    raise _config.validation_error(
-                        exc, source=self.config_file, prefix=key
-                    ) from None
-                self.sinks[name] = cls(name, sink_config, context)
-            except (ConfigError, PluginError) as exc:
-                if isinstance(exc, ConfigError) and exc.source is None:
-                    exc = type(exc)(exc.reason, source=self.config_file, key=exc.key)
-                if self.strict and not (tolerant and isinstance(exc, MissingVariableError)):
-                    raise exc from None
-                self.sink_errors[name] = (sink_type, str(exc))
-                log.error("waypost: sink %r is off: %s", name, exc)
+        made, errors = self.plugins.make_sinks(
+            self.config.sink_specs(),
+            context=context,
+            env=self._env,
+            config_file=self.config_file,
+            strict=self.strict,
+            tolerant=tolerant,
+        )
+        self.sinks.update(made)
+        self.sink_errors.update(errors)
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -737,36 +709,18 @@ class Telemetry:
                 pending_events = outbox.pending_events()
             except Exception as exc:
                 log.warning("waypost: cannot read the outbox: %s", exc)
-        sinks = []
-        names = list(self.config.sink_specs()) if self.config_error is None else []
-        for name in names:
-            runner = self._runners_by_name.get(name)
-            pending = outbox_counts.get(name, {}).get("pending", 0)
-            if runner is not None:
-                snap = runner.snapshot()
-                sinks.append(
-                    SinkStatus(
-                        **{
-                            **snap,
-                            "last_success": as_datetime(snap["last_success"]),
-                            "last_error_at": as_datetime(snap["last_error_at"]),
-                        },
-                        pending=pending,
-                    )
-                )
-            else:
-                sink_type, error = self.sink_errors.get(
-                    name, (str(self.config.sink_specs()[name]["type"]), None)
-                )
-                sinks.append(
-                    SinkStatus(
-                        name=name,
-                        type=sink_type,
-                        state="error" if error else ("off" if not self._on else "idle"),
-                        error=error,
-                        pending=pending,
-                    )
-                )
+        specs = self.config.sink_specs() if self.config_error is None else {}
+        sinks = [
+            sink_status(
+                name,
+                str(spec["type"]),
+                runner=self._runners_by_name.get(name),
+                error=self.sink_errors.get(name, ("", None))[1],
+                pending=outbox_counts.get(name, {}).get("pending", 0),
+                running=self._on,
+            )
+            for name, spec in specs.items()
+        ]
         totals = CounterStatus(
             accepted=self.counters.accepted + (len(self.pipeline.buffer) if self.pipeline else 0),
             stored=self.counters.stored,
