@@ -42,3 +42,16 @@ def test_inspection_without_starting(waypost_make_telemetry: Any, tmp_path: Any)
     assert not tel.has_outbox() and tel.receipts() == {}
     assert list(tel.inspect_sinks()) == ["jsonl"]
     assert not tel.has_outbox()  # looking never creates an outbox
+
+
+def test_import_waypost_stays_cheap_and_the_loggers_get_a_null_handler() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, waypost; print('logging' in sys.modules, 'typing' in sys.modules); "
+        "import logging, waypost.telemetry; "
+        "print(any(type(h) is logging.NullHandler for h in logging.getLogger('waypost').handlers))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "True"]

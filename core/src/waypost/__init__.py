@@ -10,7 +10,6 @@ Names are imported lazily, so ``import waypost`` costs next to nothing until the
 from __future__ import annotations
 
 import importlib
-import logging
 import threading
 
 # Not typing.TYPE_CHECKING: importing typing would double the cost of ``import waypost``.
@@ -75,9 +74,6 @@ _LAZY = {
     "PermanentError": "waypost.errors",
     "PayloadTooLarge": "waypost.errors",
 }
-
-# A library's loggers get no handler but this one: the application decides where records go.
-logging.getLogger("waypost").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -152,7 +148,9 @@ def track(
     global _warned
     if not _warned:
         _warned = True
-        logging.getLogger("waypost").warning(
+        from waypost.logs import get_logger
+
+        get_logger("waypost").warning(
             "waypost.track() called before waypost.init(): events are ignored until init"
         )
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import secrets
 import threading
@@ -15,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from waypost.logs import get_logger
+
 if TYPE_CHECKING:
     from waypost.config import TelemetryConfig
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 INSTANCE_ID_FILE = "instance_id"
 

@@ -5,7 +5,6 @@ scrubbers see again. ``track`` only checks its input (in strict mode) with :func
 from __future__ import annotations
 
 import datetime as _dt
-import logging
 import math
 import re
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from waypost import config as _config
 from waypost.errors import TrackError
 from waypost.events import Event, Payload, base_context, coerce, uuid7
+from waypost.logs import get_logger
 from waypost.privacy import Scrubber, level_allows
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from waypost.privacy import Rule
     from waypost.status import Counters, LogOnce
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _REDACTION = re.compile(r"\[REDACTED:[^\]]*\]")
 

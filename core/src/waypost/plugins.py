@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
-import logging
 import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +28,7 @@ import pluggy
 
 from waypost import hookspecs
 from waypost.errors import ConfigError, MissingVariableError, PluginError, UnknownSinkError
+from waypost.logs import get_logger
 from waypost.sinks import Sink, SinkConfig, SinkContext
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     ExporterFactory = Callable[[MetricRegistry, dict[str, Any]], MetricExporter]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 GROUP = "waypost.sinks"
 COMMANDS_GROUP = "waypost.commands"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import random
 import sys
@@ -23,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from waypost.datadir import atomic_write
+from waypost.logs import get_logger
 
-log = logging.getLogger("waypost")
+log = get_logger(__name__)
 
 DAY = 86400.0
 STATE_FILE = "schedule.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
-import logging
 import os
 import threading
 import time
@@ -31,6 +30,7 @@ from waypost.errors import (
 )
 from waypost.events import Payload
 from waypost.gate import Gate, check, unix_seconds
+from waypost.logs import get_logger
 from waypost.plugins import PluginManager
 from waypost.privacy import Decision, Rule, Scrubber, StoredConsent, notice, resolve_consent
 from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Status", "Telemetry", "default_data_dir"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()
 """The instances that are running (for ``waypost.integrations``)."""

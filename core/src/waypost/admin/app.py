@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from datetime import datetime, timezone
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -21,11 +20,12 @@ from starlette.types import ASGIApp
 from waypost.admin import pages
 from waypost.admin.security import Auth, Csrf, Guard, load_key
 from waypost.admin.wsgi import WsgiBridge
+from waypost.logs import get_logger
 
 if TYPE_CHECKING:
     from waypost.telemetry import Telemetry
 
-log = logging.getLogger("waypost.admin")
+log = get_logger("waypost.admin")
 
 NAV = (
     ("status", "Status", "/"),

@@ -4,7 +4,6 @@ both rendered from these dicts, so the two never disagree."""
 from __future__ import annotations
 
 import importlib
-import logging
 import re
 import threading
 from datetime import datetime, timezone
@@ -16,12 +15,13 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 
 from waypost.delivery.outbox import Outbox
 from waypost.events import Payload, registered_payloads
+from waypost.logs import get_logger
 from waypost.privacy import Scrubber, StoredConsent
 
 if TYPE_CHECKING:
     from waypost.telemetry import Telemetry
 
-log = logging.getLogger("waypost.admin")
+log = get_logger("waypost.admin")
 
 OVERRIDE_RULES = frozenset({"do_not_track", "app_env", "config", "level", "config_error"})
 """Rules that decide above the stored admin choice: the switch cannot change the outcome."""

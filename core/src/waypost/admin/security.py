@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import inspect
-import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -19,8 +18,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from waypost.datadir import atomic_write
+from waypost.logs import get_logger
 
-log = logging.getLogger("waypost.admin")
+log = get_logger("waypost.admin")
 
 Auth = Callable[[Request], "bool | Awaitable[bool]"]
 

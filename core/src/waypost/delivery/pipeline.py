@@ -16,10 +16,11 @@ from waypost.delivery.outbox import Outbox
 from waypost.delivery.runner import Runner, Settings
 from waypost.errors import SinkContractError
 from waypost.events import Event, coerce, dumps
+from waypost.logs import get_logger
 from waypost.sinks import Sink
 from waypost.status import Counters, LogOnce
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 Item = tuple[Any, Any, float, "str | None", "str | None"]
 """What ``track`` buffers: (name or payload, properties, unix time, level, distinct id)."""

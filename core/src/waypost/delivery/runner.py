@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from waypost.delivery.boundary import call_send
 from waypost.delivery.breaker import Breaker
 from waypost.events import Event
+from waypost.logs import get_logger
 from waypost.processes import FORK_KEEP, GATE, warm_imports
 from waypost.sinks import SendResult, Sink
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from waypost.errors import SinkContractError
     from waypost.status import Counters, LogOnce
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ whether the local Prometheus exposition is on."""
 from __future__ import annotations
 
 import importlib.metadata as md
-import logging
 import math
 import os
 import threading
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from waypost import plugins
 from waypost.errors import ConfigError, PluginError, TrackError, WaypostError
+from waypost.logs import get_logger
 from waypost.metrics.health import HEALTH, HEALTH_TTL, health_points
 from waypost.metrics.instruments import (
     MAX_SERIES,
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from waypost.privacy import Decision, Scrubber
     from waypost.status import Counters, Status
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 GROUP = plugins.METRICS_GROUP
 """Deprecated: exporters are registered by the ``register_metric_exporters`` hook."""
