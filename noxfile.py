@@ -1,7 +1,7 @@
 """Sessions (``uv run nox --list``); ``uv run nox`` runs all but ``tests`` and ``bench``.
 
 - ``tests_core(3.10)`` ... ``tests_core(3.13)``: the core's suite (``tests/``) with the core alone,
-  on each Python version.
+  on each Python version; ``processes``: the real-server process tests (``tests/processes``) once.
 - ``plugin(<name>)``: one per ``plugins/*``, with the core alone; ``example_sink`` and
   ``collector`` likewise (a new plugin or the collector gets its session by existing).
 - ``examples``: the application examples, with every plugin installed side by side.
@@ -126,7 +126,15 @@ def _distributions() -> list[str]:
 def tests_core(session: nox.Session) -> None:
     """The core's suite on one Python version, with the core (and its admin page) alone."""
     session.install("./core[admin]", *_test_tools("core"))
-    session.run("pytest", "tests", *session.posargs)
+    session.run("pytest", "tests", "--ignore=tests/processes", *session.posargs)
+
+
+@nox.session
+def processes(session: nox.Session) -> None:
+    """The process tests (real gunicorn, uvicorn and hypercorn servers, forks, signals) once, on
+    the default Python, with the core and the http sink they deliver through."""
+    session.install("./core[admin]", "./plugins/http", *_test_tools("core"))
+    session.run("pytest", "tests/processes", *session.posargs)
 
 
 @nox.session

@@ -27,6 +27,12 @@ def need(*modules: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True)
+def _http_sink() -> None:
+    """Every process test delivers through the http sink (``nox -s processes`` installs it)."""
+    need("waypost_http")
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     import harness
