@@ -1,7 +1,10 @@
-"""Sessions (``uv run nox --list``); ``uv run nox`` runs all but ``tests`` and ``bench``.
+"""Sessions (``uv run nox --list``); ``uv run nox`` runs all but ``tests`` and ``bench``, and the
+core's matrix on its two ends.
 
 - ``tests_core(3.10)`` ... ``tests_core(3.13)``: the core's suite (``tests/``) with the core alone,
-  on each Python version; ``processes``: the real-server process tests (``tests/processes``) once.
+  on each Python version (``uv run nox`` runs 3.10 and 3.13, ``uv run nox -s tests_core`` all).
+- ``processes``: the real-server process tests (``tests/processes``) and the core's tests that
+  deliver through the http sink (marked ``http_sink``), once.
 - ``plugin(<name>)``: one per ``plugins/*``, with the core alone; ``example_sink`` and
   ``collector`` likewise (a new plugin or the collector gets its session by existing).
 - ``examples``: the application examples, with every plugin installed side by side.
@@ -38,6 +41,8 @@ else:  # the core depends on tomli there
 
 ROOT = Path(__file__).parent
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+# The default run tests the core on the ends of the supported range; ``nox -s tests_core`` on all.
+DEFAULT_PYTHONS = ("3.10", "3.13")
 PLUGINS = sorted(p.parent.name for p in ROOT.glob("plugins/*/pyproject.toml"))
 EXAMPLE_SINK = "examples/waypost-example-sink"
 COLLECTOR = "collector"
@@ -46,6 +51,16 @@ nox.options.default_venv_backend = "uv"
 nox.options.reuse_existing_virtualenvs = False
 nox.options.download_python = "never"
 nox.options.error_on_missing_interpreters = os.environ.get("WAYPOST_REQUIRE_SERVERS") == "1"
+nox.options.sessions = [
+    *(f"tests_core({v})" for v in DEFAULT_PYTHONS),
+    "processes",
+    "plugin",
+    "example_sink",
+    "collector",
+    "examples",
+    "lint",
+    "package",
+]
 # uv, called by the sessions, must not fetch an interpreter either.
 os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
 
@@ -126,15 +141,19 @@ def _distributions() -> list[str]:
 def tests_core(session: nox.Session) -> None:
     """The core's suite on one Python version, with the core (and its admin page) alone."""
     session.install("./core[admin]", *_test_tools("core"))
-    session.run("pytest", "tests", "--ignore=tests/processes", *session.posargs)
+    session.run(
+        "pytest", "tests", "--ignore=tests/processes", "-m", "not http_sink", *session.posargs
+    )
 
 
 @nox.session
 def processes(session: nox.Session) -> None:
     """The process tests (real gunicorn, uvicorn and hypercorn servers, forks, signals) once, on
-    the default Python, with the core and the http sink they deliver through."""
+    the default Python, with the core and the http sink they deliver through; the core's other
+    tests that deliver through it (marked ``http_sink``) too."""
     session.install("./core[admin]", "./plugins/http", *_test_tools("core"))
     session.run("pytest", "tests/processes", *session.posargs)
+    session.run("pytest", "tests", "--ignore=tests/processes", "-m", "http_sink", *session.posargs)
 
 
 @nox.session

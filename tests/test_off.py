@@ -317,6 +317,7 @@ def test_off_means_off_for_each_cli_command(
     _assert_off(command, _cached("cli", switch, tmp_path_factory, waypost_clean_env))
 
 
+@pytest.mark.http_sink
 def test_the_audit_sees_an_entry_point_that_is_on(
     tmp_path: Path, waypost_clean_env: dict[str, str]
 ) -> None:

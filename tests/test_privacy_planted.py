@@ -17,6 +17,8 @@ from privacy_corpus import FORMS, kinds, readings
 import waypost
 from waypost.testing import RecordingServer
 
+pytestmark = pytest.mark.http_sink
+
 Factory = Callable[..., Any]
 
 PLACE_FORMS = ("plain", "percent", "json-escaped", "html-numeric", "sentence")
