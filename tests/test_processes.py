@@ -253,12 +253,15 @@ def test_exit_is_bounded_when_the_server_hangs(tmp_path: Path, clean_env: dict[s
                 tel = make({server.url + "/ingest"!r}, {str(tmp_path / "d")!r}, timeout=60)
                 tel.track("hang")
                 time.sleep(0.3)
+                print(time.time(), flush=True)
                 """
             ),
             clean_env,
         )
-        started = time.monotonic()
-        _, err = p.communicate(timeout=30)
-        elapsed = time.monotonic() - started
+        out, err = p.communicate(timeout=60)
+        exited = time.time()
     assert p.returncode == 0, err
-    assert elapsed < 10  # the at-exit budget (shutdown_timeout, 3 s) bounds it
+    # From the script's end to the process's exit (the interpreter's start-up, slow on a busy
+    # machine, is not the at-exit hook's): the at-exit budget (shutdown_timeout, 3 s) bounds it
+    # although the server never answers and the sink's timeout is 60 s.
+    assert exited - float(out.split()[-1]) < 10
