@@ -3,11 +3,15 @@ dir, and only ever able to make an installation send less, or less often."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 from waypost.control import Control, ControlState
-from waypost.events import uuid7
+from waypost.events import Event, uuid7
+from waypost.sinks import SendResult, Sink
 
 
 def test_parse_keeps_only_what_makes_sense() -> None:
@@ -65,3 +69,113 @@ def test_state_is_kept_in_the_data_dir(tmp_path: Path) -> None:
     assert ControlState(tmp_path).current == again
     shown = again.as_dict()
     assert shown["source"] == "ingest" and shown["received_at"].endswith("Z")
+
+
+# --- applied by a running Telemetry ---------------------------------------------------------
+
+
+class Answering(Sink):
+    """A sink whose destination answers every batch with a receipt and a control block."""
+
+    type = "answering"
+    control: ClassVar[dict[str, Any] | None] = None
+    received: ClassVar[list[Event]] = []
+    lock = threading.Lock()
+
+    def send(self, events: Sequence[Event]) -> SendResult:
+        with self.lock:
+            type(self).received.extend(events)
+        return SendResult(receipt=f"r-{len(events)}", control=type(self).control)
+
+
+def _telemetry(make: Callable[..., Any], **config: Any) -> Any:
+    Answering.received = []
+    return make(
+        sinks={"ingest": {"type": "answering"}},
+        sink_classes=[Answering],
+        config={"outbox": {"keep_sent": "1d"}, **config},
+    )
+
+
+def test_the_control_is_kept_shown_and_the_receipt_kept_with_the_record(
+    waypost_make_telemetry: Callable[..., Any],
+) -> None:
+    Answering.control = {"heartbeat_every": 7 * 86400, "sample": 1.0}
+    tel = _telemetry(waypost_make_telemetry)
+    tel.heartbeat(every="1d", first_delay="1h")
+    tel.track("run", {"n": 1})
+    assert tel.flush(10)
+    status = tel.status()
+    assert status.control is not None and status.control["source"] == "ingest"
+    assert status.control["heartbeat_every"] == 604800.0
+    assert status.control["heartbeat_period"] == 604800.0  # less often, as asked
+    assert (tel.data_dir / "control.json").exists()
+    records, _ = tel.open_outbox().records(state="sent")
+    assert [r.receipt for r in records] == ["r-1"]
+
+
+def test_sample_drops_the_share_but_never_heartbeats(
+    waypost_make_telemetry: Callable[..., Any],
+) -> None:
+    Answering.control = {"sample": 0.0}
+    tel = _telemetry(waypost_make_telemetry)
+    tel.track("first", {})  # delivered before the control arrived
+    assert tel.flush(10)
+    for i in range(50):
+        tel.track("run", {"i": i})
+    tel.heartbeat(every="1d", first_delay=0, time_of_day=None, event="heartbeat")
+    assert tel.send_heartbeat(force=True)
+    assert tel.flush(10)
+    names = [e.name for e in Answering.received]
+    assert names.count("run") == 0 and names.count("first") == 1 and "heartbeat" in names
+    assert tel.status().counters.dropped["control_sample"] == 50
+
+
+def test_a_pause_sends_nothing_and_keeps_everything(
+    waypost_make_telemetry: Callable[..., Any],
+) -> None:
+    Answering.control = {"pause_until": "2999-01-01T00:00:00Z"}
+    tel = _telemetry(waypost_make_telemetry)
+    tel.track("first", {})
+    assert tel.flush(10)
+    for i in range(10):
+        tel.track("run", {"i": i})
+    assert tel.flush(10)  # safe: kept in the outbox, not sent, not dropped
+    assert [e.name for e in Answering.received] == ["first"]
+    status = tel.status()
+    assert status.control is not None and status.control["paused"]
+    assert status.outbox_pending_events == 10 and not status.counters.dropped
+
+
+def test_a_control_never_widens(waypost_make_telemetry: Callable[..., Any]) -> None:
+    # More often than its own period, a share above 1, a pause in the past: all ignored.
+    Answering.control = {"heartbeat_every": 60, "sample": 3, "pause_until": "2001-01-01T00:00:00Z"}
+    tel = _telemetry(waypost_make_telemetry)
+    tel.heartbeat(every="1d", first_delay="1h")
+    tel.track("first", {})
+    assert tel.flush(10)
+    for i in range(10):
+        tel.track("run", {"i": i})
+    assert tel.flush(10)
+    assert len(Answering.received) == 11
+    assert tel.status().control["heartbeat_period"] == 86400.0
+
+
+def test_a_control_never_turns_telemetry_on(
+    tmp_path: Path, waypost_make_telemetry: Callable[..., Any]
+) -> None:
+    data = tmp_path / "off"
+    Control(sample=1.0, source="ingest", received_at=time.time()).write(_made(data))
+    tel = waypost_make_telemetry(
+        sinks={"ingest": {"type": "answering"}},
+        sink_classes=[Answering],
+        config={"enabled": False},
+        data_dir=data,
+    )
+    tel.track("run", {})
+    assert not tel.status().enabled and not tel.status().running
+
+
+def _made(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -73,7 +73,8 @@ def spawn(child_env: dict[str, str]) -> Iterator[Callable[..., Process]]:
 @pytest.fixture
 def make_client(tmp_path: Path, child_env: dict[str, str]) -> Iterator[Callable[..., Any]]:
     """``make_client(url, **sink_settings)``: a waypost Telemetry whose http sink posts to the
-    collector's events endpoint; shut down after the test."""
+    collector's events endpoint (``config``: more of its ``telemetry`` section; ``clock``,
+    ``env``: as ``Telemetry`` takes them); shut down after the test."""
     import waypost
 
     made: list[Any] = []
@@ -85,6 +86,8 @@ def make_client(tmp_path: Path, child_env: dict[str, str]) -> Iterator[Callable[
         app: str = "myapp",
         version: str = "1.2.0",
         config: dict[str, Any] | None = None,
+        clock: Any = None,
+        env: dict[str, str] | None = None,
         **sink: Any,
     ) -> Any:
         settings: dict[str, Any] = {
@@ -104,7 +107,8 @@ def make_client(tmp_path: Path, child_env: dict[str, str]) -> Iterator[Callable[
         }
         tel = waypost.Telemetry(
             app=app, version=version, config={"telemetry": section}, strict=True,
-            env=child_env, data_dir=tmp_path / f"client-{next(counter)}",
+            env=child_env if env is None else env, data_dir=tmp_path / f"client-{next(counter)}",
+            clock=clock,
         )  # fmt: skip
         made.append(tel)
         return tel

@@ -13,7 +13,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,12 @@ class Control:
             self.pause_until
         )
 
+    def paused_for(self, now: float | None = None) -> float:
+        """Seconds left of the pause (0 when not paused)."""
+        if self.pause_until is None:
+            return 0.0
+        return max(0.0, self.pause_until - (time.time() if now is None else now))
+
     def keeps(self, event_id: str, *, heartbeat: bool = False) -> bool:
         """Whether ``sample`` keeps this event. The choice comes from the id's random bits, so
         an event retried is kept or dropped alike; heartbeats are not sampled."""
@@ -136,6 +142,11 @@ class ControlState:
         self.data_dir = Path(data_dir)
         self._lock = threading.Lock()
         self.current: Control | None = Control.read(self.data_dir)
+        self.listeners: list[Callable[[Control], None]] = []
+
+    def paused_for(self) -> float:
+        current = self.current
+        return current.paused_for() if current is not None else 0.0
 
     def receive(self, data: Any, *, source: str) -> Control | None:
         """Take a block a sink's destination sent; returns it if it was readable."""
@@ -153,4 +164,6 @@ class ControlState:
                 control.write(self.data_dir)
             except OSError:
                 pass
+            for listener in self.listeners:
+                listener(control)
         return control

@@ -18,6 +18,7 @@ from waypost.privacy import Scrubber, level_allows
 
 if TYPE_CHECKING:
     from waypost.config import TelemetryConfig
+    from waypost.control import Control, ControlState
     from waypost.delivery.pipeline import Item
     from waypost.plugins import PluginManager
     from waypost.privacy import Rule
@@ -122,6 +123,10 @@ class Gate:
                     ", ".join(shown),
                     f" and {more} more" if more else "",
                 )
+        self.control: ControlState | None = None
+        """The control a destination sent (``waypost.control``): its ``sample`` applies here."""
+        self.heartbeats: set[str] = set()
+        """Event names of heartbeats, which a control's ``sample`` never drops."""
 
     @classmethod
     def create(
@@ -161,6 +166,18 @@ class Gate:
 
     def build(self, items: list[Item]) -> list[Event]:
         """Gate and envelope a batch of buffered items (runs on the worker thread)."""
+        control = self.control.current if self.control is not None else None
+        if control is not None and control.sample is not None and control.sample < 1:
+            # A pause is the runners' (events wait in the outbox); sampling drops here.
+            return self._sampled(self._build(items), control)
+        return self._build(items)
+
+    def _sampled(self, events: list[Event], control: Control) -> list[Event]:
+        kept = [e for e in events if control.keeps(e.id, heartbeat=e.name in self.heartbeats)]
+        self.counters.drop("control_sample", len(events) - len(kept))
+        return kept
+
+    def _build(self, items: list[Item]) -> list[Event]:
         configured = self.level
         instance_id = self.instance_id
         context = self.context

@@ -103,6 +103,10 @@ class Status(BaseModel):
     outbox_pending_events: int
     outbox: dict[str, dict[str, int]]
     counters: CounterStatus
+    control: dict[str, Any] | None = None
+    """The last control block a destination answered (``waypost.control``), with the sink it
+    came through (``source``) and what it changes here (``heartbeat_every``: the period in
+    force; ``paused``)."""
 
 
 def as_datetime(value: float | None) -> _dt.datetime | None:

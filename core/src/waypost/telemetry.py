@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from waypost import config as _config
 from waypost import datadir, heartbeat, processes
 from waypost.config import TelemetryConfig
+from waypost.control import Control, ControlState
 from waypost.datadir import default_data_dir
 from waypost.delivery.backoff import Backoff
 from waypost.delivery.outbox import FILENAME as OUTBOX_FILE
@@ -96,6 +97,8 @@ class Telemetry:
         self.plugins = PluginManager()
         self._runners_by_name: dict[str, Runner] = {}
         self.gate: Gate | None = None
+        self.control: ControlState | None = None
+        self._heartbeat_every: float | None = None  # this installation's own period
         self._metrics: MetricRegistry | None = None
         self._inspect_outbox: Outbox | None = None
         self._off_scrubber: tuple[Scrubber | None] | None = None  # built when first asked
@@ -205,6 +208,12 @@ class Telemetry:
             counters=self.counters,
             log_once=self._log_once,
         )
+        self.control = ControlState(self.data_dir)
+        self.control.listeners.append(self._apply_control)
+        self.gate.control = self.control
+        scheduled = self.scheduler.jobs.get(heartbeat.NAME) if self.scheduler else None
+        if scheduled is not None and scheduled.event:  # scheduled while telemetry was off
+            self.gate.heartbeats.add(scheduled.event)
         outbox = None
         if not self.debug:
             try:
@@ -231,6 +240,8 @@ class Telemetry:
             debug=self.debug,
             strict=self.strict,
             sync=cfg.outbox.durability == "sync",
+            on_control=self._receive_control,
+            paused_for=self.control.paused_for,
         )
         self._runners_by_name = {r.name: r for r in self.pipeline.runners}
         self._buffer = self.pipeline.buffer
@@ -552,18 +563,26 @@ class Telemetry:
         facts: Callable[[], Mapping[str, Any]] | None = None,
         event: str = "heartbeat",
     ) -> Job:
-        """Schedule the heartbeat snapshot (FlowForge's ping, see :meth:`heartbeat_payload`)."""
+        """Schedule the heartbeat snapshot (FlowForge's ping, see :meth:`heartbeat_payload`).
+        A destination's control block may make it less frequent, never more."""
         self._heartbeat_facts = facts
-        return self.schedule(
+        if self.gate is not None:  # before the job can first run: heartbeats are not sampled
+            self.gate.heartbeats.add(event)
+        own = _config.parse_duration(every)
+        control = self.control.current if self.control is not None else None
+        job = self.schedule(
             heartbeat.NAME,
             lambda: self.heartbeat_payload(facts),
-            every=every,
+            # Stretched before the job is added, so its first run already keeps the period.
+            every=control.heartbeat_period(own) if control is not None else own,
             first_delay=first_delay,
             time_of_day=time_of_day,
             jitter=jitter,
             condition=condition,
             event=event,
         )
+        self._heartbeat_every = own
+        return job
 
     def heartbeat_payload(
         self, facts: Callable[[], Mapping[str, Any]] | None = None
@@ -591,6 +610,11 @@ class Telemetry:
             job = heartbeat.job_from_config(
                 lambda: self.heartbeat_payload(self._heartbeat_facts), self.config.heartbeat
             )
+            stored = self.control.current if self.control else Control.read(self.data_dir)
+            if stored is not None:  # the cron job keeps the period a destination asked for
+                job.every = stored.heartbeat_period(job.every)
+            if self.gate is not None and job.event:
+                self.gate.heartbeats.add(job.event)  # never sampled out, from cron either
         else:
             job = self.scheduler.jobs[heartbeat.NAME]
         sent = self.scheduler.run(job, force=force)
@@ -604,6 +628,31 @@ class Telemetry:
 
     def _running(self) -> bool:
         return self._on
+
+    # --- instructions from the destination -------------------------------------------------
+
+    def _receive_control(self, sink: str, block: dict[str, Any]) -> None:
+        """A sink's destination answered a control block (on the sink's thread)."""
+        if self.control is not None:
+            self.control.receive(block, source=sink)
+
+    def _apply_control(self, control: Control) -> None:
+        """Make the heartbeat less frequent if the control asks; nothing else changes here
+        (sampling and pauses are the gate's and the runners')."""
+        jobs = self.scheduler.jobs if self.scheduler is not None else {}
+        job = jobs.get(heartbeat.NAME)
+        if job is not None and self._heartbeat_every is not None:
+            job.every = control.heartbeat_period(self._heartbeat_every)
+
+    def _control_status(self) -> dict[str, Any] | None:
+        control = self.control.current if self.control else Control.read(self.data_dir)
+        if control is None:
+            return None
+        data = control.as_dict()
+        job = (self.scheduler.jobs if self.scheduler is not None else {}).get(heartbeat.NAME)
+        data["heartbeat_period"] = job.every if job is not None else None
+        data["paused"] = control.paused()
+        return data
 
     def on_shutdown(self, callback: Callable[[float], Any]) -> None:
         """At shutdown, track what ``callback(seconds_running)`` returns (Langflow's shutdown
@@ -749,6 +798,7 @@ class Telemetry:
             outbox_pending_events=pending_events,
             outbox=outbox_counts,
             counters=totals,
+            control=self._control_status(),
         )
 
     def open_outbox(self) -> Outbox:

@@ -365,6 +365,38 @@ def test_per_event_results_are_honoured(
     assert e not in result.retry and e not in result.failed
 
 
+def test_a_collectors_answer_refusals_and_control(
+    recording_server: RecordingServer, sink_factory: Any
+) -> None:
+    events = make_events(3)
+    a, b, c = (ev.id for ev in events)
+    control = {"heartbeat_every": 604800.0, "sample": 0.5}
+    recording_server.answer(
+        Response(
+            200,
+            {
+                "receipt": "01a2-receipt",
+                "accepted": 1,
+                "duplicates": 0,
+                "refused": [
+                    {"id": a, "reason": "undeclared_field", "detail": "user not declared by 'run'"},
+                    {"id": "not-in-this-batch", "reason": "malformed"},
+                    "not an object",
+                ],
+                "retry": [b],
+                "control": control,
+            },
+        ),
+        Response(200, {"receipt": "r-2", "control": ["not", "an", "object"]}),
+    )
+    sink = sink_factory()
+    result = send_batch(sink, events)
+    assert set(result.failed) == {a} and "undeclared_field user not declared" in result.failed[a]
+    assert set(result.retry) == {b} and c not in result.failed
+    assert result.receipt == "01a2-receipt" and result.control == control
+    assert send_batch(sink, make_events(1)).control is None
+
+
 def test_non_json_success_delivers_everything(
     recording_server: RecordingServer, sink_factory: Any
 ) -> None:

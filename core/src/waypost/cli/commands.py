@@ -66,6 +66,20 @@ def status(obj: Ctx, as_json: bool) -> None:
         ),
     )
     con.print(f"outbox: {st.outbox_pending_events} events pending")
+    if st.control is not None:
+        c = st.control
+        asked = ", ".join(
+            f"{label} {c[key]}"
+            for key, label in (("heartbeat_every", "heartbeat every"), ("sample", "sample"),
+                               ("pause_until", "pause until"))
+            if c.get(key) is not None
+        ) or "nothing"  # fmt: skip
+        period = c.get("heartbeat_period")
+        con.print(
+            f"control from sink {c['source']} (received {c['received_at']}): {asked}"
+            + (f"; heartbeat period in force {period:g} s" if period else "")
+            + ("; paused now" if c.get("paused") else "")
+        )
     user_metrics = [m for m in data["metrics"] if not m.get("builtin")]
     con.print(f"metrics: {len(user_metrics)} declared")
     for dest in data["metrics_destinations"]:
@@ -161,7 +175,7 @@ def show(
         _dump({"total": total, "offset": offset, "records": [r.as_dict() for r in records]})
         return
     Output().table(
-        ("seq", "sink", "event", "state", "attempts", "properties", "remarks"),
+        ("seq", "sink", "event", "state", "attempts", "properties", "remarks", "receipt"),
         (
             (
                 str(r.seq),
@@ -171,6 +185,7 @@ def show(
                 str(r.attempts),
                 json.dumps(r.properties)[:80],
                 ", ".join(r.remarks),
+                r.receipt or "-",
             )
             for r in records
         ),

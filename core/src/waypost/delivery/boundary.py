@@ -36,6 +36,7 @@ def call_send(
                 **second.dropped_by_destination,
             },
             receipt=first.receipt or second.receipt,
+            control=second.control if second.control is not None else first.control,
         )
         return merged, None, c1 or c2
     except SinkError as exc:

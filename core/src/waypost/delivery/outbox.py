@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS outbox (
   lease_until REAL NOT NULL DEFAULT 0,
   last_error TEXT,
   created_at REAL NOT NULL,
-  done_at REAL
+  done_at REAL,
+  receipt TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_event_sink ON outbox (event_id, sink);
 -- Leases take a sink's pending rows in seq order: this index gives that order without a sort
@@ -81,6 +82,9 @@ class Record:
     created_at: float
     properties: dict[str, Any]
     remarks: list[str]
+    receipt: str | None = None
+    """The destination's reference to the submission that delivered it (a collector's
+    receipt, Firefly III's uuid), when it answered one."""
 
     def as_dict(self) -> dict[str, Any]:
         from datetime import datetime, timezone
@@ -103,6 +107,7 @@ class Record:
             "stored_at": iso(self.created_at),
             "properties": self.properties,
             "remarks": self.remarks,
+            "receipt": self.receipt,
         }
 
 
@@ -123,6 +128,8 @@ class Outbox:
             columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
             if "lease_owner" not in columns:  # an outbox made by an older version
                 db.execute("ALTER TABLE outbox ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''")
+            if "receipt" not in columns:
+                db.execute("ALTER TABLE outbox ADD COLUMN receipt TEXT")
 
     # --- connections ----------------------------------------------------------------------
 
@@ -228,10 +235,12 @@ class Outbox:
         outcomes: Sequence[tuple[Event, str, float, str | None]],
         *,
         now: float | None = None,
+        receipt: str | None = None,
     ) -> None:
         """Record what became of events a sink sent from memory: (event, state, next attempt,
         reason), state ``pending`` (to retry), ``failed`` or ``sent``. An event already stored
-        (spilled while it was in flight) has its row updated; otherwise a row is made."""
+        (spilled while it was in flight) has its row updated; otherwise a row is made. The
+        ``sent`` ones keep the destination's ``receipt``."""
         if not outcomes:
             return
         now = time.time() if now is None else now
@@ -241,15 +250,16 @@ class Outbox:
             for row, (_, state, next_at, reason) in zip(stored, outcomes, strict=True):
                 done_at = None if state == "pending" else now
                 error = reason[:1000] if reason else None
-                rows.append((sink, *row, now, state, next_at, error, done_at))
+                kept = receipt if state == "sent" else None
+                rows.append((sink, *row, now, state, next_at, error, done_at, kept))
             db.executemany(
                 "INSERT INTO outbox (sink, event_id, name, time, body, context_id, remarks, "
-                "created_at, state, next_at, last_error, done_at, attempts) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) "
+                "created_at, state, next_at, last_error, done_at, receipt, attempts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) "
                 "ON CONFLICT (event_id, sink) DO UPDATE SET state = excluded.state, "
                 "next_at = excluded.next_at, last_error = excluded.last_error, "
-                "done_at = excluded.done_at, attempts = attempts + 1, lease_until = 0, "
-                "lease_pid = 0, lease_owner = ''",
+                "done_at = excluded.done_at, receipt = excluded.receipt, "
+                "attempts = attempts + 1, lease_until = 0, lease_pid = 0, lease_owner = ''",
                 rows,
             )
 
@@ -334,7 +344,16 @@ class Outbox:
             )
         return out
 
-    def delivered(self, seqs: Iterable[int], *, keep: bool, now: float | None = None) -> None:
+    def delivered(
+        self,
+        seqs: Iterable[int],
+        *,
+        keep: bool,
+        now: float | None = None,
+        receipt: str | None = None,
+    ) -> None:
+        """Rows delivered: deleted, or (``keep``) kept as ``sent`` with the destination's
+        ``receipt``."""
         now = time.time() if now is None else now
         params = [(s,) for s in seqs]
         if not params:
@@ -343,8 +362,8 @@ class Outbox:
             if keep:
                 db.executemany(
                     "UPDATE outbox SET state = 'sent', done_at = ?, lease_until = 0, "
-                    "last_error = NULL WHERE seq = ?",
-                    [(now, s) for (s,) in params],
+                    "last_error = NULL, receipt = ? WHERE seq = ?",
+                    [(now, receipt, s) for (s,) in params],
                 )
             else:
                 seqs = [s for (s,) in params]
@@ -468,7 +487,7 @@ class Outbox:
             total = db.execute(f"SELECT COUNT(*) FROM outbox {clause}", params).fetchone()[0]
             rows = db.execute(
                 "SELECT seq, sink, event_id, name, time, state, attempts, next_at, last_error, "
-                f"created_at, body, remarks FROM outbox {clause} ORDER BY seq DESC "
+                f"created_at, body, remarks, receipt FROM outbox {clause} ORDER BY seq DESC "
                 "LIMIT ? OFFSET ?",
                 [*params, limit, offset],
             ).fetchall()
@@ -486,6 +505,7 @@ class Outbox:
                 created_at=r[9],
                 properties=json.loads(r[10]).get("properties", {}),
                 remarks=json.loads(r[11]) if r[11] else [],
+                receipt=r[12],
             )
             for r in rows
         ]

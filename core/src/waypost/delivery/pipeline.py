@@ -53,6 +53,8 @@ class Pipeline:
         debug: bool = False,
         strict: bool = False,
         sync: bool = False,
+        on_control: Callable[[str, dict[str, Any]], None] | None = None,
+        paused_for: Callable[[], float] | None = None,
     ) -> None:
         self.outbox = outbox
         self.sync = sync
@@ -76,6 +78,8 @@ class Pipeline:
             log_once=self.log_once,
             count_stored=self.count_stored,
             contract_error=self.contract_error,
+            on_control=on_control,
+            paused_for=paused_for,
         )
         self.runners = [Runner(sink, settings) for sink in sinks]
         self._contract_errors: list[SinkContractError] = []

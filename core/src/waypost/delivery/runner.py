@@ -54,6 +54,10 @@ class Settings:
     """Count events written to the outbox."""
     contract_error: Callable[[SinkContractError], None]
     """Report a sink that broke the plugin contract."""
+    on_control: Callable[[str, dict[str, Any]], None] | None = None
+    """Called with a sink's name and the control block its destination answered, if any."""
+    paused_for: Callable[[], float] | None = None
+    """Seconds this installation is asked to send nothing for (0: not paused)."""
     poll_interval: float = 5.0
     """Seconds between looks into the outbox when nothing says rows are due (other processes
     may have written some)."""
@@ -199,6 +203,12 @@ class Runner:
                 if held > 0:
                     self._idle()
                     self._sleep(held, seen)
+                    continue
+                paused = settings.paused_for() if settings.paused_for is not None else 0.0
+                if paused > 0:  # the destination asked for a pause: what waits stays stored
+                    self.spill(flights=False)
+                    self._idle()
+                    self._sleep(min(paused, 60.0), seen)
                     continue
                 now = time.time()
                 if breaker.failures and self.fresh:
@@ -485,7 +495,12 @@ class Runner:
             if stored and not keep:
                 outbox.forget(self.name, [events[i].id for i in ok])
             if outcomes or (keep and delivered):
-                outbox.settle(self.name, outcomes + (delivered if keep else []), now=now)
+                outbox.settle(
+                    self.name,
+                    outcomes + (delivered if keep else []),
+                    now=now,
+                    receipt=result.receipt,
+                )
                 if not stored:
                     settings.count_stored(len(retry) + len(failed))
         except Exception as exc:
@@ -504,7 +519,7 @@ class Runner:
         if late:  # stored while its outcome was being written: the delivered rows go too
             try:
                 if keep:
-                    outbox.settle(self.name, delivered, now=now)
+                    outbox.settle(self.name, delivered, now=now, receipt=result.receipt)
                 else:
                     outbox.forget(self.name, [events[i].id for i in ok])
             except Exception as exc:  # they stay leased, and are sent again later
@@ -524,7 +539,12 @@ class Runner:
         now = time.time()
         outbox = self.settings.outbox
         assert outbox is not None
-        outbox.delivered([leased[i][0] for i in ok], keep=self.settings.keep_sent > 0, now=now)
+        outbox.delivered(
+            [leased[i][0] for i in ok],
+            keep=self.settings.keep_sent > 0,
+            now=now,
+            receipt=result.receipt,
+        )
         outbox.retry([(leased[i][0], next_at, reason) for i, next_at, reason in retry])
         outbox.failed([(leased[i][0], reason) for i, reason in failed], now=now)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
@@ -614,6 +634,13 @@ class Runner:
                     len(failed),
                     failed[0][1],
                 )
+        on_control = self.settings.on_control
+        if result.control is not None and on_control is not None:
+            try:
+                on_control(self.name, result.control)
+            except Exception as exc:  # the boundary: a control that cannot be kept is ignored
+                log_once(f"control:{self.name}", "waypost: sink %r: control ignored: %s",
+                         self.name, exc)  # fmt: skip
 
     def _send(self, events: Sequence[Event]) -> tuple[SendResult, str | None]:
         result, reason, contract = call_send(self.sink, events)

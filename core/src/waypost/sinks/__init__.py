@@ -139,7 +139,10 @@ class SendResult:
     """Per-event outcome of one ``send``: ids not named in ``retry`` or ``failed`` were delivered.
 
     ``retry`` and ``failed`` map event ids to the reason; ``retry_after`` is the destination's
-    wish for the next attempt (seconds), if it said one.
+    wish for the next attempt (seconds), if it said one. ``receipt`` is the destination's
+    reference to the submission (logged, kept with the records); ``control`` a control block
+    it answered (a waypost collector's ``heartbeat_every``, ``sample``, ``pause_until``), which
+    the core keeps and applies only to send less (see ``waypost.control``).
     """
 
     retry: dict[str, str] = field(default_factory=dict)
@@ -147,6 +150,7 @@ class SendResult:
     retry_after: float | None = None
     dropped_by_destination: dict[str, str] = field(default_factory=dict)
     receipt: str | None = None
+    control: dict[str, Any] | None = None
 
     @classmethod
     def ok(cls, *, receipt: str | None = None) -> SendResult:

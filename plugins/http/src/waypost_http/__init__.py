@@ -285,6 +285,8 @@ class HttpSink(Sink):
         }
         if result is not None and result.receipt:
             answer_data["receipt"] = result.receipt
+        if result is not None and result.control is not None:
+            answer_data["control"] = result.control
         return answer_data
 
 
@@ -293,16 +295,21 @@ def _per_event_results(events: Sequence[Event], response: httpx.Response) -> Sen
 
     Understood shapes (all keys optional): ``{"results": [{"id", "status": "ok" | "duplicate" |
     "retry" | "failed", "error"}]}``, ``{"rejected": [ids]}`` (failed for good) and
-    ``{"retry": [ids]}``. Ids that are not in the batch are ignored; an unknown status fails the
+    ``{"retry": [ids]}``, and a waypost collector's ``{"refused": [{"id", "reason", "detail"}]}``
+    (failed for good). Ids that are not in the batch are ignored; an unknown status fails the
     event, with the status in the reason. A top-level ``uuid``, ``receipt`` or ``id`` string is
     the endpoint's reference to this submission (Firefly III answers ``{"uuid": "..."}``): it
-    becomes ``SendResult.receipt``, which the core logs and ``waypost send-heartbeat`` lists.
+    becomes ``SendResult.receipt``, which the core logs and keeps with the records. A
+    ``control`` object becomes ``SendResult.control`` (see ``waypost.control``).
     """
     result = SendResult.ok()
     data = _json_object(response)
     if data is None:
         return result
     result.receipt = _receipt(data)
+    control = data.get("control")
+    if isinstance(control, dict):  # the core reads it strictly and only ever sends less
+        result.control = control
     ids = {e.id for e in events}
     results = data.get("results")
     for item in results if isinstance(results, list) else ():
@@ -320,6 +327,14 @@ def _per_event_results(events: Sequence[Event], response: httpx.Response) -> Sen
             result.mark_failed(event_id, f"the endpoint refused this event{detail}")
         else:
             result.mark_failed(event_id, f"the endpoint answered unknown status {status!r}{detail}")
+    refused = data.get("refused")
+    for item in refused if isinstance(refused, list) else ():
+        # A waypost collector's per-event refusals: {"id", "reason", "detail"}, for good.
+        if isinstance(item, dict) and str(item.get("id")) in ids:
+            why = " ".join(f"{item.get('reason', '')} {item.get('detail') or ''}".split())
+            result.mark_failed(
+                str(item["id"]), f"the endpoint refused this event: {why[:300] or 'no reason'}"
+            )
     for key, mark, reason in (
         ("rejected", result.mark_failed, "the endpoint rejected this event"),
         ("retry", result.mark_retry, "the endpoint asked to retry this event"),
