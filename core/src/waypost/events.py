@@ -168,6 +168,8 @@ def _coerce(value: Any, _depth: int) -> Any:
         return str(value)
     if isinstance(value, enum.Enum):
         return coerce(value.value, _depth + 1)
+    if isinstance(value, Payload):  # nested: what it would send on its own
+        return coerce(value.wire(), _depth + 1)
     if isinstance(value, BaseModel):
         return coerce(value.model_dump(mode="json", by_alias=True), _depth + 1)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -298,20 +300,39 @@ class Payload(BaseModel):
     ``class RunPayload(waypost.Payload, event="run")``; fields with ``serialization_alias`` go
     out under the alias (camelCase on the wire). Field descriptions (``Field(description=...)``
     or an attribute docstring) feed ``waypost manifest``. ``level`` classifies the event for the
-    configured telemetry level (``error``, ``usage`` or ``all``).
+    configured telemetry level (``error``, ``usage`` or ``all``). ``exclude_none=True`` leaves
+    out fields whose value is None, ``exclude_unset=True`` fields the payload was not given
+    (defaults included), as pydantic's ``model_dump`` options of those names do; a subclass
+    inherits both unless it sets them.
     """
 
     model_config = ConfigDict(extra="allow", use_attribute_docstrings=True, frozen=False)
 
     __event__: ClassVar[str] = ""
     __level__: ClassVar[str] = "usage"
+    __exclude_none__: ClassVar[bool] = False
+    __exclude_unset__: ClassVar[bool] = False
 
-    def __init_subclass__(cls, event: str | None = None, level: str = "usage", **kwargs: Any):
+    def __init_subclass__(
+        cls,
+        event: str | None = None,
+        level: str = "usage",
+        exclude_none: bool | None = None,
+        exclude_unset: bool | None = None,
+        **kwargs: Any,
+    ):
         super().__init_subclass__(**kwargs)
         if level not in ("error", "usage", "all"):
             raise ValueError(f"{cls.__name__}: level must be error, usage or all, not {level!r}")
+        for key, value in (("exclude_none", exclude_none), ("exclude_unset", exclude_unset)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{cls.__name__}: {key} must be True or False, not {value!r}")
         cls.__event__ = event or cls.__dict__.get("__event__") or _snake(cls.__name__)
         cls.__level__ = level
+        if exclude_none is not None:
+            cls.__exclude_none__ = exclude_none
+        if exclude_unset is not None:
+            cls.__exclude_unset__ = exclude_unset
         _PAYLOADS[cls.__event__] = cls
 
     def undeclared(self) -> list[str]:
@@ -319,10 +340,16 @@ class Payload(BaseModel):
         return sorted(self.__pydantic_extra__ or ())
 
     def wire(self) -> dict[str, Any]:
-        """The declared fields only, by alias, as JSON data."""
+        """The declared fields only, by alias, as JSON data (without None or unset fields when
+        the class says so)."""
         extra = self.__pydantic_extra__
         return self.model_dump(
-            mode="json", by_alias=True, exclude=set(extra) if extra else None, warnings=False
+            mode="json",
+            by_alias=True,
+            exclude=set(extra) if extra else None,
+            exclude_none=self.__exclude_none__,
+            exclude_unset=self.__exclude_unset__,
+            warnings=False,
         )
 
 

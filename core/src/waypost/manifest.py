@@ -109,8 +109,23 @@ def describe_payload(cls: type[Payload]) -> dict[str, Any]:
         "module": cls.__module__,
         "level": cls.__level__,
         "description": (cls.__doc__ or "").strip().split("\n\n")[0],
+        "exclude_none": cls.__exclude_none__,
+        "exclude_unset": cls.__exclude_unset__,
         "fields": fields,
     }
+
+
+def _omitted(event: dict[str, Any]) -> str:
+    """The sentence saying which fields an event leaves out, or ``""``."""
+    left_out = [
+        what
+        for key, what in (
+            ("exclude_none", "whose value is null"),
+            ("exclude_unset", "the application did not set (defaults are not sent)"),
+        )
+        if event.get(key)
+    ]
+    return f"Fields {' or '.join(left_out)} are left out." if left_out else ""
 
 
 def build(
@@ -161,6 +176,8 @@ def to_markdown(manifest: dict[str, Any], *, app: str = "") -> str:
         lines += [f"### `{event['event']}` ({event['level']})", ""]
         if event["description"]:
             lines += [_cell(event["description"]), ""]
+        if _omitted(event):
+            lines += [_omitted(event), ""]
         lines += ["Property | Type | Description", "----|----|-----"]
         lines += [
             f"`{f['property']}` | {_cell(f['type'])} | {_cell(f['description'])}"

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+import waypost
 from waypost.errors import TrackError
 from waypost.schedule import ManualClock
 from waypost.testing import RecordingServer, Request, Response
@@ -21,7 +22,8 @@ from waypost.testing import RecordingServer, Request, Response
 HERE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(HERE))
 
-from langflow_app import Langflow, PlaygroundPayload  # noqa: E402
+import langflow_app  # noqa: E402
+from langflow_app import Langflow, PlaygroundPayload, RunPayload  # noqa: E402
 
 try:
     import waypost_warehouse  # noqa: F401
@@ -83,6 +85,18 @@ def start(env: dict[str, str], tmp_path: Path, **kwargs: Any) -> Langflow:
     return Langflow(config(tmp_path), env=env, data_dir=tmp_path / "data", strict=True, **kwargs)
 
 
+def jsonl(env: dict[str, str], tmp_path: Path) -> tuple[Langflow, Path]:
+    """The stand-in writing to a jsonl file only: what leaves, event by event."""
+    path = tmp_path / "events.jsonl"
+    section = {"sinks": {"jsonl": {"path": str(path)}}, "notice": {"enabled": False}}
+    app = Langflow({"telemetry": section}, env=env, data_dir=tmp_path / "data", strict=True)
+    return app, path
+
+
+def sent(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def by_path(server: RecordingServer) -> dict[str, list[Request]]:
     out: dict[str, list[Request]] = {}
     for r in server.requests:
@@ -96,8 +110,8 @@ def test_every_integration_from_config(
     caplog.set_level(logging.INFO, logger="waypost.telemetry")
     clock = ManualClock()
     app = start(env, tmp_path, clock=clock)
-    app.run_flow("flow-1")
-    app.telemetry.track(
+    run_id = app.run_flow("flow-1")
+    app.send(
         PlaygroundPayload(
             playground_seconds=120, playground_component_count=5, playground_success=True
         )
@@ -110,15 +124,18 @@ def test_every_integration_from_config(
     lines = [r.getMessage() for r in caplog.records if r.name == "waypost.telemetry"]
     assert lines[0] == "[TELEMETRY] Endpoint: version"
     run = lines.index("[TELEMETRY] Endpoint: run")
+    # What Langflow's model_dump(by_alias=True, exclude_none=True, exclude_unset=True) gives:
+    # runIsWebhook was not set, so it is not sent.
     assert json.loads(lines[run + 1].removeprefix("[TELEMETRY] Payload: ")) == {
-        "runIsWebhook": False,
+        "clientType": "oss",
         "runSeconds": 0,
         "runSuccess": True,
         "runErrorMessage": "",
+        "runId": run_id,
     }
     assert lines[-2:] == [
         "[TELEMETRY] Endpoint: shutdown",
-        '[TELEMETRY] Payload: {"timeRunning": 3600}',
+        '[TELEMETRY] Payload: {"clientType": "oss", "timeRunning": 3600}',
     ]
 
     got = by_path(server)
@@ -130,7 +147,7 @@ def test_every_integration_from_config(
     amplitude = [e for r in got["/2/httpapi"] for e in r.json()["events"]]
     assert [e["event_type"] for e in amplitude] == names
     shutdown = next(e for e in amplitude if e["event_type"] == "shutdown")
-    assert shutdown["event_properties"] == {"timeRunning": 3600}
+    assert shutdown["event_properties"] == {"clientType": "oss", "timeRunning": 3600}
     custom = [e for r in got["/events"] for e in r.json()]
     assert [e["name"] for e in custom] == names
     assert got["/events"][0].header("Authorization") == "Bearer custom-token-123"
@@ -179,3 +196,150 @@ def test_prometheus_enabled_false(env: dict[str, str], tmp_path: Path) -> None:
     assert registry.exporter("otel").prometheus_url is None
     assert registry.points("file_size") == []  # nothing may read them: nothing is kept
     app.telemetry.shutdown(timeout=5)
+
+
+def test_prometheus_enabled_false_while_telemetry_is_on(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    app = start({**env, "PROMETHEUS_ENABLED": "false"}, tmp_path / "on")
+    app.upload("flow-1", b"x")
+    registry = app.telemetry.metrics
+    assert registry.exporter("otel").prometheus_url is None  # no port
+    assert registry.points("file_size") != []  # kept for the pushes telemetry allows
+    app.telemetry.shutdown(timeout=5)
+
+
+# The payloads of langflow/services/telemetry/schema.py upstream (langflow-ai/langflow at
+# e33e9c6a): event, then each field's wire name and whether it is required there.
+UPSTREAM: dict[str, dict[str, bool]] = {
+    "version": {
+        "clientType": False, "package": True, "version": True, "platform": True, "python": True,
+        "arch": True, "autoLogin": True, "cacheType": True, "backendOnly": True,
+    },
+    "run": {
+        "clientType": False, "runIsWebhook": False, "runSeconds": True, "runSuccess": True,
+        "runErrorMessage": False, "runId": False,
+    },
+    "playground": {
+        "clientType": False, "playgroundSeconds": True, "playgroundComponentCount": False,
+        "playgroundSuccess": True, "playgroundErrorMessage": False, "playgroundRunId": False,
+    },
+    "component": {
+        "clientType": False, "componentName": True, "componentId": True,
+        "componentSeconds": True, "componentSuccess": True, "componentErrorMessage": False,
+        "componentRunId": False,
+    },
+    "component_inputs": {
+        "clientType": False, "componentRunId": True, "componentId": True, "componentName": True,
+        "componentInputs": True, "chunkIndex": False, "totalChunks": False,
+    },
+    "exception": {
+        "clientType": False, "exceptionType": True, "exceptionMessage": True,
+        "exceptionContext": True, "stackTraceHash": False,
+    },
+    "component_index": {
+        "clientType": False, "indexSource": True, "numModules": True, "numComponents": True,
+        "devMode": True, "filteredModules": False, "loadTimeMs": True,
+    },
+    "email": {"clientType": False, "email": True},
+    "shutdown": {"clientType": False, "timeRunning": True},
+}  # fmt: skip
+
+
+def test_the_payloads_are_upstreams() -> None:
+    declared = {
+        cls.__event__: cls
+        for cls in vars(langflow_app).values()
+        if isinstance(cls, type) and issubclass(cls, waypost.Payload) and cls is not waypost.Payload
+    }
+    assert set(declared) == set(UPSTREAM)
+    for event, fields in UPSTREAM.items():
+        cls = declared[event]
+        wire = {
+            info.serialization_alias or name: info.is_required()
+            for name, info in cls.model_fields.items()
+        }
+        assert wire == fields, event
+        assert cls.__exclude_none__ and cls.__exclude_unset__, event
+    assert declared["exception"].__level__ == "error"
+
+
+def test_none_and_unset_fields_stay_home(env: dict[str, str], tmp_path: Path) -> None:
+    app, path = jsonl(env, tmp_path)
+    app.send(RunPayload(run_seconds=2, run_success=False, run_id=None))
+    app.send(RunPayload(run_seconds=2, run_success=True, run_is_webhook=True))
+    app.load_components()
+    assert app.telemetry.flush(timeout=10)
+    version, first, second, index = (e["properties"] for e in sent(path))
+    assert "desktop" not in version and version["clientType"] == "oss"
+    assert first == {"clientType": "oss", "runSeconds": 2, "runSuccess": False}
+    assert second == {
+        "clientType": "oss", "runSeconds": 2, "runSuccess": True, "runIsWebhook": True
+    }  # fmt: skip
+    assert "filteredModules" not in index and index["indexSource"] == "builtin"
+    app.telemetry.shutdown(timeout=5)
+
+
+def test_component_inputs_join_their_component_and_are_scrubbed(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    app, path = jsonl(env, tmp_path)
+    secret = "sk-proj-" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z"
+    app.run_flow(
+        "flow-9",
+        inputs={"OpenAIModel": {"model_name": "gpt-4o", "api_key": secret, "temperature": 0.1}},
+    )
+    assert app.telemetry.flush(timeout=10)
+    events = sent(path)
+    assert secret not in json.dumps(events)
+    (inputs,) = [e for e in events if e["name"] == "component_inputs"]
+    model = next(
+        e
+        for e in events
+        if e["name"] == "component" and e["properties"]["componentName"] == "OpenAIModel"
+    )
+    props = inputs["properties"]
+    assert props["componentRunId"] == model["properties"]["componentRunId"]
+    assert props["componentId"] == model["properties"]["componentId"] == "OpenAIModel-flow-9"
+    assert props["componentInputs"]["model_name"] == "gpt-4o"
+    assert props["componentInputs"]["api_key"].startswith("[REDACTED")
+    assert "chunkIndex" not in props and "totalChunks" not in props  # one body, no URL limit
+    app.telemetry.shutdown(timeout=5)
+
+
+def test_an_exception_is_reported_without_what_it_quotes(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    app, path = jsonl(env, tmp_path)
+    try:
+        raise PermissionError("cannot open /home/alice/flows/a.json for alice@example.com")
+    except PermissionError as exc:
+        app.report_exception(exc, "handler")
+    assert app.telemetry.flush(timeout=10)
+    (event,) = [e for e in sent(path) if e["name"] == "exception"]
+    props = event["properties"]
+    assert props["exceptionType"] == "PermissionError"
+    assert props["exceptionContext"] == "handler"
+    assert len(props["stackTraceHash"]) == 16
+    assert "alice" not in json.dumps(event)
+    assert "[REDACTED" in props["exceptionMessage"]
+    app.telemetry.shutdown(timeout=5)
+
+
+def test_desktop_sends_its_client_type_and_never_the_email(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    app, path = jsonl({**env, "LANGFLOW_DESKTOP": "true"}, tmp_path)
+    app.register_email("jane.doe@example.com")
+    assert app.telemetry.flush(timeout=10)
+    version, email = sent(path)
+    assert version["properties"]["clientType"] == "desktop"
+    assert email["name"] == "email" and email["properties"]["clientType"] == "desktop"
+    assert "jane.doe" not in json.dumps(email)
+    assert email["properties"]["email"].startswith("[REDACTED")
+    app.telemetry.shutdown(timeout=5)
+    server, server_path = jsonl(env, tmp_path / "server")
+    server.register_email("jane.doe@example.com")  # the server has no registered e-mail
+    assert server.telemetry.flush(timeout=10)
+    assert [e["name"] for e in sent(server_path)] == ["version"]
+    server.telemetry.shutdown(timeout=5)
