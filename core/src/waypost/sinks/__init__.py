@@ -1,255 +1,62 @@
-"""The sink contract: a config model, a batch ``send`` that reports per event, ``close``.
+"""Sinks: the contract every sink implements, and the toolkit that HTTP sinks share.
 
-Sinks are thin transports. The core owns buffering, batching, retries, the outbox and the
-privacy gate; a sink turns a batch of :class:`~waypost.Event` into one request (or a few) and
-says, for each event, whether it was delivered, should be retried or was refused for good.
+- :mod:`waypost.sinks.base`: :class:`Sink` (generic over its config model), :class:`SinkConfig`,
+  :class:`HttpSinkConfig`, :class:`SendResult`, :class:`SinkContext`.
+- :mod:`waypost.sinks.transport`: :class:`HttpTransport` (one httpx client per process,
+  User-Agent, timeouts, redirects never followed, transport errors mapped once, secrets masked),
+  :func:`raise_for_status`, :func:`parse_retry_after`, :func:`snippet`.
+- :mod:`waypost.sinks.parts`: :func:`send_in_parts`, one batch sent as several requests.
+- :mod:`waypost.sinks.masking`: :class:`Masker`, :func:`is_secret_name`, :func:`split_url`,
+  :func:`mask_url`.
+- :mod:`waypost.sinks.process`: :class:`ProcessLocal`, a resource a forked child rebuilds.
+
+The transport imports httpx only when a sink builds one, so the core does not depend on it.
 """
 
 from __future__ import annotations
 
-import builtins
-import ipaddress
-import logging
-import urllib.parse
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from waypost.events import Event
+from waypost.sinks.base import (
+    HttpSinkConfig,
+    SendResult,
+    Sink,
+    SinkConfig,
+    SinkContext,
+    check_endpoint,
+    is_loopback_host,
+)
+from waypost.sinks.masking import MASK, Masker, UrlSecrets, is_secret_name, mask_url, split_url
+from waypost.sinks.parts import Part, send_in_parts
+from waypost.sinks.process import ProcessLocal
+from waypost.sinks.transport import (
+    RETRYABLE_STATUS,
+    HttpTransport,
+    parse_retry_after,
+    raise_for_status,
+    snippet,
+    user_agent,
+)
 
 __all__ = [
+    "MASK",
+    "RETRYABLE_STATUS",
     "HttpSinkConfig",
+    "HttpTransport",
+    "Masker",
+    "Part",
+    "ProcessLocal",
     "SendResult",
     "Sink",
     "SinkConfig",
     "SinkContext",
+    "UrlSecrets",
     "check_endpoint",
     "is_loopback_host",
+    "is_secret_name",
+    "mask_url",
+    "parse_retry_after",
+    "raise_for_status",
+    "send_in_parts",
+    "snippet",
+    "split_url",
+    "user_agent",
 ]
-
-
-class SinkConfig(BaseModel):
-    """Base of every sink's config model. Unknown keys are refused, so typos are caught."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    batch_size: int | None = Field(
-        default=None, ge=1, description="Events per request; capped at the sink's own maximum."
-    )
-    timeout: float = Field(default=10.0, gt=0, le=300, description="Seconds per request.")
-    concurrency: int | None = Field(
-        default=None, ge=1, le=16, description="Batches in flight at once (sink's default)."
-    )
-    events: list[str] | None = Field(
-        default=None, description="Only events whose name matches one of these globs."
-    )
-    exclude_events: list[str] = Field(
-        default_factory=list, description="Never events whose name matches one of these globs."
-    )
-
-    def accepts(self, event_name: str) -> bool:
-        """Whether this sink instance receives events of that name (``events`` and
-        ``exclude_events`` are shell-style globs: ``page_*``, ``$pageview``)."""
-        from fnmatch import fnmatchcase
-
-        if self.events is not None and not any(fnmatchcase(event_name, p) for p in self.events):
-            return False
-        return not any(fnmatchcase(event_name, p) for p in self.exclude_events)
-
-    @property
-    def routes_all(self) -> bool:
-        return self.events is None and not self.exclude_events
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if not host:
-        return False
-    host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_endpoint(url: str, *, allow_http: bool = False, what: str = "url") -> str:
-    """Validate an endpoint URL: a scheme and host, and ``http://`` only on loopback or when
-    ``allow_http`` is set. Returns the URL without a trailing slash."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ValueError(f"{what} must be an http(s) URL with a host, not {url!r}")
-    if parsed.scheme == "http" and not allow_http and not is_loopback_host(parsed.hostname):
-        raise ValueError(
-            f"{what} {url!r} is plain http:// to a non-loopback host; use https://, "
-            "or set allow_http: true if the network is trusted"
-        )
-    return url.rstrip("/")
-
-
-class HttpSinkConfig(SinkConfig):
-    """Config shared by sinks that talk HTTP to a vendor: ``host`` (a base URL with scheme,
-    the vendor's cloud by default), ``region`` where the vendor has one, ``allow_http``."""
-
-    default_hosts: ClassVar[dict[str, str]] = {}
-    """Vendor hosts by region (``""`` is the default region); subclasses fill it."""
-
-    host: str | None = Field(default=None, description="Base URL; defaults to the vendor's cloud.")
-    region: str | None = Field(default=None, description="Vendor region, e.g. eu.")
-    allow_http: bool = Field(default=False, description="Allow http:// to a non-loopback host.")
-
-    @model_validator(mode="after")
-    def _resolve_host(self) -> HttpSinkConfig:
-        if self.host is None:
-            hosts = type(self).default_hosts
-            region = (self.region or "").lower()
-            if region not in hosts:
-                known = ", ".join(sorted(k for k in hosts if k)) or "none"
-                raise ValueError(f"unknown region {self.region!r}; known regions: {known}")
-            object.__setattr__(self, "host", hosts[region])
-        object.__setattr__(
-            self, "host", check_endpoint(str(self.host), allow_http=self.allow_http, what="host")
-        )
-        return self
-
-    @property
-    def base_url(self) -> str:
-        assert self.host is not None
-        return self.host
-
-
-@dataclass
-class SinkContext:
-    """What the core tells a sink about the application it runs in."""
-
-    app: str
-    version: str
-    instance_id: str
-    data_dir: Path
-    strict: bool = False
-    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("waypost.sinks"))
-
-
-@dataclass
-class SendResult:
-    """Per-event outcome of one ``send``: ids not named in ``retry`` or ``failed`` were delivered.
-
-    ``retry`` and ``failed`` map event ids to the reason; ``retry_after`` is the destination's
-    wish for the next attempt (seconds), if it said one. ``receipt`` is the destination's
-    reference to the submission (logged, kept with the records); ``control`` a control block
-    it answered (a waypost collector's ``heartbeat_every``, ``sample``, ``pause_until``), which
-    the core keeps and applies only to send less (see ``waypost.control``).
-    """
-
-    retry: dict[str, str] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    retry_after: float | None = None
-    dropped_by_destination: dict[str, str] = field(default_factory=dict)
-    receipt: str | None = None
-    control: dict[str, Any] | None = None
-
-    @classmethod
-    def ok(cls, *, receipt: str | None = None) -> SendResult:
-        """Every event of the batch was delivered."""
-        return cls(receipt=receipt)
-
-    @classmethod
-    def retry_all(
-        cls, events: Iterable[Event], reason: str, retry_after: float | None = None
-    ) -> SendResult:
-        return cls(retry={e.id: reason for e in events}, retry_after=retry_after)
-
-    @classmethod
-    def fail_all(cls, events: Iterable[Event], reason: str) -> SendResult:
-        return cls(failed={e.id: reason for e in events})
-
-    def mark_retry(self, event: Event | str, reason: str) -> None:
-        self.retry[event if isinstance(event, str) else event.id] = reason
-
-    def mark_failed(self, event: Event | str, reason: str) -> None:
-        self.failed[event if isinstance(event, str) else event.id] = reason
-
-    def mark_dropped(self, event: Event | str, reason: str) -> None:
-        """The destination accepted the request but said it dropped this event (no retry)."""
-        self.dropped_by_destination[event if isinstance(event, str) else event.id] = reason
-
-
-class Sink:
-    """Base class of sinks. Subclasses set ``type`` and ``Config`` and implement ``send``.
-
-    The core creates one instance per configured sink, calls ``open`` once before the first
-    batch (from the delivery thread, so connecting never slows the host), ``send`` with batches
-    of at most ``max_batch_size`` events, and ``close`` at shutdown. ``send`` either returns a
-    :class:`SendResult` or raises :class:`~waypost.errors.SinkError` for the whole batch; any
-    other exception counts as a retryable failure of the batch.
-    """
-
-    type: ClassVar[str] = ""
-    Config: ClassVar[builtins.type[SinkConfig]] = SinkConfig
-    max_batch_size: ClassVar[int] = 500
-    default_concurrency: ClassVar[int] = 1
-    """Batches in flight at once; raise it only if ``send`` is safe to call from several
-    threads (an httpx or requests client is)."""
-    deprecated: ClassVar[str | None] = None
-    """If set, the sink is deprecated and this says what to use instead."""
-
-    def __init__(self, name: str, config: SinkConfig, context: SinkContext) -> None:
-        self.name = name
-        self.config = config
-        self.context = context
-
-    @property
-    def concurrency(self) -> int:
-        return self.config.concurrency or type(self).default_concurrency
-
-    @property
-    def batch_size(self) -> int:
-        wanted = self.config.batch_size or self.max_batch_size
-        return max(1, min(wanted, self.max_batch_size))
-
-    @property
-    def destination(self) -> str:
-        """Where events go, for status and the manifest (no credentials, no query string)."""
-        target = getattr(self.config, "host", None) or getattr(self.config, "url", None)
-        if not target:
-            return self.type
-        parts = urllib.parse.urlsplit(str(target))
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else str(target)
-
-    def open(self) -> None:
-        """Prepare connections or clients; called once, lazily, before the first send."""
-
-    def send(self, events: Sequence[Event]) -> SendResult:
-        raise NotImplementedError
-
-    def render(self, events: Sequence[Event]) -> Any:
-        """What ``send`` would put on the wire, for debug mode (nothing is sent)."""
-        return [e.to_dict() for e in events]
-
-    def test_request(self, event: Event) -> dict[str, Any]:
-        """Send one event to the destination's validation endpoint if it has one, and return
-        the destination's answer for ``waypost test-sink``. The default sends it for real."""
-        result = self.send([event])
-        return {"delivered": not (result.retry or result.failed), "result": _result_dict(result)}
-
-    def close(self) -> None:
-        """Release connections; called once at shutdown."""
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r} type={self.type!r}>"
-
-
-def _result_dict(result: SendResult) -> dict[str, Any]:
-    return {
-        "retry": result.retry,
-        "failed": result.failed,
-        "dropped": result.dropped_by_destination,
-        "retry_after": result.retry_after,
-        "receipt": result.receipt,
-    }

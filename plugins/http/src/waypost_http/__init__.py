@@ -1,8 +1,8 @@
 """The ``http`` sink: batches of events to any HTTP endpoint, as JSON, NDJSON or CloudEvents.
 
-One request per batch, through one ``httpx.Client`` per sink instance. The body can be gzipped
-and signed (HMAC-SHA256 over the exact bytes sent). The endpoint may answer per event; see the
-README for the wire format, the answer schema and a signature verification snippet.
+One request per batch, through the core's :class:`~waypost.sinks.HttpTransport`. The body can be
+gzipped and signed (HMAC-SHA256 over the exact bytes sent). The endpoint may answer per event;
+see the README for the wire format, the answer schema and a signature verification snippet.
 """
 
 from __future__ import annotations
@@ -16,16 +16,26 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 import waypost
 from waypost.errors import RetryableError
 from waypost.events import Event, dumps
-from waypost.retry import parse_retry_after, raise_for_status
-from waypost.sinks import SendResult, Sink, SinkConfig, SinkContext, check_endpoint
+from waypost.sinks import (
+    HttpTransport,
+    SendResult,
+    Sink,
+    SinkConfig,
+    SinkContext,
+    check_endpoint,
+    parse_retry_after,
+    snippet,
+)
+
+if TYPE_CHECKING:
+    import httpx
 
 _orjson: ModuleType | None
 try:  # a C encoder about four times as fast; where it has no wheel, the standard one
@@ -78,7 +88,10 @@ class HttpConfig(SinkConfig):
     # Header values may carry tokens: keep every input value out of validation messages.
     model_config = ConfigDict(hide_input_in_errors=True)
 
-    url: str = Field(description="Full endpoint URL (https://, or http:// on loopback).")
+    url: str = Field(
+        description="Full endpoint URL (https://, or http:// on loopback). User info is sent "
+        "as Basic auth and secret-looking query values (token=, key=...) are kept out of logs."
+    )
     method: Literal["POST", "PUT"] = Field(default="POST", description="HTTP method.")
     headers: dict[str, SecretStr] = Field(
         default_factory=dict,
@@ -126,7 +139,13 @@ class HttpConfig(SinkConfig):
 
     @model_validator(mode="after")
     def _check_url(self) -> HttpConfig:
-        object.__setattr__(self, "url", check_endpoint(self.url, allow_http=self.allow_http))
+        url = check_endpoint(self.url, allow_http=self.allow_http)
+        object.__setattr__(self, "url", self._take_url_secrets(url, "url"))
+        if self.url_secrets.basic_auth and any(k.lower() == "authorization" for k in self.headers):
+            raise ValueError(
+                "url carries user info and headers set Authorization as well: which credential "
+                "is meant is ambiguous; give it in one place"
+            )
         return self
 
 
@@ -161,46 +180,22 @@ def verify_signature(
     return hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
-def _token(text: str) -> str:
-    """``text`` made safe for a User-Agent product token."""
-    return re.sub(r"[^A-Za-z0-9.!#$%&'*+^_`|~-]+", "-", text).strip("-") or "app"
-
-
-class HttpSink(Sink):
+class HttpSink(Sink[HttpConfig]):
     """Posts each batch as one request; honours per-event results in a JSON answer."""
 
     type = "http"
-    Config = HttpConfig
     max_batch_size = 1000
     default_concurrency = 8  # send() is safe from several threads; started as needed
-    config: HttpConfig
 
-    def __init__(self, name: str, config: SinkConfig, context: SinkContext) -> None:
+    def __init__(self, name: str, config: HttpConfig, context: SinkContext) -> None:
         super().__init__(name, config, context)
-        self._client: httpx.Client | None = None
+        headers = {k: v.get_secret_value() for k, v in config.headers.items()}
+        self._http = HttpTransport(self, headers=headers)
         app = urllib.parse.quote(context.app, safe="")
-        self._source = self.config.cloudevents_source or f"/waypost/{app}"
-
-    # --- lifecycle ------------------------------------------------------------------------------
-
-    def open(self) -> None:
-        context = self.context
-        agent = (
-            f"{_token(context.app)}/{_token(context.version)} "
-            f"waypost/{waypost.__version__} httpx/{httpx.__version__}"
-        )
-        headers = {"User-Agent": agent}
-        headers.update({k: v.get_secret_value() for k, v in self.config.headers.items()})
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(self.config.timeout),
-            headers=headers,
-            follow_redirects=False,
-        )
+        self._source = config.cloudevents_source or f"/waypost/{app}"
 
     def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        self._http.close()
 
     # --- the body -------------------------------------------------------------------------------
 
@@ -236,9 +231,6 @@ class HttpSink(Sink):
         return dumps(items).encode()
 
     def _request(self, events: Sequence[Event]) -> httpx.Response:
-        if self._client is None:
-            self.open()
-        assert self._client is not None
         config = self.config
         body = self.encode(events)
         headers = {"Content-Type": CONTENT_TYPES[config.format]}
@@ -252,30 +244,22 @@ class HttpSink(Sink):
             headers[SIGNATURE_HEADER] = sign(
                 config.signing_secret.get_secret_value(), timestamp, body
             )
-        try:
-            return self._client.request(config.method, config.url, content=body, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise RetryableError(
-                f"no answer within {config.timeout:g} s ({type(exc).__name__})"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        return self._http.request(config.method, content=body, headers=headers)
 
     # --- sending --------------------------------------------------------------------------------
 
     def send(self, events: Sequence[Event]) -> SendResult:
-        response = self._request(events)
-        raise_for_status(response.status_code, response.headers, response.text)
-        return _per_event_results(events, response)
+        response = self._http.check(self._request(events))
+        return _per_event_results(events, response, self.mask)
 
     def test_request(self, event: Event) -> dict[str, Any]:
         try:
             response = self._request([event])
         except RetryableError as exc:
             return {"delivered": False, "status": None, "answer": None, "error": exc.reason}
-        answer = " ".join(response.text.split())[:500]
+        answer = self._http.text(response, 500)
         delivered = 200 <= response.status_code < 300
-        result = _per_event_results([event], response) if delivered else None
+        result = _per_event_results([event], response, self.mask) if delivered else None
         if result is not None and (result.retry or result.failed):
             delivered = False
         answer_data: dict[str, Any] = {
@@ -290,7 +274,9 @@ class HttpSink(Sink):
         return answer_data
 
 
-def _per_event_results(events: Sequence[Event], response: httpx.Response) -> SendResult:
+def _per_event_results(
+    events: Sequence[Event], response: httpx.Response, mask: Callable[[str], str]
+) -> SendResult:
     """Read a 2xx answer's per-event results, if it has any (else everything was delivered).
 
     Understood shapes (all keys optional): ``{"results": [{"id", "status": "ok" | "duplicate" |
@@ -318,7 +304,7 @@ def _per_event_results(events: Sequence[Event], response: httpx.Response) -> Sen
         event_id = str(item["id"])
         status = str(item.get("status", "ok")).lower()
         error = item.get("error")
-        detail = f": {' '.join(str(error).split())[:300]}" if error else ""
+        detail = f": {mask(snippet(str(error)))}" if error else ""
         if status in ("ok", "duplicate"):
             continue
         if status == "retry":
@@ -353,7 +339,7 @@ def _receipt(data: Mapping[str, Any]) -> str | None:
         value = data.get(key)
         if isinstance(value, str) and value.strip():
             # Printed in logs: one line, bounded, so a hostile answer cannot forge log lines.
-            return " ".join(value.split())[:200]
+            return snippet(value, 200)
     return None
 
 

@@ -1,0 +1,99 @@
+"""One batch sent as several requests (a vendor's count or size limit, one request per client or
+per event): the rules for what a failure of one request means for the others, in one place."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
+
+from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
+from waypost.events import Event
+from waypost.sinks.base import SendResult
+
+__all__ = ["Part", "send_in_parts"]
+
+
+class Part(Protocol):
+    """One request of a batch: the events it carries (anything else is the sink's)."""
+
+    @property
+    def events(self) -> Sequence[Event]: ...
+
+
+P = TypeVar("P", bound=Part)
+
+
+def send_in_parts(
+    parts: Iterable[P],
+    send: Callable[[P], object],
+    result: SendResult | None = None,
+    *,
+    split: Callable[[P], Sequence[P]] | None = None,
+    permanent_fails_rest: bool = False,
+) -> SendResult:
+    """Send ``parts`` in order with ``send`` and sort their events into ``result``.
+
+    ``send`` raises a :class:`~waypost.errors.SinkError` for its whole part, or marks events in
+    ``result`` itself (an answer per event). Then:
+
+    - a retryable failure holds back this part and every later one (the destination is down or
+      throttling: pressing on would not help), with its reason and ``retry_after``; so does a
+      part after which ``result.retry_after`` is set (the destination asked to wait);
+    - a permanent failure fails this part's events and the others go on (with
+      ``permanent_fails_rest``, the rest fail with it: the destination refuses any request);
+    - a 413 is split with ``split`` where given; a single event that is too large fails; any
+      other part is retried later (resent smaller, since the core splits a batch on 413).
+
+    While nothing is decided yet (the first part failed, no event marked), the error is raised
+    instead, so the core treats it as the whole batch's: retried, or split on 413. Returns
+    ``result`` (a new one if none was given).
+    """
+    result = SendResult() if result is None else result
+    work = deque(parts)
+    first = True
+    while work:
+        part = work.popleft()
+        undecided = first and not (result.retry or result.failed or result.dropped_by_destination)
+        first = False
+        try:
+            send(part)
+        except PayloadTooLarge as exc:
+            if split is not None and len(part.events) > 1:
+                work.extendleft(reversed(split(part)))
+                first = undecided  # nothing was sent: the halves start afresh
+                continue
+            if len(part.events) == 1:
+                result.mark_failed(part.events[0], f"event too large: {exc.reason}")
+                continue
+            if undecided:
+                raise
+            for event in part.events:
+                result.mark_retry(event, exc.reason)
+            continue
+        except RetryableError as exc:
+            if undecided:
+                raise
+            _hold_back([part, *work], result, exc.reason)
+            result.retry_after = exc.retry_after
+            return result
+        except PermanentError as exc:
+            if undecided and (not work or permanent_fails_rest):
+                raise
+            for later in [part, *work] if permanent_fails_rest else [part]:
+                for event in later.events:
+                    result.mark_failed(event, exc.reason)
+            if permanent_fails_rest:
+                return result
+            continue
+        if work and result.retry_after is not None:
+            reason = next(iter(result.retry.values()), "the destination asked to wait")
+            _hold_back(work, result, f"held back: an earlier request of the batch: {reason}")
+            return result
+    return result
+
+
+def _hold_back(parts: Iterable[Part], result: SendResult, reason: str) -> None:
+    for part in parts:
+        for event in part.events:
+            result.mark_retry(event, reason)

@@ -1,0 +1,81 @@
+"""Resources that belong to one process: a forked child builds its own and never uses, closes
+or shuts down what it inherited (a pre-fork server's master and workers would otherwise share
+keep-alive connections, and answers would reach the wrong process)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+__all__ = ["ProcessLocal"]
+
+T = TypeVar("T")
+
+_holders: weakref.WeakSet[ProcessLocal[Any]] = weakref.WeakSet()
+_inherited: list[object] = []
+"""What forked children inherited, kept referenced so that not even the garbage collector
+closes a socket the parent still uses."""
+
+
+class ProcessLocal(Generic[T]):
+    """A value built on first use in each process, from ``build`` (thread-safe).
+
+    ``close()`` closes the value of the calling process only, with ``close_value``; in a forked
+    child the parent's value is left alone, and ``get()`` builds the child's own.
+    """
+
+    def __init__(self, build: Callable[[], T], close_value: Callable[[T], object]) -> None:
+        self._build = build
+        self._close_value = close_value
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._pid = 0
+        _holders.add(self)
+
+    def get(self) -> T:
+        value, pid = self._value, self._pid
+        if value is not None and pid == os.getpid():
+            return value
+        with self._lock:
+            if self._value is None or self._pid != os.getpid():
+                self._forget()
+                self._value, self._pid = self._build(), os.getpid()
+            return self._value
+
+    @property
+    def built(self) -> bool:
+        """Whether this process has its own value now."""
+        return self._value is not None and self._pid == os.getpid()
+
+    def close(self) -> None:
+        with self._lock:
+            value, mine = self._value, self._pid == os.getpid()
+            self._value, self._pid = None, 0
+        if value is not None:
+            if mine:
+                self._close_value(value)
+            else:
+                _inherited.append(value)
+
+    def _forget(self) -> None:
+        """Drop an inherited value without closing it."""
+        if self._value is not None and self._pid != os.getpid():
+            _inherited.append(self._value)
+            self._value, self._pid = None, 0
+
+    def _after_fork_in_child(self) -> None:
+        # The lock may have been held by a thread that does not exist in the child.
+        self._lock = threading.Lock()
+        self._forget()
+
+
+def _after_fork_in_child() -> None:
+    for holder in list(_holders):
+        holder._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

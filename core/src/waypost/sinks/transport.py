@@ -1,0 +1,341 @@
+"""The HTTP transport every HTTP sink shares, and the one classification of HTTP answers.
+
+:class:`HttpTransport` is one sink's httpx client: built (and httpx imported) on the thread that
+builds the sink, so a ``fork()`` can never catch a delivery thread halfway through an import;
+rebuilt in a forked child, which never touches its parent's connections; with the sink's
+User-Agent and timeout; never following redirects; mapping every transport error (timeouts,
+refused or reset connections, protocol errors) to :class:`~waypost.errors.RetryableError` once;
+and passing every reason it produces through the sink's :class:`~waypost.sinks.masking.Masker`.
+Credentials never stand in a URL that httpx sees: user info travels as an ``Authorization``
+header, and secret query values are put in the request line below httpx's own logging.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import encodings.idna  # noqa: F401 (socket.getaddrinfo imports it lazily: imported here first)
+import functools
+import importlib.metadata
+import re
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import waypost
+from waypost.errors import ConfigError, PayloadTooLarge, PermanentError, RetryableError
+from waypost.sinks.masking import MASK, UrlSecrets, is_secret_name, mask_url
+from waypost.sinks.process import ProcessLocal
+
+if TYPE_CHECKING:
+    import httpx
+
+    from waypost.sinks.base import Sink
+
+__all__ = [
+    "RETRYABLE_STATUS",
+    "HttpTransport",
+    "parse_retry_after",
+    "raise_for_status",
+    "snippet",
+    "user_agent",
+]
+
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+SNIPPET = 300
+"""Characters of an answer's body quoted in a reason."""
+
+
+def snippet(text: str | bytes, limit: int = SNIPPET) -> str:
+    """An answer's body for a reason: one line, whitespace folded, at most ``limit`` characters
+    (so a hostile answer cannot forge log lines or flood them)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return " ".join(text.split())[:limit]
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    if not headers:
+        return None
+    lowered = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+def raise_for_status(
+    status: int,
+    headers: Mapping[str, str] | None = None,
+    body: str = "",
+    *,
+    what: str = "",
+    retry_after: float | None = None,
+    mask: Callable[[str], str] = mask_url,
+) -> None:
+    """Classify an HTTP answer: return on 2xx, else raise the matching ``SinkError``.
+
+    408, 425, 429 and 5xx are retryable (honouring ``Retry-After``), 413 asks the core to split
+    the batch (:class:`~waypost.errors.PayloadTooLarge`, retryable), a 3xx is permanent (a
+    redirect is never followed: the reason says where it pointed), every other status is
+    permanent. The body's first 300 characters go in the reason, and the whole reason passes
+    ``mask`` (URL credentials by default; a sink's :meth:`~waypost.Sink.mask` knows its secrets).
+    ``retry_after`` (seconds) stands in for the header when a client library parsed it already.
+    """
+    if 200 <= status < 300:
+        return
+    quoted = snippet(body)
+    reason = f"{what + ': ' if what else ''}HTTP {status}"
+    if 300 <= status < 400:
+        location = _header(headers, "Location")
+        target = f" to {snippet(location, 200)}" if location else ""
+        reason += (
+            f": redirected{target}, which waypost does not follow (it would take the request "
+            "and its credentials to an address nobody configured): configure the new address "
+            "if it is the right one"
+        )
+        raise PermanentError(mask(reason))
+    reason += f": {quoted}" if quoted else ""
+    if status == 413:
+        raise PayloadTooLarge(mask(reason))
+    if status in RETRYABLE_STATUS or status >= 500:
+        wait = (
+            retry_after
+            if retry_after is not None
+            else parse_retry_after(_header(headers, "Retry-After"))
+        )
+        raise RetryableError(mask(reason), retry_after=wait)
+    raise PermanentError(mask(reason))
+
+
+def _product(text: str) -> str:
+    """``text`` made safe for a User-Agent product token."""
+    return re.sub(r"[^A-Za-z0-9.!#$%&'*+^_`|~-]+", "-", text).strip("-") or "app"
+
+
+def user_agent(sink: Sink[Any]) -> str:
+    """``<app>/<version> waypost/<version> <plugin>/<version>``: the application that sends,
+    the framework, and the distribution of the sink's class."""
+    context = sink.context
+    agent = f"{_product(context.app)}/{_product(context.version)} waypost/{waypost.__version__}"
+    package = type(sink).__module__.partition(".")[0]
+    if package == "waypost":
+        return agent
+    distribution = package.replace("_", "-")
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        version = str(getattr(sys.modules.get(package), "__version__", "") or "")
+    return f"{agent} {_product(distribution)}/{_product(version)}" if version else agent
+
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``),
+    decided once: httpx ignores the environment for a transport it is handed."""
+    proxies = urllib.request.getproxies_environment()
+    if not proxies:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxies.get(parts.scheme) or proxies.get("all")
+
+
+class HttpTransport:
+    """One sink's HTTP client (httpx), owned by one process.
+
+    ``base_url`` is what relative paths are appended to (the config's ``base_url`` or ``url``
+    by default); ``headers`` go with every request; ``secrets`` are the config's
+    ``url_secrets`` by default: their user info becomes a Basic ``Authorization`` header, and
+    each query parameter shown as ``name=***`` gets its value on the wire only; more can be
+    given with ``params`` (GA4's ``api_secret``). ``what`` names the destination in reasons.
+    """
+
+    _httpx: Any  # the module, imported by __init__
+
+    def __init__(
+        self,
+        sink: Sink[Any],
+        *,
+        base_url: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        secrets: UrlSecrets | None = None,
+        agent: str | None = None,
+        what: str = "",
+    ) -> None:
+        import httpx  # here, on the thread that builds the sink; never on a delivery thread
+
+        self._httpx = httpx
+        self.sink = sink
+        self.what = what
+        config = sink.config
+        self.timeout = float(config.timeout)
+        target = base_url or getattr(config, "base_url", None) or getattr(config, "url", "")
+        self.base_url = str(target).rstrip("/")
+        secrets = config.url_secrets if secrets is None else secrets
+        self._headers = {"User-Agent": agent or user_agent(sink), **(headers or {})}
+        basic = secrets.basic_auth
+        if basic is not None:
+            if any(k.lower() == "authorization" for k in self._headers):
+                raise ConfigError(
+                    "the URL carries user info and an Authorization header is set as well: "
+                    "give the credentials in one place"
+                )
+            self._headers["Authorization"] = basic
+        self._params = {**secrets.params, **(params or {})}
+        self._added = {name: MASK for name in params or {}}  # shown as ***, filled on the wire
+        masker = sink.masker
+        for name, value in self._headers.items():
+            if is_secret_name(name):
+                masker.add(value)
+        for value in self._params.values():
+            masker.add(value)
+        self._clients: ProcessLocal[httpx.Client] = ProcessLocal(self._new_client, _close)
+        # Built now: httpx imports httpcore, h11, certifi... when its first client is made.
+        self._clients.get()
+
+    def _new_client(self) -> httpx.Client:
+        lib = self._httpx
+        wire: httpx.BaseTransport = lib.HTTPTransport(proxy=_proxy_for(self.base_url))
+        if self._params:
+            wire = _secret_query()(wire, self._params)
+        client: httpx.Client = lib.Client(
+            transport=wire,
+            headers=self._headers,
+            timeout=lib.Timeout(self.timeout),
+            follow_redirects=False,
+            trust_env=False,  # proxies are read above; netrc credentials are never picked up
+        )
+        return client
+
+    @property
+    def client(self) -> httpx.Client:
+        """This process's client (a forked child gets its own on first use)."""
+        return self._clients.get()
+
+    def url(self, path: str = "") -> str:
+        """``path`` on the base URL, as it may be shown (secret values as ``***``)."""
+        return path if "://" in path else f"{self.base_url}{path}"
+
+    def request(
+        self,
+        method: str,
+        path: str = "",
+        *,
+        content: bytes | None = None,
+        data: Mapping[str, Any] | None = None,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        what: str | None = None,
+    ) -> httpx.Response:
+        """Send one request and return the answer, whatever its status; a transport error
+        (no answer in time, no connection, a broken answer) raises ``RetryableError``."""
+        lib = self._httpx
+        url = self.url(path)
+        label = self.what if what is None else what
+        if self._added:
+            params = {**(params or {}), **self._added}
+        try:
+            return self.client.request(
+                method, url, content=content, data=data, json=json, params=params, headers=headers
+            )
+        except lib.TimeoutException as exc:
+            name = type(exc).__name__
+            reason = f"no answer from {_where(url)} within {self.timeout:g} s ({name})"
+        except lib.RequestError as exc:
+            detail = snippet(str(exc), 200)
+            reason = f"cannot reach {_where(url)}: {type(exc).__name__}{': ' if detail else ''}"
+            reason += detail
+        # Raised without the httpx error: its request holds the URL as it went on the wire.
+        raise RetryableError(self.sink.mask(f"{label}: {reason}" if label else reason))
+
+    def check(self, response: httpx.Response, *, what: str | None = None) -> httpx.Response:
+        """Return a 2xx answer; raise for any other (:func:`raise_for_status`, masked)."""
+        raise_for_status(
+            response.status_code,
+            response.headers,
+            response.text if not 200 <= response.status_code < 300 else "",
+            what=self.what if what is None else what,
+            mask=self.sink.mask,
+        )
+        return response
+
+    def send(self, method: str, path: str = "", **kwargs: Any) -> httpx.Response:
+        """:meth:`request`, then :meth:`check`: the 2xx answer, or a ``SinkError``."""
+        return self.check(self.request(method, path, **kwargs), what=kwargs.get("what"))
+
+    def text(self, response: httpx.Response, limit: int = SNIPPET) -> str:
+        """The answer's body as a reason may quote it: one line, cut, masked."""
+        return self.sink.mask(snippet(response.text, limit))
+
+    def close(self) -> None:
+        """Close this process's connections (an inherited client is left to its owner)."""
+        self._clients.close()
+
+
+def _close(client: httpx.Client) -> None:
+    client.close()
+
+
+def _where(url: str) -> str:
+    """``url`` without its query, for a reason."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(query="", fragment=""))
+
+
+@functools.cache
+def _secret_query() -> Callable[[httpx.BaseTransport, Mapping[str, str]], httpx.BaseTransport]:
+    """The wire-side transport that puts secret query values in (defined once httpx is in)."""
+    import httpx
+
+    class SecretQuery(httpx.BaseTransport):
+        """Puts the secret query values in the request line, below the client: httpx logs (and
+        its errors quote) the URL it was given, which holds ``name=***`` instead."""
+
+        def __init__(self, inner: httpx.BaseTransport, params: Mapping[str, str]) -> None:
+            self._inner = inner
+            self._params = {name: urllib.parse.quote(v, safe="") for name, v in params.items()}
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            query = request.url.query.decode("ascii")
+            pieces = []
+            for piece in query.split("&") if query else ():
+                name, _, value = piece.partition("=")
+                real = self._params.get(urllib.parse.unquote_plus(name))
+                if real is not None and urllib.parse.unquote_plus(value) == MASK:
+                    piece = f"{name}={real}"
+                pieces.append(piece)
+            wire = httpx.Request(
+                request.method,
+                request.url.copy_with(query="&".join(pieces).encode("ascii")),
+                headers=request.headers,
+                stream=request.stream,
+                extensions=request.extensions,
+            )
+            return self._inner.handle_request(wire)
+
+        def close(self) -> None:
+            self._inner.close()
+
+    return SecretQuery
