@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import email.utils
 import gzip
@@ -27,6 +28,7 @@ from waypost.testing import (
     Request,
     Response,
     SinkContract,
+    make_event,
     make_events,
     send_batch,
 )
@@ -553,3 +555,93 @@ def test_test_request_reports_an_unreachable_endpoint(tmp_path: Path) -> None:
     finally:
         sink.close()
     assert answer["delivered"] is False and "ConnectError" in answer["error"]
+
+
+# --- credentials in the URL ---------------------------------------------------------------------
+
+PASSWORD = "pw-9c41d2-never-in-logs"
+
+
+def test_url_credentials_go_on_the_wire_and_nowhere_else(
+    recording_server: RecordingServer, make_telemetry: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, httpx's and httpcore's included
+    answers = iter([Response(503, "busy", headers={"Retry-After": "0"})])
+    recording_server.responder = lambda r: next(answers, Response(200, {}))
+    url = (
+        f"http://ingest:{PASSWORD}@{recording_server.host}:{recording_server.port}"
+        f"/in?v=2&token={TOKEN}"
+    )
+    tel = make_telemetry(sinks={"ingest": {"type": "http", "url": url}})
+    for i in range(3):
+        tel.track("with_credentials", {"i": i})
+    tel.flush(timeout=10)
+    status = tel.status()
+    assert tel.flush(timeout=10)
+    first, *_ = recording_server.requests
+    assert first.query == {"v": ["2"], "token": [TOKEN]}
+    expected = base64.b64encode(f"ingest:{PASSWORD}".encode()).decode()
+    assert first.header("Authorization") == f"Basic {expected}"
+    sink = tel.sinks["ingest"]
+    assert sink.config.url.endswith("/in?v=2&token=***")
+    texts = [caplog.text, repr(sink.config), str(sink.config), sink.destination]
+    texts += [status.model_dump_json(), tel.status().model_dump_json()]
+    for text in texts:
+        for secret in (PASSWORD, TOKEN, expected):
+            assert secret not in text, text[:300]
+    assert "HTTP Request: POST" in caplog.text and "token=***" in caplog.text
+
+
+def test_user_info_and_an_authorization_header_are_ambiguous() -> None:
+    with pytest.raises(ValidationError, match="ambiguous") as info:
+        HttpConfig.model_validate(
+            {
+                "url": f"https://u:{PASSWORD}@x.example/in",
+                "headers": {"authorization": f"Bearer {TOKEN}"},
+            }
+        )
+    assert PASSWORD not in str(info.value) and TOKEN not in str(info.value)
+
+
+def test_a_bad_url_is_refused_without_quoting_its_credentials() -> None:
+    with pytest.raises(ValidationError) as info:
+        HttpConfig(url=f"http://u:{PASSWORD}@telemetry.example.org/in?token={TOKEN}")
+    assert "allow_http" in str(info.value)
+    assert PASSWORD not in str(info.value) and TOKEN not in str(info.value)
+
+
+def test_a_redirect_takes_the_token_nowhere(
+    recording_server: RecordingServer, sink_factory: Any
+) -> None:
+    with RecordingServer() as elsewhere:
+        recording_server.responder = lambda r: Response(
+            307, "", headers={"Location": f"{elsewhere.url}/collect?token={TOKEN}"}
+        )
+        sink = sink_factory(headers={"Authorization": f"Bearer {TOKEN}"})
+        result = send_batch(sink, make_events(2))
+        assert elsewhere.requests == []
+    (reason,) = set(result.failed.values())
+    assert "HTTP 307" in reason and f"{elsewhere.url}/collect?token=***" in reason
+    assert TOKEN not in reason
+
+
+def test_an_endpoint_echoing_credentials_is_masked(
+    recording_server: RecordingServer, sink_factory: Any
+) -> None:
+    def echo(request: Request) -> Response:
+        seen = {"auth": request.header("Authorization"), "signature": SECRET}
+        first = request.json()[0]
+        if first["properties"].get("partial"):
+            refusal = {"id": first["id"], "status": "failed", "error": json.dumps(seen)}
+            return Response(200, {"results": [refusal]})
+        return Response(403, {"error": "forbidden", "seen": seen})
+
+    recording_server.responder = echo
+    sink = sink_factory(headers={"Authorization": f"Bearer {TOKEN}"}, signing_secret=SECRET)
+    events = make_events(1)
+    refused = send_batch(sink, events).failed[events[0].id]
+    assert "HTTP 403" in refused and "forbidden" in refused
+    per_event = send_batch(sink, [make_event("partial", {"partial": True})])
+    answer = sink.test_request(events[0])["answer"]
+    for text in (refused, repr(per_event), answer):
+        assert TOKEN not in text and SECRET not in text
