@@ -10,4 +10,4 @@ __all__ = ["RETRYABLE_STATUS", "Backoff", "parse_retry_after", "raise_for_status
 
 
 # Backoff moved to waypost.delivery.backoff; importable from here as before.
-from waypost.delivery.backoff import Backoff  # noqa: E402
+from waypost.delivery.backoff import Backoff

@@ -217,9 +217,10 @@ class Sink(Generic[C_co]):
     """Base class of sinks. Subclasses set ``type``, name their config model (``Sink[AcmeConfig]``,
     or ``Config = AcmeConfig``) and implement ``send``.
 
-    The core creates one instance per configured sink (on the application's thread: build
-    clients and import what the sink needs in ``__init__``), calls ``open`` once before the
-    first batch (from a delivery thread, so connecting never slows the host), ``send`` with
+    The core creates one instance per configured sink (on the application's thread: import
+    what the sink needs in ``__init__``, and keep it cheap: a forked child makes its own
+    instance), calls ``open`` once before the first batch (from a delivery thread, where no
+    fork can cut across it: build clients there), ``send`` with
     batches of at most ``max_batch_size`` events, and ``close`` at shutdown. ``send`` either
     returns a :class:`SendResult` or raises :class:`~waypost.errors.SinkError` for the whole
     batch; any other exception counts as a retryable failure of the batch.

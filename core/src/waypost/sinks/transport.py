@@ -1,13 +1,14 @@
 """The HTTP transport every HTTP sink shares, and the one classification of HTTP answers.
 
-:class:`HttpTransport` is one sink's httpx client: built (and httpx imported) on the thread that
-builds the sink, so a ``fork()`` can never catch a delivery thread halfway through an import;
-rebuilt in a forked child, which never touches its parent's connections; with the sink's
-User-Agent and timeout; never following redirects; mapping every transport error (timeouts,
-refused or reset connections, protocol errors) to :class:`~waypost.errors.RetryableError` once;
-and passing every reason it produces through the sink's :class:`~waypost.sinks.masking.Masker`.
-Credentials never stand in a URL that httpx sees: user info travels as an ``Authorization``
-header, and secret query values are put in the request line below httpx's own logging.
+:class:`HttpTransport` is one sink's httpx client: httpx (and what its first client imports) is
+imported on the thread that builds the sink, so a ``fork()`` can never catch a delivery thread
+halfway through an import; the client is built in ``open()`` and rebuilt in a forked child,
+which never touches its parent's connections. It has the sink's User-Agent and timeout, never
+follows redirects, maps every transport error (timeouts, refused or reset connections,
+protocol errors) to :class:`~waypost.errors.RetryableError` once, and passes every reason it
+produces through the sink's :class:`~waypost.sinks.masking.Masker`. Credentials never stand in
+a URL that httpx sees: user info travels as an ``Authorization`` header, and secret query
+values are put in the request line below httpx's own logging.
 """
 
 from __future__ import annotations
@@ -211,7 +212,11 @@ class HttpTransport:
         for value in self._params.values():
             masker.add(value)
         self._clients: ProcessLocal[httpx.Client] = ProcessLocal(self._new_client, _close)
-        # Built now: httpx imports httpcore, h11, certifi... when its first client is made.
+        _import_what_a_client_imports()
+
+    def open(self) -> None:
+        """Build this process's client now (the core calls a sink's ``open()`` where no fork
+        can cut across it: building one loads certificates, which takes a while)."""
         self._clients.get()
 
     def _new_client(self) -> httpx.Client:
@@ -296,6 +301,16 @@ class HttpTransport:
 
 def _close(client: httpx.Client) -> None:
     client.close()
+
+
+@functools.cache
+def _import_what_a_client_imports() -> None:
+    """httpx imports httpcore (with h11) and certifi when its first client is made: done here,
+    on the thread that builds the sink, so that a delivery thread never imports."""
+    import certifi
+    import httpcore  # noqa: F401
+
+    certifi.where()
 
 
 def _where(url: str) -> str:

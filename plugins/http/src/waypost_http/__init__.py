@@ -194,6 +194,9 @@ class HttpSink(Sink[HttpConfig]):
         app = urllib.parse.quote(context.app, safe="")
         self._source = config.cloudevents_source or f"/waypost/{app}"
 
+    def open(self) -> None:
+        self._http.open()
+
     def close(self) -> None:
         self._http.close()
 
