@@ -21,6 +21,7 @@ from pydantic import Field, SecretStr
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 from waypost.events import Event
 from waypost.sinks import (
+    Chunk,
     HttpSinkConfig,
     HttpTransport,
     Masker,
@@ -29,8 +30,10 @@ from waypost.sinks import (
     Sink,
     SinkConfig,
     SinkContext,
+    check_headers,
     is_secret_name,
     mask_url,
+    pack,
     raise_for_status,
     send_in_parts,
     split_url,
@@ -59,9 +62,6 @@ class EchoSink(Sink[EchoConfig]):
     def send(self, events: Sequence[Event]) -> SendResult:
         self.http.send("POST", "", json=[e.id for e in events])
         return SendResult.ok()
-
-    def close(self) -> None:
-        self.http.close()
 
 
 def context(tmp_path: Path) -> SinkContext:
@@ -263,7 +263,9 @@ def test_transport_errors_are_retryable_with_a_reason(tmp_path: Path) -> None:
 def test_a_slow_answer_times_out(server: RecordingServer, tmp_path: Path) -> None:
     server.responder = lambda r: Response(200, {}, delay=3)
     sink = echo_sink(f"{server.url}/in", tmp_path, timeout=0.3)
-    with pytest.raises(RetryableError, match=r"no answer from .* within 0\.3 s \(ReadTimeout\)"):
+    with pytest.raises(
+        RetryableError, match=r"no answer within 0\.3 s from http://.*/in \(ReadTimeout\)"
+    ):
         sink.send(make_events(1))
     sink.close()
 
@@ -566,3 +568,69 @@ def test_the_guides_toolkit_example_works_as_written(
     assert server.requests[0].path == "/v1/batch"
     assert server.requests[0].header("Authorization") == f"Bearer {TOKEN}"
     sink.close()
+
+
+# --- test_request, ownership, headers, packing ------------------------------------------------
+
+
+def test_test_request_reports_the_answer_masked(server: RecordingServer, tmp_path: Path) -> None:
+    sink = echo_sink(f"{server.url}/in", tmp_path)
+    server.answer(
+        Response(200, {"ok": True, "seen": f"Bearer {TOKEN}"}),
+        Response(403, f"no: {TOKEN}"),
+    )
+    event = make_events(1)[0]
+    assert sink.http.test_request(event) == {
+        "delivered": True,
+        "url": f"{server.url}/in",
+        "status": 200,
+        "answer": {"ok": True, "seen": "***"},
+    }
+    refused = sink.http.test_request(event)
+    assert refused["delivered"] is False and refused["retryable"] is False
+    assert refused["status"] == 403 and refused["answer"] == "no: ***"
+    assert "HTTP 403" in refused["reason"] and TOKEN not in str(refused)
+    sink.close()
+    unreachable = echo_sink(f"http://127.0.0.1:{free_port()}/in", tmp_path, timeout=2)
+    report = unreachable.http.test_request(event)
+    assert report["delivered"] is False and report["retryable"] is True
+    assert "cannot reach" in report["reason"] and "status" not in report
+    unreachable.close()
+
+
+def test_a_sink_opens_and_closes_what_it_owns(tmp_path: Path) -> None:
+    sink = echo_sink("http://127.0.0.1:9/in", tmp_path)
+    built: list[int] = []
+    closed: list[int] = []
+    local = sink.own(ProcessLocal(lambda: built.append(1) or 1, closed.append))
+    assert not sink.http._clients.built and not local.built
+    sink.open()
+    assert sink.http._clients.built and local.built and built == [1]
+    sink.close()
+    sink.close()
+    assert not sink.http._clients.built and closed == [1]
+
+
+def test_check_headers_refuses_what_would_corrupt_a_request() -> None:
+    good = {"X-Tenant": SecretStr("acme"), "Authorization": SecretStr(f"Bearer {TOKEN}")}
+    assert check_headers(good) is good
+    for headers, reason in (
+        ({"Content-Length": SecretStr("1")}, "set by the sink itself"),
+        ({"X-Sig": SecretStr("s")}, "set by the sink itself"),
+        ({"bad name": SecretStr("v")}, "not a valid HTTP header name"),
+        ({"X-Token": SecretStr(f"{TOKEN}\r\nX-Evil: 1")}, "line break"),
+    ):
+        with pytest.raises(ValueError, match=reason) as info:
+            check_headers(headers, reserved=("x-sig",))
+        assert TOKEN not in str(info.value)
+
+
+def test_pack_keeps_order_count_and_weight() -> None:
+    events = make_events(7)
+    weights = [3, 3, 3, 9, 1, 1, 1]
+    chunks = pack(
+        ((e, i, w) for i, (e, w) in enumerate(zip(events, weights, strict=True))), 6, max_items=2
+    )
+    assert [c.items for c in chunks] == [[0, 1], [2], [3], [4, 5], [6]]
+    assert [e for c in chunks for e in c.events] == events
+    assert all(isinstance(c, Chunk) for c in chunks) and pack([], 6) == []

@@ -485,7 +485,8 @@ def test_test_request_reports_the_answer(
 ) -> None:
     recording_server.answer(Response(200, {"ok": True}))
     answer = sink_factory().test_request(make_events(1)[0])
-    assert answer == {"delivered": True, "status": 200, "answer": '{"ok": true}'}
+    url = f"{recording_server.url}/ingest"
+    assert answer == {"delivered": True, "url": url, "status": 200, "answer": {"ok": True}}
 
 
 def test_entry_point_loads_the_sink() -> None:
@@ -554,7 +555,8 @@ def test_test_request_reports_an_unreachable_endpoint(tmp_path: Path) -> None:
         answer = sink.test_request(make_events(1)[0])
     finally:
         sink.close()
-    assert answer["delivered"] is False and "ConnectError" in answer["error"]
+    assert answer["delivered"] is False and "ConnectError" in answer["reason"]
+    assert answer["retryable"] is True
 
 
 # --- credentials in the URL ---------------------------------------------------------------------

@@ -5,7 +5,8 @@
 - :mod:`waypost.sinks.transport`: :class:`HttpTransport` (one httpx client per process,
   User-Agent, timeouts, redirects never followed, transport errors mapped once, secrets masked),
   :func:`raise_for_status`, :func:`parse_retry_after`, :func:`snippet`.
-- :mod:`waypost.sinks.parts`: :func:`send_in_parts`, one batch sent as several requests.
+- :mod:`waypost.sinks.parts`: :func:`send_in_parts`, one batch sent as several requests, and
+  :func:`pack`, which cuts a batch into requests under a vendor's count and size limits.
 - :mod:`waypost.sinks.masking`: :class:`Masker`, :func:`is_secret_name`, :func:`split_url`,
   :func:`mask_url`.
 - :mod:`waypost.sinks.process`: :class:`ProcessLocal`, a resource a forked child rebuilds.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from waypost.sinks.base import (
     HttpSinkConfig,
+    Resource,
     SendResult,
     Sink,
     SinkConfig,
@@ -24,12 +26,31 @@ from waypost.sinks.base import (
     check_endpoint,
     is_loopback_host,
 )
-from waypost.sinks.masking import MASK, Masker, UrlSecrets, is_secret_name, mask_url, split_url
-from waypost.sinks.parts import Part, send_in_parts
-from waypost.sinks.process import ProcessLocal
+from waypost.sinks.masking import (
+    MASK,
+    Masker,
+    UrlSecrets,
+    basic_auth,
+    is_secret_name,
+    mask_url,
+    split_url,
+)
+from waypost.sinks.parts import (
+    Chunk,
+    Part,
+    pack,
+    send_in_parts,
+)
+from waypost.sinks.process import (
+    ProcessLocal,
+)
 from waypost.sinks.transport import (
+    RESERVED_HEADERS,
     RETRYABLE_STATUS,
+    Answers,
     HttpTransport,
+    check_headers,
+    json_object,
     parse_retry_after,
     raise_for_status,
     snippet,
@@ -38,21 +59,29 @@ from waypost.sinks.transport import (
 
 __all__ = [
     "MASK",
+    "RESERVED_HEADERS",
     "RETRYABLE_STATUS",
+    "Answers",
+    "Chunk",
     "HttpSinkConfig",
     "HttpTransport",
     "Masker",
     "Part",
     "ProcessLocal",
+    "Resource",
     "SendResult",
     "Sink",
     "SinkConfig",
     "SinkContext",
     "UrlSecrets",
+    "basic_auth",
     "check_endpoint",
+    "check_headers",
     "is_loopback_host",
     "is_secret_name",
+    "json_object",
     "mask_url",
+    "pack",
     "parse_retry_after",
     "raise_for_status",
     "send_in_parts",

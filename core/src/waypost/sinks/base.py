@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic
+from typing import Any, ClassVar, Generic, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from typing_extensions import TypeVar
@@ -209,6 +209,16 @@ class SendResult:
         self.dropped_by_destination[event if isinstance(event, str) else event.id] = reason
 
 
+class Resource(Protocol):
+    """Something a sink opens and closes with itself (:meth:`Sink.own`)."""
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+R = TypeVar("R", bound=Resource)
+
 C_co = TypeVar("C_co", bound=SinkConfig, default=SinkConfig, covariant=True)
 """The config model of a sink class: ``class AcmeSink(Sink[AcmeConfig])`` types ``self.config``."""
 
@@ -276,6 +286,12 @@ class Sink(Generic[C_co]):
         """``text`` (a reason, an answer) with this sink's secrets masked as ``***``."""
         return self.masker(text)
 
+    def own(self, resource: R) -> R:
+        """Open ``resource`` in :meth:`open` and close it in :meth:`close` (an
+        :class:`~waypost.sinks.HttpTransport` is owned by the sink it is made for)."""
+        self.__dict__.setdefault("_owned", []).append(resource)
+        return resource
+
     @property
     def concurrency(self) -> int:
         return self.config.concurrency or type(self).default_concurrency
@@ -297,7 +313,10 @@ class Sink(Generic[C_co]):
         return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else str(target)
 
     def open(self) -> None:
-        """Prepare connections or clients; called once, lazily, before the first send."""
+        """Prepare connections or clients; called once, lazily, before the first send. The
+        default opens what the sink owns (:meth:`own`)."""
+        for resource in self.__dict__.get("_owned", ()):
+            resource.open()
 
     def send(self, events: Sequence[Event]) -> SendResult:
         raise NotImplementedError
@@ -313,7 +332,10 @@ class Sink(Generic[C_co]):
         return {"delivered": not (result.retry or result.failed), "result": _result_dict(result)}
 
     def close(self) -> None:
-        """Release connections; called once at shutdown."""
+        """Release connections; called once at shutdown, and safe to call twice. The default
+        closes what the sink owns (:meth:`own`)."""
+        for resource in self.__dict__.get("_owned", ()):
+            resource.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} type={self.type!r}>"
@@ -326,4 +348,5 @@ def _result_dict(result: SendResult) -> dict[str, Any]:
         "dropped": result.dropped_by_destination,
         "retry_after": result.retry_after,
         "receipt": result.receipt,
+        "control": result.control,
     }

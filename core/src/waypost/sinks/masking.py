@@ -24,6 +24,7 @@ __all__ = [
     "MASK",
     "Masker",
     "UrlSecrets",
+    "basic_auth",
     "is_secret_name",
     "mask_url",
     "split_url",
@@ -67,6 +68,11 @@ def is_secret_name(name: str) -> bool:
     return any(w in _SECRET_WORDS for w in words) or bool(words and words[-1].endswith("key"))
 
 
+def basic_auth(username: str, password: str) -> str:
+    """The ``Authorization`` header value of HTTP Basic authentication."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
 @dataclass(frozen=True)
 class UrlSecrets:
     """The credentials taken out of a configured URL: its user info (sent as Basic auth) and
@@ -81,8 +87,7 @@ class UrlSecrets:
         """The ``Authorization`` header value for the user info, if there was any."""
         if self.username is None and self.password is None:
             return None
-        pair = f"{self.username or ''}:{self.password or ''}".encode()
-        return "Basic " + base64.b64encode(pair).decode("ascii")
+        return basic_auth(self.username or "", self.password or "")
 
     def values(self) -> list[str]:
         found = [v for v in (self.username, self.password, *self.params.values()) if v]

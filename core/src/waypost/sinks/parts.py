@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 from waypost.events import Event
 from waypost.sinks.base import SendResult
 
-__all__ = ["Part", "send_in_parts"]
+__all__ = ["Chunk", "Part", "pack", "send_in_parts"]
 
 
 class Part(Protocol):
@@ -22,6 +23,34 @@ class Part(Protocol):
 
 
 P = TypeVar("P", bound=Part)
+T = TypeVar("T")
+
+
+@dataclass
+class Chunk(Generic[T]):
+    """One request's share of a batch: its events, and what the sink made of each."""
+
+    events: list[Event] = field(default_factory=list)
+    items: list[T] = field(default_factory=list)
+
+
+def pack(
+    weighted: Iterable[tuple[Event, T, int]], limit: int, *, max_items: int | None = None
+) -> list[Chunk[T]]:
+    """Cut ``(event, item, weight)`` triples, in order, into chunks of at most ``max_items``
+    whose weights add up to at most ``limit`` (an item heavier than ``limit`` is a chunk of
+    its own: refuse such events before packing, with the vendor's reason)."""
+    chunks: list[Chunk[T]] = []
+    total = 0
+    for event, item, weight in weighted:
+        full = max_items is not None and bool(chunks) and len(chunks[-1].items) >= max_items
+        if not chunks or full or total + weight > limit:
+            chunks.append(Chunk())
+            total = 0
+        chunks[-1].events.append(event)
+        chunks[-1].items.append(item)
+        total += weight
+    return chunks
 
 
 def send_in_parts(

@@ -45,6 +45,10 @@ class ProcessLocal(Generic[T]):
                 self._value, self._pid = self._build(), os.getpid()
             return self._value
 
+    def open(self) -> None:
+        """Build this process's value now, if it has none."""
+        self.get()
+
     @property
     def built(self) -> bool:
         """Whether this process has its own value now."""

@@ -17,27 +17,35 @@ import email.utils
 import encodings.idna  # noqa: F401 (socket.getaddrinfo imports it lazily: imported here first)
 import functools
 import importlib.metadata
+import json
 import re
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import waypost
-from waypost.errors import ConfigError, PayloadTooLarge, PermanentError, RetryableError
+from waypost.errors import ConfigError, PayloadTooLarge, PermanentError, RetryableError, SinkError
 from waypost.sinks.masking import MASK, UrlSecrets, is_secret_name, mask_url
 from waypost.sinks.process import ProcessLocal
 
 if TYPE_CHECKING:
     import httpx
+    from pydantic import SecretStr
 
+    from waypost.events import Event
     from waypost.sinks.base import Sink
 
 __all__ = [
+    "RESERVED_HEADERS",
     "RETRYABLE_STATUS",
+    "Answers",
     "HttpTransport",
+    "check_headers",
+    "json_object",
     "parse_retry_after",
     "raise_for_status",
     "snippet",
@@ -48,6 +56,41 @@ RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 SNIPPET = 300
 """Characters of an answer's body quoted in a reason."""
+
+RESERVED_HEADERS = frozenset(
+    {"content-type", "content-encoding", "content-length", "transfer-encoding", "host"}
+)
+"""Headers a sink sets itself: configured ones would corrupt the request."""
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def check_headers(
+    headers: Mapping[str, SecretStr], reserved: Iterable[str] = ()
+) -> Mapping[str, SecretStr]:
+    """A config's extra request headers, checked (for a ``field_validator``): valid names, none
+    that the sink sets itself (:data:`RESERVED_HEADERS` and ``reserved``), no line break or NUL
+    in a value (which would smuggle in another header). Messages never quote a value."""
+    refused = RESERVED_HEADERS | {name.lower() for name in reserved}
+    for name, secret in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+        if name.lower() in refused:
+            raise ValueError(f"header {name!r} is set by the sink itself; remove it")
+        if any(ch in secret.get_secret_value() for ch in "\r\n\0"):
+            raise ValueError(f"the value of header {name!r} contains a line break or NUL")
+    return headers
+
+
+def json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's body if it is a JSON object, else ``None`` (empty, not JSON, a list)."""
+    content = response.content
+    if not content or content.lstrip()[:1] != b"{":
+        return None
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def snippet(text: str | bytes, limit: int = SNIPPET) -> str:
@@ -136,8 +179,10 @@ def _product(text: str) -> str:
 def user_agent(sink: Sink[Any]) -> str:
     """``<app>/<version> waypost/<version> <plugin>/<version>``: the application that sends,
     the framework, and the distribution of the sink's class."""
-    context = sink.context
-    agent = f"{_product(context.app)}/{_product(context.version)} waypost/{waypost.__version__}"
+    context = getattr(sink, "context", None)
+    agent = f"waypost/{waypost.__version__}"
+    if context is not None:  # a sink made outside the core may have none
+        agent = f"{_product(context.app)}/{_product(context.version)} {agent}"
     package = type(sink).__module__.partition(".")[0]
     if package == "waypost":
         return agent
@@ -169,6 +214,7 @@ class HttpTransport:
     ``url_secrets`` by default: their user info becomes a Basic ``Authorization`` header, and
     each query parameter shown as ``name=***`` gets its value on the wire only; more can be
     given with ``params`` (GA4's ``api_secret``). ``what`` names the destination in reasons.
+    The sink owns it: the sink's default ``open()`` and ``close()`` open and close it.
     """
 
     _httpx: Any  # the module, imported by __init__
@@ -194,7 +240,8 @@ class HttpTransport:
         target = base_url or getattr(config, "base_url", None) or getattr(config, "url", "")
         self.base_url = str(target).rstrip("/")
         secrets = config.url_secrets if secrets is None else secrets
-        self._headers = {"User-Agent": agent or user_agent(sink), **(headers or {})}
+        self._agent = agent
+        self._headers = dict(headers or {})
         basic = secrets.basic_auth
         if basic is not None:
             if any(k.lower() == "authorization" for k in self._headers):
@@ -204,7 +251,8 @@ class HttpTransport:
                 )
             self._headers["Authorization"] = basic
         self._params = {**secrets.params, **(params or {})}
-        self._added = {name: MASK for name in params or {}}  # shown as ***, filled on the wire
+        # Shown as *** in every URL httpx sees, filled in on the wire.
+        self._added = "&".join(f"{urllib.parse.quote(name)}={MASK}" for name in params or {})
         masker = sink.masker
         for name, value in self._headers.items():
             if is_secret_name(name):
@@ -212,7 +260,9 @@ class HttpTransport:
         for value in self._params.values():
             masker.add(value)
         self._clients: ProcessLocal[httpx.Client] = ProcessLocal(self._new_client, _close)
+        self.answers = Answers()
         _import_what_a_client_imports()
+        sink.own(self)  # opened and closed with the sink
 
     def open(self) -> None:
         """Build this process's client now (the core calls a sink's ``open()`` where no fork
@@ -226,7 +276,7 @@ class HttpTransport:
             wire = _secret_query()(wire, self._params)
         client: httpx.Client = lib.Client(
             transport=wire,
-            headers=self._headers,
+            headers={"User-Agent": self._agent or user_agent(self.sink), **self._headers},
             timeout=lib.Timeout(self.timeout),
             follow_redirects=False,
             trust_env=False,  # proxies are read above; netrc credentials are never picked up
@@ -259,15 +309,18 @@ class HttpTransport:
         lib = self._httpx
         url = self.url(path)
         label = self.what if what is None else what
-        if self._added:
-            params = {**(params or {}), **self._added}
+        query = [urllib.parse.urlencode(params or {}), self._added]
+        if any(query):  # put in the URL as is: httpx would show *** percent-encoded
+            url += ("&" if "?" in url else "?") + "&".join(q for q in query if q)
         try:
-            return self.client.request(
-                method, url, content=content, data=data, json=json, params=params, headers=headers
+            answer: httpx.Response = self.client.request(
+                method, url, content=content, data=data, json=json, headers=headers
             )
+            self.answers.keep(answer)
+            return answer
         except lib.TimeoutException as exc:
             name = type(exc).__name__
-            reason = f"no answer from {_where(url)} within {self.timeout:g} s ({name})"
+            reason = f"no answer within {self.timeout:g} s from {_where(url)} ({name})"
         except lib.RequestError as exc:
             detail = snippet(str(exc), 200)
             reason = f"cannot reach {_where(url)}: {type(exc).__name__}{': ' if detail else ''}"
@@ -297,6 +350,64 @@ class HttpTransport:
     def close(self) -> None:
         """Close this process's connections (an inherited client is left to its owner)."""
         self._clients.close()
+
+    def test_request(self, event: Event) -> dict[str, Any]:
+        """:meth:`Answers.test_request` for the sink this transport serves."""
+        return self.answers.test_request(self.sink, event)
+
+
+class Answers:
+    """What a sink's destination answered, kept per thread while ``test_request`` runs (for
+    ``waypost test-sink``). A transport keeps its own; a sink on a vendor's request layer
+    calls :meth:`keep` with each answer it gets (anything with ``status_code``, ``text`` and
+    ``url``: an httpx or a requests response)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def keep(self, answer: Any) -> None:
+        kept = getattr(self._local, "answers", None)
+        if kept is not None:
+            kept.append(answer)
+
+    def test_request(self, sink: Sink[Any], event: Event) -> dict[str, Any]:
+        """Send ``event`` through the sink's own ``send`` and report: ``delivered``; the
+        ``url``, ``status`` and ``answer`` (its JSON, else its text; masked) of the last answer
+        kept; and, if not delivered, the ``reason`` and whether it is ``retryable`` (or
+        ``dropped``, the destination's word for it); the ``receipt`` and the ``control`` block if
+        there was one."""
+        kept: list[Any] = []
+        self._local.answers = kept
+        try:
+            result = sink.send([event])
+            reason = result.failed.get(event.id) or result.retry.get(event.id)
+            retryable = event.id not in result.failed
+            dropped, receipt = result.dropped_by_destination.get(event.id), result.receipt
+            control = result.control
+        except SinkError as exc:
+            reason, retryable, dropped, receipt = exc.reason, exc.retryable, None, None
+            control = None
+        finally:
+            self._local.answers = None
+        report: dict[str, Any] = {"delivered": reason is None and dropped is None}
+        if kept:
+            last = kept[-1]
+            report["url"] = sink.mask(str(last.url))
+            report["status"] = last.status_code
+            text = sink.mask(last.text)
+            try:
+                report["answer"] = json.loads(text) if text.strip() else None
+            except ValueError:
+                report["answer"] = snippet(text, 500)
+        if reason is not None:
+            report.update(reason=reason, retryable=retryable)
+        if dropped is not None:
+            report["dropped"] = dropped
+        if receipt:
+            report["receipt"] = receipt
+        if control is not None:
+            report["control"] = control
+        return report
 
 
 def _close(client: httpx.Client) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import hmac
-import json
-import re
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -21,15 +19,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 import waypost
-from waypost.errors import RetryableError
 from waypost.events import Event, dumps
-from waypost.sinks import (
+from waypost.sinks import SendResult, Sink, SinkConfig, SinkContext, check_endpoint
+from waypost.sinks.transport import (
     HttpTransport,
-    SendResult,
-    Sink,
-    SinkConfig,
-    SinkContext,
-    check_endpoint,
+    check_headers,
+    json_object,
     parse_retry_after,
     snippet,
 )
@@ -67,21 +62,6 @@ CONTENT_TYPES = {
 }
 
 
-# Headers the sink sets itself: a config that overrode them would corrupt the request.
-_RESERVED_HEADERS = frozenset(
-    {
-        "content-type",
-        "content-encoding",
-        "content-length",
-        "transfer-encoding",
-        "host",
-        SIGNATURE_HEADER.lower(),
-        TIMESTAMP_HEADER.lower(),
-    }
-)
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
 class HttpConfig(SinkConfig):
     """Settings of the ``http`` sink. Header values and the signing secret are secrets."""
 
@@ -117,18 +97,9 @@ class HttpConfig(SinkConfig):
     def _upper_method(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("headers")
-    @classmethod
-    def _check_headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        for name, secret in value.items():
-            if not _HEADER_NAME.match(name):
-                raise ValueError(f"header name {name!r} is not a valid HTTP header name")
-            if name.lower() in _RESERVED_HEADERS:
-                raise ValueError(f"header {name!r} is set by the sink itself; remove it")
-            if any(ch in secret.get_secret_value() for ch in "\r\n\0"):
-                # The value itself is never echoed: it is usually a token.
-                raise ValueError(f"the value of header {name!r} contains a line break or NUL")
-        return value
+    _check_headers = field_validator("headers")(
+        lambda cls, value: check_headers(value, (SIGNATURE_HEADER, TIMESTAMP_HEADER))
+    )
 
     @field_validator("signing_secret")
     @classmethod
@@ -194,12 +165,6 @@ class HttpSink(Sink[HttpConfig]):
         app = urllib.parse.quote(context.app, safe="")
         self._source = config.cloudevents_source or f"/waypost/{app}"
 
-    def open(self) -> None:
-        self._http.open()
-
-    def close(self) -> None:
-        self._http.close()
-
     # --- the body -------------------------------------------------------------------------------
 
     def render(self, events: Sequence[Event]) -> Any:
@@ -256,25 +221,8 @@ class HttpSink(Sink[HttpConfig]):
         return _per_event_results(events, response, self.mask)
 
     def test_request(self, event: Event) -> dict[str, Any]:
-        try:
-            response = self._request([event])
-        except RetryableError as exc:
-            return {"delivered": False, "status": None, "answer": None, "error": exc.reason}
-        answer = self._http.text(response, 500)
-        delivered = 200 <= response.status_code < 300
-        result = _per_event_results([event], response, self.mask) if delivered else None
-        if result is not None and (result.retry or result.failed):
-            delivered = False
-        answer_data: dict[str, Any] = {
-            "delivered": delivered,
-            "status": response.status_code,
-            "answer": answer,
-        }
-        if result is not None and result.receipt:
-            answer_data["receipt"] = result.receipt
-        if result is not None and result.control is not None:
-            answer_data["control"] = result.control
-        return answer_data
+        """Send one event and return the endpoint's answer as it came."""
+        return self._http.test_request(event)
 
 
 def _per_event_results(
@@ -292,7 +240,7 @@ def _per_event_results(
     ``control`` object becomes ``SendResult.control`` (see ``waypost.control``).
     """
     result = SendResult.ok()
-    data = _json_object(response)
+    data = json_object(response)
     if data is None:
         return result
     result.receipt = _receipt(data)
@@ -320,9 +268,9 @@ def _per_event_results(
     for item in refused if isinstance(refused, list) else ():
         # A waypost collector's per-event refusals: {"id", "reason", "detail"}, for good.
         if isinstance(item, dict) and str(item.get("id")) in ids:
-            why = " ".join(f"{item.get('reason', '')} {item.get('detail') or ''}".split())
+            why = mask(snippet(f"{item.get('reason', '')} {item.get('detail') or ''}", 300))
             result.mark_failed(
-                str(item["id"]), f"the endpoint refused this event: {why[:300] or 'no reason'}"
+                str(item["id"]), f"the endpoint refused this event: {why or 'no reason'}"
             )
     for key, mark, reason in (
         ("rejected", result.mark_failed, "the endpoint rejected this event"),
@@ -344,17 +292,6 @@ def _receipt(data: Mapping[str, Any]) -> str | None:
             # Printed in logs: one line, bounded, so a hostile answer cannot forge log lines.
             return snippet(value, 200)
     return None
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
-    content = response.content
-    if not content or content.lstrip()[:1] != b"{":
-        return None
-    try:
-        data = json.loads(content)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 @waypost.hookimpl
