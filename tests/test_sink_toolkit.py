@@ -32,6 +32,7 @@ from waypost.sinks import (
     SinkContext,
     check_headers,
     is_secret_name,
+    mask,
     mask_url,
     pack,
     raise_for_status,
@@ -147,6 +148,14 @@ def test_masker_knows_the_forms_an_answer_echoes() -> None:
     masked = masker(echoed)
     assert TOKEN not in masked and "secret-value-1" not in masked
     assert "bWU6c2VjcmV0LXZhbHVlLTE" not in masked
+
+
+def test_mask_is_the_masker_for_texts_of_no_sink() -> None:
+    text = f"GET https://u:{PASSWORD}@h.example/?sig=abc123 said {json.dumps(TOKEN)} at 10:02"
+    masked = mask(text, [TOKEN, PASSWORD])
+    assert masked == Masker([TOKEN, PASSWORD])(text)
+    assert masked == 'GET https://***@h.example/?sig=*** said "***" at 10:02'
+    assert mask("nothing secret here, 200 OK") == "nothing secret here, 200 OK"
 
 
 def test_masker_for_a_config_finds_every_secret() -> None:

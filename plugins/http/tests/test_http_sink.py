@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -647,3 +649,40 @@ def test_an_endpoint_echoing_credentials_is_masked(
     answer = sink.test_request(events[0])["answer"]
     for text in (refused, repr(per_event), answer):
         assert TOKEN not in text and SECRET not in text
+
+
+_IMPORTS_AFTER_BUILD = """
+import sys
+from pathlib import Path
+
+from waypost_http import HttpConfig, HttpSink
+from waypost.sinks import SinkContext
+from waypost.testing import RecordingServer, make_event
+
+with RecordingServer() as server:
+    context = SinkContext(app="a", version="1", instance_id="i", data_dir=Path(sys.argv[1]))
+    sink = HttpSink("h", HttpConfig(url=server.url + "/in"), context)
+    built = set(sys.modules)
+    sink.open()
+    result = sink.send([make_event()])
+    sink.close()
+    assert not (result.retry or result.failed), result
+    assert len(server.requests) == 1
+    print(" ".join(sorted(set(sys.modules) - built)))
+"""
+
+
+def test_open_and_send_import_nothing(tmp_path: Path) -> None:
+    """The core calls ``open()`` and ``send()`` on delivery threads, and a fork during an import
+    leaves that module's lock held in the child for good: httpx, httpcore, h11 and certifi are
+    imported when the sink is built, on the application's thread. A fresh interpreter, so that
+    nothing was imported before."""
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AFTER_BUILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [], "imported on the delivery path: " + done.stdout

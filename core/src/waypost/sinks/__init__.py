@@ -7,8 +7,8 @@
   :func:`raise_for_status`, :func:`parse_retry_after`, :func:`snippet`.
 - :mod:`waypost.sinks.parts`: :func:`send_in_parts`, one batch sent as several requests, and
   :func:`pack`, which cuts a batch into requests under a vendor's count and size limits.
-- :mod:`waypost.sinks.masking`: :class:`Masker`, :func:`is_secret_name`, :func:`split_url`,
-  :func:`mask_url`.
+- :mod:`waypost.sinks.masking`: :func:`mask`, :class:`Masker`, :func:`is_secret_name`,
+  :func:`split_url`, :func:`mask_url`.
 - :mod:`waypost.sinks.process`: :class:`ProcessLocal`, a resource a forked child rebuilds.
 
 The transport imports httpx only when a sink builds one, so the core does not depend on it.
@@ -32,6 +32,7 @@ from waypost.sinks.masking import (
     UrlSecrets,
     basic_auth,
     is_secret_name,
+    mask,
     mask_url,
     split_url,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "is_loopback_host",
     "is_secret_name",
     "json_object",
+    "mask",
     "mask_url",
     "pack",
     "parse_retry_after",

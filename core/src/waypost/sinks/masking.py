@@ -26,6 +26,7 @@ __all__ = [
     "UrlSecrets",
     "basic_auth",
     "is_secret_name",
+    "mask",
     "mask_url",
     "split_url",
 ]
@@ -135,6 +136,13 @@ def mask_url(text: str) -> str:
     return _PAIR.sub(
         lambda m: f"{m.group(1)}={MASK}" if is_secret_name(m.group(1)) else m.group(0), text
     )
+
+
+def mask(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with ``secrets`` (in every form :class:`Masker` knows) and URL credentials
+    masked as ``***``: the toolkit's one masking function, for texts that no sink's own
+    :meth:`~waypost.Sink.mask` covers."""
+    return Masker(secrets)(text)
 
 
 class Masker:

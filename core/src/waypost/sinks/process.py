@@ -1,30 +1,31 @@
 """Resources that belong to one process: a forked child builds its own and never uses, closes
 or shuts down what it inherited (a pre-fork server's master and workers would otherwise share
-keep-alive connections, and answers would reach the wrong process)."""
+keep-alive connections, and answers would reach the wrong process).
+
+The fork bookkeeping is :mod:`waypost.processes`'s: each :class:`ProcessLocal` follows forks
+there, and what a child inherited goes to :data:`~waypost.processes.FORK_KEEP`.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
-import weakref
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
+
+from waypost.processes import FORK_KEEP, follow_forks
 
 __all__ = ["ProcessLocal"]
 
 T = TypeVar("T")
-
-_holders: weakref.WeakSet[ProcessLocal[Any]] = weakref.WeakSet()
-_inherited: list[object] = []
-"""What forked children inherited, kept referenced so that not even the garbage collector
-closes a socket the parent still uses."""
 
 
 class ProcessLocal(Generic[T]):
     """A value built on first use in each process, from ``build`` (thread-safe).
 
     ``close()`` closes the value of the calling process only, with ``close_value``; in a forked
-    child the parent's value is left alone, and ``get()`` builds the child's own.
+    child the parent's value is left alone (kept referenced, so that not even the garbage
+    collector closes a socket the parent still uses), and ``get()`` builds the child's own.
     """
 
     def __init__(self, build: Callable[[], T], close_value: Callable[[T], object]) -> None:
@@ -33,7 +34,7 @@ class ProcessLocal(Generic[T]):
         self._lock = threading.Lock()
         self._value: T | None = None
         self._pid = 0
-        _holders.add(self)
+        follow_forks(self)
 
     def get(self) -> T:
         value, pid = self._value, self._pid
@@ -62,24 +63,22 @@ class ProcessLocal(Generic[T]):
             if mine:
                 self._close_value(value)
             else:
-                _inherited.append(value)
+                FORK_KEEP.append(value)
 
     def _forget(self) -> None:
         """Drop an inherited value without closing it."""
         if self._value is not None and self._pid != os.getpid():
-            _inherited.append(self._value)
+            FORK_KEEP.append(self._value)
             self._value, self._pid = None, 0
+
+    # waypost.processes calls these around every fork().
+    def _before_fork(self) -> None:
+        pass
+
+    def _after_fork_in_parent(self) -> None:
+        pass
 
     def _after_fork_in_child(self) -> None:
         # The lock may have been held by a thread that does not exist in the child.
         self._lock = threading.Lock()
         self._forget()
-
-
-def _after_fork_in_child() -> None:
-    for holder in list(_holders):
-        holder._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
