@@ -412,7 +412,7 @@ def test_test_request(posthog_server: RecordingServer, tmp_path: Path) -> None:
     answer = sink.test_request(event)
     assert answer["delivered"] is True
     assert answer["status"] == 200 and answer["answer"] == OK
-    assert answer["endpoint"] == f"{posthog_server.url}/batch/"
+    assert answer["url"] == f"{posthog_server.url}/batch/"
     assert uuids(posthog_server) == [event.id]
 
 
@@ -420,7 +420,7 @@ def test_test_request_shows_the_refusal(recording_server: RecordingServer, tmp_p
     recording_server.responder = lambda r: posthog_error(401)
     answer = make_sink(recording_server.url, tmp_path).test_request(make_event())
     assert answer["delivered"] is False and answer["retryable"] is False
-    assert ERROR_BODIES[401] in answer["error"]
+    assert ERROR_BODIES[401] in answer["reason"]
 
 
 # --- end to end ---------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ Wire format, limits and answers are described in this plugin's README.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
-import os
 import threading
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import Field, SecretStr, field_validator
 
 from waypost import __version__ as waypost_version
-from waypost.errors import PayloadTooLarge, PermanentError, RetryableError, SinkError
+from waypost.errors import RetryableError
 from waypost.events import Event
 from waypost.hookspecs import hookimpl
-from waypost.retry import raise_for_status
-from waypost.sinks import HttpSinkConfig, SendResult, Sink
+from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
+from waypost.sinks.parts import pack, send_in_parts
+from waypost.sinks.process import ProcessLocal
+from waypost.sinks.transport import Answers, raise_for_status, snippet
 
 if TYPE_CHECKING:
     import requests
@@ -77,39 +79,34 @@ class PosthogConfig(HttpSinkConfig):
         return SecretStr(key)
 
 
-class PosthogSink(Sink):
+class PosthogSink(Sink[PosthogConfig]):
     """Sends batches to PostHog. Each event keeps its waypost id as PostHog's ``uuid``, so a
     batch sent twice (a retry after a lost answer) is counted once."""
 
     type = "posthog"
-    Config = PosthogConfig
     max_batch_size = 1000  # PostHog limits a request's bytes, not its events
     default_concurrency = 8  # send() is safe from several threads; started as needed
 
-    _requests: ModuleType
-    _sdk: ModuleType
-    _session: requests.Session | None = None
-    _session_pid = 0
     _from_context: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None = None
 
-    def open(self) -> None:
-        # Imported only when a posthog sink is configured: posthog loads its whole client.
+    def __init__(self, name: str, config: PosthogConfig, context: SinkContext) -> None:
+        super().__init__(name, config, context)
+        # Imported here, on the thread that builds the sink (posthog loads its whole client).
         import requests
         from posthog import request as sdk
 
-        self._requests, self._sdk = requests, sdk
-        self._host = sdk.determine_server_host(self._config.base_url).rstrip("/")
-
-    @property
-    def _config(self) -> PosthogConfig:
-        config = self.config
-        assert isinstance(config, PosthogConfig)
-        return config
+        self._requests: ModuleType = requests
+        self._sdk: ModuleType = sdk
+        self._host: str = sdk.determine_server_host(config.base_url).rstrip("/")
+        self._answers = Answers()
+        self._sessions: ProcessLocal[requests.Session] = self.own(
+            ProcessLocal(self._new_session, lambda session: session.close())
+        )
 
     @property
     def endpoint(self) -> str:
         """The URL batches are posted to."""
-        return getattr(self, "_host", self._config.base_url) + BATCH_PATH
+        return self._host + BATCH_PATH
 
     # --- mapping ------------------------------------------------------------------------------
 
@@ -156,7 +153,7 @@ class PosthogSink(Sink):
         # Sizes are measured as posthog-python measures them: its own json.dumps. The batch's
         # JSON is longer than any of its events' and than their sum in _chunks: under the event
         # limit, no event is too large and the batch is one request; nothing more to measure.
-        if messages and not self._config.gzip:
+        if messages and not self.config.gzip:
             # Measured on the way out instead: the body posthog-python made is refused before it
             # leaves if it is over the event limit, and only then is each event measured.
             try:
@@ -178,63 +175,24 @@ class PosthogSink(Sink):
                     f"{MAX_EVENT_BYTES // 1024} KiB per event: send less in its properties",
                 )
             else:
-                sized.append((event, message, size))
-        chunks = _chunks(sized, MAX_BATCH_BYTES - _BODY_OVERHEAD)
-        for i, chunk in enumerate(chunks):
-            whole_batch = i == 0 and not result.failed
-            try:
-                self._post([message for _, message, _ in chunk])
-            except (PayloadTooLarge, RetryableError) as exc:
-                if whole_batch:
-                    raise  # nothing sent yet: the core retries, or splits on 413
-                rest = [event for later in chunks[i:] for event, _, _ in later]
-                for event in rest:
-                    result.mark_retry(event, exc.reason)
-                result.retry_after = exc.retry_after
-                break
-            except PermanentError as exc:
-                if whole_batch and len(chunks) == 1:
-                    raise
-                for event, _, _ in chunk:
-                    result.mark_failed(event, exc.reason)
-        return result
+                sized.append((event, message, size + 2))  # 2: the ", " between events
+        chunks = pack(sized, MAX_BATCH_BYTES - _BODY_OVERHEAD)
+        return send_in_parts(chunks, lambda chunk: self._post(chunk.items), result)
 
     def test_request(self, event: Event) -> dict[str, Any]:
         """Send one event and return PostHog's answer."""
-        message = self.message(event)
-        try:
-            response = self._post([message])
-        except SinkError as exc:
-            return {
-                "delivered": False,
-                "endpoint": self.endpoint,
-                "error": exc.reason,
-                "retryable": exc.retryable,
-            }
-        try:
-            answer: Any = response.json()
-        except ValueError:
-            answer = response.text
-        return {
-            "delivered": True,
-            "endpoint": self.endpoint,
-            "status": response.status_code,
-            "answer": answer,
-            "uuid": event.id,
-        }
+        return self._answers.test_request(self, event)
 
     def _post(self, batch: list[dict[str, Any]], *, at_most: int = 0) -> requests.Response:
         """One ``POST /batch/`` through posthog-python; any failure becomes a ``SinkError``.
         With ``at_most``, a body longer than that many bytes raises ``_OverLimit`` unsent."""
-        if not hasattr(self, "_sdk"):
-            self.open()
         http, sdk = self._requests, self._sdk
-        config = self._config
+        config = self.config
         _limits.at_most = at_most
         try:
             response: requests.Response = sdk.batch_post(
                 config.api_key.get_secret_value(),
-                host=getattr(self, "_host", config.base_url),
+                host=self._host,
                 gzip=config.gzip,
                 timeout=config.timeout,
                 session=self._http(),
@@ -244,13 +202,13 @@ class PosthogSink(Sink):
         except sdk.APIError as exc:
             status, message = exc.status, str(exc.message)
             if not isinstance(status, int):
-                raise RetryableError(f"PostHog: {message[:300]}") from None
+                raise RetryableError(f"PostHog: {self.mask(snippet(message))}") from None
             retry_after = exc.retry_after
             headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-            raise_for_status(status, headers, message, what="PostHog")
+            raise_for_status(status, headers, message, what="PostHog", mask=self.mask)
             # batch_post treats every answer but 200 as a failure; so does waypost.
             raise RetryableError(
-                f"PostHog: HTTP {status} instead of 200: {' '.join(message.split())[:300]}"
+                f"PostHog: HTTP {status} instead of 200: {self.mask(snippet(message))}"
             ) from None
         except http.Timeout:
             raise RetryableError(
@@ -262,23 +220,24 @@ class PosthogSink(Sink):
             ) from None
         finally:
             _limits.at_most = 0
+        self._answers.keep(response)
         return response
 
     def _http(self) -> requests.Session:
-        """A session of our own: posthog's shared one retries connection errors itself on
-        https, and retries belong to the core. Rebuilt in a forked child."""
-        if self._session is None or self._session_pid != os.getpid():
-            session = self._requests.Session()
-            adapter = _limited_adapter(self._requests)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
-            self._session, self._session_pid = session, os.getpid()
-        return self._session
+        """This process's session (see ``_new_session``)."""
+        return self._sessions.get()
 
-    def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and self._session_pid == os.getpid():
-            session.close()
+    def _new_session(self) -> requests.Session:
+        """A session of our own: posthog's shared one retries connection errors itself on
+        https, and retries belong to the core. A forked child builds its own."""
+        session: requests.Session = self._requests.Session()
+        adapter = _limited_adapter(self._requests)(max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        secrets = self.config.url_secrets
+        if secrets.username is not None:  # user info of the host, taken out of the URL
+            session.auth = (secrets.username, secrets.password or "")
+        return session
 
 
 class _OverLimit(Exception):
@@ -289,9 +248,10 @@ _limits = threading.local()
 """Per thread: the largest body the request being made may have (0: no limit)."""
 
 
+@functools.cache
 def _limited_adapter(http: ModuleType) -> Any:
-    """A requests adapter that never retries (the core does) and refuses, unsent, a body over
-    the calling thread's ``_limits.at_most``."""
+    """A requests adapter class that never retries (the core does) and refuses, unsent, a body
+    over the calling thread's ``_limits.at_most``."""
 
     class LimitedAdapter(http.adapters.HTTPAdapter):  # type: ignore[name-defined,misc]
         def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -303,7 +263,7 @@ def _limited_adapter(http: ModuleType) -> Any:
                     raise _OverLimit(size)
             return super().send(request, *args, **kwargs)
 
-    return LimitedAdapter(max_retries=0)
+    return LimitedAdapter
 
 
 def _context_properties(context: dict[str, Any]) -> dict[str, Any]:
@@ -321,25 +281,6 @@ def _context_properties(context: dict[str, Any]) -> dict[str, Any]:
         if value:
             properties[key] = value
     return properties
-
-
-def _chunks(
-    sized: list[tuple[Event, dict[str, Any], int]], limit: int
-) -> list[list[tuple[Event, dict[str, Any], int]]]:
-    """Consecutive runs of events whose JSON adds up to at most ``limit`` bytes."""
-    chunks: list[list[tuple[Event, dict[str, Any], int]]] = []
-    current: list[tuple[Event, dict[str, Any], int]] = []
-    total = 0
-    for item in sized:
-        size = item[2] + 2  # the ", " between events
-        if current and total + size > limit:
-            chunks.append(current)
-            current, total = [], 0
-        current.append(item)
-        total += size
-    if current:
-        chunks.append(current)
-    return chunks
 
 
 @hookimpl
