@@ -1,11 +1,12 @@
-"""The ``mixpanel`` sink: recent events to ``/track``, older ones to ``/import``, through the
-mixpanel SDK's own request layer (``mixpanel.Consumer``), never its buffers or threads."""
+"""The ``mixpanel`` sink: recent events to ``/track``, older ones to ``/import``, as the mixpanel
+SDK's ``Consumer`` posts them (its JSON encoder and service-account credentials, the form it
+sends), through the core's HTTP transport: ``Consumer.send`` drops the answer that says which
+records Mixpanel refused and why, and its session is not part of its public API."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -15,14 +16,21 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, SecretStr, model_validator
 
 import waypost
-from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
+from waypost.errors import PermanentError, RetryableError
 from waypost.events import Event
-from waypost.retry import RETRYABLE_STATUS, parse_retry_after, raise_for_status
-from waypost.sinks import HttpSinkConfig, SendResult, Sink
+from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
+from waypost.sinks.masking import basic_auth
+from waypost.sinks.parts import pack, send_in_parts
+from waypost.sinks.transport import (
+    RETRYABLE_STATUS,
+    HttpTransport,
+    json_object,
+    parse_retry_after,
+    snippet,
+)
 
 if TYPE_CHECKING:
-    import mixpanel
-    import requests
+    import httpx
 
 __all__ = ["MixpanelConfig", "MixpanelSink"]
 
@@ -91,70 +99,41 @@ class _Request:
     data: str  # the JSON array sent as the form field ``data``
 
 
-class MixpanelSink(Sink):
-    """Posts batches of events with ``mixpanel.Consumer``; reads Mixpanel's verdict from the
+class MixpanelSink(Sink[MixpanelConfig]):
+    """Posts batches of events as ``mixpanel.Consumer`` does; reads Mixpanel's verdict from the
     answer itself (status, body, ``Retry-After``), so every event gets its own outcome."""
 
     type = "mixpanel"
-    Config = MixpanelConfig
     max_batch_size = MAX_EVENTS
     default_concurrency = 4  # send() is safe from several threads
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._consumer: mixpanel.Consumer | None = None
-        self._answers = threading.local()
+    def __init__(self, name: str, config: MixpanelConfig, context: SinkContext) -> None:
+        super().__init__(name, config, context)
+        import mixpanel  # here, on the thread that builds the sink
 
-    @property
-    def settings(self) -> MixpanelConfig:
-        assert isinstance(self.config, MixpanelConfig)
-        return self.config
-
-    # --- lifecycle ------------------------------------------------------------------------
-
-    def open(self) -> None:
-        if self._consumer is not None:
-            return
-        import mixpanel
-        import requests.adapters
-
-        config = self.settings
-        credentials = None
+        self._json_dumps: Callable[[Any], str] = mixpanel.json_dumps
+        self._import_auth: str | None = None
         if config.service_account_username is not None:
             assert config.service_account_secret is not None and config.project_id
-            credentials = mixpanel.ServiceAccountCredentials(
+            account = mixpanel.ServiceAccountCredentials(
                 username=config.service_account_username.get_secret_value(),
                 secret=config.service_account_secret.get_secret_value(),
                 project_id=config.project_id,
             )
-        # api_host would build https:// URLs only; full URLs keep the configured scheme.
-        consumer = mixpanel.Consumer(
-            events_url=self.url("events"),
-            import_url=self.url("imports"),
-            request_timeout=config.timeout,
-            retry_limit=0,
-            credentials=credentials,
-        )
-        # The SDK mounts a urllib3 retry adapter on https:// that would retry 5xx answers
-        # itself and hide them behind a RetryError; the core owns retries and wants the answer.
-        consumer._session.mount("https://", requests.adapters.HTTPAdapter(max_retries=0))
-        # Consumer.send raises on anything but {"status": 1} and drops the HTTP answer; keep it
-        # to classify by status code, Retry-After and /import's per-record failures.
-        consumer._session.hooks["response"].append(self._keep_answer)
-        self._consumer = consumer
-
-    def close(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            consumer._session.close()
+            self._import_auth = basic_auth(account.username, account.secret)
+        elif config.api_secret is not None:
+            self._import_auth = basic_auth(config.api_secret.get_secret_value(), "")
+        if self._import_auth is not None:
+            self.masker.add(self._import_auth)
+        self._http = HttpTransport(self)
 
     def url(self, endpoint: str) -> str:
-        base = self.settings.base_url
+        base = self.config.base_url
         if endpoint == "events":
             return f"{base}/track"
         query = {"strict": "1"}
-        if self.settings.project_id and self.settings.service_account_username is None:
-            query["project_id"] = self.settings.project_id  # the SDK adds it for service accounts
+        if self.config.project_id:
+            query["project_id"] = self.config.project_id  # the SDK's Consumer adds it too
         return f"{base}/import?{urllib.parse.urlencode(query)}"
 
     # --- mapping --------------------------------------------------------------------------
@@ -190,9 +169,7 @@ class MixpanelSink(Sink):
     def plan(self, events: Sequence[Event], result: SendResult, token: str) -> list[_Request]:
         """Route events to /track or /import, refuse the ones that cannot go anywhere, and cut
         each route into requests under Mixpanel's count and size limits."""
-        import mixpanel
-
-        config = self.settings
+        config = self.config
         now = time.time()
         edge = TRACK_WINDOW - (IMPORT_MARGIN if config.can_import else 0.0)
         routes: dict[str, list[Event]] = {"events": [], "imports": []}
@@ -210,92 +187,54 @@ class MixpanelSink(Sink):
 
         requests_: list[_Request] = []
         for endpoint, routed in routes.items():
-            batch: list[Event] = []
-            parts: list[str] = []
-            size = 0
+            weighted = []
             for event in routed:
-                text = mixpanel.json_dumps(self.event_body(event, token))
+                text = self._json_dumps(self.event_body(event, token))
                 if len(text.encode()) >= MAX_EVENT_BYTES:
                     result.mark_failed(event, "event is 1 MB of JSON or more; Mixpanel refuses it")
-                    continue
-                weight = len(urllib.parse.quote_plus(text)) + 3  # the encoded comma
-                if batch and (len(batch) >= MAX_EVENTS or size + weight > MAX_REQUEST_BYTES):
-                    requests_.append(_Request(endpoint, batch, "[" + ",".join(parts) + "]"))
-                    batch, parts, size = [], [], 0
-                batch.append(event)
-                parts.append(text)
-                size += weight
-            if batch:
-                requests_.append(_Request(endpoint, batch, "[" + ",".join(parts) + "]"))
+                else:  # weighed as the form encodes it, with the encoded comma
+                    weighted.append((event, text, len(urllib.parse.quote_plus(text)) + 3))
+            for chunk in pack(weighted, MAX_REQUEST_BYTES, max_items=MAX_EVENTS):
+                data = "[" + ",".join(chunk.items) + "]"
+                requests_.append(_Request(endpoint, chunk.events, data))
         return requests_
 
     # --- sending --------------------------------------------------------------------------
 
     def send(self, events: Sequence[Event]) -> SendResult:
         result = SendResult()
-        plan = self.plan(events, result, self.settings.token.get_secret_value())
-        for i, request in enumerate(plan):
-            try:
-                self._deliver(request, result)
-            except PayloadTooLarge as exc:
-                if len(plan) == 1:
-                    raise  # the core splits the batch
-                # Retried alone next time, where a 413 lets the core split it.
-                for event in request.events:
-                    result.mark_retry(event, exc.reason)
-            except RetryableError as exc:
-                # Mixpanel is down or throttling: do not press on with the other requests.
-                for later in plan[i:]:
-                    for event in later.events:
-                        result.mark_retry(event, exc.reason)
-                result.retry_after = exc.retry_after
-                break
-            except PermanentError as exc:
-                for event in request.events:
-                    result.mark_failed(event, exc.reason)
-        return result
-
-    def _deliver(self, request: _Request, result: SendResult) -> None:
-        self._judge(request, *self._exchange(request), result)
+        plan = self.plan(events, result, self.config.token.get_secret_value())
+        return send_in_parts(plan, lambda r: self._judge(r, *self._exchange(r), result), result)
 
     def _judge(
         self,
         request: _Request,
         status: int,
         body: dict[str, Any] | None,
-        answer: requests.Response,
+        answer: httpx.Response,
         result: SendResult,
     ) -> None:
         """Read Mixpanel's answer: mark /import's refused records, raise for the whole request."""
         what = f"mixpanel {_path(request.endpoint)}"
-        text = self._redact(answer.text)
         if status == 413 or status in RETRYABLE_STATUS or status >= 500:
-            raise_for_status(status, answer.headers, text, what=what)
+            self._http.check(answer, what=what)
         if body is None:
             if 200 <= status < 300:
                 raise RetryableError(
                     f"{what}: HTTP {status} with a body that is not Mixpanel's JSON answer: "
-                    f"{_snippet(text)!r}",
+                    f"{self._http.text(answer)!r}",
                     retry_after=parse_retry_after(answer.headers.get("Retry-After")),
                 )
-            raise_for_status(status, answer.headers, text, what=what)
-            raise PermanentError(f"{what}: HTTP {status}")  # pragma: no cover (3xx)
+            self._http.check(answer, what=what)
+            raise PermanentError(f"{what}: HTTP {status}")  # pragma: no cover (check raised)
         if 200 <= status < 300 and _accepted(body):
             return
         failed = body.get("failed_records")
         if request.endpoint == "imports" and status == 400 and isinstance(failed, list) and failed:
             self._mark_failed_records(request.events, failed, result, what)
             return
-        error = self._redact(str(body.get("error") or json.dumps(body)[:300]))
+        error = self.mask(snippet(str(body.get("error") or json.dumps(body))))
         raise PermanentError(f"{what}: HTTP {status}: {error}")
-
-    def _redact(self, text: str) -> str:
-        """Keep the token and the secrets out of reasons, should an answer echo them."""
-        config = self.settings
-        for secret in (config.token, config.api_secret, config.service_account_secret):
-            if secret is not None and secret.get_secret_value():
-                text = text.replace(secret.get_secret_value(), "***")
-        return text
 
     def _mark_failed_records(
         self, events: list[Event], failed: list[Any], result: SendResult, what: str
@@ -315,42 +254,21 @@ class MixpanelSink(Sink):
             field = record.get("field")
             message = record.get("message") or "refused"
             where = f"{field}: " if field else ""
-            result.mark_failed(event, f"{what} refused the record: {where}{message}")
+            result.mark_failed(event, self.mask(f"{what} refused the record: {where}{message}"))
 
-    def _exchange(self, request: _Request) -> tuple[int, dict[str, Any] | None, requests.Response]:
-        self.open()
-        assert self._consumer is not None
-        api_secret = self.settings.api_secret
-        self._answers.response = None
-        sdk_error: Exception | None = None
-        try:
-            self._consumer.send(
-                request.endpoint,
-                request.data,
-                api_secret=api_secret.get_secret_value()
-                if api_secret is not None and request.endpoint == "imports"
-                else None,
-            )
-        except Exception as exc:
-            # MixpanelException for transport errors and status != 1; but also KeyError
-            # 'error' on /import's documented success body ({"code": 200, "status": "OK"}),
-            # which has no "error" key. The answer kept by the hook is judged below instead.
-            sdk_error = exc
-        answer: requests.Response | None = self._answers.response
-        self._answers.response = None
-        if answer is None:
-            cause = (sdk_error.__cause__ if sdk_error is not None else None) or sdk_error
-            raise RetryableError(
-                f"mixpanel {_path(request.endpoint)}: no answer: {type(cause).__name__}: {cause}"
-            )
-        try:
-            body = answer.json()
-        except ValueError:
-            body = None
-        return answer.status_code, body if isinstance(body, dict) else None, answer
-
-    def _keep_answer(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
-        self._answers.response = response
+    def _exchange(self, request: _Request) -> tuple[int, dict[str, Any] | None, httpx.Response]:
+        """POST the form ``Consumer`` posts (``data``, ``verbose=1``, ``ip=0``); /import with the
+        credentials as Basic auth."""
+        importing = request.endpoint == "imports"
+        auth = self._import_auth if importing else None
+        answer = self._http.request(
+            "POST",
+            self.url(request.endpoint),
+            data={"data": request.data, "verbose": "1", "ip": "0"},
+            headers={"Authorization": auth} if auth else None,
+            what=f"mixpanel {_path(request.endpoint)}",
+        )
+        return answer.status_code, json_object(answer), answer
 
     # --- debug and test-sink --------------------------------------------------------------
 
@@ -373,28 +291,7 @@ class MixpanelSink(Sink):
 
     def test_request(self, event: Event) -> dict[str, Any]:
         """Send one event and return Mixpanel's answer as it came."""
-        result = SendResult()
-        plan = self.plan([event], result, self.settings.token.get_secret_value())
-        if not plan:
-            return {"delivered": False, "reason": result.failed.get(event.id)}
-        request = plan[0]
-        try:
-            status, body, answer = self._exchange(request)
-        except waypost.SinkError as exc:
-            return {"url": self.url(request.endpoint), "delivered": False, "reason": exc.reason}
-        outcome = SendResult()
-        try:
-            self._judge(request, status, body, answer, outcome)
-            reason = outcome.failed.get(event.id)
-        except waypost.SinkError as exc:
-            reason = exc.reason
-        return {
-            "url": self.url(request.endpoint),
-            "http_status": status,
-            "answer": body if body is not None else _snippet(answer.text),
-            "delivered": reason is None,
-            **({"reason": reason} if reason else {}),
-        }
+        return self._http.test_request(event)
 
 
 def _path(endpoint: str) -> str:
@@ -413,10 +310,6 @@ def _insert_id(event_id: str) -> str:
     if len(event_id) <= MAX_INSERT_ID:
         return event_id
     return hashlib.sha256(event_id.encode()).hexdigest()[:MAX_INSERT_ID]
-
-
-def _snippet(text: str) -> str:
-    return " ".join(text.split())[:300]
 
 
 @waypost.hookimpl
