@@ -237,11 +237,12 @@ def test_test_request_returns_amplitudes_answer(
     recording_server.responder = AmplitudePeer()
     sink = make_sink(recording_server.url, tmp_path)
     answer = sink.test_request(make_event("waypost_test"))
-    assert answer["delivered"] is True and answer["http_status"] == 200
+    assert answer["delivered"] is True and answer["status"] == 200
     assert answer["answer"]["code"] == 200 and answer["answer"]["events_ingested"] == 1
     bad = make_sink(recording_server.url, tmp_path, api_key="amp-wrong-key")
     answer = bad.test_request(make_event("waypost_test"))
     assert answer["delivered"] is False and "Invalid API key" in answer["reason"]
+    assert "amp-wrong-key" not in str(answer)  # the answer echoes the key: masked
 
 
 # --- answers ----------------------------------------------------------------------------------

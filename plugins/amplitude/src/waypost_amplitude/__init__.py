@@ -1,15 +1,14 @@
 """The ``amplitude`` sink: batches to Amplitude's HTTP V2 API (or ``/batch``), built and read
-with the amplitude-analytics SDK's request pieces, never its client, queue or threads."""
+with the amplitude-analytics SDK's request pieces (its endpoint paths, ``BaseEvent``, options,
+headers and ``Response``), never its client, queue or threads; posted through the core's HTTP
+transport."""
 
 from __future__ import annotations
 
 import io
 import json
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr, field_validator
@@ -17,10 +16,12 @@ from pydantic import Field, SecretStr, field_validator
 import waypost
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 from waypost.events import Event
-from waypost.retry import parse_retry_after, raise_for_status
-from waypost.sinks import HttpSinkConfig, SendResult, Sink
+from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
+from waypost.sinks.parts import Chunk, pack, send_in_parts
+from waypost.sinks.transport import HttpTransport, parse_retry_after, raise_for_status, snippet
 
 if TYPE_CHECKING:
+    import httpx
     from amplitude.http_client import Response as AmplitudeResponse
 
 __all__ = ["AmplitudeConfig", "AmplitudeSink"]
@@ -52,48 +53,41 @@ class AmplitudeConfig(HttpSinkConfig):
         return value
 
 
-@dataclass
-class _Request:
-    events: list[Event]
-    bodies: list[dict[str, Any]]
+_Request = Chunk[dict[str, Any]]
+"""One request: the events and their bodies."""
 
 
-class AmplitudeSink(Sink):
+class AmplitudeSink(Sink[AmplitudeConfig]):
     """Posts ``{"api_key", "events", "options"}`` and reads Amplitude's answer per event: the
     indexes it names in a 400 fail, throttled devices and users wait 30 s, the rest is resent."""
 
     type = "amplitude"
-    Config = AmplitudeConfig
     max_batch_size = MAX_EVENTS
     default_concurrency = 4  # send() is safe from several threads
 
-    @property
-    def settings(self) -> AmplitudeConfig:
-        assert isinstance(self.config, AmplitudeConfig)
-        return self.config
+    def __init__(self, name: str, config: AmplitudeConfig, context: SinkContext) -> None:
+        super().__init__(name, config, context)
+        # The SDK, imported here on the thread that builds the sink: its pieces are used below.
+        import amplitude
+        from amplitude import constants, http_client
+
+        self._sdk = amplitude
+        self._answers = http_client
+        # The SDK's own paths, on the configured host.
+        kind = constants.BATCH if config.use_batch else constants.HTTP_V2
+        path: str = urllib.parse.urlsplit(constants.SERVER_URL[constants.DEFAULT_ZONE][kind]).path
+        self.url = config.base_url + path
+        self._what = f"amplitude {path}"
+        self._http = HttpTransport(self, headers=http_client.JSON_HEADER, what=self._what)
 
     @property
     def api(self) -> str:
-        return "batch" if self.settings.use_batch else "v2"
-
-    @property
-    def url(self) -> str:
-        from amplitude import constants
-
-        # The SDK's own paths, on the configured host.
-        kind = constants.BATCH if self.settings.use_batch else constants.HTTP_V2
-        path: str = urllib.parse.urlsplit(constants.SERVER_URL[constants.DEFAULT_ZONE][kind]).path
-        return self.settings.base_url + path
-
-    def open(self) -> None:
-        import amplitude  # noqa: F401 (fail early if the SDK is missing)
+        return "batch" if self.config.use_batch else "v2"
 
     # --- mapping --------------------------------------------------------------------------
 
     def event_body(self, event: Event) -> dict[str, Any]:
         """One event as Amplitude takes it, built by the SDK's ``BaseEvent``."""
-        from amplitude import BaseEvent
-
         context = event.context
         app = context.get("app") or {}
         os_ = context.get("os") or {}
@@ -109,7 +103,7 @@ class AmplitudeSink(Sink):
             "os_name": _text(os_.get("type")),
             "os_version": _text(os_.get("release")),
         }
-        sdk_event = BaseEvent(**fields)
+        sdk_event = self._sdk.BaseEvent(**fields)
         # As the SDK's ContextPlugin sets it ("amplitude-python/1.3.0"), for this library.
         sdk_event["library"] = f"waypost/{context.get('waypost', '')}".rstrip("/")
         body: dict[str, Any] = sdk_event.get_event_body()
@@ -121,10 +115,8 @@ class AmplitudeSink(Sink):
 
     def payload(self, bodies: list[dict[str, Any]], api_key: str) -> bytes:
         """The request body as the SDK's worker builds it (sorted keys, UTF-8)."""
-        from amplitude import Config
-
         data: dict[str, Any] = {"api_key": api_key, "events": bodies}
-        options = Config(min_id_length=self.settings.min_id_length).options
+        options = self._sdk.Config(min_id_length=self.config.min_id_length).options
         if options:
             data["options"] = options
         return json.dumps(data, sort_keys=True).encode("utf8")
@@ -132,113 +124,62 @@ class AmplitudeSink(Sink):
     def plan(self, events: Sequence[Event], result: SendResult) -> list[_Request]:
         """Cut the batch into requests under Amplitude's count and size limits."""
         limit = MAX_BYTES[self.api] - 2048  # the envelope around the events
-        requests: list[_Request] = []
-        batch: list[Event] = []
-        bodies: list[dict[str, Any]] = []
-        size = 0
+        weighted = []
         for event in events:
             body = self.event_body(event)
             weight = len(json.dumps(body).encode()) + 2
             if weight > limit:
                 result.mark_failed(event, f"event exceeds the {self.api} API's request size limit")
-                continue
-            if batch and (len(batch) >= MAX_EVENTS or size + weight > limit):
-                requests.append(_Request(batch, bodies))
-                batch, bodies, size = [], [], 0
-            batch.append(event)
-            bodies.append(body)
-            size += weight
-        if batch:
-            requests.append(_Request(batch, bodies))
-        return requests
+            else:
+                weighted.append((event, body, weight))
+        return pack(weighted, limit, max_items=MAX_EVENTS)
 
     # --- sending --------------------------------------------------------------------------
 
     def send(self, events: Sequence[Event]) -> SendResult:
         result = SendResult()
         plan = self.plan(events, result)
-        for i, request in enumerate(plan):
-            hold_back = None
-            try:
-                self._judge(request, *self._exchange(request), result)
-                if result.retry_after is not None:  # throttled
-                    hold_back = "held back: Amplitude throttled an earlier request of the batch"
-            except PayloadTooLarge as exc:
-                if len(plan) == 1:
-                    raise  # the core splits the batch
-                for event in request.events:  # resent alone next time, where a 413 splits it
-                    result.mark_retry(event, exc.reason)
-            except RetryableError as exc:
-                for event in request.events:
-                    result.mark_retry(event, exc.reason)
-                result.retry_after = exc.retry_after
-                hold_back = exc.reason
-            except PermanentError as exc:
-                for event in request.events:
-                    result.mark_failed(event, exc.reason)
-            if hold_back:  # Amplitude is down or throttling: do not press on
-                for later in plan[i + 1 :]:
-                    for event in later.events:
-                        result.mark_retry(event, hold_back)
-                break
-        return result
+        return send_in_parts(plan, lambda r: self._judge(r, *self._exchange(r), result), result)
 
-    def _exchange(self, request: _Request) -> tuple[int, Mapping[str, str], bytes]:
+    def _exchange(self, request: _Request) -> tuple[int, httpx.Headers, bytes]:
         """POST the request with the SDK's headers; return status, headers and body."""
-        from amplitude.http_client import JSON_HEADER
-
-        data = self.payload(request.bodies, self.settings.api_key.get_secret_value())
-        # The URL is checked http(s) by the config (check_endpoint), never file: or custom.
-        http = urllib.request.Request(self.url, data=data, headers=JSON_HEADER, method="POST")  # noqa: S310
-        try:
-            with urllib.request.urlopen(http, timeout=self.settings.timeout) as answer:  # noqa: S310
-                return answer.status, dict(answer.headers.items()), answer.read()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, dict(exc.headers.items()), exc.read()
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise RetryableError(
-                f"amplitude {self.url}: no answer: {type(reason).__name__}: {reason}"
-            ) from None
+        data = self.payload(request.items, self.config.api_key.get_secret_value())
+        answer = self._http.request("POST", self.url, content=data)
+        return answer.status_code, answer.headers, answer.content
 
     def _judge(
         self,
         request: _Request,
         status: int,
-        headers: Mapping[str, str],
+        headers: httpx.Headers,
         raw: bytes,
         result: SendResult,
     ) -> AmplitudeResponse:
         """Read the answer with the SDK's ``Response`` (status from the body's ``code``)."""
-        from amplitude.http_client import HttpStatus
-        from amplitude.http_client import Response as AmplitudeResponse
-
-        what = f"amplitude {urllib.parse.urlsplit(self.url).path}"
-        # Amplitude echoes a refused key ("Invalid API key: <key>"): keep it out of reasons.
-        key = self.settings.api_key.get_secret_value()
-        text = raw.decode("utf8", "replace").replace(key, "***")
+        HttpStatus = self._answers.HttpStatus
+        what = self._what
+        # Amplitude echoes a refused key ("Invalid API key: <key>"): masked in every reason.
+        text = self.mask(snippet(raw))
         try:
-            answer = AmplitudeResponse().parse(io.BytesIO(raw))
+            answer = self._answers.Response().parse(io.BytesIO(raw))
         except (ValueError, KeyError, TypeError):
             if 200 <= status < 300:
                 raise RetryableError(
                     f"{what}: HTTP {status} without Amplitude's JSON answer (no 'code'), so "
-                    f"nothing says the events were ingested: {_snippet(text)!r}",
-                    retry_after=parse_retry_after(_header(headers, "Retry-After")),
+                    f"nothing says the events were ingested: {text!r}",
+                    retry_after=parse_retry_after(headers.get("Retry-After")),
                 ) from None
-            raise_for_status(status, headers, text, what=what)
-            raise PermanentError(f"{what}: HTTP {status}: {_snippet(text)}") from None
+            raise_for_status(status, headers, text, what=what, mask=self.mask)
+            raise PermanentError(f"{what}: HTTP {status}: {text}") from None
 
-        retry_after = parse_retry_after(_header(headers, "Retry-After"))
+        retry_after = parse_retry_after(headers.get("Retry-After"))
         kind = answer.status
         if kind == HttpStatus.SUCCESS:
             ingested = answer.body.get("events_ingested")
             if ingested is not None:
                 result.receipt = f"events_ingested={ingested}"
             return answer
-        error = str(answer.error).replace(key, "***")
-        reason = f"{what}: HTTP {answer.code}: {error or _snippet(text)}"
+        reason = self.mask(f"{what}: HTTP {answer.code}: {str(answer.error) or text}")
         if kind == HttpStatus.PAYLOAD_TOO_LARGE:
             raise PayloadTooLarge(reason)
         if kind in (HttpStatus.TIMEOUT, HttpStatus.FAILED, HttpStatus.UNKNOWN):
@@ -276,7 +217,7 @@ class AmplitudeSink(Sink):
         over_quota = set(body.get("exceeded_daily_quota_devices") or ()) | set(
             body.get("exceeded_daily_quota_users") or ()
         )
-        for index, (event, sent) in enumerate(zip(request.events, request.bodies, strict=True)):
+        for index, (event, sent) in enumerate(zip(request.events, request.items, strict=True)):
             ids = {sent.get("device_id"), sent.get("user_id")} - {None}
             if ids & over_quota:
                 result.mark_failed(event, f"{reason}: the device or user exceeded its daily quota")
@@ -313,7 +254,7 @@ class AmplitudeSink(Sink):
                 "method": "POST",
                 "url": self.url,
                 "content_type": "application/json; charset=UTF-8",
-                "body": json.loads(self.payload(request.bodies, "***")),
+                "body": json.loads(self.payload(request.items, "***")),
             }
             for request in self.plan(events, result)
         ]
@@ -323,43 +264,11 @@ class AmplitudeSink(Sink):
 
     def test_request(self, event: Event) -> dict[str, Any]:
         """Send one event and return Amplitude's answer as it came."""
-        result = SendResult()
-        plan = self.plan([event], result)
-        if not plan:
-            return {"delivered": False, "reason": result.failed.get(event.id)}
-        try:
-            status, headers, raw = self._exchange(plan[0])
-        except waypost.SinkError as exc:
-            return {"url": self.url, "delivered": False, "reason": exc.reason}
-        outcome = SendResult()
-        try:
-            self._judge(plan[0], status, headers, raw, outcome)
-            reason = outcome.failed.get(event.id) or outcome.retry.get(event.id)
-        except waypost.SinkError as exc:
-            reason = exc.reason
-        try:
-            answer: Any = json.loads(raw)
-        except ValueError:
-            answer = _snippet(raw.decode("utf8", "replace"))
-        return {
-            "url": self.url,
-            "http_status": status,
-            "answer": answer,
-            "delivered": reason is None,
-            **({"reason": reason} if reason else {}),
-        }
+        return self._http.test_request(event)
 
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    return next((v for k, v in headers.items() if k.lower() == name.lower()), None)
-
-
-def _snippet(text: str) -> str:
-    return " ".join(text.split())[:300]
 
 
 @waypost.hookimpl
