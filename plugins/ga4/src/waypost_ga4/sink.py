@@ -1,4 +1,5 @@
-"""The ``ga4`` sink: Google Analytics 4 through the Measurement Protocol, over httpx.
+"""The ``ga4`` sink: Google Analytics 4 through the Measurement Protocol, over the core's HTTP
+transport (the API secret, which GA4 takes in the query, never stands in a URL httpx logs).
 
 GA4 answers 2xx even to payloads it drops, so the sink fits every event to GA4's documented
 limits before sending (see :mod:`waypost_ga4.limits`) and refuses, with a reason, the events
@@ -7,23 +8,20 @@ that cannot be sent as they are.
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import logging
 import re
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from waypost.errors import PayloadTooLarge, RetryableError, SinkError
 from waypost.events import Event, dumps
-from waypost.retry import raise_for_status
-from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkConfig, SinkContext
+from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
+from waypost.sinks.parts import pack, send_in_parts
+from waypost.sinks.transport import HttpTransport, json_object
 from waypost_ga4 import limits
 from waypost_ga4.limits import Refused
 
@@ -92,15 +90,17 @@ class Ga4Config(HttpSinkConfig):
     def app_stream(self) -> bool:
         return self.firebase_app_id is not None
 
+    @property
+    def stream(self) -> dict[str, str]:
+        """The query parameter naming the stream."""
+        if self.app_stream:
+            return {"firebase_app_id": str(self.firebase_app_id)}
+        return {"measurement_id": str(self.measurement_id)}
+
     def query(self, *, redact: bool = False) -> dict[str, str]:
         """The query parameters of every request (the secret shown as ``***`` if asked)."""
-        stream = (
-            {"firebase_app_id": str(self.firebase_app_id)}
-            if self.app_stream
-            else {"measurement_id": str(self.measurement_id)}
-        )
         secret = "***" if redact else self.api_secret.get_secret_value()
-        return {**stream, "api_secret": secret}
+        return {**self.stream, "api_secret": secret}
 
 
 def app_instance_id(identity: str) -> str:
@@ -132,113 +132,44 @@ class _Item:
 
 @dataclass
 class _Request:
-    events: list[Event]
+    items: list[_Item]
     body: dict[str, Any]
     data: bytes
 
-
-class _SecretFilter(logging.Filter):
-    """httpx logs every request URL at INFO, and GA4 takes the API secret in the URL: this
-    filter (on the ``httpx`` logger) masks the secrets of every open GA4 sink."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: collections.Counter[str] = collections.Counter()  # open sinks per secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            try:
-                message = record.getMessage()
-            except Exception:
-                return True
-            if any(secret in message for secret in self.secrets):
-                for secret in self.secrets:
-                    message = message.replace(secret, "***")
-                record.msg, record.args = message, None
-        return True
+    @property
+    def events(self) -> list[Event]:
+        return [item.event for item in self.items]
 
 
-_SECRET_FILTER = _SecretFilter()
-
-
-class Ga4Sink(Sink):
+class Ga4Sink(Sink[Ga4Config]):
     """Sends batches to GA4's ``/mp/collect``: at most 25 events per request, one request per
     client id (and context), every event within GA4's limits or refused with a reason."""
 
     type = "ga4"
-    Config = Ga4Config
     max_batch_size = limits.MAX_EVENTS_PER_REQUEST
     default_concurrency = 4  # send() is safe from several threads
 
-    def __init__(self, name: str, config: SinkConfig, context: SinkContext) -> None:
+    def __init__(self, name: str, config: Ga4Config, context: SinkContext) -> None:
         super().__init__(name, config, context)
-        self._client: httpx.Client | None = None
         self._noted: set[str] = set()
-
-    @property
-    def settings(self) -> Ga4Config:
-        assert isinstance(self.config, Ga4Config)
-        return self.config
-
-    # --- lifecycle ------------------------------------------------------------------------
-
-    def open(self) -> None:
-        import httpx
-
-        from waypost_ga4 import __version__
-
-        secret = self.settings.api_secret.get_secret_value()
-        _SECRET_FILTER.secrets[secret] += 1
-        self._masked = secret
-        httpx_logger = logging.getLogger("httpx")
-        if _SECRET_FILTER not in httpx_logger.filters:
-            httpx_logger.addFilter(_SECRET_FILTER)
-        self._client = httpx.Client(
-            timeout=self.settings.timeout,
-            headers={
-                "Content-Type": "application/json",
-                "User-Agent": f"waypost-ga4/{__version__}",
-            },
+        self._http = HttpTransport(
+            self,
+            headers={"Content-Type": "application/json"},
+            params={"api_secret": config.api_secret.get_secret_value()},  # on the wire only
+            what="GA4",
         )
-
-    def close(self) -> None:
-        secret: str | None = getattr(self, "_masked", None)
-        self._masked = ""
-        if secret:
-            _SECRET_FILTER.secrets[secret] -= 1
-            if _SECRET_FILTER.secrets[secret] <= 0:
-                del _SECRET_FILTER.secrets[secret]
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
 
     # --- the contract -------------------------------------------------------------------------
 
     def send(self, events: Sequence[Event]) -> SendResult:
         result = SendResult()
-        work = deque(self._requests(events, result, now=time.time()))
-        while work:
-            request = work.popleft()
-            try:
-                self._post(COLLECT_PATH, request.data)
-            except PayloadTooLarge as exc:
-                if len(request.events) == 1:
-                    result.mark_failed(request.events[0], exc.reason)
-                else:
-                    half = len(request.events) // 2
-                    work.extendleft(reversed(self._split(request, half)))
-            except SinkError as exc:
-                if not exc.retryable:
-                    for event in request.events:
-                        result.mark_failed(event, exc.reason)
-                    continue
-                # The destination is down or throttling: what is left waits for the retry.
-                for pending in (request, *work):
-                    for event in pending.events:
-                        result.mark_retry(event, exc.reason)
-                result.retry_after = exc.retry_after
-                break
-        return result
+        requests = self._requests(events, result, now=time.time())
+        return send_in_parts(
+            requests,
+            lambda request: self._post(COLLECT_PATH, request.data),
+            result,
+            split=self._halves,
+        )
 
     def render(self, events: Sequence[Event]) -> Any:
         result = SendResult()
@@ -253,8 +184,6 @@ class Ga4Sink(Sink):
         """Send ``event`` to GA4's validation server (``/debug/mp/collect``, nothing is
         recorded) and return its ``validationMessages``. An event the sink would refuse is
         sent as it is, so GA4's own verdict shows next to the sink's reason."""
-        if self._client is None:
-            self.open()
         now = time.time()
         refused: str | None = None
         try:
@@ -264,11 +193,8 @@ class Ga4Sink(Sink):
             item = self._fit(event, now, check=False)
         body = self._body([item])
         response = self._post(DEBUG_PATH, dumps(body).encode())
-        try:
-            answer = response.json() if response.content else {}
-        except ValueError:
-            answer = {}
-        messages = list(answer.get("validationMessages") or []) if isinstance(answer, dict) else []
+        answer = json_object(response) or {}
+        messages = list(answer.get("validationMessages") or [])
         return {
             "endpoint": self._display_url(DEBUG_PATH),
             "status": response.status_code,
@@ -282,8 +208,8 @@ class Ga4Sink(Sink):
     # --- building requests --------------------------------------------------------------------
 
     def _identity(self, event: Event) -> str:
-        identity = self.settings.client_id or event.distinct_id or event.instance_id
-        return app_instance_id(identity) if self.settings.app_stream else identity
+        identity = self.config.client_id or event.distinct_id or event.instance_id
+        return app_instance_id(identity) if self.config.app_stream else identity
 
     def _fit(self, event: Event, now: float, *, check: bool = True) -> _Item:
         """``event`` in GA4's form, or :class:`Refused`. With ``check=False`` the name and the
@@ -309,19 +235,19 @@ class Ga4Sink(Sink):
         return _Item(event, self._identity(event), user_props, payload, notes + context_notes)
 
     def _body(self, items: Sequence[_Item]) -> dict[str, Any]:
-        settings = self.settings
+        config = self.config
         first = items[0]
         body: dict[str, Any] = {
-            ("app_instance_id" if settings.app_stream else "client_id"): first.identity
+            ("app_instance_id" if config.app_stream else "client_id"): first.identity
         }
-        if settings.user_id:
-            body["user_id"] = settings.user_id
+        if config.user_id:
+            body["user_id"] = config.user_id
         body["timestamp_micros"] = min(item.payload["timestamp_micros"] for item in items)
         consent = {
             key: value
             for key, value in (
-                ("ad_user_data", settings.ad_user_data),
-                ("ad_personalization", settings.ad_personalization),
+                ("ad_user_data", config.ad_user_data),
+                ("ad_personalization", config.ad_personalization),
             )
             if value is not None
         }
@@ -349,8 +275,7 @@ class Ga4Sink(Sink):
         requests: list[_Request] = []
         for items in groups.values():
             empty = len(dumps(self._body(items[:1])).encode()) - self._size(items[0])
-            chunk: list[_Item] = []
-            size = empty
+            weighted = []
             for item in items:
                 grows = self._size(item) + 1
                 if empty + grows >= limits.MAX_BODY_BYTES:
@@ -359,17 +284,11 @@ class Ga4Sink(Sink):
                         f"GA4 limits: the event alone makes a body of {empty + grows} bytes; "
                         f"GA4 takes bodies under {limits.MAX_BODY_BYTES}",
                     )
-                    continue
-                if chunk and (
-                    len(chunk) == limits.MAX_EVENTS_PER_REQUEST
-                    or size + grows >= limits.MAX_BODY_BYTES
-                ):
-                    requests.append(self._request(chunk))
-                    chunk, size = [], empty
-                chunk.append(item)
-                size += grows
-            if chunk:
-                requests.append(self._request(chunk))
+                else:
+                    weighted.append((item.event, item, grows))
+            limit = limits.MAX_BODY_BYTES - 1 - empty  # bodies are under MAX_BODY_BYTES
+            for chunk in pack(weighted, limit, max_items=limits.MAX_EVENTS_PER_REQUEST):
+                requests.append(self._request(chunk.items))
         return requests
 
     @staticmethod
@@ -378,51 +297,22 @@ class Ga4Sink(Sink):
 
     def _request(self, items: list[_Item]) -> _Request:
         body = self._body(items)
-        return _Request([item.event for item in items], body, dumps(body).encode())
+        return _Request(items, body, dumps(body).encode())
 
-    def _split(self, request: _Request, at: int) -> list[_Request]:
-        parts = []
-        for events, payloads in (
-            (request.events[:at], request.body["events"][:at]),
-            (request.events[at:], request.body["events"][at:]),
-        ):
-            body = {**request.body, "events": payloads}
-            body["timestamp_micros"] = min(p["timestamp_micros"] for p in payloads)
-            parts.append(_Request(events, body, dumps(body).encode()))
-        return parts
+    def _halves(self, request: _Request) -> list[_Request]:
+        half = len(request.items) // 2
+        return [self._request(request.items[:half]), self._request(request.items[half:])]
 
     # --- the wire -------------------------------------------------------------------------
 
     def _post(self, path: str, data: bytes) -> httpx.Response:
-        import httpx
-
-        if self._client is None:
-            raise RetryableError(f"GA4 sink {self.name!r} is not open")
-        url = f"{self.settings.base_url}{path}"
-        try:
-            response = self._client.post(url, params=self.settings.query(), content=data)
-        except httpx.TimeoutException as exc:
-            raise RetryableError(
-                f"GA4: no answer within {self.settings.timeout:g} s ({type(exc).__name__})"
-            ) from None
-        except httpx.TransportError as exc:
-            raise RetryableError(self._scrub(f"GA4: {type(exc).__name__}: {exc}")) from None
-        try:
-            raise_for_status(
-                response.status_code, response.headers, response.text, what=f"GA4 {path}"
-            )
-        except SinkError as exc:
-            exc.reason = self._scrub(exc.reason)
-            exc.args = (exc.reason,)
-            raise
-        return response
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self.settings.api_secret.get_secret_value(), "***")
+        return self._http.send(
+            "POST", path, content=data, params=self.config.stream, what=f"GA4 {path}"
+        )
 
     def _display_url(self, path: str) -> str:
-        query = "&".join(f"{k}={v}" for k, v in self.settings.query(redact=True).items())
-        return f"{self.settings.base_url}{path}?{query}"
+        query = "&".join(f"{k}={v}" for k, v in self.config.query(redact=True).items())
+        return f"{self.config.base_url}{path}?{query}"
 
     def _note(self, item: _Item) -> None:
         """Log each distinct change made to fit GA4 once (per sink), not once per event."""
