@@ -9,22 +9,22 @@ away in waypost 1.0.
 
 from __future__ import annotations
 
-import json
-import re
 import string
 import urllib.parse
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import httpx
 from pydantic import Field, field_validator
 
 import waypost
-from waypost.errors import PayloadTooLarge, PermanentError, RetryableError, SinkError
 from waypost.events import Event, dumps
-from waypost.retry import raise_for_status
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
+from waypost.sinks.parts import Chunk, send_in_parts
+from waypost.sinks.transport import HttpTransport, json_object, snippet
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["DEPRECATION", "PlausibleConfig", "PlausibleSink", "plausible_props"]
 
@@ -104,58 +104,37 @@ def plausible_props(properties: Mapping[str, Any]) -> dict[str, str | int | floa
     return out
 
 
-def _product(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.!#$%&'*+^_`|~-]+", "-", text).strip("-") or "app"
-
-
 def _errors(response: httpx.Response) -> str:
     """Plausible's 400 answer ``{"errors": {"field": ["message"]}}`` as one line."""
-    try:
-        errors = json.loads(response.content).get("errors")
-    except (ValueError, AttributeError):
-        errors = None
+    errors = (json_object(response) or {}).get("errors")
     if not isinstance(errors, dict) or not errors:
-        return " ".join(response.text.split())[:300] or "no details"
+        return snippet(response.text) or "no details"
     parts = []
     for field, messages in errors.items():
         text = "; ".join(map(str, messages)) if isinstance(messages, list) else str(messages)
         parts.append(f"{field}: {text}")
-    return ", ".join(parts)[:300]
+    return snippet(", ".join(parts))
 
 
-class PlausibleSink(Sink):
+class PlausibleSink(Sink[PlausibleConfig]):
     """One ``POST {host}/api/event`` per event (Plausible has no batch API)."""
 
     type = "plausible"
-    Config = PlausibleConfig
     max_batch_size = 50
     default_concurrency = 4  # send() is safe from several threads
     deprecated = DEPRECATION
-    config: PlausibleConfig
 
-    def __init__(self, name: str, config: Any, context: SinkContext) -> None:
+    def __init__(self, name: str, config: PlausibleConfig, context: SinkContext) -> None:
         super().__init__(name, config, context)
-        self._client: httpx.Client | None = None
+        # The application's own agent (Plausible drops agents that look like bots or headless
+        # browsers, and this one names neither a crawler nor an HTTP library).
+        self._http = HttpTransport(
+            self, headers={"Content-Type": "application/json"}, what="Plausible"
+        )
 
     @property
     def endpoint(self) -> str:
         return f"{self.config.base_url}/api/event"
-
-    def open(self) -> None:
-        context = self.context
-        # An application's own agent: Plausible drops agents that look like bots or headless
-        # browsers, and this one names neither a library nor a crawler.
-        agent = f"{_product(context.app)}/{_product(context.version)} waypost/{waypost.__version__}"
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(self.config.timeout),
-            headers={"User-Agent": agent},
-            follow_redirects=False,
-        )
-
-    def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
 
     # --- what is sent ---------------------------------------------------------------------------
 
@@ -188,19 +167,7 @@ class PlausibleSink(Sink):
     # --- sending --------------------------------------------------------------------------------
 
     def _post(self, event: Event) -> httpx.Response:
-        if self._client is None:
-            self.open()
-        assert self._client is not None
-        content = dumps(self.body(event)).encode()
-        headers = {"Content-Type": "application/json"}
-        try:
-            return self._client.post(self.endpoint, content=content, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise RetryableError(
-                f"no answer from Plausible within {self.config.timeout:g} s ({type(exc).__name__})"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        return self._http.request("POST", "/api/event", content=dumps(self.body(event)).encode())
 
     def _refusal(self, event: Event) -> str | None:
         """Why Plausible would refuse this event, checked before sending it."""
@@ -212,51 +179,34 @@ class PlausibleSink(Sink):
 
     def send(self, events: Sequence[Event]) -> SendResult:
         result = SendResult.ok()
-        for index, event in enumerate(events):
+        parts: list[Chunk[None]] = []
+        for event in events:
             refusal = self._refusal(event)
             if refusal:
                 result.mark_failed(event, refusal)
-                continue
-            try:
-                response = self._post(event)
-                status = response.status_code
-                if status in (400, 422):
-                    result.mark_failed(event, f"Plausible refused the event: {_errors(response)}")
-                    continue
-                raise_for_status(status, response.headers, response.text, what="Plausible")
-            except PayloadTooLarge as exc:
-                result.mark_failed(event, f"event too large: {exc.reason}")
-                continue
-            except SinkError as exc:
-                # The endpoint is down, busy or refusing us: stop here, the rest shares the fate.
-                rest = events[index:]
-                if isinstance(exc, PermanentError):
-                    for other in rest:
-                        result.mark_failed(other, exc.reason)
-                else:
-                    for other in rest:
-                        result.mark_retry(other, exc.reason)
-                    result.retry_after = exc.retry_after
-                break
+            else:
+                parts.append(Chunk([event]))  # Plausible takes one event per request
+
+        def send_one(part: Chunk[None]) -> None:
+            (event,) = part.events
+            response = self._post(event)
+            if response.status_code in (400, 422):
+                refused = self.mask(_errors(response))
+                result.mark_failed(event, f"Plausible refused the event: {refused}")
+                return
+            self._http.check(response)
             dropped = response.headers.get(DROPPED_HEADER)
             if dropped:
                 result.mark_dropped(
                     event, f"Plausible accepted but dropped the event ({DROPPED_HEADER}: {dropped})"
                 )
-        return result
+
+        # A failure that is not about one event (down, busy, refusing us) is the rest's too.
+        return send_in_parts(parts, send_one, result, permanent_fails_rest=True)
 
     def test_request(self, event: Event) -> dict[str, Any]:
-        try:
-            response = self._post(event)
-        except RetryableError as exc:
-            return {"delivered": False, "status": None, "dropped": False, "error": exc.reason}
-        dropped = response.headers.get(DROPPED_HEADER)
-        return {
-            "delivered": response.status_code == 202 and not dropped,
-            "status": response.status_code,
-            "dropped": bool(dropped),
-            "answer": " ".join(response.text.split())[:500],
-        }
+        """Send one event and return Plausible's answer as it came."""
+        return self._http.test_request(event)
 
 
 @waypost.hookimpl
