@@ -74,11 +74,3 @@ def clean_message(
     if redact:
         text = _QUOTED.sub(keep, text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret replaced by ``***`` (a last line of defence)."""
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text

@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validat
 from waypost.errors import ConfigError, PermanentError, RetryableError, SinkError
 from waypost.events import Event, dumps
 from waypost.sinks import SendResult, Sink, SinkConfig, check_endpoint
+from waypost.sinks.parts import Chunk, pack, send_in_parts
 from waypost_warehouse._layout import (
     COLUMNS,
     IDENTIFIER,
@@ -27,7 +28,6 @@ from waypost_warehouse._layout import (
     lacks_columns,
     missing_columns,
     no_table,
-    scrub,
 )
 
 if TYPE_CHECKING:
@@ -135,11 +135,10 @@ class SnowflakeConfig(SinkConfig):
         return value
 
 
-class SnowflakeSink(Sink):
+class SnowflakeSink(Sink[SnowflakeConfig]):
     """Merges events into one Snowflake table; one statement per chunk, autocommitted."""
 
     type = "snowflake"
-    Config = SnowflakeConfig
     max_batch_size = 1000
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -148,19 +147,13 @@ class SnowflakeSink(Sink):
         self._ready = False
 
     @property
-    def settings(self) -> SnowflakeConfig:
-        config = self.config
-        assert isinstance(config, SnowflakeConfig)
-        return config
-
-    @property
     def label(self) -> str:
         """The table as the SQL names it (in the session's database): ``[schema.]table``."""
-        s = self.settings
+        s = self.config
         return f"{s.schema_}.{s.table}" if s.schema_ else s.table
 
     def __repr__(self) -> str:
-        return f"<SnowflakeSink {self.name!r} type='snowflake' account={self.settings.account!r}>"
+        return f"<SnowflakeSink {self.name!r} type='snowflake' account={self.config.account!r}>"
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -190,38 +183,24 @@ class SnowflakeSink(Sink):
     # --- sending ----------------------------------------------------------------------------
 
     def render(self, events: Sequence[Event]) -> Any:
-        return [{"sql": sql, "params": list(params)} for sql, params, _ in self._chunks(events)]
+        return [
+            {"sql": sql, "params": params} for sql, params in map(self._merge, self._chunks(events))
+        ]
 
     def send(self, events: Sequence[Event]) -> SendResult:
         if not self._ready:
             self._prepare()
-        result = SendResult()
-        chunks = self._chunks(events)
-        for index, (sql, params, chunk) in enumerate(chunks):
-            try:
-                self._execute(sql, params, what=f"merge into {self.label}")
-            except SinkError as exc:
-                if len(chunks) == 1:
-                    raise
-                if exc.retryable:
-                    # Earlier chunks are stored; the retry merges them again harmlessly.
-                    for _, _, rest in chunks[index:]:
-                        for event in rest:
-                            result.mark_retry(event, exc.reason)
-                    result.retry_after = exc.retry_after
-                    break
-                for event in chunk:
-                    result.mark_failed(event, exc.reason)
-        return result
+        # A retry merges the chunks stored before a failure again, harmlessly.
+        return send_in_parts(
+            self._chunks(events),
+            lambda chunk: self._execute(*self._merge(chunk), what=f"merge into {self.label}"),
+        )
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _chunks(self, events: Sequence[Event]) -> list[tuple[str, list[Any], list[Event]]]:
-        """``(sql, params, events)`` per MERGE, each under ``CHUNK_ROWS`` and ``CHUNK_CHARS``."""
-        out: list[tuple[str, list[Any], list[Event]]] = []
-        chunk: list[Event] = []
-        params: list[Any] = []
-        size = 0
+    def _chunks(self, events: Sequence[Event]) -> list[Chunk[list[Any]]]:
+        """One MERGE per chunk, each under ``CHUNK_ROWS`` and ``CHUNK_CHARS``."""
+        rows = []
         for event in events:
             row = [
                 event.id,
@@ -231,26 +210,20 @@ class SnowflakeSink(Sink):
                 dumps(event.properties),
                 dumps(event.context),
             ]
-            row_size = sum(len(str(v)) for v in row) + 40
-            if chunk and (len(chunk) >= CHUNK_ROWS or size + row_size > CHUNK_CHARS):
-                out.append((self._merge_sql(len(chunk)), params, chunk))
-                chunk, params, size = [], [], 0
-            chunk.append(event)
-            params.extend(row)
-            size += row_size
-        if chunk:
-            out.append((self._merge_sql(len(chunk)), params, chunk))
-        return out
+            rows.append((event, row, sum(len(str(v)) for v in row) + 40))
+        return pack(rows, CHUNK_CHARS, max_items=CHUNK_ROWS)
 
-    def _merge_sql(self, rows: int) -> str:
-        values = ", ".join([_ROW] * rows)
-        return (
+    def _merge(self, chunk: Chunk[list[Any]]) -> tuple[str, list[Any]]:
+        """The MERGE statement of a chunk and its parameters."""
+        values = ", ".join([_ROW] * len(chunk.items))
+        sql = (
             f"MERGE INTO {self.label} AS t USING ({_SELECT}{values}) AS s ON t.id = s.id "
             "WHEN NOT MATCHED THEN INSERT "
             "(id, name, timestamp, instance_id, properties, context, received_at) "
             "VALUES (s.id, s.name, s.ts, s.instance_id, s.properties, s.context, "
             "CURRENT_TIMESTAMP())"
         )
+        return sql, [value for row in chunk.items for value in row]
 
     def _create_sql(self) -> str:
         return (
@@ -266,7 +239,7 @@ class SnowflakeSink(Sink):
             return self._conn
         import snowflake.connector
 
-        s = self.settings
+        s = self.config
         seconds = max(1, math.ceil(s.timeout))
         kwargs: dict[str, Any] = {
             "account": s.account,
@@ -303,14 +276,14 @@ class SnowflakeSink(Sink):
         conn = self._connect()
         try:
             with conn.cursor() as cursor:
-                cursor.execute(sql, params, timeout=max(1, math.ceil(self.settings.timeout)))
+                cursor.execute(sql, params, timeout=max(1, math.ceil(self.config.timeout)))
                 return [str(d[0]) for d in cursor.description or ()]
         except Exception as exc:
             raise self._classify(what, exc) from None
 
     def _prepare(self) -> None:
         """Create the table (``create_table``) or check that it has every column."""
-        if self.settings.create_table:
+        if self.config.create_table:
             self._execute(self._create_sql(), None, what=f"creating table {self.label}")
         try:
             columns = self._execute(
@@ -330,11 +303,8 @@ class SnowflakeSink(Sink):
         reason holds the cause, never the statement's values or the credentials."""
         from snowflake.connector import errors
 
-        s = self.settings
+        s = self.config
         known = (s.table, s.schema_ or "", s.database or "", s.warehouse or "", "PUBLIC", *COLUMNS)
-        secrets = [
-            v.get_secret_value() for v in (s.password, s.private_key_passphrase) if v is not None
-        ]
         if isinstance(exc, errors.Error):
             # raw_msg is the server's message alone (str(exc) adds the query id).
             code = f"{exc.errno:06d}" if isinstance(exc.errno, int) and exc.errno >= 0 else ""
@@ -364,7 +334,7 @@ class SnowflakeSink(Sink):
         else:
             cause = clean_message(f"{type(exc).__name__}: {exc}", known)
             retry = isinstance(exc, (OSError, TimeoutError))
-        cause = scrub(cause, secrets)
+        cause = self.mask(cause)
         if retry:
             self.close()  # the next batch logs in afresh
             return RetryableError(f"{what}: {cause}")

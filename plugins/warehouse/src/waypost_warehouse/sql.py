@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field, SecretStr, field_validator
 from waypost.errors import ConfigError, PermanentError, RetryableError, SinkError
 from waypost.events import Event, dumps
 from waypost.sinks import SendResult, Sink, SinkConfig
+from waypost.sinks.masking import MASK, is_secret_name
 from waypost_warehouse._layout import (
     COLUMNS,
     TableLayoutError,
@@ -27,7 +28,6 @@ from waypost_warehouse._layout import (
     lacks_columns,
     missing_columns,
     no_table,
-    scrub,
 )
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ ON_CONFLICT_DIALECTS = ("postgresql", "sqlite", "duckdb")
 """Dialects whose ``INSERT ... ON CONFLICT (id) DO NOTHING`` makes writes idempotent."""
 
 _FILE_DIALECTS = ("sqlite", "duckdb")
-_SECRET_QUERY_KEYS = ("password", "passwd", "passphrase", "secret", "token", "key", "credentials")
 _EXTRAS = {"postgresql": "postgres", "duckdb": "duckdb"}
 
 # SQLSTATE classes (PostgreSQL and others that follow the standard) that a retry can fix:
@@ -85,18 +84,14 @@ class SqlConfig(SinkConfig):
 
 def masked(url: URL) -> str:
     """The URL with its password, and any secret-looking query value, replaced by ``***``."""
-    query = {
-        k: ("***" if any(s in k.lower() for s in _SECRET_QUERY_KEYS) else v)
-        for k, v in url.query.items()
-    }
+    query = {k: (MASK if is_secret_name(k) else v) for k, v in url.query.items()}
     return str(url.set(query=query).render_as_string(hide_password=True))
 
 
-class SqlSink(Sink):
+class SqlSink(Sink[SqlConfig]):
     """Writes events into one table through SQLAlchemy; one transaction per batch."""
 
     type = "sql"
-    Config = SqlConfig
     max_batch_size = 500
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -105,19 +100,12 @@ class SqlSink(Sink):
         self._table: sa.Table | None = None
         self._ready = False
         self._where = "(not opened)"
-        self._secrets: list[str] = []
-
-    @property
-    def settings(self) -> SqlConfig:
-        config = self.config
-        assert isinstance(config, SqlConfig)
-        return config
 
     @property
     def label(self) -> str:
         """The table as messages name it: ``schema.table``."""
-        schema = self.settings.schema_
-        return f"{schema}.{self.settings.table}" if schema else self.settings.table
+        schema = self.config.schema_
+        return f"{schema}.{self.config.table}" if schema else self.config.table
 
     def __repr__(self) -> str:
         return f"<SqlSink {self.name!r} type='sql' {self._where} table={self.label!r}>"
@@ -129,7 +117,9 @@ class SqlSink(Sink):
 
         url = self._url()
         self._where = masked(url)
-        self._secrets = [s for s in (url.password, *url.query.values()) if isinstance(s, str)]
+        for name, value in (("password", url.password), *url.query.items()):
+            if isinstance(value, str) and is_secret_name(name):  # as SQLAlchemy parsed them
+                self.masker.add(value)
         backend = url.get_backend_name()
         try:
             self._engine = sa.create_engine(url, **self._engine_options(url))
@@ -139,7 +129,7 @@ class SqlSink(Sink):
             raise ConfigError(
                 f"no driver for {url.drivername} ({type(exc).__name__}: {exc}): {hint}"
             ) from None
-        self._table = _table(self.settings.table, self.settings.schema_)
+        self._table = _table(self.config.table, self.config.schema_)
         self._ready = False
         try:
             self._prepare()
@@ -213,7 +203,7 @@ class SqlSink(Sink):
     def _url(self) -> URL:
         from sqlalchemy.engine import make_url
 
-        url = make_url(self.settings.url.get_secret_value())
+        url = make_url(self.config.url.get_secret_value())
         if url.drivername in ("postgresql", "postgres"):
             # A bare postgresql:// would mean psycopg2 to SQLAlchemy; prefer psycopg 3 when it
             # is installed (the [postgres] extra).
@@ -232,7 +222,7 @@ class SqlSink(Sink):
         return url
 
     def _engine_options(self, url: URL) -> dict[str, Any]:
-        timeout = self.settings.timeout
+        timeout = self.config.timeout
         options: dict[str, Any] = {"json_serializer": dumps, "pool_pre_ping": True}
         backend, driver = url.get_backend_name(), url.get_driver_name()
         if backend == "postgresql" and driver in ("psycopg", "psycopg2"):
@@ -259,7 +249,7 @@ class SqlSink(Sink):
         table = self._table
         with self._engine.begin() as conn:
             if not sa.inspect(conn).has_table(table.name, schema=table.schema):
-                if not self.settings.create_table:
+                if not self.config.create_table:
                     raise no_table(self.label)
                 table.create(conn, checkfirst=True)
             else:
@@ -275,13 +265,13 @@ class SqlSink(Sink):
 
         orig = getattr(exc, "orig", None)
         cause = orig if isinstance(orig, BaseException) else exc
-        known = (self.settings.table, self.settings.schema_ or "", *COLUMNS)
+        known = (self.config.table, self.config.schema_ or "", *COLUMNS)
         retry = _retryable(exc)
         if isinstance(exc, sa.exc.StatementError) and orig is None:
             message = clean_message(str(exc).split("[SQL:")[0], known, redact=not retry)
         else:
             message = clean_message(str(cause), known, redact=not retry)
-        message = scrub(message, self._secrets)
+        message = self.mask(message)
         if retry:
             if self._engine is not None:
                 self._engine.dispose()  # the next batch connects afresh
