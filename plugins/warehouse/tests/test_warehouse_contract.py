@@ -51,17 +51,6 @@ class TestSnowflakeContract(SinkContract):
         with SnowflakePeer(snowflake_db) as peer:
             yield peer  # type: ignore[misc]
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the sink waits past its timeout: it sets no socket_timeout on the connector, "
-        "so with timeout 0.5 s an answer 5 s late is waited for (with socket_timeout it is "
-        "retried)",
-    )
-    def test_contract_slow_answer_times_out(
-        self, waypost_peer: SnowflakePeer, tmp_path: Path
-    ) -> None:
-        super().test_contract_slow_answer_times_out(waypost_peer, tmp_path)
-
 
 @pytest.mark.parametrize("sink_type", ["sql", "snowflake"])
 def test_the_sinks_come_from_this_plugin(sink_type: str) -> None:

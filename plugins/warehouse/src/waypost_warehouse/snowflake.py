@@ -247,6 +247,7 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
             "application": "waypost",
             "login_timeout": seconds,
             "network_timeout": seconds,
+            "socket_timeout": seconds,  # a slow answer is a retry after timeout, not a wait
             "session_parameters": {"QUERY_TAG": "waypost"},
         }
         for key in ("warehouse", "database", "role", "authenticator"):
