@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,19 @@ with warnings.catch_warnings():  # checked on its own below, by a fresh import
     warnings.simplefilter("ignore", DeprecationWarning)
     import waypost_plausible
     from waypost_plausible import PlausibleConfig, PlausibleSink, plausible_props
+
+
+def settle(tel: Any, done: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+    """The sinks' status by name once ``done`` holds of it, flushing until then. ``flush()`` is
+    true once nothing is left only in memory: on a busy machine a request cut off by the sink's
+    timeout leaves its events in the outbox, delivered by a later pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert tel.flush(timeout=5)
+        by_name = {s.name: s for s in tel.status().sinks}
+        if done(by_name):
+            return by_name
+        assert time.monotonic() < deadline, by_name
 
 
 def plausible(request: Request) -> Response:
@@ -97,10 +112,9 @@ class TestPlausibleContract(SinkContract):
         )
         for i in range(25):
             tel.track("contract_event", {"i": i})
-        assert tel.flush(timeout=20)
-        received = sorted(r.json()["props"]["i"] for r in recording_server.requests)
-        assert received == list(range(25))
-        assert tel.status().sinks[0].delivered == 25
+        settle(tel, lambda s: s["dest"].delivered == 25)
+        received = {r.json()["props"]["i"] for r in recording_server.requests}
+        assert received == set(range(25))
 
 
 @pytest.fixture
@@ -321,14 +335,16 @@ def test_end_to_end_drops_are_counted(
     )
     for i in range(10):
         tel.track("heartbeat", {"i": i, "nested": {"a": 1}})
-    assert tel.flush(timeout=20)
+    by_name = settle(tel, lambda s: s["good"].delivered + s["unknown"].dropped_by_destination == 20)
+    assert by_name["good"].delivered == 10 and by_name["good"].failed == 0
+    assert by_name["unknown"].dropped_by_destination == 10 and by_name["unknown"].delivered == 0
     bodies = [r.json() for r in recording_server.requests]
-    good = sorted(b["props"]["i"] for b in bodies if b["domain"] == "example.org")
-    assert good == list(range(10))
+    # Every event arrived (once per sink, or again after a request cut off by the sink's timeout
+    # on a busy machine: Plausible has no event ids to deduplicate).
+    good = {b["props"]["i"] for b in bodies if b["domain"] == "example.org"}
+    other = {b["props"]["i"] for b in bodies if b["domain"] == "other.org"}
+    assert good == other == set(range(10))
     assert all(json.loads(b["props"]["nested"]) == {"a": 1} for b in bodies)
-    by_name = {s.name: s for s in tel.status().sinks}
-    assert by_name["good"].delivered == 10
-    assert by_name["unknown"].dropped_by_destination == 10
     assert waypost_plausible.PlausibleSink.deprecated
 
 
