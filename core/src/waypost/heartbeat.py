@@ -46,10 +46,7 @@ def payload(
 
 def job_from_config(callback: Callable[[], Any], config: HeartbeatConfig | None) -> Job:
     """The heartbeat job as ``telemetry.heartbeat`` describes it, for a run on demand
-    (``waypost send-heartbeat``) when the application scheduled none."""
-    return Job(
-        name=NAME,
-        callback=callback,
-        every=config.every if config else 0.0,
-        event=config.event if config else "heartbeat",
-    )
+    (``waypost send-heartbeat``) when the application scheduled none: without a ``heartbeat:``
+    section, its defaults (once a day)."""
+    config = config or _config.HeartbeatConfig()
+    return Job(name=NAME, callback=callback, every=config.every, event=config.event)

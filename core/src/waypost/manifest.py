@@ -213,7 +213,12 @@ def to_markdown(manifest: dict[str, Any], *, app: str = "") -> str:
     if manifest["sinks"]:
         lines += ["Sink | Type | Destination", "----|----|-----"]
         lines += [
-            f"`{s['name']}` | {s['type']} | {_cell(s.get('destination', ''))}"
+            f"`{s['name']}` | {s['type']} | "
+            + (
+                _cell(f"(cannot be made here: {s['error']})")
+                if s.get("error")
+                else _cell(s.get("destination") or "")
+            )
             for s in manifest["sinks"]
         ]
     else:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from waypost import hookspecs
-from waypost.errors import ConfigError, MissingVariableError, PluginError, UnknownSinkError
+from waypost.errors import ConfigError, PluginError, UnknownSinkError
 from waypost.logs import get_logger
 from waypost.sinks import Sink, SinkConfig, SinkContext
 
@@ -284,8 +284,9 @@ class PluginManager:
     ) -> tuple[dict[str, Sink], dict[str, tuple[str, str]]]:
         """The sinks of ``telemetry.sinks`` (``specs``: name -> settings with their ``type``),
         only their types' plugins imported; and for each sink that cannot be made, its type and
-        the error (logged). In strict mode the first error raises, unless ``tolerant`` and it is
-        only a variable missing from this environment (inspection from another shell)."""
+        the error (logged). In strict mode the first error raises, unless ``tolerant``
+        (inspection: ``waypost status`` shows a sink whose plugin is missing or broken, or whose
+        variable is not set in this shell, as ``error`` with its reason)."""
         from pydantic import ValidationError
 
         from waypost.config import expand, validation_error
@@ -307,7 +308,7 @@ class PluginManager:
             except (ConfigError, PluginError) as exc:
                 if isinstance(exc, ConfigError) and exc.source is None:
                     exc = type(exc)(exc.reason, source=config_file, key=exc.key)
-                if strict and not (tolerant and isinstance(exc, MissingVariableError)):
+                if strict and not tolerant:
                     raise exc from None
                 errors[name] = (sink_type, str(exc))
                 log.error("waypost: sink %r is off: %s", name, exc)

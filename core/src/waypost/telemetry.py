@@ -104,6 +104,8 @@ class Telemetry:
         self._off_scrubber: tuple[Scrubber | None] | None = None  # built when first asked
         self.sinks: dict[str, Sink] = {}
         self.sink_errors: dict[str, tuple[str, str]] = {}
+        self.plugin_errors: dict[str, str] = {}
+        """Modules of ``telemetry.plugins`` that could not be imported, with the reason."""
 
         overrides: dict[str, Any] = {}
         if strict is not None:
@@ -138,7 +140,7 @@ class Telemetry:
         for plugin in plugins:
             self.plugins.register_module(plugin)
         for module_name in cfg.plugins:
-            self._register_plugin_module(module_name)
+            self._register_plugin_module(module_name, inspecting=not start)
         for sink_class in sink_classes:
             self.plugins.register_sink(sink_class)
         self._notice_callback = notice
@@ -174,7 +176,10 @@ class Telemetry:
             source = f"the environment (WAYPOST_ENABLED={self._env['WAYPOST_ENABLED']})"
         return resolve_consent(self.config, self._env, stored, config_source=source)
 
-    def _register_plugin_module(self, module_name: str) -> None:
+    def _register_plugin_module(self, module_name: str, *, inspecting: bool) -> None:
+        """Import and register a module of ``telemetry.plugins``. A failure raises in strict
+        mode, except for an instance that only inspects (``start=False``: the CLI), where it is
+        recorded in ``plugin_errors``: the operator must still see and switch off telemetry."""
         import importlib
 
         try:
@@ -183,8 +188,9 @@ class Telemetry:
             error = PluginError(
                 f"error importing plugin {module_name!r}: {type(exc).__name__}: {exc}"
             )
-            if self.strict:
+            if self.strict and not inspecting:
                 raise error from exc
+            self.plugin_errors[module_name] = str(error)
             log.error("waypost: %s", error)
 
     def _start(self) -> None:
@@ -816,8 +822,8 @@ class Telemetry:
     def inspect_sinks(self, *, tolerant: bool = True) -> dict[str, Sink]:
         """The configured sinks of an instance that was not started (``start=False``), made
         now if they were not: for inspection (``waypost status``, ``test-sink``, ``manifest``).
-        ``tolerant``: a sink whose secret is not in this environment is reported in
-        ``status()``, not raised, even in strict mode."""
+        ``tolerant``: a sink that cannot be made (its plugin missing or broken, its secret not
+        in this environment) is reported in ``status()``, not raised, even in strict mode."""
         if not self.sinks and not self.sink_errors and self.config_error is None:
             self._make_sinks(tolerant=tolerant)
         return self.sinks

@@ -7,13 +7,15 @@ usage or configuration.
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from waypost.errors import WaypostError
+from waypost.errors import ConfigError, WaypostError
 
 if TYPE_CHECKING:
     from waypost.plugins import PluginManager
@@ -23,9 +25,14 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 
 class Failure(click.ClickException):
-    """An error that names its cause; exits with status 2."""
+    """An error that names its cause (``cause``: the exception behind it, if any); exits with
+    status 2 (bad usage or configuration)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class Ctx:
@@ -33,10 +40,16 @@ class Ctx:
         self.config = config
         self.app = app
         self.data_dir = data_dir
+        self._warned = False
 
-    def telemetry(self, *, start: bool = False, tolerant: bool = False) -> Telemetry:
-        """The application's Telemetry as seen from here. ``tolerant``: a sink whose secret is
-        not in this environment is reported in ``status``, not fatal (read-only commands)."""
+    def telemetry(
+        self, *, start: bool = False, tolerant: bool = True, strict: bool = True
+    ) -> Telemetry:
+        """The application's Telemetry as seen from here. ``tolerant``: a sink that cannot be
+        made here (its plugin missing or broken, its secret not in this environment) is shown
+        in ``status`` as ``error``, not fatal. ``strict=False`` for an instance that delivers
+        (``flush``, ``send-heartbeat``): what one sink cannot do does not stop the others (the
+        config was checked by a strict instance first)."""
         from waypost.telemetry import Telemetry
 
         try:
@@ -44,22 +57,32 @@ class Ctx:
                 app=self.app,
                 config=self.config,
                 data_dir=self.data_dir,
-                strict=True,
+                strict=strict,
                 start=start,
                 notice=lambda text: None,
             )
             if not start:
                 tel.inspect_sinks(tolerant=tolerant)
-            if tel.data_dir_source == "default" and not self.app:
-                click.echo(
-                    f"warning: no application name or data dir given; using {tel.data_dir}. "
-                    "Set telemetry.app or telemetry.data_dir in the config (or pass --app) so "
-                    "the CLI works on the application's own records.",
-                    err=True,
-                )
         except WaypostError as exc:
-            raise Failure(str(exc)) from None
+            raise Failure(str(exc), cause=exc) from None
+        if tel.config_error is not None:
+            raise Failure(tel.config_error)
+        self._warn(tel)
         return tel
+
+    def _warn(self, tel: Telemetry) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        for error in tel.plugin_errors.values():
+            click.echo(f"warning: telemetry.plugins: {error}", err=True)
+        if tel.data_dir_source == "default" and not (self.app or tel.config.app):
+            click.echo(
+                f"warning: no application name or data dir given; using {tel.data_dir}. "
+                "Set telemetry.app or telemetry.data_dir in the config (or pass --app) so "
+                "the CLI works on the application's own records.",
+                err=True,
+            )
 
 
 class PluginCommands:
@@ -123,12 +146,27 @@ class PluginCommands:
 class _Group(click.Group):
     plugin_commands: PluginCommands
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode:
+            return super().main(argv, prog_name, complete_var, False, **extra)
+        options = argv[: argv.index("--")] if "--" in argv else argv
+        as_json = "--json" in options
         try:
-            return super().main(*args, **kwargs)
+            return super().main(argv, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code, as_json, exc)
         except WaypostError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc), 2, as_json, exc)
+        except click.exceptions.Abort:
+            _fail("aborted", 1, as_json, None)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         found = super().get_command(ctx, cmd_name)
@@ -160,3 +198,19 @@ def cli(ctx: click.Context, config: str | None, app: str | None, data_dir: str |
 
 
 cli.plugin_commands = PluginCommands(cli)
+
+
+def _fail(message: str, code: int, as_json: bool, exc: BaseException | None) -> NoReturn:
+    """Report an error and exit: as JSON on standard output when ``--json`` was given (so a
+    script reading it gets JSON whatever happened), else ``Error: ...`` on standard error."""
+    if as_json:
+        data: dict[str, Any] = {"ok": False, "error": message, "exit_code": code}
+        cause = exc.cause if isinstance(exc, Failure) else exc
+        if isinstance(cause, ConfigError):
+            data.update(source=cause.source, key=cause.key)
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    elif isinstance(exc, click.ClickException) and not isinstance(exc, Failure):
+        exc.show()  # usage errors come with the command's usage line
+    else:
+        click.echo(f"Error: {message}", err=True)
+    sys.exit(code)

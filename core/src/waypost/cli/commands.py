@@ -22,6 +22,15 @@ def _dump(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
+def _reason(text: str | None, config_file: str | None, sink: str) -> str:
+    """A sink's error for its row of a table, without the file and key the row names."""
+    if not text:
+        return "-"
+    for prefix in (f"{config_file}: ", f"telemetry.sinks.{sink}: "):
+        text = text.removeprefix(prefix)
+    return text.removeprefix(f"telemetry.sinks.{sink}.")
+
+
 # --- status ------------------------------------------------------------------------------------
 
 
@@ -60,7 +69,7 @@ def status(obj: Ctx, as_json: bool) -> None:
                 s.state,
                 str(s.pending),
                 str(s.last_success or "-"),
-                (s.error or s.last_error or "-")[:80],
+                _reason(s.error or s.last_error, tel.config_file, s.name),
             )
             for s in st.sinks
         ),
@@ -81,7 +90,11 @@ def status(obj: Ctx, as_json: bool) -> None:
             + ("; paused now" if c.get("paused") else "")
         )
     user_metrics = [m for m in data["metrics"] if not m.get("builtin")]
-    con.print(f"metrics: {len(user_metrics)} declared")
+    builtin = len(data["metrics"]) - len(user_metrics)
+    con.print(
+        f"metrics: {len(data['metrics'])} ({len(user_metrics)} declared by the application, "
+        f"{builtin} waypost's own)"
+    )
     for dest in data["metrics_destinations"]:
         where = "leaves the machine" if dest.get("leaves_machine") else "local"
         target, reason = dest.get("target", ""), dest.get("reason", "")
@@ -150,8 +163,20 @@ def _kind(info: PluginInfo) -> str:
 @click.option("--sink", help="Only records of this sink.")
 @click.option("--state", type=click.Choice(["pending", "sent", "failed"]), help="Only this state.")
 @click.option("--name", "event_name", help="Only events of this name.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--offset", default=0, type=click.IntRange(0))
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Show at most this many records.",
+)
+@click.option(
+    "--offset",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Skip this many records first (with --limit: page through them).",
+)
 @json_option
 @click.pass_obj
 def show(
@@ -175,7 +200,7 @@ def show(
         _dump({"total": total, "offset": offset, "records": [r.as_dict() for r in records]})
         return
     Output().table(
-        ("seq", "sink", "event", "state", "attempts", "properties", "remarks", "receipt"),
+        ("seq", "sink", "event", "state", "attempts", "reason", "properties", "remarks", "receipt"),
         (
             (
                 str(r.seq),
@@ -183,6 +208,7 @@ def show(
                 r.name,
                 r.state,
                 str(r.attempts),
+                r.last_error or "-",
                 json.dumps(r.properties)[:80],
                 ", ".join(r.remarks),
                 r.receipt or "-",
@@ -198,14 +224,18 @@ def show(
 @json_option
 @click.pass_obj
 def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
-    """Submit now: deliver what the outbox holds (retries are due at once)."""
+    """Submit now: deliver what the outbox holds (retries are due at once).
+
+    Exits 0 when nothing is left pending, 1 when something is (a destination down), a sink
+    cannot be made here (its plugin or secret missing) or telemetry is off.
+    """
     probe = obj.telemetry()
     if not probe.decision.enabled:
         _refuse(probe, as_json, "nothing is sent")
         return
     outbox = probe.open_outbox() if probe.has_outbox() else None
     before = outbox.pending_events() if outbox else 0
-    tel = obj.telemetry(start=True)
+    tel = obj.telemetry(start=True, strict=False)
     import threading
 
     done = threading.Event()
@@ -224,7 +254,7 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
     tel.shutdown(timeout=5)
     st = tel.status()
     data = {
-        "ok": bool(result.get("ok")) and st.outbox_pending_events == 0,
+        "ok": bool(result.get("ok")) and st.outbox_pending_events == 0 and not tel.sink_errors,
         "pending_before": before,
         "pending_after": st.outbox_pending_events,
         "sinks": [s.model_dump(mode="json") for s in st.sinks],
@@ -237,24 +267,35 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
             f"events; {st.outbox_pending_events} still pending"
         )
         for s in st.sinks:
-            if s.last_error:
-                click.echo(f"  {s.name}: {s.last_error}")
+            if s.error or s.last_error:
+                click.echo(f"  {s.name}: {s.error or s.last_error}")
     if not data["ok"]:
         sys.exit(1)
 
 
 @cli.command()
-@click.option("--all", "everything", is_flag=True, help="Delete every record.")
+@click.option(
+    "--all", "everything", is_flag=True, help="Delete every record, undelivered ones too."
+)
 @click.option("--sent", is_flag=True, help="Delete the records already delivered.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before deleting everything.")
 @json_option
 @click.pass_obj
-def purge(obj: Ctx, everything: bool, sent: bool, as_json: bool) -> None:
-    """Delete records: all of them, or only those already submitted."""
+def purge(obj: Ctx, everything: bool, sent: bool, yes: bool, as_json: bool) -> None:
+    """Delete records: all of them (asks first, unless --yes), or only those already
+    submitted."""
     if everything == sent:
         raise click.UsageError("give exactly one of --all or --sent")
     tel = obj.telemetry(tolerant=True)
     deleted = 0
     if tel.has_outbox():
+        if everything and not yes:
+            pending = tel.open_outbox().pending_events()
+            click.confirm(
+                f"Delete every record in {tel.data_dir}, {pending} undelivered events among them?",
+                abort=True,
+                err=True,
+            )
         deleted = tel.open_outbox().purge(sent_only=sent)
     if as_json:
         _dump({"deleted": deleted, "what": "sent" if sent else "all"})
@@ -303,8 +344,12 @@ def manifest(obj: Ctx, as_json: bool) -> None:
     from waypost import manifest as mf
 
     tel = obj.telemetry(tolerant=True)
-    sinks = [
+    sinks: list[dict[str, str | None]] = [
         {"name": n, "type": s.type, "destination": s.destination} for n, s in tel.sinks.items()
+    ]
+    sinks += [
+        {"name": n, "type": sink_type, "destination": None, "error": error}
+        for n, (sink_type, error) in tel.sink_errors.items()
     ]
     metrics: list[dict[str, Any]] = []
     try:
@@ -337,10 +382,16 @@ def manifest(obj: Ctx, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def test_sink(obj: Ctx, name: str, as_json: bool) -> None:
-    """Send one test event through sink NAME and show the destination's answer."""
+    """Send one test event through sink NAME and show the destination's answer.
+
+    Exits 0 when the destination took the event, 1 when it refused it or could not be reached
+    (or telemetry is off), 2 when NAME is not configured or cannot be made here.
+    """
     tel = obj.telemetry()
+    if name in tel.sink_errors:
+        raise Failure(f"sink {name!r} cannot be made: {tel.sink_errors[name][1]}")
     if name not in tel.sinks:
-        known = ", ".join(tel.sinks) or "none"
+        known = ", ".join([*tel.sinks, *tel.sink_errors]) or "none"
         raise Failure(f"no sink named {name!r} in the config; configured: {known}")
     if not tel.decision.enabled:
         _refuse(tel, as_json, "no test event is sent")
@@ -372,12 +423,23 @@ def test_sink(obj: Ctx, name: str, as_json: bool) -> None:
             sink.close()
         except Exception:
             pass
-    data = {"sink": name, "type": sink.type, "destination": sink.destination, "answer": answer}
+    ok = isinstance(answer, dict) and answer.get("delivered") is True
+    data = {
+        "ok": ok,
+        "sink": name,
+        "type": sink.type,
+        "destination": sink.destination,
+        "answer": answer,
+    }
     if as_json:
         _dump(data)
     else:
         click.echo(f"{name} ({sink.type}) -> {sink.destination}")
         click.echo(json.dumps(answer, indent=2, default=str))
+        if not ok:
+            click.echo(f"{name}: the destination did not take the test event", err=True)
+    if not ok:
+        sys.exit(1)
 
 
 @cli.command("send-heartbeat")
@@ -386,12 +448,18 @@ def test_sink(obj: Ctx, name: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def send_heartbeat(obj: Ctx, force: bool, timeout: float, as_json: bool) -> None:
-    """Send the heartbeat now and deliver it (for cron, as Firefly III's weekly job)."""
+    """Send the heartbeat now and deliver it (for cron, as Firefly III's weekly job).
+
+    At most once per period (telemetry.heartbeat.every, a day without a heartbeat section) per
+    installation, however many run at once. Exits 0 when it was delivered or was not due, 1
+    when it was refused, is not delivered yet (kept in the outbox for the next run) or
+    telemetry is off.
+    """
     probe = obj.telemetry()
     if not probe.decision.enabled:
         _refuse(probe, as_json, "no heartbeat is sent")
         return
-    tel = obj.telemetry(start=True)
+    tel = obj.telemetry(start=True, strict=False)
     sent = tel.send_heartbeat(force=force)
     delivered = tel.flush(timeout)
     receipts = tel.receipts()
@@ -400,8 +468,10 @@ def send_heartbeat(obj: Ctx, force: bool, timeout: float, as_json: bool) -> None
     data = {
         "sent": sent,
         "outcome": tel.last_heartbeat_outcome,
-        "delivered": delivered and st.outbox_pending_events == 0,
+        # Refused for good is not delivered: a 400 leaves nothing pending either.
+        "delivered": delivered and st.outbox_pending_events == 0 and st.counters.failed == 0,
         "pending": st.outbox_pending_events,
+        "failed": st.counters.failed,
         "receipts": receipts,
         "sinks": [s.model_dump(mode="json") for s in st.sinks],
     }
@@ -414,6 +484,13 @@ def send_heartbeat(obj: Ctx, force: bool, timeout: float, as_json: bool) -> None
                 click.echo(f"  {name}: receipt {receipt}")
         if data["pending"]:
             click.echo(f"  {data['pending']} events still pending in the outbox")
+        if data["failed"]:
+            click.echo(f"  {data['failed']} events refused by a destination")
+        for s in st.sinks:
+            if s.state == "error" or s.last_error:
+                click.echo(f"  {s.name}: {s.error or s.last_error}")
+    if not data["delivered"]:
+        sys.exit(1)
 
 
 def _refuse(tel: Telemetry, as_json: bool, what: str) -> None:
