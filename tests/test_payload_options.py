@@ -128,3 +128,19 @@ def test_delivered_events_leave_out_none_and_unset_fields(
     ]
     assert got == [*expected, {"runId": None, "runSeconds": 5}]
     assert [line["name"] for line in lines] == ["t_run"] * 4 + ["t_plain"]
+
+
+def test_track_keeps_a_copy_of_the_properties_dict(
+    waypost_make_telemetry: Factory, tmp_path: Path
+) -> None:
+    # docs/delivery.md: the dict is copied, what it nests is not (measured, and left out).
+    path = tmp_path / "events.jsonl"
+    tel = waypost_make_telemetry(sinks={"jsonl": {"path": str(path)}}, strict=False)
+    props: dict[str, Any] = {"plan": "pro", "seats": 3}
+    tel.track("signup", props)
+    props["plan"] = "free"
+    props["added"] = True
+    del props["seats"]
+    assert tel.flush(timeout=10)
+    (line,) = path.read_text().splitlines()
+    assert json.loads(line)["properties"] == {"plan": "pro", "seats": 3}
