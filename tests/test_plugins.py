@@ -146,3 +146,34 @@ def test_retention_drops_oldest_past_the_limits(tmp_path: Path) -> None:
     assert dropped["max_age"] == 5
     records, total = outbox.records()
     assert total == 5 and {r.name for r in records} == {"new"}
+
+
+def test_a_plugin_module_of_the_config_is_found_beside_the_config_file(
+    tmp_path: Path, waypost_clean_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the CLI runs `waypost --config examples/firefly/telemetry.yml`: not on sys.path.
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "beside_plugin.py").write_text(
+        "import waypost.hookspecs\n\n"
+        "@waypost.hookspecs.hookimpl\n"
+        "def waypost_context(context):\n"
+        "    return {'beside': True}\n"
+    )
+    (app / "telemetry.yml").write_text(
+        "telemetry:\n  plugins: [beside_plugin]\n  notice: {enabled: false}\n  sinks: {}\n"
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    tel = waypost.Telemetry(
+        app="beside", config=str(app / "telemetry.yml"), env=waypost_clean_env,
+        data_dir=tmp_path / "data", strict=True, start=False,
+    )  # fmt: skip
+    assert "beside_plugin" in sys.modules
+    assert tel.plugins.hook.waypost_context(context={}) == [{"beside": True}]
+    (app / "telemetry.yml").write_text("telemetry:\n  plugins: [no_such_module]\n")
+    with pytest.raises(PluginError, match="no_such_module"):  # not beside it either
+        waypost.Telemetry(
+            app="beside", config=str(app / "telemetry.yml"), env=waypost_clean_env,
+            data_dir=tmp_path / "data", strict=True,
+        )  # fmt: skip
+    monkeypatch.delitem(sys.modules, "beside_plugin")

@@ -50,6 +50,27 @@ _LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()
 _now = time.time
 
 
+def _import_beside(name: str, config_file: str | None, load: Callable[[str], Any]) -> Any:
+    """Import a module the config names; one that is not on the path is looked for beside the
+    config file too, as ``waypost manifest`` looks for ``schemas``: so the CLI finds an
+    application's own plugin module when run from anywhere."""
+    try:
+        return load(name)
+    except ModuleNotFoundError as exc:
+        if config_file in (None, "<config>") or exc.name != name.partition(".")[0]:
+            raise
+        import sys
+
+        beside = os.path.dirname(os.path.abspath(str(config_file)))
+        if not os.path.exists(os.path.join(beside, exc.name)) and not os.path.exists(
+            os.path.join(beside, exc.name + ".py")
+        ):
+            raise
+        if beside not in sys.path:
+            sys.path.append(beside)
+        return load(name)
+
+
 class Telemetry:
     """Collects events for one application and delivers them to the configured sinks.
 
@@ -183,7 +204,8 @@ class Telemetry:
         import importlib
 
         try:
-            self.plugins.register_module(importlib.import_module(module_name), name=module_name)
+            module = _import_beside(module_name, self.config_file, importlib.import_module)
+            self.plugins.register_module(module, name=module_name)
         except Exception as exc:
             error = PluginError(
                 f"error importing plugin {module_name!r}: {type(exc).__name__}: {exc}"

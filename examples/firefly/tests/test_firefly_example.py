@@ -4,7 +4,7 @@ with the CLI, the weekly cron submission and its receipt, against a stand-in ser
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +62,7 @@ def test_view_submit_delete_and_the_weekly_report(
         "SEND_TELEMETRY": "true",
         "WAYPOST_HOME": str(data),
         "FIREFLY_TELEMETRY_URL": down,
-        "PYTHONPATH": os.pathsep.join([str(HERE), clean_env.get("PYTHONPATH", "")]),
-    }
+    }  # no PYTHONPATH: the CLI finds firefly_app (telemetry.plugins) beside telemetry.yml
     use_the_app(env, data)
 
     # The records, read-only: what Firefly III shows under /admin/telemetry/view.
@@ -107,3 +106,18 @@ def test_view_submit_delete_and_the_weekly_report(
     assert cli_json(env, "show")["total"] == 5
     assert cli_json(env, "purge", "--all")["deleted"] == 5
     assert cli_json(env, "show")["total"] == 0
+
+
+def test_the_readme_command_runs_from_the_repository_without_pythonpath(
+    clean_env: dict[str, str], tmp_path: Path
+) -> None:
+    exe = shutil.which("waypost")
+    assert exe, "the waypost console script is not installed"
+    env = {k: v for k, v in clean_env.items() if k != "PYTHONPATH"}
+    env["WAYPOST_HOME"] = str(tmp_path / "data")
+    out = subprocess.run(
+        [exe, "--config", "examples/firefly/telemetry.yml", "show"],
+        cwd=HERE.parents[1], env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "firefly_app" not in out.stderr and "0 records" in out.stdout

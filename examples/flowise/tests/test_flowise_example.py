@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,11 +91,13 @@ def test_disabled_by_the_flowise_variable(
 
 
 def test_manifest_lists_only_the_declared_fields(clean_env: dict[str, str], tmp_path: Path) -> None:
-    env = {**clean_env, "PYTHONPATH": os.pathsep.join([str(HERE), clean_env.get("PYTHONPATH", "")])}
+    # As the README runs it: no PYTHONPATH, flowise_app found beside telemetry.yml.
+    env = {k: v for k, v in clean_env.items() if k != "PYTHONPATH"}
     code = "import sys; from waypost.cli import main; main(sys.argv[1:])"
     out = subprocess.run(
         [sys.executable, "-c", code, "--config", str(HERE / "telemetry.yml"), "manifest", "--json"],
         env={**env, "WAYPOST_HOME": str(tmp_path / "data")},
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
