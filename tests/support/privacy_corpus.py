@@ -29,7 +29,8 @@ class Planted:
 # --- the values of each promised kind ------------------------------------------------------------
 
 
-def _luhn(body: str) -> str:
+def luhn_complete(body: str) -> str:
+    """``body`` with the check digit that makes it pass the Luhn check."""
     total = 0
     for i, ch in enumerate(reversed(body)):
         d = int(ch)
@@ -59,7 +60,7 @@ def _pem(kind: str, body: bytes) -> tuple[str, str]:
     return f"-----BEGIN {kind}-----\n{lines}\n-----END {kind}-----", text[:40]
 
 
-CARDS = [_luhn(p) for p in ("411111111111111", "555555555555444", "37828224631000",
+CARDS = [luhn_complete(p) for p in ("411111111111111", "555555555555444", "37828224631000",
                             "601111111111111", "353011133330000", "36227206271667"[:13],
                             "222100000000000", "622126000000000")]  # fmt: skip
 IBANS = [

@@ -193,7 +193,8 @@ _WORD = r"[^\s&;,'\"]+"
 # A value of several words ends at the end of the line, at "&", ";" or ",", or where the next
 # word starts another pair ("password=x user=bob" leaves "user=bob").
 _VALUE_WORDS = rf"(?!\[REDACTED:){_WORD}(?:[ \t]+(?![^\s=:]+[ \t]*(?:=|:(?:[ \t]|$))){_WORD})*"
-# The rest of the line: "Cookie: a=1; b=2", "Authorization: AWS4-HMAC-SHA256 Credential=..."
+# The rest of the line: "Cookie: a=1; b=2", "Authorization: AWS4-HMAC-SHA256 Credential=...".
+# Either may follow a quote that is never closed ('password: "hunter2' in a broken file).
 _LINE = r"(?!\[REDACTED:)[^\s&\"'](?:[^\r\n&\"']*[^\s&\"'])?"
 
 _HEADER_NAMES = (
@@ -254,13 +255,13 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     # line for header-like names, or its words up to the next pair.
     Rule(
         "secret_pair",
-        rf"{_HEADER_NAMES}{_SEPARATOR}(?:{_QUOTED}|{_LINE})",
+        rf"{_HEADER_NAMES}{_SEPARATOR}(?:{_QUOTED}|[\"']?{_LINE})",
         replacement=_pair,
         needs="=:",
     ),
     Rule(
         "secret_pair",
-        rf"{_CREDENTIAL_NAMES}{_SEPARATOR}(?:{_QUOTED}|{_VALUE_WORDS})",
+        rf"{_CREDENTIAL_NAMES}{_SEPARATOR}(?:{_QUOTED}|[\"']?{_VALUE_WORDS})",
         replacement=_pair,
         needs="=:",
     ),
