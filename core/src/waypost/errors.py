@@ -7,10 +7,20 @@ class WaypostError(Exception):
     """Base class of all waypost errors."""
 
 
+def _sanitised(text: str) -> str:
+    from waypost.privacy.secrets import sanitise  # here: the privacy package imports this one
+
+    return sanitise(text)
+
+
 class ConfigError(WaypostError):
-    """The configuration is wrong: the message names the file, the key path and the reason."""
+    """The configuration is wrong: the message names the file, the key path and the reason.
+
+    The reason passes :func:`waypost.privacy.sanitise`: a configured secret, or anything the
+    scrubbers find, is masked even where a message would quote a value."""
 
     def __init__(self, reason: str, *, source: str | None = None, key: str | None = None) -> None:
+        reason = _sanitised(reason)
         self.reason = reason
         self.source = source
         self.key = key
@@ -27,7 +37,11 @@ class UnknownSinkError(ConfigError):
 
 
 class PluginError(WaypostError):
-    """A plugin failed to import or to register its sinks."""
+    """A plugin failed to import or to register its sinks (the message is sanitised, as a
+    :class:`ConfigError`'s)."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_sanitised(message))
 
 
 class TrackError(WaypostError):

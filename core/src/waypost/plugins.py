@@ -290,6 +290,7 @@ class PluginManager:
         from pydantic import ValidationError
 
         from waypost.config import expand, validation_error
+        from waypost.privacy import secrets
 
         made: dict[str, Sink] = {}
         errors: dict[str, tuple[str, str]] = {}
@@ -299,11 +300,13 @@ class PluginManager:
             key = f"telemetry.sinks.{name}"
             try:
                 spec = expand(spec, env, key)
+                secrets.add_config(spec)  # before validation: its errors may quote a value
                 cls = self.load_sink_type(sink_type, key=key)
                 try:
                     sink_config = cls.Config.model_validate(spec)
                 except ValidationError as exc:
                     raise validation_error(exc, source=config_file, prefix=key) from None
+                secrets.add_config(sink_config)
                 made[name] = cls(name, sink_config, context)
             except (ConfigError, PluginError) as exc:
                 if isinstance(exc, ConfigError) and exc.source is None:

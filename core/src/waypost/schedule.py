@@ -23,6 +23,7 @@ from typing import Any
 
 from waypost.datadir import atomic_write
 from waypost.logs import get_logger
+from waypost.privacy.secrets import sanitise
 
 log = get_logger(__name__)
 
@@ -279,7 +280,7 @@ class Scheduler:
                 self._write(state)
                 job.last_run = now
         except Exception as exc:
-            job.last_error = f"{type(exc).__name__}: {exc}"
+            job.last_error = sanitise(f"{type(exc).__name__}: {exc}")
             log.warning("waypost: scheduled job %r failed: %s", job.name, job.last_error)
             return self._outcome(job, "error", skipped=True)
         job.runs += 1

@@ -10,7 +10,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
+
+from waypost.privacy.secrets import sanitise
 
 if TYPE_CHECKING:
     from waypost.delivery.runner import Runner
@@ -55,6 +57,11 @@ class Counters:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
 
 
+def _sanitised(text: str | None) -> str | None:
+    """Reasons pass the sanitiser wherever they come from (a runner, the outbox, a config)."""
+    return sanitise(text) if text else text
+
+
 class SinkStatus(BaseModel):
     name: str
     type: str
@@ -70,6 +77,8 @@ class SinkStatus(BaseModel):
     error: str | None = None
     deprecated: str | None = None
     in_memory: int = 0
+
+    _clean = field_validator("last_error", "error")(_sanitised)
 
 
 class CounterStatus(BaseModel):
@@ -107,6 +116,8 @@ class Status(BaseModel):
     """The last control block a destination answered (``waypost.control``), with the sink it
     came through (``source``) and what it changes here (``heartbeat_every``: the period in
     force; ``paused``)."""
+
+    _clean = field_validator("config_error")(_sanitised)
 
 
 def as_datetime(value: float | None) -> _dt.datetime | None:

@@ -33,7 +33,15 @@ from waypost.events import Payload
 from waypost.gate import Gate, check, unix_seconds
 from waypost.logs import get_logger
 from waypost.plugins import PluginManager
-from waypost.privacy import Decision, Rule, Scrubber, StoredConsent, notice, resolve_consent
+from waypost.privacy import (
+    Decision,
+    Rule,
+    Scrubber,
+    StoredConsent,
+    notice,
+    resolve_consent,
+    secrets,
+)
 from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
 from waypost.sinks import Sink, SinkContext
 from waypost.status import Counters, CounterStatus, LogOnce, Status, sink_status
@@ -136,8 +144,10 @@ class Telemetry:
         if config is None:
             found = _config.find_config(self._env)
             config = found if found is not None else None
+        secrets.guard_loggers()
         try:
             self.config, self.config_file = _config.load(config, self._env, overrides=overrides)
+            secrets.add_config(self.config)  # literal secrets; ${...} ones when sinks are made
         except ConfigError as exc:
             if strict:
                 raise
@@ -301,6 +311,7 @@ class Telemetry:
             self.on_shutdown(lambda seconds: (name, {"timeRunning": int(seconds)}))
 
     def _fail_start(self, reason: str) -> None:
+        reason = secrets.sanitise(reason)
         if self.strict:
             raise WaypostError(reason)
         log.error("waypost: telemetry is off: %s", reason)
@@ -340,6 +351,7 @@ class Telemetry:
         )
         self.sinks.update(made)
         self.sink_errors.update(errors)
+        secrets.guard_loggers()  # the sinks' modules may have made loggers of their own
 
     # --- the hot path -----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from waypost.admin import pages
 from waypost.admin.security import Auth, Csrf, Guard, load_key
 from waypost.admin.wsgi import WsgiBridge
 from waypost.logs import get_logger
+from waypost.privacy import secrets
 
 if TYPE_CHECKING:
     from waypost.telemetry import Telemetry
@@ -352,6 +353,7 @@ def create_app(
     browser is sent instead of a 403 page.
     """
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    secrets.guard_loggers()  # the admin's own logger is made with this module
     if auth is None:
         log.warning(
             "waypost.admin: no auth callback was given, so every request is refused; "

@@ -16,7 +16,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 from waypost.delivery.outbox import Outbox
 from waypost.events import Payload, registered_payloads
 from waypost.logs import get_logger
-from waypost.privacy import Scrubber, StoredConsent
+from waypost.privacy import StoredConsent, sanitise
 
 if TYPE_CHECKING:
     from waypost.telemetry import Telemetry
@@ -34,11 +34,10 @@ _SECRET_NAME = re.compile(
     r"secret|token|passw|pwd|apikey|privatekey|credential|auth|cookie|session|signature|dsn"
     r"|connectionstring|key$"
 )
-_scrubber = Scrubber()
 
 
 def _scrub(text: str) -> str:
-    return _scrubber.scrub_text(text, "", [])
+    return sanitise(text)
 
 
 def _safe_text(text: str) -> str:

@@ -18,6 +18,19 @@ if TYPE_CHECKING:
     from waypost.telemetry import Telemetry
 
 
+def _sanitised(value: Any) -> Any:
+    """``value`` with every text in it passed through :func:`waypost.privacy.sanitise`."""
+    from waypost.privacy import sanitise
+
+    if isinstance(value, str):
+        return sanitise(value)
+    if isinstance(value, dict):
+        return {_sanitised(k): _sanitised(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_sanitised(v) for v in value]
+    return value
+
+
 def _dump(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
@@ -423,6 +436,8 @@ def test_sink(obj: Ctx, name: str, as_json: bool) -> None:
             sink.close()
         except Exception:
             pass
+    # The destination's answer may echo the credentials it was sent.
+    answer = _sanitised(answer)
     ok = isinstance(answer, dict) and answer.get("delivered") is True
     data = {
         "ok": ok,

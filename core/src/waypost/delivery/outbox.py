@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from waypost.events import Event, dumps
+from waypost.privacy.secrets import sanitise
 from waypost.processes import FORK_KEEP, GATE, owner, owner_alive
 
 FILENAME = "outbox.sqlite3"
@@ -501,7 +502,7 @@ class Outbox:
                 state=r[5],
                 attempts=r[6],
                 next_at=r[7],
-                last_error=r[8],
+                last_error=sanitise(r[8]) if r[8] else r[8],  # a row of any process, any age
                 created_at=r[9],
                 properties=json.loads(r[10]).get("properties", {}),
                 remarks=json.loads(r[11]) if r[11] else [],

@@ -23,6 +23,7 @@ from waypost.delivery.boundary import call_send
 from waypost.delivery.breaker import Breaker
 from waypost.events import Event
 from waypost.logs import get_logger
+from waypost.privacy.secrets import sanitise
 from waypost.processes import FORK_KEEP, GATE, warm_imports
 from waypost.sinks import SendResult, Sink
 
@@ -345,7 +346,7 @@ class Runner:
                 warm_imports()
                 self.sink.open()
         except Exception as exc:
-            self.open_error = f"{type(exc).__name__}: {exc}"
+            self.open_error = sanitise(f"{type(exc).__name__}: {exc}")
             self.breaker.open_failed()
             self.settings.log_once(
                 f"open:{self.name}", "waypost: sink %r cannot start: %s", self.name, self.open_error

@@ -1,5 +1,6 @@
 """The privacy gate's parts: consent resolution and levels (:mod:`.consent`), the scrubbers
-(:mod:`.scrub`) and the IP-hashing helper (:mod:`.iphash`).
+(:mod:`.scrub`), the IP-hashing helper (:mod:`.iphash`) and the sanitiser that keeps secrets out
+of everything waypost prints (:mod:`.secrets`).
 
 One gate stands in front of every sink (:mod:`waypost.gate` applies it on the worker thread);
 ``docs/privacy.md`` tells the whole story.
@@ -19,6 +20,7 @@ from waypost.privacy.consent import (
 )
 from waypost.privacy.iphash import IpHasher
 from waypost.privacy.scrub import BUILTIN_RULES, SECRET_KEYS, Rule, Scrubber
+from waypost.privacy.secrets import Sanitiser, sanitise
 
 __all__ = [
     "BUILTIN_RULES",
@@ -29,9 +31,11 @@ __all__ = [
     "Decision",
     "IpHasher",
     "Rule",
+    "Sanitiser",
     "Scrubber",
     "StoredConsent",
     "level_allows",
     "parse_bool",
     "resolve_consent",
+    "sanitise",
 ]

@@ -1,0 +1,302 @@
+"""Secrets kept out of everything waypost prints: one sanitiser, for the whole process, that
+knows every configured secret value and runs the scrubbers over any text before it reaches a
+log line, ``status()``, the outbox, the CLI or the admin page.
+
+    from waypost.privacy import secrets
+
+    secrets.add_config(sink_config)      # SecretStr fields, header values, URL credentials
+    reason = secrets.sanitise(f"HTTP 401: {body}")
+
+:func:`sanitise` masks each known secret (as given, URL-encoded, JSON-escaped, the token of
+``Bearer <token>``, the parts of a Basic credential) with ``***``, then applies the scrubbers'
+rules (URL user info, ``name=value`` pairs of secret names, bearer tokens, vendor keys, e-mail
+addresses...; network addresses are left, since an operator needs the destination's) and masks
+the value of any ``name=value`` pair whose name says secret (``key=``, ``sig=``, ``token=``).
+:func:`guard_loggers` makes the loggers of waypost, its plugins, httpx and httpcore pass every
+record through it, so that not even a library's own log line can print a known secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import re
+import threading
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from pydantic import BaseModel, SecretBytes, SecretStr
+
+from waypost.privacy.scrub import BUILTIN_RULES, Scrubber
+
+__all__ = [
+    "MASK",
+    "Sanitiser",
+    "add_config",
+    "add_secrets",
+    "guard_loggers",
+    "is_secret_name",
+    "masked",
+    "sanitise",
+    "sanitise_record",
+    "secret_values",
+]
+
+MASK = "***"
+"""What a known secret value is replaced by."""
+
+_MIN_SECRET = 4
+"""Shorter values are not masked inside texts: they would blot out ordinary words."""
+
+# Names holding one of these anywhere (``sslpassword``, ``client_secret``, ``X-Amz-Signature``).
+_SECRET_PARTS = (
+    "password", "passwd", "passphrase", "secret", "token", "credential", "signature", "apikey",
+    "api_key", "api-key", "privatekey", "private_key", "accesskey", "access_key",
+)  # fmt: skip
+# Names with one of these as a word of their own (``key``, ``X-API-Key``, ``auth``, ``sig``).
+_SECRET_WORDS = frozenset(
+    {"key", "auth", "authorization", "pwd", "pw", "pass", "sig", "session", "cookie", "jwt",
+     "dsn", "bearer"}
+)  # fmt: skip
+_NAME_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+_USERINFO = re.compile(next(r.pattern for r in BUILTIN_RULES if r.name == "url_credentials"))
+_MAPS_OF_SECRETS = frozenset({"headers", "params", "query", "cookies"})
+"""Settings whose values are all secrets, whatever their names (``headers: {X-Key: ...}``)."""
+_PAIR = re.compile(r"(?<![\w-])([\w.-]{1,64})=(?!\[REDACTED|\*\*\*)([^&\s#\"'<>,;]+)")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a setting, header or query parameter of this name holds a secret.
+
+    ``token``, ``api_key``, ``X-API-Key``, ``client_secret``, ``sslpassword``, ``sig``,
+    ``X-Amz-Signature``, ``writeKey`` do; ``measurement_id``, ``project_id``, ``strict`` and
+    ``keyword`` do not.
+    """
+    lowered = name.lower()
+    if any(part in lowered for part in _SECRET_PARTS):
+        return True
+    words = [w.lower() for w in _NAME_WORD.findall(name)]
+    return any(w in _SECRET_WORDS for w in words) or bool(words and words[-1].endswith("key"))
+
+
+def _url_secrets(url: str) -> Iterator[str]:
+    """The credentials a URL carries: its user info (found as the scrubbers find it, so that a
+    password holding "/" or "@" is taken whole), and its secret-looking query values."""
+    found = _USERINFO.search(url)
+    if found is not None:
+        userinfo = found.group()[found.group().index("://") + 3 : -1]
+        user, colon, password = userinfo.partition(":")
+        user, password = urllib.parse.unquote(user), urllib.parse.unquote(password)
+        yield from (userinfo, user, password) if colon else (userinfo, user)
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        yield basic  # what a client sends for the user info, and an endpoint may echo
+        url = url[: found.start()] + url[found.end() :]
+    try:
+        query = urllib.parse.urlsplit(url).query
+    except ValueError:
+        return
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=False):
+        if is_secret_name(name):
+            yield value
+
+
+def secret_values(value: Any, *, name: str = "") -> Iterator[str]:
+    """Every secret in a configuration: ``SecretStr`` values at any depth, the values of
+    settings whose names say secret, every value of a ``headers``/``params`` map, and the
+    credentials of URLs (their user info and secret-looking query values). ``name`` is the
+    setting ``value`` sits under."""
+    if isinstance(value, (SecretStr, SecretBytes)):
+        secret = value.get_secret_value()
+        text = secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret
+        yield text
+        if "://" in text:
+            yield from _url_secrets(text)
+    elif isinstance(value, BaseModel):
+        for key in type(value).model_fields:
+            yield from secret_values(getattr(value, key, None), name=key)
+        extra = value.model_extra or {}
+        for key, item in extra.items():
+            yield from secret_values(item, name=str(key))
+        found = getattr(value, "url_secrets", None)  # what a sink took out of its URL
+        if found is not None and hasattr(found, "values") and callable(found.values):
+            for item in found.values():
+                if isinstance(item, str):
+                    yield item
+    elif isinstance(value, Mapping):
+        every = name.lower() in _MAPS_OF_SECRETS
+        for key, item in value.items():
+            if every and isinstance(item, (str, SecretStr)):
+                yield from secret_values(SecretStr(item) if isinstance(item, str) else item)
+            else:
+                yield from secret_values(item, name=str(key))
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from secret_values(item, name=name)
+    elif isinstance(value, str) and "${" not in value:  # a reference names no secret
+        if "://" in value:
+            yield from _url_secrets(value)
+        elif name and is_secret_name(name):
+            yield value
+
+
+def _variants(secret: str) -> Iterator[str]:
+    """``secret`` in the forms an answer or a message may quote it."""
+    yield secret
+    yield urllib.parse.quote(secret, safe="")
+    yield urllib.parse.quote_plus(secret, safe="")
+    yield json.dumps(secret)[1:-1]
+    yield json.dumps(secret, ensure_ascii=False)[1:-1]
+    yield html.escape(secret)
+    scheme, _, credential = secret.partition(" ")
+    credential = credential.strip()
+    if credential and scheme.isalpha():  # "Bearer <token>", "Basic <base64>"
+        yield from _variants(credential)
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credential, validate=True).decode()
+            except ValueError:
+                return
+            yield decoded
+            yield decoded.partition(":")[2]
+
+
+class Sanitiser:
+    """Masks known secret values in any text, then applies the scrubbers (see the module)."""
+
+    def __init__(self, secrets: Iterable[str] = (), *, scrubber: Scrubber | None = None) -> None:
+        self._scrubber = scrubber or Scrubber()
+        self._values: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        self._lock = threading.Lock()
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Know these secret values from now on (each in every form it may be quoted in)."""
+        new = {
+            variant
+            for secret in secrets
+            if isinstance(secret, str)
+            for variant in _variants(secret.strip())
+            if len(variant) >= _MIN_SECRET
+        }
+        with self._lock:
+            if not new <= self._values:
+                self._values |= new
+                self._pattern = None
+
+    def add_config(self, config: Any) -> None:
+        """Know every secret of a configuration (see :func:`secret_values`)."""
+        self.add(secret_values(config))
+
+    def knows(self, text: str) -> bool:
+        """Whether ``text`` holds a known secret value."""
+        pattern = self._known()
+        return pattern is not None and pattern.search(text) is not None
+
+    def _known(self) -> re.Pattern[str] | None:
+        pattern = self._pattern
+        if pattern is None and self._values:
+            with self._lock:
+                ordered = sorted(self._values, key=len, reverse=True)  # longest first
+                pattern = self._pattern = re.compile("|".join(map(re.escape, ordered)))
+        return pattern
+
+    def __call__(self, text: str) -> str:
+        if not text:
+            return text
+        text = str(text)
+        pattern = self._known()
+        if pattern is not None:
+            text = pattern.sub(MASK, text)
+        text = self._scrubber.scrub_text(text, "", [], exempt=_KEEP)
+        if "=" in text:
+            text = _PAIR.sub(_mask_pair, text)
+        return text
+
+
+_KEEP = frozenset({"ipv4", "ipv6"})
+"""Rules the sanitiser does not apply: an operator needs the destination's address."""
+
+
+def _mask_pair(match: re.Match[str]) -> str:
+    return f"{match.group(1)}={MASK}" if is_secret_name(match.group(1)) else match.group(0)
+
+
+SANITISER = Sanitiser()
+"""The process's sanitiser: every configuration loaded in this process adds its secrets."""
+
+
+def sanitise(text: str) -> str:
+    """``text`` with every known secret and everything the scrubbers find masked."""
+    return SANITISER(text)
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Make the process's sanitiser know these secret values."""
+    SANITISER.add(secrets)
+
+
+def add_config(config: Any) -> None:
+    """Make the process's sanitiser know every secret of a configuration."""
+    SANITISER.add_config(config)
+
+
+def masked(value: Any, *, name: str = "") -> Any:
+    """A copy of a configuration value fit to show (a ``repr``, a dump): the value of a setting
+    whose name says secret, and every value of a ``headers``/``params`` map, is ``***``; texts
+    pass :func:`sanitise` (URL user info, secret query values, known secrets). ``SecretStr``
+    values stay as they are (they print as ``**********``)."""
+    if isinstance(value, Mapping):
+        every = name.lower() in _MAPS_OF_SECRETS
+        return {
+            key: MASK if (every and item is not None) else masked(item, name=str(key))
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(masked(item, name=name) for item in value)
+    if isinstance(value, str):
+        if name and is_secret_name(name) and "${" not in value:
+            return MASK
+        return sanitise(value)
+    return value
+
+
+def sanitise_record(record: logging.LogRecord) -> bool:
+    """Pass a log record's message (and its traceback) through :func:`sanitise`; a record that
+    holds nothing to mask is left as it is. Always ``True``: a record is masked, never dropped."""
+    try:
+        message = record.getMessage()
+    except Exception:
+        return True
+    clean = sanitise(message)
+    if clean != message:
+        record.msg, record.args = clean, None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = sanitise(logging.Formatter().formatException(record.exc_info))
+    return True
+
+
+_GUARDED = ("httpx", "httpcore")
+"""Libraries the sinks talk through, whose own lines may print a URL or a header."""
+
+
+def guard_loggers() -> None:
+    """Give the loggers of waypost, of its plugins (``waypost_*``), of httpx and of httpcore (and
+    their children) the sanitising filter of :mod:`waypost.logs`. Safe to call again: loggers
+    made since are guarded too (waypost's own get it from :func:`waypost.logs.get_logger`)."""
+    from waypost.logs import SANITISING
+
+    names = [
+        name
+        for name in list(logging.Logger.manager.loggerDict)
+        if name == "waypost"
+        or name.startswith(("waypost.", "waypost_"))
+        or name.startswith(tuple(f"{lib}." for lib in _GUARDED))
+    ]
+    for name in {*names, *_GUARDED}:
+        logger = logging.getLogger(name)
+        if SANITISING not in logger.filters:
+            logger.addFilter(SANITISING)
