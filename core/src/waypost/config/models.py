@@ -4,11 +4,20 @@ that refuse unknown keys, and the duration values they take (``30s``, ``24h``)."
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
+
+from waypost.privacy.secrets import masked
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -126,6 +135,14 @@ class MetricsConfig(_Model):
     model_config = ConfigDict(extra="allow", frozen=True)
     prometheus: MetricsPrometheusConfig = Field(default_factory=MetricsPrometheusConfig)
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():  # exporters' settings: plain mappings
+            yield name, (value if name == "prometheus" else masked(value, name=name or ""))
+
+
+_MASKED = ("sinks", "metrics")
+"""The settings of the telemetry section that hold plain mappings (plugins' settings)."""
+
 
 class TelemetryConfig(_Model):
     """The ``telemetry:`` section."""
@@ -184,6 +201,21 @@ class TelemetryConfig(_Model):
                 raise ValueError(f"sink {name!r} must be a mapping, not {type(settings).__name__}")
             out[str(name)] = dict(settings)
         return out
+
+    # Sink and exporter settings are plain mappings until a plugin types them: what a repr or
+    # a dump shows of them is masked (secret names, header maps, URL credentials).
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, (masked(value, name=name or "") if name in _MASKED else value)
+
+    @model_serializer(mode="wrap")
+    def _dump_masked(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in _MASKED:
+                if data.get(name) is not None:
+                    data[name] = masked(data[name], name=name)
+        return data
 
     def sink_specs(self) -> dict[str, dict[str, Any]]:
         """Sink instances by name, each with its ``type`` (defaulting to the name)."""
