@@ -58,10 +58,10 @@ def shows(text: str) -> list[str]:
 
 
 def test_no_admin_page_shows_a_secret_or_an_echo_of_one(
-    make_telemetry: Callable[..., Any], client_for: Callable[..., Any]
+    waypost_make_telemetry: Callable[..., Any], client_for: Callable[..., Any]
 ) -> None:
     host = f"https://admin:{urllib.parse.quote(PASSWORD)}@collector.example.invalid/in?auth={AUTH}"
-    tel = make_telemetry(
+    tel = waypost_make_telemetry(
         sinks={
             "echo": {"api_key": API_KEY, "host": host, "headers": {"Authorization": HEADER_TOKEN}}
         },
