@@ -22,6 +22,7 @@ import base64
 import html
 import json
 import logging
+import os
 import re
 import threading
 import urllib.parse
@@ -168,8 +169,8 @@ class Sanitiser:
 
     def __init__(self, secrets: Iterable[str] = (), *, scrubber: Scrubber | None = None) -> None:
         self._scrubber = scrubber or Scrubber()
-        self._values: set[str] = set()
-        self._pattern: re.Pattern[str] | None = None
+        self._values: frozenset[str] = frozenset()
+        self._compiled: tuple[frozenset[str], re.Pattern[str] | None] = (self._values, None)
         self._lock = threading.Lock()
         self.add(secrets)
 
@@ -184,8 +185,10 @@ class Sanitiser:
         }
         with self._lock:
             if not new <= self._values:
-                self._values |= new
-                self._pattern = None
+                self._values = self._values | new  # a new set: readers hold the old one
+
+    def _renew_lock(self) -> None:
+        self._lock = threading.Lock()
 
     def add_config(self, config: Any) -> None:
         """Know every secret of a configuration (see :func:`secret_values`)."""
@@ -197,11 +200,15 @@ class Sanitiser:
         return pattern is not None and pattern.search(text) is not None
 
     def _known(self) -> re.Pattern[str] | None:
-        pattern = self._pattern
-        if pattern is None and self._values:
-            with self._lock:
-                ordered = sorted(self._values, key=len, reverse=True)  # longest first
-                pattern = self._pattern = re.compile("|".join(map(re.escape, ordered)))
+        # No lock on this path: it runs in log filters, also in a child forked while another
+        # thread held a lock. The pattern is kept with the set it was made of, so a pattern
+        # made while a secret was being added is made again.
+        values = self._values
+        made, pattern = self._compiled
+        if made is not values:
+            ordered = sorted(values, key=len, reverse=True)  # longest first
+            pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+            self._compiled = (values, pattern)
         return pattern
 
     def __call__(self, text: str) -> str:
@@ -227,6 +234,9 @@ def _mask_pair(match: re.Match[str]) -> str:
 
 SANITISER = Sanitiser()
 """The process's sanitiser: every configuration loaded in this process adds its secrets."""
+
+if hasattr(os, "register_at_fork"):  # a child forked while a thread was adding secrets
+    os.register_at_fork(after_in_child=SANITISER._renew_lock)
 
 
 def sanitise(text: str) -> str:
