@@ -23,7 +23,7 @@ from waypost.delivery.boundary import call_send
 from waypost.delivery.breaker import Breaker
 from waypost.events import Event
 from waypost.logs import get_logger
-from waypost.privacy.secrets import sanitise
+from waypost.privacy.secrets import guard_loggers, sanitise
 from waypost.processes import FORK_KEEP, GATE, warm_imports
 from waypost.sinks import SendResult, Sink
 
@@ -352,6 +352,7 @@ class Runner:
                 f"open:{self.name}", "waypost: sink %r cannot start: %s", self.name, self.open_error
             )
             return False
+        guard_loggers()  # the loggers of what open() imported (a vendor's SDK) sanitise too
         self.opened = True
         self.open_error = None
         self.breaker.succeeded()

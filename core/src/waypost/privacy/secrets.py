@@ -289,14 +289,21 @@ def sanitise_record(record: logging.LogRecord) -> bool:
     return True
 
 
-_GUARDED = ("httpx", "httpcore")
-"""Libraries the sinks talk through, whose own lines may print a URL or a header."""
+_GUARDED = (
+    "httpx", "httpcore", "urllib3", "requests", "posthog", "mixpanel", "amplitude", "snowflake",
+    "confluent_kafka", "clickhouse_connect", "chdb", "sqlalchemy", "psycopg", "psycopg2",
+    "opentelemetry",
+)  # fmt: skip
+"""Libraries the sinks talk through, whose own lines may print a URL, a header or an answer
+(PostHog's SDK logs every answer at DEBUG)."""
 
 
 def guard_loggers() -> None:
-    """Give the loggers of waypost, of its plugins (``waypost_*``), of httpx and of httpcore (and
-    their children) the sanitising filter of :mod:`waypost.logs`. Safe to call again: loggers
-    made since are guarded too (waypost's own get it from :func:`waypost.logs.get_logger`)."""
+    """Give the loggers of waypost, of its plugins (``waypost_*``) and of the libraries sinks talk
+    through (httpx, httpcore, urllib3, the vendors' SDKs; their children too) the sanitising
+    filter of :mod:`waypost.logs`. A filter applies to its own logger's records only, so this is
+    called again once sinks are made and opened: loggers made since are guarded too (waypost's
+    own get it from :func:`waypost.logs.get_logger`)."""
     from waypost.logs import SANITISING
 
     names = [
