@@ -91,7 +91,9 @@ def _url_secrets(url: str) -> Iterator[str]:
         userinfo = found.group()[found.group().index("://") + 3 : -1]
         user, colon, password = userinfo.partition(":")
         user, password = urllib.parse.unquote(user), urllib.parse.unquote(password)
-        yield from (userinfo, user, password) if colon else (userinfo, user)
+        # A user name beside a password is no secret (and "admin" masked everywhere would blot
+        # out ordinary words); alone, it is the credential (https://<token>@host).
+        yield from (userinfo, password) if colon else (userinfo, user)
         basic = base64.b64encode(f"{user}:{password}".encode()).decode()
         yield basic  # what a client sends for the user info, and an endpoint may echo
         url = url[: found.start()] + url[found.end() :]
@@ -218,11 +220,39 @@ class Sanitiser:
         pattern = self._known()
         if pattern is not None:
             text = pattern.sub(MASK, text)
+        kept: list[str] = []
+        if "@" in text:  # the gate's remarks ("email@context.owner") are no addresses
+            text = _REMARK.sub(lambda m: _keep(kept, m.group()), text)
         text = self._scrubber.scrub_text(text, "", [], exempt=_KEEP)
         if "=" in text:
             text = _PAIR.sub(_mask_pair, text)
+        if kept:
+            text = _KEPT.sub(lambda m: _kept(kept, m), text)
         return text
 
+
+def _keep(kept: list[str], text: str) -> str:
+    """A placeholder the scrubbers leave alone, for ``text`` put back after them."""
+    kept.append(text)
+    return f"\x00{len(kept) - 1}\x00"
+
+
+def _kept(kept: list[str], match: re.Match[str]) -> str:
+    index = int(match.group(1))
+    return kept[index] if index < len(kept) else ""  # a text may hold NULs of its own
+
+
+_KEPT = re.compile("\x00(\\d{1,6})\x00")
+
+
+_REMARK_NAMES = "|".join(
+    sorted({rule.name for rule in BUILTIN_RULES} | {"secret_key", "undeclared"})
+)
+_REMARK = re.compile(
+    rf"(?<![\w.+-])(?:{_REMARK_NAMES})@(?:properties|context|name|distinct_id)\b"
+    r"(?:[.\[][\w.\[\]-]*)?"
+)
+"""A remark of the privacy gate: a rule's name and the place it redacted (never the value)."""
 
 _KEEP = frozenset({"ipv4", "ipv6"})
 """Rules the sanitiser does not apply: an operator needs the destination's address."""
