@@ -131,7 +131,7 @@ def test_split_url_takes_out_user_info_and_secret_query_values() -> None:
 def test_mask_url_masks_credentials_wherever_they_stand() -> None:
     text = (
         f"POST https://me:{PASSWORD}@h.example/in?token={TOKEN}&page=2 failed; "
-        "retry with Authorization: Bearer abcd1234efgh; Basic authentication is required"
+        "retry with Authorization: Bearer abcd1234efgh\nBasic authentication is required"
     )
     masked = mask_url(text)
     assert PASSWORD not in masked and TOKEN not in masked and "abcd1234efgh" not in masked

@@ -187,15 +187,18 @@ _DIGITS = "0123456789"
 # Every pattern starts with a literal or a character class, with its lookbehinds after that
 # first character: the regex engine then skips at once to the places where a match can start.
 
+# A value masked already: redacted by a rule, or "***" (what waypost's sanitiser and the sinks
+# put in place of a known secret), is left as it is.
+_DONE = r"(?!\[REDACTED:|\*\*\*(?![^\s&;,'\"]))"
 _SEPARATOR = r"[\"']?[ \t]*(?:=>|:=|[=:])[ \t+]*"
 _QUOTED = r"\"(?!\[REDACTED:)(?:[^\"\\\r\n]|\\.)+\"|'(?!\[REDACTED:)(?:[^'\\\r\n]|\\.)+'"
 _WORD = r"[^\s&;,'\"]+"
 # A value of several words ends at the end of the line, at "&", ";" or ",", or where the next
 # word starts another pair ("password=x user=bob" leaves "user=bob").
-_VALUE_WORDS = rf"(?!\[REDACTED:){_WORD}(?:[ \t]+(?![^\s=:]+[ \t]*(?:=|:(?:[ \t]|$))){_WORD})*"
+_VALUE_WORDS = rf"{_DONE}{_WORD}(?:[ \t]+(?![^\s=:]+[ \t]*(?:=|:(?:[ \t]|$))){_WORD})*"
 # The rest of the line: "Cookie: a=1; b=2", "Authorization: AWS4-HMAC-SHA256 Credential=...".
 # Either may follow a quote that is never closed ('password: "hunter2' in a broken file).
-_LINE = r"(?!\[REDACTED:)[^\s&\"'](?:[^\r\n&\"']*[^\s&\"'])?"
+_LINE = rf"{_DONE}[^\s&\"'](?:[^\r\n&\"']*[^\s&\"'])?"
 
 _HEADER_NAMES = (
     r"[AaCcPpSs](?i:(?<=a)uthorization|(?<=c)ookie|(?<=p)roxy-authorization|(?<=s)et-cookie)"
@@ -237,7 +240,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
         # With a password, the user info runs to the last "@" before a host, whatever the
         # password holds ("/", "@", ":"); "host:8080/pkg@1.2" is a port and a path, not a user
         # and a password. Without one, the user ends at the first "/".
-        r"[A-Za-z](?<![\w+.-][A-Za-z])[A-Za-z0-9+.-]*://(?!\[REDACTED)"
+        r"[A-Za-z](?<![\w+.-][A-Za-z])[A-Za-z0-9+.-]*://(?!\[REDACTED|\*\*\*@)"
         r"(?:[^\s/?#@:\[]*:(?!\d*(?:[/?#]|$))\S*|[^\s/?#@:\[]+)"
         # (a host in brackets may be an address redacted already: "[[REDACTED:ipv6]]")
         r"@(?=(?:\[[^\s\]]*\]\]?|[\w%-][\w.%-]*)(?::\d*)?(?:[/?#\s\"'<>)\]},;|\\]|$))",
@@ -280,7 +283,9 @@ BUILTIN_RULES: tuple[Rule, ...] = (
         "email",
         # "=", "?", "&" and "/" are allowed in an address but, past its start, begin one in
         # text ("?to=a@b.c" keeps "?to=")
-        r"(?<![\w.!#$%'*+^`{|}~-])(?:[=?&/]*[\w.!#$%'*+^`{|}~-]+[=?&/]*|[=?&/]+)@"
+        # ("https://***@host" is user info masked already, not an address)
+        r"(?<![\w.!#$%'*+^`{|}~-])(?![=?&/]*\*\*\*@)"
+        r"(?:[=?&/]*[\w.!#$%'*+^`{|}~-]+[=?&/]*|[=?&/]+)@"
         r"[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*\.(?:[Xx][Nn]--[\w-]+|[^\W\d_]{2,})",
         needs="@",
     ),

@@ -27,6 +27,7 @@ import re
 import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr
@@ -36,14 +37,17 @@ from waypost.privacy.scrub import BUILTIN_RULES, Scrubber
 __all__ = [
     "MASK",
     "Sanitiser",
+    "UrlSecrets",
     "add_config",
     "add_secrets",
+    "basic_auth",
     "guard_loggers",
     "is_secret_name",
     "masked",
     "sanitise",
     "sanitise_record",
     "secret_values",
+    "split_url",
 ]
 
 MASK = "***"
@@ -83,6 +87,75 @@ def is_secret_name(name: str) -> bool:
     return any(w in _SECRET_WORDS for w in words) or bool(words and words[-1].endswith("key"))
 
 
+def basic_auth(username: str, password: str) -> str:
+    """The ``Authorization`` header value of HTTP Basic authentication."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+@dataclass(frozen=True)
+class UrlSecrets:
+    """The credentials taken out of a configured URL: its user info (sent as Basic auth) and
+    the values of its secret-looking query parameters (put back on the wire only)."""
+
+    username: str | None = None
+    password: str | None = None
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def basic_auth(self) -> str | None:
+        """The ``Authorization`` header value for the user info, if there was any."""
+        if self.username is None and self.password is None:
+            return None
+        return basic_auth(self.username or "", self.password or "")
+
+    def values(self) -> list[str]:
+        """Everything taken out: the user name, the password, the query values, the Basic
+        credential."""
+        found = [v for v in (self.username, self.password, *self.params.values()) if v]
+        basic = self.basic_auth
+        return [*found, basic] if basic else found
+
+    def secrets(self) -> list[str]:
+        """What must never be shown: as :meth:`values`, without a user name that stands beside
+        a password (no secret, and "admin" masked everywhere would blot out ordinary words)."""
+        user = self.username if self.password is None else None
+        found = [v for v in (user, self.password, *self.params.values()) if v]
+        basic = self.basic_auth
+        return [*found, basic] if basic else found
+
+    def __bool__(self) -> bool:
+        return self.username is not None or self.password is not None or bool(self.params)
+
+    def __repr__(self) -> str:  # never the values
+        return f"UrlSecrets(user_info={self.username is not None}, params={sorted(self.params)})"
+
+
+def split_url(url: str) -> tuple[str, UrlSecrets]:
+    """``url`` without its user info and with its secret-looking query values replaced by
+    ``***``, and the secrets taken out. The query keeps its order; nothing else changes."""
+    parts = urllib.parse.urlsplit(url)
+    username = password = None
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        user, _, pw = userinfo.partition(":")
+        username = urllib.parse.unquote(user)
+        password = urllib.parse.unquote(pw) if ":" in userinfo else None
+    params: dict[str, str] = {}
+    query = []
+    for piece in parts.query.split("&") if parts.query else ():
+        name, eq, value = piece.partition("=")
+        plain = urllib.parse.unquote_plus(name)
+        if eq and value and is_secret_name(plain):
+            if plain in params:
+                raise ValueError(f"the query parameter {plain!r} is given twice")
+            params[plain] = urllib.parse.unquote_plus(value)
+            piece = f"{name}={MASK}"
+        query.append(piece)
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="&".join(query)))
+    return clean, UrlSecrets(username, password, params)
+
+
 def _url_secrets(url: str) -> Iterator[str]:
     """The credentials a URL carries: its user info (found as the scrubbers find it, so that a
     password holding "/" or "@" is taken whole), and its secret-looking query values."""
@@ -90,12 +163,11 @@ def _url_secrets(url: str) -> Iterator[str]:
     if found is not None:
         userinfo = found.group()[found.group().index("://") + 3 : -1]
         user, colon, password = userinfo.partition(":")
-        user, password = urllib.parse.unquote(user), urllib.parse.unquote(password)
-        # A user name beside a password is no secret (and "admin" masked everywhere would blot
-        # out ordinary words); alone, it is the credential (https://<token>@host).
-        yield from (userinfo, password) if colon else (userinfo, user)
-        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
-        yield basic  # what a client sends for the user info, and an endpoint may echo
+        taken = UrlSecrets(
+            urllib.parse.unquote(user), urllib.parse.unquote(password) if colon else None
+        )
+        yield userinfo
+        yield from taken.secrets()
         url = url[: found.start()] + url[found.end() :]
     try:
         query = urllib.parse.urlsplit(url).query
@@ -124,10 +196,10 @@ def secret_values(value: Any, *, name: str = "") -> Iterator[str]:
         for key, item in extra.items():
             yield from secret_values(item, name=str(key))
         found = getattr(value, "url_secrets", None)  # what a sink took out of its URL
-        if found is not None and hasattr(found, "values") and callable(found.values):
-            for item in found.values():
-                if isinstance(item, str):
-                    yield item
+        if isinstance(found, UrlSecrets):
+            yield from secret_values(found)
+    elif isinstance(value, UrlSecrets):
+        yield from value.secrets()
     elif isinstance(value, Mapping):
         every = name.lower() in _MAPS_OF_SECRETS
         for key, item in value.items():
@@ -220,15 +292,24 @@ class Sanitiser:
         pattern = self._known()
         if pattern is not None:
             text = pattern.sub(MASK, text)
+        # Credentials by shape, as the sinks mask them ("https://***@host", "token=***"); the
+        # scrubbers leave "***" as it is, and find the rest.
+        if "@" in text:
+            text = _USERINFO.sub(_mask_userinfo, text)
+        if "=" in text:
+            text = _PAIR.sub(_mask_pair, text)
         kept: list[str] = []
         if "@" in text:  # the gate's remarks ("email@context.owner") are no addresses
             text = _REMARK.sub(lambda m: _keep(kept, m.group()), text)
         text = self._scrubber.scrub_text(text, "", [], exempt=_KEEP)
-        if "=" in text:
-            text = _PAIR.sub(_mask_pair, text)
         if kept:
             text = _KEPT.sub(lambda m: _kept(kept, m), text)
         return text
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    found = match.group()
+    return found[: found.index("://") + 3] + MASK + "@"
 
 
 def _keep(kept: list[str], text: str) -> str:
