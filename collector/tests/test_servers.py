@@ -97,3 +97,40 @@ def test_serve_with_two_workers(tmp_path: Path, spawn: Any) -> None:
     process = spawn(write_config(tmp_path / "c.yml", base_section(data)), workers=2)
     wait_for(lambda: httpx.get(process.url + "/readyz").status_code == 200, 30, "ready")
     _exercise(process.url, data, batches=16)
+
+
+_GC_PROBE = """
+import gc, json, sys
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.testclient import TestClient
+from waypost_collector import create_app
+
+collector = create_app(sys.argv[1])
+host = Starlette(routes=[Mount("/telemetry", app=create_app(sys.argv[1]))])
+seen = {"default": gc.get_threshold()}
+with TestClient(host) as client:  # mounted in a host's app: its lifespan is the host's
+    client.get("/telemetry/healthz")
+    seen["mounted"] = gc.get_threshold()
+with TestClient(collector) as client:  # the collector as the whole app of its process
+    client.get("/healthz")
+    seen["own"] = gc.get_threshold()
+    seen["frozen"] = gc.get_freeze_count()
+print(json.dumps(seen))
+"""
+
+
+def test_the_collector_tunes_the_gc_of_its_own_process_only(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    from waypost_collector.app import GC_THRESHOLDS
+
+    config = write_config(tmp_path / "c.yml", base_section(tmp_path / "d"))
+    done = subprocess.run(
+        [sys.executable, "-c", _GC_PROBE, str(config)],
+        env=child_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["mounted"] == seen["default"] != list(GC_THRESHOLDS)
+    assert seen["own"] == list(GC_THRESHOLDS) and seen["frozen"] > 0
