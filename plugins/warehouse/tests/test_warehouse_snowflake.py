@@ -8,6 +8,7 @@ compared by value.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,12 @@ def test_statements_use_forms_snowflake_accepts(snowflake_db: SnowflakeDb, tmp_p
     source, _, rest = sql.partition(" FROM VALUES ")
     values = rest[: rest.index(")) AS s") + 1]
     # PARSE_JSON runs over the VALUES rows, never inside them.
-    assert "PARSE_JSON(column5)" in source and "PARSE_JSON(column6)" in source
+    assert "PARSE_JSON(column6)" in source and "PARSE_JSON(column7)" in source
     assert "PARSE_JSON" not in values
-    assert values.count("(%s, %s, %s, %s, %s, %s)") == 3
+    assert values.count("(%s, %s, %s, %s, %s, %s, %s)") == 3
     assert sql.startswith("MERGE INTO events.waypost_events AS t USING (SELECT ")
     assert "ON t.id = s.id WHEN NOT MATCHED THEN INSERT" in sql
-    assert len(statement["params"]) == 18
+    assert len(statement["params"]) == 21
 
 
 def test_large_batches_are_chunked(
@@ -119,7 +120,7 @@ def test_large_batches_are_chunked(
     try:
         statements = sink.render(events)
         assert len(statements) > 30 // 7
-        assert all(len(s["params"]) // 6 <= 7 for s in statements)
+        assert all(len(s["params"]) // 7 <= 7 for s in statements)
         assert all(len(s["sql"]) + sum(len(str(p)) for p in s["params"]) < 4000 + 2000
                    for s in statements)  # fmt: skip
         assert send_batch(sink, events).failed == {}
@@ -144,8 +145,8 @@ def test_missing_columns_are_named(snowflake_db: SnowflakeDb, tmp_path: Path) ->
     with pytest.raises(ConfigError) as raised:
         sink.open()
     assert (
-        "table events.waypost_events lacks the columns timestamp, instance_id, properties, "
-        "received_at:" in str(raised.value)
+        "table events.waypost_events lacks the columns timestamp, instance_id, distinct_id, "
+        "properties, received_at:" in str(raised.value)
     )
     sink.close()
 
@@ -236,3 +237,33 @@ def test_reasons_do_not_repeat_values(snowflake_db: SnowflakeDb, tmp_path: Path)
         assert not re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-7", reason)
     finally:
         sink.close()
+
+
+def test_distinct_id_is_stored_and_added_to_an_older_table(
+    snowflake_db: SnowflakeDb, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The layout before distinct_id, as the README's DDL had it.
+    snowflake_db.query(
+        "CREATE TABLE waypost_events (id VARCHAR(36) NOT NULL PRIMARY KEY, name VARCHAR NOT NULL,"
+        " timestamp TIMESTAMP_TZ NOT NULL, instance_id VARCHAR NOT NULL, properties VARIANT,"
+        " context VARIANT, received_at TIMESTAMP_TZ DEFAULT CURRENT_TIMESTAMP())"
+    )
+    caplog.set_level(logging.WARNING, logger="waypost.sinks")
+    unaltered = opened(tmp_path, **snowflake_db.config(create_table=False))
+    try:
+        assert send_batch(unaltered, make_events(1, distinct_id="user-old")).failed == {}
+    finally:
+        unaltered.close()
+    assert "ADD COLUMN distinct_id" in caplog.text and "create_table is off" in caplog.text
+    sink = opened(tmp_path, **snowflake_db.config(create_table=True))
+    try:
+        events = [*make_events(2, distinct_id="user-a"), *make_events(1, distinct_id="user-b")]
+        assert send_batch(sink, events).failed == {}
+    finally:
+        sink.close()
+    counts = snowflake_db.query(
+        "SELECT distinct_id, COUNT(*) FROM waypost_events GROUP BY distinct_id"
+    )
+    assert sorted(((who, int(n)) for who, n in counts), key=lambda r: str(r[0])) == [
+        (None, 1), ("user-a", 2), ("user-b", 1)
+    ]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import sqlite3
 from pathlib import Path
@@ -79,6 +80,7 @@ def test_columns_hold_the_envelope_with_json_by_value(backend: Backend, tmp_path
     assert row["id"] == event.id
     assert row["name"] == "run"
     assert row["instance_id"] == event.instance_id
+    assert backend.query(f"SELECT distinct_id FROM {backend.table}") == [(event.instance_id,)]
     assert row["properties"] == properties
     assert row["context"] == event.context
     stamp = row["timestamp"]
@@ -123,7 +125,7 @@ def test_missing_columns_are_named(backend: Backend, tmp_path: Path) -> None:
         sink.open()
     message = str(raised.value)
     assert f"table {backend.table} lacks the columns " in message
-    assert "timestamp, instance_id, context, received_at:" in message
+    assert "timestamp, instance_id, distinct_id, context, received_at:" in message
     sink.close()
     # create_table does not alter an existing table: the check still names what is missing.
     with pytest.raises(ConfigError, match="lacks the columns timestamp, instance_id"):
@@ -280,3 +282,80 @@ def test_missing_driver_names_the_extra(tmp_path: Path) -> None:
     sink = make_sink(tmp_path, url="mysql+nosuchdriver://u:p@127.0.0.1/db")
     with pytest.raises(ConfigError, match="no driver for mysql"):
         sink.open()
+
+
+def per_user(backend: Backend) -> list[tuple[Any, int]]:
+    """Events per distinct id, as an analyst counts them in SQL."""
+    rows = backend.query(f"SELECT distinct_id, COUNT(*) FROM {backend.table} GROUP BY distinct_id")
+    return sorted(((who, int(n)) for who, n in rows), key=lambda r: str(r[0]))
+
+
+def test_distinct_id_is_stored_so_users_can_be_counted(backend: Backend, tmp_path: Path) -> None:
+    sink = opened(tmp_path, **backend.config())
+    events = [
+        *make_events(3, distinct_id="user-a"),
+        *make_events(2, distinct_id="user-b"),
+        *make_events(1),  # none set: the instance id, as every destination counts it
+        *make_events(2, distinct_id="u" * 300),  # wider than the column: its digest
+    ]
+    try:
+        assert send_batch(sink, events).failed == {}
+    finally:
+        sink.close()
+    digest = "sha256:" + hashlib.sha256(b"u" * 300).hexdigest()
+    assert per_user(backend) == [
+        ("5db51f99-c6fb-4340-9c19-78adce58cc1b", 1), (digest, 2), ("user-a", 3), ("user-b", 2)
+    ]  # fmt: skip
+
+
+def table_before_distinct_id(backend: Backend, tmp_path: Path) -> str:
+    """A table of the layout before distinct_id, holding one event: returns its id."""
+    sink = opened(tmp_path, **backend.config())
+    old = make_event("old")
+    assert send_batch(sink, [old]).failed == {}
+    sink.close()
+    backend.query(f"ALTER TABLE {backend.table} DROP COLUMN distinct_id")
+    assert "distinct_id" not in backend.column_types()
+    return old.id
+
+
+def test_create_table_adds_distinct_id_to_an_existing_table(
+    backend: Backend, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old_id = table_before_distinct_id(backend, tmp_path)
+    sink = opened(tmp_path, **backend.config(create_table=True))
+    try:
+        assert send_batch(sink, make_events(2, distinct_id="user-a")).failed == {}
+    finally:
+        sink.close()
+    assert "distinct_id" in backend.column_types()
+    assert per_user(backend) == [(None, 1), ("user-a", 2)]  # the old row has none
+    assert len(backend.rows()) == 3 and old_id in {r["id"] for r in backend.rows()}
+    assert "has no distinct_id" not in caplog.text
+    # Opened again (another process, a restart): nothing left to add.
+    again = opened(tmp_path, **backend.config(create_table=True))
+    assert send_batch(again, make_events(1, distinct_id="user-b")).failed == {}
+    again.close()
+    # The migration note's backfill gives the old row the id it was counted by.
+    backend.query(f"UPDATE {backend.table} SET distinct_id = instance_id WHERE distinct_id IS NULL")
+    assert per_user(backend) == [
+        ("5db51f99-c6fb-4340-9c19-78adce58cc1b", 1), ("user-a", 2), ("user-b", 1)
+    ]  # fmt: skip
+
+
+def test_without_create_table_an_old_table_is_written_without_distinct_id(
+    backend: Backend, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    table_before_distinct_id(backend, tmp_path)
+    caplog.set_level(logging.WARNING, logger="waypost.sinks")
+    sink = opened(tmp_path, **backend.config(create_table=False))
+    try:
+        assert sink.render(make_events(1))["rows"][0].keys() == set(COLUMNS) - {"distinct_id"}
+        assert send_batch(sink, make_events(2, distinct_id="user-a")).failed == {}
+    finally:
+        sink.close()
+    assert "distinct_id" not in backend.column_types()  # never altered unasked
+    assert len(backend.rows()) == 3
+    (warning,) = [r.getMessage() for r in caplog.records if "has no distinct_id" in r.getMessage()]
+    assert f"ALTER TABLE {backend.table} ADD COLUMN distinct_id VARCHAR(255)" in warning
+    assert "create_table is off" in warning

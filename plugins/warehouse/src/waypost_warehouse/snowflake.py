@@ -22,12 +22,15 @@ from waypost.events import Event, dumps
 from waypost.sinks import SendResult, Sink, SinkConfig, check_endpoint
 from waypost.sinks.parts import Chunk, pack, send_in_parts
 from waypost_warehouse._layout import (
+    ADDED_COLUMNS,
     COLUMNS,
     IDENTIFIER,
     clean_message,
+    distinct_id_of,
     lacks_columns,
     missing_columns,
     no_table,
+    without_added,
 )
 
 if TYPE_CHECKING:
@@ -37,12 +40,17 @@ CHUNK_ROWS = 200
 """Rows per MERGE at most; a chunk also ends before its SQL text passes ``CHUNK_CHARS``."""
 CHUNK_CHARS = 512 * 1024
 
-_SELECT = (
-    "SELECT column1 AS id, column2 AS name, CAST(column3 AS TIMESTAMP_TZ) AS ts,"
-    " column4 AS instance_id, PARSE_JSON(column5) AS properties, PARSE_JSON(column6) AS context"
-    " FROM VALUES "
+_SOURCE = (
+    ("id", "{} AS id", "id"),
+    ("name", "{} AS name", "name"),
+    ("timestamp", "CAST({} AS TIMESTAMP_TZ) AS ts", "ts"),
+    ("instance_id", "{} AS instance_id", "instance_id"),
+    ("distinct_id", "{} AS distinct_id", "distinct_id"),
+    ("properties", "PARSE_JSON({}) AS properties", "properties"),
+    ("context", "PARSE_JSON({}) AS context", "context"),
 )
-_ROW = "(%s, %s, %s, %s, %s, %s)"
+"""Each column a MERGE writes: its name, its expression in the source's SELECT list (of the
+``VALUES`` column), and the source's name for it."""
 # Errors a retry can fix besides connection failures: 606 is "no active warehouse" (suspended,
 # or resuming), 390104/390111/390114 a session that is gone or expired (the next batch logs in
 # again), 2500xx the connector's own connection failures; SQLSTATE class 57 is operator
@@ -144,6 +152,7 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._conn: SnowflakeConnection | None = None
+        self._absent: tuple[str, ...] = ()  # columns of ADDED_COLUMNS the table lacks
         self._ready = False
 
     @property
@@ -200,6 +209,7 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
 
     def _chunks(self, events: Sequence[Event]) -> list[Chunk[list[Any]]]:
         """One MERGE per chunk, each under ``CHUNK_ROWS`` and ``CHUNK_CHARS``."""
+        absent = self._absent
         rows = []
         for event in events:
             row = [
@@ -207,21 +217,27 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
                 event.name,
                 event.timestamp.isoformat(timespec="microseconds"),
                 event.instance_id,
+                distinct_id_of(event),
                 dumps(event.properties),
                 dumps(event.context),
             ]
+            if absent:
+                kept = zip(_SOURCE, row, strict=True)
+                row = [value for (column, _, _), value in kept if column not in absent]
             rows.append((event, row, sum(len(str(v)) for v in row) + 40))
         return pack(rows, CHUNK_CHARS, max_items=CHUNK_ROWS)
 
     def _merge(self, chunk: Chunk[list[Any]]) -> tuple[str, list[Any]]:
         """The MERGE statement of a chunk and its parameters."""
-        values = ", ".join([_ROW] * len(chunk.items))
+        source = [c for c in _SOURCE if c[0] not in self._absent]
+        select = ", ".join(expr.format(f"column{i}") for i, (_, expr, _) in enumerate(source, 1))
+        row = "(" + ", ".join(["%s"] * len(source)) + ")"
+        values = ", ".join([row] * len(chunk.items))
         sql = (
-            f"MERGE INTO {self.label} AS t USING ({_SELECT}{values}) AS s ON t.id = s.id "
-            "WHEN NOT MATCHED THEN INSERT "
-            "(id, name, timestamp, instance_id, properties, context, received_at) "
-            "VALUES (s.id, s.name, s.ts, s.instance_id, s.properties, s.context, "
-            "CURRENT_TIMESTAMP())"
+            f"MERGE INTO {self.label} AS t USING (SELECT {select} FROM VALUES {values}) AS s "
+            "ON t.id = s.id WHEN NOT MATCHED THEN INSERT "
+            f"({', '.join(column for column, _, _ in source)}, received_at) "
+            f"VALUES ({', '.join('s.' + name for _, _, name in source)}, CURRENT_TIMESTAMP())"
         )
         return sql, [value for row in chunk.items for value in row]
 
@@ -230,7 +246,7 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
             f"CREATE TABLE IF NOT EXISTS {self.label} ("
             "id VARCHAR(36) NOT NULL PRIMARY KEY, name VARCHAR NOT NULL, "
             "timestamp TIMESTAMP_TZ NOT NULL, instance_id VARCHAR NOT NULL, "
-            "properties VARIANT, context VARIANT, "
+            "distinct_id VARCHAR, properties VARIANT, context VARIANT, "
             "received_at TIMESTAMP_TZ DEFAULT CURRENT_TIMESTAMP())"
         )
 
@@ -283,9 +299,41 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
             raise self._classify(what, exc) from None
 
     def _prepare(self) -> None:
-        """Create the table (``create_table``) or check that it has every column."""
+        """Create the table (``create_table``) or check that it has every column; a table
+        that lacks only columns added to the layout later is altered to add them
+        (``create_table``) or written without them."""
         if self.config.create_table:
             self._execute(self._create_sql(), None, what=f"creating table {self.label}")
+        missing = self._missing()
+        if missing and self.config.create_table:
+            try:
+                for column in missing:  # each of ADDED_COLUMNS is a VARCHAR
+                    self._execute(
+                        f"ALTER TABLE {self.label} ADD COLUMN {column} VARCHAR",
+                        None,
+                        what=f"adding {column} to {self.label}",
+                    )
+            except PermanentError as exc:
+                missing = self._missing()  # another process may have added it meanwhile
+                if missing:
+                    self.context.logger.warning(
+                        "waypost: sink %r: %s",
+                        self.name,
+                        without_added(self.label, missing, exc.reason),
+                    )
+            else:
+                missing = []
+        elif missing:
+            self.context.logger.warning(
+                "waypost: sink %r: %s",
+                self.name,
+                without_added(self.label, missing, "create_table is off"),
+            )
+        self._absent = tuple(missing)
+        self._ready = True
+
+    def _missing(self) -> list[str]:
+        """The columns of ``ADDED_COLUMNS`` the table lacks; raises if it lacks others."""
         try:
             columns = self._execute(
                 f"SELECT * FROM {self.label} LIMIT 0", None, what=f"checking table {self.label}"
@@ -295,9 +343,9 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
                 raise PermanentError(str(no_table(self.label))) from None
             raise
         missing = missing_columns(columns)
-        if missing:
+        if any(column not in ADDED_COLUMNS for column in missing):
             raise PermanentError(str(lacks_columns(self.label, missing)))
-        self._ready = True
+        return missing
 
     def _classify(self, what: str, exc: Exception) -> SinkError:
         """Retryable for connection trouble and a suspended warehouse, else permanent; the

@@ -22,12 +22,15 @@ from waypost.events import Event, dumps
 from waypost.sinks import SendResult, Sink, SinkConfig
 from waypost.sinks.masking import MASK, is_secret_name
 from waypost_warehouse._layout import (
+    ADDED_COLUMNS,
     COLUMNS,
     TableLayoutError,
     clean_message,
+    distinct_id_of,
     lacks_columns,
     missing_columns,
     no_table,
+    without_added,
 )
 
 if TYPE_CHECKING:
@@ -98,6 +101,7 @@ class SqlSink(Sink[SqlConfig]):
         super().__init__(*args, **kwargs)
         self._engine: Engine | None = None
         self._table: sa.Table | None = None
+        self._absent: tuple[str, ...] = ()  # columns of ADDED_COLUMNS the table lacks
         self._ready = False
         self._where = "(not opened)"
 
@@ -154,7 +158,11 @@ class SqlSink(Sink[SqlConfig]):
             "table": self.label,
             "idempotency": "insert, skipping ids already present",
             "rows": [
-                {**_row(e, now), "timestamp": e.iso_timestamp, "received_at": now.isoformat()}
+                {
+                    **_row(e, now, self._absent),
+                    "timestamp": e.iso_timestamp,
+                    "received_at": now.isoformat(),
+                }
                 for e in events
             ],
         }
@@ -168,7 +176,7 @@ class SqlSink(Sink[SqlConfig]):
             if not self._ready:
                 self._prepare()
             now = _dt.datetime.now(_dt.timezone.utc)
-            rows = [_row(e, now) for e in events]
+            rows = [_row(e, now, self._absent) for e in events]
             with self._engine.begin() as conn:
                 self._write(conn, rows)
         except TableLayoutError as exc:
@@ -242,22 +250,56 @@ class SqlSink(Sink[SqlConfig]):
         return options
 
     def _prepare(self) -> None:
-        """Create the table (``create_table``) or check that it has every column."""
+        """Create the table (``create_table``) or check that it has every column; a table
+        that lacks only columns added to the layout later is altered to add them
+        (``create_table``) or written without them."""
         import sqlalchemy as sa
 
-        assert self._engine is not None and self._table is not None
-        table = self._table
+        assert self._engine is not None
+        table = _table(self.config.table, self.config.schema_)
         with self._engine.begin() as conn:
             if not sa.inspect(conn).has_table(table.name, schema=table.schema):
                 if not self.config.create_table:
                     raise no_table(self.label)
                 table.create(conn, checkfirst=True)
+                missing = []
             else:
-                probe = sa.select(sa.text("*")).select_from(table).where(sa.false())
-                missing = missing_columns(conn.execute(probe).keys())
+                missing = self._missing(conn, table)
+        if missing and self.config.create_table:
+            try:
+                with self._engine.begin() as conn:
+                    for column in missing:
+                        _add_column(conn, table, column)
+            except sa.exc.SQLAlchemyError as exc:
+                # Another process may have added it meanwhile; otherwise (no right to alter
+                # the table) the events go without it.
+                reason = self._classify(f"adding {', '.join(missing)}", exc).reason
+                with self._engine.begin() as conn:
+                    missing = self._missing(conn, table)
                 if missing:
-                    raise lacks_columns(self.label, missing)
+                    warning = without_added(self.label, missing, reason)
+                    self.context.logger.warning("waypost: sink %r: %s", self.name, warning)
+            else:
+                missing = []
+        elif missing:
+            self.context.logger.warning(
+                "waypost: sink %r: %s",
+                self.name,
+                without_added(self.label, missing, "create_table is off"),
+            )
+        self._absent = tuple(missing)
+        self._table = _table(self.config.table, self.config.schema_, without=self._absent)
         self._ready = True
+
+    def _missing(self, conn: Connection, table: sa.Table) -> list[str]:
+        """The columns of ``ADDED_COLUMNS`` the table lacks; raises if it lacks others."""
+        import sqlalchemy as sa
+
+        probe = sa.select(sa.text("*")).select_from(table).where(sa.false())
+        missing = missing_columns(conn.execute(probe).keys())
+        if any(column not in ADDED_COLUMNS for column in missing):
+            raise lacks_columns(self.label, missing)
+        return missing
 
     def _classify(self, what: str, exc: sa.exc.SQLAlchemyError) -> SinkError:
         """A retryable or permanent error naming the database's cause, never the values."""
@@ -304,19 +346,19 @@ def _retryable(exc: sa.exc.SQLAlchemyError) -> bool:
     return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.InternalError))
 
 
-def _table(name: str, schema: str | None) -> sa.Table:
+def _columns() -> list[sa.Column[Any]]:
     import sqlalchemy as sa
     from sqlalchemy.dialects import postgresql
 
     json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
     uuid = sa.String(36).with_variant(postgresql.UUID(as_uuid=False), "postgresql", "duckdb")
-    return sa.Table(
-        name,
-        sa.MetaData(),
+    return [
         sa.Column("id", uuid, primary_key=True),
         sa.Column("name", sa.String(255), nullable=False),
         sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
         sa.Column("instance_id", sa.String(64), nullable=False),
+        # Nullable: rows written before the column was added have none.
+        sa.Column("distinct_id", sa.String(255)),
         sa.Column("properties", json),
         sa.Column("context", json),
         sa.Column(
@@ -324,17 +366,42 @@ def _table(name: str, schema: str | None) -> sa.Table:
             sa.DateTime(timezone=True),
             server_default=sa.func.current_timestamp(),
         ),
-        schema=schema,
+    ]
+
+
+def _table(name: str, schema: str | None, without: Sequence[str] = ()) -> sa.Table:
+    import sqlalchemy as sa
+
+    columns = [c for c in _columns() if c.name not in without]
+    return sa.Table(name, sa.MetaData(), *columns, schema=schema)
+
+
+def _add_column(conn: Connection, table: sa.Table, name: str) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for one column of the layout, in the dialect's words."""
+    import sqlalchemy as sa
+
+    (column,) = [c for c in _columns() if c.name == name]
+    preparer = conn.dialect.identifier_preparer
+    kind = column.type.compile(dialect=conn.dialect)
+    conn.execute(
+        sa.text(
+            f"ALTER TABLE {preparer.format_table(table)} "
+            f"ADD COLUMN {preparer.format_column(column)} {kind}"
+        )
     )
 
 
-def _row(event: Event, now: _dt.datetime) -> dict[str, Any]:
-    return {
+def _row(event: Event, now: _dt.datetime, absent: Sequence[str] = ()) -> dict[str, Any]:
+    row = {
         "id": event.id,
         "name": event.name,
         "timestamp": event.timestamp,
         "instance_id": event.instance_id,
+        "distinct_id": distinct_id_of(event),
         "properties": event.properties,
         "context": event.context,
         "received_at": now,
     }
+    for column in absent:
+        del row[column]
+    return row
