@@ -105,7 +105,16 @@ def run_demo(
     }
     rng = random.Random(7)
     tel = Telemetry(app="demo-app", version="1.0.0", config=config, data_dir=home, env=env)
-    tel.track(
+    tracked: list[tuple[str, dict[str, Any]]] = []  # what the application gave, in order
+
+    def track(event: str | Payload, properties: dict[str, Any] | None = None) -> None:
+        if isinstance(event, Payload):
+            tracked.append((type(event).__event__, event.wire()))
+        else:
+            tracked.append((event, dict(properties or {})))
+        tel.track(event, properties)
+
+    track(
         VersionPayload(
             package="demo-app",
             version="1.0.0",
@@ -122,7 +131,7 @@ def run_demo(
         kind = i % 3
         if kind == 0:
             ok = rng.random() > 0.2
-            tel.track(
+            track(
                 RunPayload(
                     run_is_webhook=rng.random() > 0.7,
                     run_seconds=rng.randint(1, 90),
@@ -131,7 +140,7 @@ def run_demo(
                 )
             )
         elif kind == 1:
-            tel.track(
+            track(
                 ComponentPayload(
                     component_name=rng.choice(COMPONENTS),
                     component_seconds=rng.randint(0, 5),
@@ -139,7 +148,7 @@ def run_demo(
                 )
             )
         else:
-            tel.track(
+            track(
                 PlaygroundPayload(
                     playground_seconds=rng.randint(10, 300),
                     playground_component_count=rng.randint(2, 9),
@@ -147,7 +156,7 @@ def run_demo(
                 )
             )
     # A free-form event whose properties hold personal data: the scrubbers take it out.
-    tel.track(
+    track(
         "feedback_sent",
         {
             "rating": 5,
@@ -155,17 +164,52 @@ def run_demo(
             "from": "10.0.0.7",
         },
     )
-    tel.track(ShutdownPayload(time_running=42))
+    track(ShutdownPayload(time_running=42))
     tel.flush(timeout=10)
     status = tel.status()
     remarks: dict[str, list[str]] = {}
+    kept = 0
     if tel.enabled:
-        held, _ = tel.open_outbox().records(sink="jsonl", limit=10_000)
+        outbox = tel.open_outbox()
+        held, _ = outbox.records(sink="jsonl", limit=10_000)
         remarks = {r.event_id: r.remarks for r in held if r.remarks}
+        kept = outbox.records(state="sent", limit=1)[1]
     tel.shutdown(timeout=5)
     records = []
     if out.exists():
         records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     for record in records:
         record["remarks"] = remarks.get(record["id"], [])
-    return {"data_dir": str(home), "file": str(out), "status": status, "records": records}
+    return {
+        "data_dir": str(home),
+        "file": str(out),
+        "status": status,
+        "records": records,
+        "kept": kept,
+        "originals": originals(records, tracked),
+    }
+
+
+def originals(
+    records: list[dict[str, Any]], tracked: list[tuple[str, dict[str, Any]]]
+) -> dict[str, dict[str, Any]]:
+    """For each record the scrubbers changed, by its id: each changed property's value as the
+    application gave it (shown beside what was sent; it is never stored or sent)."""
+    given: dict[str, list[dict[str, Any]]] = {}
+    for name, properties in tracked:
+        given.setdefault(name, []).append(properties)
+    seen: dict[str, int] = {}
+    out: dict[str, dict[str, Any]] = {}
+    for record in records:
+        name = record["name"]
+        index = seen[name] = seen.get(name, -1) + 1
+        if not record["remarks"] or index >= len(given.get(name, ())):
+            continue
+        changed = {}
+        for remark in record["remarks"]:
+            _, _, where = remark.partition("@properties.")
+            if where and where in given[name][index]:
+                changed[where] = given[name][index][where]
+        if changed:
+            out[record["id"]] = changed
+    return out

@@ -4,6 +4,7 @@ test-sink, send-heartbeat, demo."""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -545,19 +546,49 @@ def demo(obj: Ctx, events: int, as_json: bool) -> None:
         (
             (
                 record["name"],
-                json.dumps(record["properties"])[:90],
+                json.dumps(record["properties"], ensure_ascii=False),  # whole: never cut
                 ", ".join(record["remarks"]) or "-",
             )
             for record in result["records"]
         ),
         title=f"recorded in {result['file']}",
     )
+    by_id = {record["id"]: record for record in result["records"]}
+    changed = [
+        (by_id[event_id]["name"], key, json.dumps(value, ensure_ascii=False),
+         json.dumps(by_id[event_id]["properties"].get(key), ensure_ascii=False))
+        for event_id, values in result["originals"].items()
+        for key, value in values.items()
+    ]  # fmt: skip
+    if changed:
+        con.table(
+            ("event", "property", "given by the application", "as sent"),
+            changed,
+            title="what the scrubbers took out (the original was never stored or sent)",
+        )
     c = st.counters
     con.print(
-        f"accepted {c.accepted}, stored {c.stored}, delivered {c.delivered} "
-        f"(to {len(st.sinks)} sinks), dropped {sum(c.dropped.values())}"
+        f"accepted {c.accepted}, delivered {c.delivered} (to {len(st.sinks)} sinks), "
+        f"dropped {sum(c.dropped.values())}; stored for a retry {c.stored}, "
+        f"kept as sent {result['kept']} (outbox.keep_sent)"
     )
     con.print(
-        f"data dir: {result['data_dir']}  (try: waypost --data-dir {result['data_dir']} "
-        "show --state sent)"
+        f"data dir: {result['data_dir']}  (the {result['kept']} records kept: "
+        f"{_own_command()} --data-dir {result['data_dir']} show --state sent)"
     )
+
+
+def _own_command() -> str:
+    """How the user runs waypost again from their shell: ``uv run waypost`` under ``uv run``
+    (whose environment is gone once it returns), ``waypost`` when it is on the PATH, else the
+    script's own path."""
+    import os
+    import shutil
+
+    if os.environ.get("UV_RUN_RECURSION_DEPTH"):
+        return "uv run waypost"
+    script = sys.argv[0]
+    found = shutil.which("waypost")
+    if found and os.path.realpath(found) == os.path.realpath(script):
+        return "waypost"
+    return shlex.quote(os.path.abspath(script)) if os.path.exists(script) else "waypost"
