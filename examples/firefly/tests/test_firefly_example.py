@@ -104,7 +104,7 @@ def test_view_submit_delete_and_the_weekly_report(
     use_the_app({**env, "FIREFLY_TELEMETRY_URL": down}, data)  # 5 more, left pending
     assert cli_json(env, "purge", "--sent")["deleted"] == 7
     assert cli_json(env, "show")["total"] == 5
-    assert cli_json(env, "purge", "--all")["deleted"] == 5
+    assert cli_json(env, "purge", "--all", "--yes")["deleted"] == 5
     assert cli_json(env, "show")["total"] == 0
 
 
