@@ -228,6 +228,26 @@ def test_a_yaml_error_on_a_secrets_line_does_not_quote_it(
     assert leaked(st.config_error) == [] and leaked(st.reason) == [] and leaked(caplog.text) == []
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("telemetry:\n  sinks:\n    x:\n      token: 'zq81shapeless\n", "line 4, column 14"),
+        ("telemetry:\n  sinks:\n    x: {url: zq81shapeless\n", "line 3, column 8"),
+        ("telemetry:\n  app: x: zq81shapeless\n", "line 2, column 9"),
+    ],
+)
+def test_a_yaml_error_names_the_line_and_column_and_quotes_nothing(
+    tmp_path: Path, text: str, where: str
+) -> None:
+    path = tmp_path / "telemetry.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        waypost.config.load(path, {})
+    message = str(raised.value)
+    assert "zq81shapeless" not in message  # a secret with no shape a scrubber knows
+    assert where in message and str(path) in message
+
+
 # --- what an endpoint echoes is never copied ----------------------------------------------------
 
 

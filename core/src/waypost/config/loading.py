@@ -46,12 +46,30 @@ def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"invalid YAML: {exc}".replace("\n", " "), source=source) from None
+            raise ConfigError(f"invalid YAML: {_yaml_problem(exc)}", source=source) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError("the file must hold a mapping with a 'telemetry' key", source=source)
     return data
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """What is wrong and where (line and column), never the text of the line: PyYAML's own
+    message quotes it, and the line may hold a secret."""
+    problem = getattr(exc, "problem", None) or "cannot be parsed"
+    context = getattr(exc, "context", None)
+    text = f"{problem}{_at(getattr(exc, 'problem_mark', None))}"
+    if context:
+        text += f" ({context}{_at(getattr(exc, 'context_mark', None))})"
+    return text
+
+
+def _at(mark: Any) -> str:
+    line, column = getattr(mark, "line", None), getattr(mark, "column", None)
+    if not (isinstance(line, int) and isinstance(column, int)):
+        return ""
+    return f" at line {line + 1}, column {column + 1}"
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
