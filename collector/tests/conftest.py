@@ -1,7 +1,7 @@
 """Real peers for the collector's tests: the collector served by uvicorn on a free loopback
 port (in this process, or as ``waypost collector serve`` in a child that tests kill with
 ``kill -9``), applications sending through waypost's own http sink, a throwaway PostgreSQL
-(the warehouse tests' own fixture), DuckDB and SQLite files."""
+and fakesnow's Snowflake server (the warehouse tests' own fixtures), DuckDB and SQLite files."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ _peers = importlib.util.module_from_spec(_peers_spec)
 sys.modules[_peers_spec.name] = _peers  # its dataclasses look their module up
 _peers_spec.loader.exec_module(_peers)
 postgres_url = _peers.postgres_url
+fakesnow_url = _peers.fakesnow_url  # fakesnow's Snowflake server (Python 3.11+)
+snowflake_db = _peers.snowflake_db
 
 
 @pytest.fixture

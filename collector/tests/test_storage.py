@@ -1,6 +1,6 @@
-"""Storage through waypost's sinks on real databases: the embedded SQLite file, DuckDB and a
-PostgreSQL cluster started for the session; two collectors sharing nothing but PostgreSQL store
-a batch sent to both once."""
+"""Storage through waypost's sinks on real databases: the embedded SQLite file, DuckDB, a
+PostgreSQL cluster started for the session and Snowflake (fakesnow's server); two collectors
+sharing nothing but PostgreSQL store a batch sent to both once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import datetime as _dt
 import importlib.util
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,35 @@ def test_two_collectors_sharing_only_postgresql_store_once(
     wait_for(settled, 30, "both spools to hand over")
     counts = Counter(r[0] for r in _rows(postgres_url, table))
     assert len(counts) == 40 and set(counts.values()) == {1}
+
+
+@SERVER
+def test_a_warehouse_as_storage_snowflake(tmp_path: Path, request: pytest.FixtureRequest,
+                                          serve: Any) -> None:  # fmt: skip
+    """``storage:`` names the snowflake sink (the real connector, fakesnow's server on loopback):
+    what the collector accepted reaches the warehouse once, stamped, its address hashed."""
+    if sys.version_info < (3, 11):
+        pytest.skip("fakesnow, the Snowflake server the test stores into, needs Python 3.11+")
+    _need("fakesnow")
+    _need("snowflake.connector")
+    db = request.getfixturevalue("snowflake_db")
+    section = base_section(tmp_path / "d", storage={"wh": {"type": "snowflake", **db.config()}})
+    served = serve(write_config(tmp_path / "c.yml", section))
+    batch = [envelope(properties={"n": i}) for i in range(30)]
+    url = served.url + "/v1/myapp/events"
+    assert _send(url, batch)["accepted"] == 30
+    assert _send(url, batch)["duplicates"] == 30  # a client that retried: stored once
+    import snowflake.connector
+
+    def stored() -> list[dict[str, Any]]:
+        try:
+            return list(db.rows())
+        except snowflake.connector.errors.ProgrammingError:  # made by the sink's first write
+            return []
+
+    rows = wait_for(lambda: len(r := stored()) >= 30 and r, 60, "30 rows in Snowflake")
+    assert sorted(r["id"] for r in rows) == sorted(e["id"] for e in batch)
+    stamp = rows[0]["context"]["collector"]
+    assert stamp["receipt"] and len(stamp["ip_hash"]) == 64
+    wait_for(lambda: served.collector.spool.lag() is None, 30, "the spool to hand over")
+    assert len(stored()) == 30
