@@ -277,7 +277,9 @@ def test_credentials_echoed_by_the_endpoint_are_printed_nowhere(
             "outbox": json.dumps([r.as_dict() for r in records], default=str),
             "repr": repr(tel.config) + repr(tel) + "".join(repr(s) for s in tel.sinks.values()),
         }
+        shown.update(admin_pages(tel))
         assert "HTTP Request" in caplog.text  # httpx's own line was logged, and searched
+        assert "401" in shown["admin /?format=json"]  # the reasons are shown, masked
         for where, text in shown.items():
             assert leaked(text) == [], where
     finally:
@@ -285,6 +287,22 @@ def test_credentials_echoed_by_the_endpoint_are_printed_nowhere(
     # The endpoint did receive the credentials: the search above could have found them.
     received = json.dumps([[r.path, r.query, r.headers, r.text] for r in echo_server.requests])
     assert set(leaked(received)) >= {URL_TOKEN, HEADER_TOKEN}
+
+
+ADMIN_PAGES = ("/", "/?format=json", "/records", "/records?format=json", "/consent", "/actions",
+               "/manifest", "/records?state=failed", "/records?state=pending")  # fmt: skip
+
+
+def admin_pages(tel: Any) -> dict[str, str]:
+    """Every admin page, as an operator who is logged in sees it."""
+    from starlette.testclient import TestClient
+
+    from waypost.admin import create_app
+
+    with TestClient(create_app(tel, auth=lambda request: True)) as client:
+        pages = {f"admin {page}": client.get(page) for page in ADMIN_PAGES}
+    assert all(r.status_code == 200 for r in pages.values()), pages
+    return {where: r.text for where, r in pages.items()}
 
 
 def run_cli(config_file: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -313,7 +331,9 @@ def test_no_cli_command_prints_a_secret(
         ["status"], ["status", "--json"], ["show"], ["show", "--json"], ["flush", "--timeout", "3"],
         ["flush", "--json", "--timeout", "3"], ["test-sink", "ingest"],
         ["test-sink", "ingest", "--json"], ["test-sink", "ingest2", "--json"],
-["manifest", "--json"], ["send-heartbeat", "--json"],
+        ["manifest"], ["manifest", "--json"], ["send-heartbeat"], ["send-heartbeat", "--json"],
+        ["plugins"], ["plugins", "--json"], ["consent", "off", "--json"], ["consent", "on"],
+        ["purge", "--sent", "--json"], ["purge", "--all", "--yes"], ["status"],
     ]  # fmt: skip
     for command in commands:
         proc = run_cli(config_file, *command, env=env)
