@@ -165,6 +165,7 @@ def http_config(tmp_path: Path, url: str, extra: str = "") -> None:
     )
 
 
+@pytest.mark.http_sink
 def test_test_sink_exits_1_when_the_destination_refuses(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -188,6 +189,7 @@ def test_test_sink_exits_1_when_the_destination_refuses(
     assert unknown.returncode == 2 and "nosuch" in as_json(unknown)["error"]
 
 
+@pytest.mark.http_sink
 def test_send_heartbeat_exits_1_when_it_is_not_delivered(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -309,6 +311,7 @@ def test_json_errors_are_json_and_name_every_typo(tmp_path: Path, env: dict[str,
     assert usage.returncode == 2 and "--limit" in as_json(usage)["error"]
 
 
+@pytest.mark.http_sink
 def test_purge_all_asks_unless_yes(tmp_path: Path, env: dict[str, str]) -> None:
     write(
         tmp_path / "telemetry.yml",
