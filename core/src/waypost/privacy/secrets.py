@@ -387,7 +387,11 @@ def masked(value: Any, *, name: str = "") -> Any:
 
 def sanitise_record(record: logging.LogRecord) -> bool:
     """Pass a log record's message (and its traceback) through :func:`sanitise`; a record that
-    holds nothing to mask is left as it is. Always ``True``: a record is masked, never dropped."""
+    holds nothing to mask is left as it is, and so is an event the ``log`` sink writes (marked
+    ``waypost_gated``: the gate scrubbed it, as it does for every sink). Always ``True``: a
+    record is masked, never dropped."""
+    if getattr(record, "waypost_gated", False):
+        return True
     try:
         message = record.getMessage()
     except Exception:
