@@ -7,6 +7,7 @@ available in any project that installs waypost).
 - :func:`make_event`: an :class:`~waypost.Event` as the core would hand it to a sink.
 - :func:`send_batch`: call a sink's ``send`` inside the core's error boundary.
 - :class:`SinkContract`: subclass it in a sink's tests to prove the plugin contract.
+- :func:`delivery_imports`: what a sink imports in ``open()``/``send()``/``close()`` (none).
 - fixtures ``waypost_recording_server``, ``waypost_make_telemetry``, ``waypost_telemetry``,
   ``waypost_register_plugin``, ``waypost_clean_env``, ``waypost_peer`` (see
   :mod:`waypost.testing.plugin`).
@@ -23,6 +24,7 @@ from waypost.delivery.boundary import call_send
 from waypost.events import Event, base_context, uuid7
 from waypost.sinks import SendResult, Sink
 from waypost.testing.contract import SinkContract
+from waypost.testing.imports import delivery_imports
 from waypost.testing.peer import Arrival, BasePeer, HttpPeer, Peer, PeerCannot
 from waypost.testing.server import RecordingServer, Request, Response, free_port
 
@@ -36,6 +38,7 @@ __all__ = [
     "Request",
     "Response",
     "SinkContract",
+    "delivery_imports",
     "free_port",
     "make_event",
     "make_events",
