@@ -18,6 +18,7 @@ from waypost.testing import (
     Request,
     Response,
     SinkContract,
+    delivery_imports,
     make_event,
     make_events,
     send_batch,
@@ -445,3 +446,15 @@ def test_config() -> None:
         AmplitudeConfig.model_validate({"api_key": API_KEY, "region": "in"})
     config = AmplitudeConfig.model_validate({"api_key": API_KEY})
     assert API_KEY not in repr(config) and API_KEY not in str(config)
+
+
+def test_open_and_send_import_nothing(
+    waypost_recording_server: RecordingServer, tmp_path: Path
+) -> None:
+    """``open()``, ``send()`` and ``close()`` run on delivery threads, where an import that a
+    ``fork()`` cuts across leaves its lock held in the child: everything is imported when the
+    sink is built."""
+    waypost_recording_server.responder = AmplitudePeer()
+    settings = {"api_key": API_KEY, "host": waypost_recording_server.url}
+    assert delivery_imports("amplitude", settings, tmp_path, events=3) == []
+    assert len(waypost_recording_server.requests) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from waypost.testing import (
     Request,
     Response,
     SinkContract,
+    delivery_imports,
     make_event,
     make_events,
     send_batch,
@@ -410,3 +412,13 @@ def test_httpx_request_log_masks_the_api_secret(
     lines = [r.getMessage() for r in caplog.records if r.name == "httpx"]
     assert any("/mp/collect?measurement_id=G-TEST12345&api_secret=***" in line for line in lines)
     assert SECRET not in caplog.text
+
+
+def test_open_and_send_import_nothing(ga4: Any, tmp_path: Path) -> None:
+    """``open()``, ``send()`` and ``close()`` run on delivery threads, where an import that a
+    ``fork()`` cuts across leaves its lock held in the child: everything is imported when the
+    sink is built."""
+    server, _ = ga4
+    settings = {"measurement_id": "G-TEST12345", "api_secret": SECRET, "host": server.url}
+    assert delivery_imports("ga4", settings, tmp_path, events=3) == []
+    assert len(server.requests) == 1

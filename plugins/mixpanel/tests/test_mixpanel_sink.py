@@ -18,6 +18,7 @@ from waypost.testing import (
     Request,
     Response,
     SinkContract,
+    delivery_imports,
     make_event,
     make_events,
     send_batch,
@@ -546,3 +547,15 @@ def test_sdk_quirk_import_success_trips_the_sdk(recording_server: RecordingServe
         consumer.send("imports", json.dumps([event]))
     (request,) = recording_server.requests
     assert request.query == {"strict": ["1"], "project_id": [PROJECT]}
+
+
+def test_open_and_send_import_nothing(
+    waypost_recording_server: RecordingServer, tmp_path: Path
+) -> None:
+    """``open()``, ``send()`` and ``close()`` run on delivery threads, where an import that a
+    ``fork()`` cuts across leaves its lock held in the child: everything is imported when the
+    sink is built."""
+    waypost_recording_server.responder = MixpanelPeer()
+    settings = {"token": TOKEN, "host": waypost_recording_server.url}
+    assert delivery_imports("mixpanel", settings, tmp_path, events=3) == []
+    assert len(waypost_recording_server.requests) == 1

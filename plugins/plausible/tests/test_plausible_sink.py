@@ -22,6 +22,7 @@ from waypost.testing import (
     Request,
     Response,
     SinkContract,
+    delivery_imports,
     make_event,
     make_events,
     send_batch,
@@ -353,3 +354,15 @@ def test_plugin_listing_marks_it_deprecated_when_already_imported() -> None:
     manager.load_sink_type("plausible")  # no fresh import, so no warning: the class says it
     info = manager.info("plausible").as_dict()
     assert info["deprecated"] is True and "posthog" in info["deprecation"]
+
+
+def test_open_and_send_import_nothing(
+    waypost_recording_server: RecordingServer, tmp_path: Path
+) -> None:
+    """``open()``, ``send()`` and ``close()`` run on delivery threads, where an import that a
+    ``fork()`` cuts across leaves its lock held in the child: everything is imported when the
+    sink is built."""
+    waypost_recording_server.responder = plausible
+    settings = {"domain": "example.org", "host": waypost_recording_server.url}
+    assert delivery_imports("plausible", settings, tmp_path, events=3) == []
+    assert len(waypost_recording_server.requests) == 3  # one request per event

@@ -26,6 +26,7 @@ from waypost.testing import (
     Request,
     Response,
     SinkContract,
+    delivery_imports,
     make_event,
     make_events,
     send_batch,
@@ -481,3 +482,12 @@ def test_readme_example_is_what_the_sink_renders(tmp_path: Path) -> None:
     rendered = make_sink("https://us.i.posthog.com", tmp_path).render([event])
     rendered["sent_at"] = documented["sent_at"]
     assert json.dumps(rendered, indent=2) == json.dumps(documented, indent=2)
+
+
+def test_open_and_send_import_nothing(posthog_server: RecordingServer, tmp_path: Path) -> None:
+    """``open()``, ``send()`` and ``close()`` run on delivery threads, where an import that a
+    ``fork()`` cuts across leaves its lock held in the child: everything is imported when the
+    sink is built (requests imported netrc on a session's first request)."""
+    settings = {"api_key": KEY, "host": posthog_server.url}
+    assert delivery_imports("posthog", settings, tmp_path, events=3) == []
+    assert len(posthog_server.requests) == 1

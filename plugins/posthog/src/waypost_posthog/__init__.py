@@ -91,7 +91,10 @@ class PosthogSink(Sink[PosthogConfig]):
 
     def __init__(self, name: str, config: PosthogConfig, context: SinkContext) -> None:
         super().__init__(name, config, context)
-        # Imported here, on the thread that builds the sink (posthog loads its whole client).
+        # Imported here, on the thread that builds the sink (posthog loads its whole client);
+        # requests imports netrc on a session's first request: imported here first.
+        import netrc  # noqa: F401
+
         import requests
         from posthog import request as sdk
 
