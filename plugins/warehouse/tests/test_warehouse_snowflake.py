@@ -17,7 +17,7 @@ import pytest
 
 from waypost.errors import ConfigError
 from waypost.sinks import SinkContext
-from waypost.testing import make_event, make_events, send_batch
+from waypost.testing import delivery_imports, make_event, make_events, send_batch
 from waypost_warehouse import COLUMNS, SnowflakeConfig, SnowflakeSink
 
 pytest.importorskip("fakesnow", reason="fakesnow needs Python 3.11+")
@@ -267,3 +267,12 @@ def test_distinct_id_is_stored_and_added_to_an_older_table(
     assert sorted(((who, int(n)) for who, n in counts), key=lambda r: str(r[0])) == [
         (None, 1), ("user-a", 2), ("user-b", 1)
     ]  # fmt: skip
+
+
+def test_open_and_send_import_nothing(snowflake_db: SnowflakeDb, tmp_path: Path) -> None:
+    """``open()``, ``send()`` and ``close()`` run on delivery threads, where an import that a
+    ``fork()`` cuts across leaves its lock held in the child: the connector is imported when the
+    sink is built (``open()`` imported it before)."""
+    imported = delivery_imports("snowflake", snowflake_db.config(), tmp_path, events=3)
+    assert imported == [], " ".join(imported)
+    assert len(snowflake_db.rows()) == 3

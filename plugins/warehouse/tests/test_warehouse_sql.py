@@ -14,7 +14,7 @@ import pytest
 from waypost.errors import ConfigError
 from waypost.events import Event
 from waypost.sinks import SinkContext
-from waypost.testing import make_event, make_events, send_batch
+from waypost.testing import delivery_imports, make_event, make_events, send_batch
 from waypost_warehouse import COLUMNS, SqlConfig, SqlSink
 
 Backend = Any  # conftest.Backend, handed out by the ``backend`` fixture
@@ -359,3 +359,11 @@ def test_without_create_table_an_old_table_is_written_without_distinct_id(
     (warning,) = [r.getMessage() for r in caplog.records if "has no distinct_id" in r.getMessage()]
     assert f"ALTER TABLE {backend.table} ADD COLUMN distinct_id VARCHAR(255)" in warning
     assert "create_table is off" in warning
+
+
+def test_open_and_send_import_nothing(backend: Backend, tmp_path: Path) -> None:
+    """``open()``, ``send()`` and ``close()`` run on delivery threads, where an import that a
+    ``fork()`` cuts across leaves its lock held in the child: SQLAlchemy, the dialect and its
+    driver are imported when the sink is built (``open()`` imported them before)."""
+    assert delivery_imports("sql", backend.config(), tmp_path, events=3) == []
+    assert len(backend.rows()) == 3

@@ -3,7 +3,7 @@
 Each chunk of a batch is one ``MERGE`` whose source is a ``SELECT ... FROM VALUES``: JSON text
 becomes ``VARIANT`` through ``PARSE_JSON`` in the SELECT list (Snowflake refuses ``PARSE_JSON``
 inside ``VALUES``), and ``WHEN NOT MATCHED`` skips ids already stored, so a retried batch never
-duplicates rows. The connector (its default ``pyformat`` binding) is imported in ``open()``.
+duplicates rows. The connector (its default ``pyformat`` binding) is imported when a sink is built.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validator
@@ -154,6 +155,21 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
         self._conn: SnowflakeConnection | None = None
         self._absent: tuple[str, ...] = ()  # columns of ADDED_COLUMNS the table lacks
         self._ready = False
+        # The connector is imported here, on the thread that builds the sink, never on a
+        # delivery thread (a fork during an import leaves the child with its lock held); a
+        # missing connector is open()'s to report, with the extra that brings it.
+        self._connector: ModuleType | None = None
+        with contextlib.suppress(ImportError):
+            import snowflake.connector
+            import snowflake.connector.errors
+
+            self._connector = snowflake.connector
+        # What the connector imports on its first request: netrc (its vendored requests reads
+        # ~/.netrc) and, where installed, OpenTelemetry's trace-context propagator.
+        import netrc  # noqa: F401
+
+        with contextlib.suppress(ImportError):
+            import opentelemetry.trace.propagation.tracecontext  # noqa: F401
 
     @property
     def label(self) -> str:
@@ -167,13 +183,11 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
     # --- lifecycle --------------------------------------------------------------------------
 
     def open(self) -> None:
-        try:
-            import snowflake.connector  # noqa: F401 (fail early, with the hint)
-        except ImportError as exc:
+        if self._connector is None:
             raise ConfigError(
-                f"snowflake-connector-python is not installed ({exc}): "
+                "snowflake-connector-python is not installed: "
                 "pip install 'waypost-warehouse[snowflake]'"
-            ) from None
+            )
         self._ready = False
         try:
             self._prepare()
@@ -253,7 +267,8 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
     def _connect(self) -> SnowflakeConnection:
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
-        import snowflake.connector
+        connector = self._connector
+        assert connector is not None  # open() said so
 
         s = self.config
         seconds = max(1, math.ceil(s.timeout))
@@ -283,7 +298,7 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
             kwargs["protocol"] = parsed.scheme
             kwargs["port"] = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
-            self._conn = snowflake.connector.connect(**kwargs)
+            self._conn = connector.connect(**kwargs)
         except Exception as exc:
             raise self._classify(f"connecting to account {s.account}", exc) from None
         return self._conn
@@ -350,8 +365,8 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
     def _classify(self, what: str, exc: Exception) -> SinkError:
         """Retryable for connection trouble and a suspended warehouse, else permanent; the
         reason holds the cause, never the statement's values or the credentials."""
-        from snowflake.connector import errors
-
+        assert self._connector is not None
+        errors = self._connector.errors
         s = self.config
         known = (s.table, s.schema_ or "", s.database or "", s.warehouse or "", "PUBLIC", *COLUMNS)
         if isinstance(exc, errors.Error):

@@ -3,7 +3,8 @@
 PostgreSQL, SQLite and DuckDB write each batch with one ``INSERT ... ON CONFLICT (id) DO
 NOTHING`` in one transaction, so a retried batch never duplicates rows. Other dialects
 (Redshift, BigQuery, MySQL ...) read which ids of the batch already exist and insert the rest,
-in one transaction. SQLAlchemy is imported in ``open()``, not when the plugin loads.
+in one transaction. SQLAlchemy, the URL's dialect and its driver are imported when a sink is
+built (on the application's thread, never on a delivery thread), not when the plugin loads.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class SqlSink(Sink[SqlConfig]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        _import_for(self._url(files=False))
         self._engine: Engine | None = None
         self._table: sa.Table | None = None
         self._absent: tuple[str, ...] = ()  # columns of ADDED_COLUMNS the table lacks
@@ -208,7 +210,9 @@ class SqlSink(Sink[SqlConfig]):
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _url(self) -> URL:
+    def _url(self, *, files: bool = True) -> URL:
+        """The configured URL with its driver chosen and (``files``) a relative database file
+        placed in the data dir, its folder made."""
         from sqlalchemy.engine import make_url
 
         url = make_url(self.config.url.get_secret_value())
@@ -221,7 +225,7 @@ class SqlSink(Sink[SqlConfig]):
                 url = url.set(drivername="postgresql")
         backend = url.get_backend_name()
         database = url.database
-        if backend in _FILE_DIALECTS and database and database != ":memory:":
+        if files and backend in _FILE_DIALECTS and database and database != ":memory:":
             path = Path(database).expanduser()
             if not path.is_absolute():
                 path = self.context.data_dir / path
@@ -320,6 +324,22 @@ class SqlSink(Sink[SqlConfig]):
             self._ready = False
             return RetryableError(f"{what} at {self._where}: {type(cause).__name__}: {message}")
         return PermanentError(f"{what} failed: {type(cause).__name__}: {message}")
+
+
+def _import_for(url: URL) -> None:
+    """Import what ``open()`` and ``send()`` need for ``url``: SQLAlchemy's engine, pool and
+    insert constructs, the dialect and its driver (a missing driver is ``open()``'s to report,
+    with the extra that brings it)."""
+    import sqlalchemy.dialects.postgresql
+    import sqlalchemy.dialects.sqlite
+    import sqlalchemy.pool  # noqa: F401
+    from sqlalchemy.exc import NoSuchModuleError
+
+    try:
+        dialect = url.get_dialect()
+        dialect.import_dbapi()
+    except (ImportError, NoSuchModuleError):
+        pass
 
 
 def _retryable(exc: sa.exc.SQLAlchemyError) -> bool:
