@@ -146,6 +146,15 @@ def test_secret_values_are_found_wherever_a_config_holds_them() -> None:
     assert "tok3n-as-user" in set(secret_values({"url": "https://tok3n-as-user@h.example/"}))
 
 
+@pytest.mark.parametrize("cut", [6, 9, len(HEADER_TOKEN) - 1])
+def test_a_secret_cut_short_at_the_end_of_a_reason_is_masked_too(cut: int) -> None:
+    sanitiser = Sanitiser([HEADER_TOKEN, "https://h.example/in"])
+    answer = f"refused: the key {HEADER_TOKEN} is not valid"
+    reason = f"HTTP 401: {answer[: len('refused: the key ') + cut]}"  # as a snippet cuts it
+    assert sanitiser(reason) == "HTTP 401: refused: the key ***"
+    assert sanitiser("sent to https://h") == "sent to https://h"  # a URL's beginning is no secret
+
+
 def test_the_gates_remarks_pass_the_sanitiser_unchanged_and_addresses_do_not() -> None:
     remarks = "email@context.deploy.owner, secret_key@properties.items[2].x, phone@distinct_id"
     clean = Sanitiser()(f"scrubbed ({remarks}) for jane@example.com \x007\x00")

@@ -55,6 +55,11 @@ MASK = "***"
 
 _MIN_SECRET = 4
 """Shorter values are not masked inside texts: they would blot out ordinary words."""
+_MIN_CUT = 6
+"""A text that ends with this many characters or more of a known secret's beginning ends with
+a secret that was cut: they are masked too."""
+_LONGEST_CUT = 512
+"""Longer beginnings are not looked for (a secret that long is masked whole, mostly)."""
 
 # Names holding one of these anywhere (``sslpassword``, ``client_secret``, ``X-Amz-Signature``).
 _SECRET_PARTS = (
@@ -244,7 +249,12 @@ class Sanitiser:
     def __init__(self, secrets: Iterable[str] = (), *, scrubber: Scrubber | None = None) -> None:
         self._scrubber = scrubber or Scrubber()
         self._values: frozenset[str] = frozenset()
-        self._compiled: tuple[frozenset[str], re.Pattern[str] | None] = (self._values, None)
+        self._compiled: tuple[frozenset[str], re.Pattern[str] | None, frozenset[str], int] = (
+            self._values,
+            None,
+            frozenset(),
+            0,
+        )
         self._lock = threading.Lock()
         self.add(secrets)
 
@@ -270,28 +280,38 @@ class Sanitiser:
 
     def knows(self, text: str) -> bool:
         """Whether ``text`` holds a known secret value."""
-        pattern = self._known()
+        pattern = self._known()[0]
         return pattern is not None and pattern.search(text) is not None
 
-    def _known(self) -> re.Pattern[str] | None:
-        # No lock on this path: it runs in log filters, also in a child forked while another
-        # thread held a lock. The pattern is kept with the set it was made of, so a pattern
-        # made while a secret was being added is made again.
+    def _known(self) -> tuple[re.Pattern[str] | None, frozenset[str], int]:
+        """The pattern of every known value, and their beginnings (see :data:`_MIN_CUT`).
+
+        No lock on this path: it runs in log filters, also in a child forked while another
+        thread held a lock. What is made is kept with the set it was made of, so what was made
+        while a secret was being added is made again."""
         values = self._values
-        made, pattern = self._compiled
+        made, pattern, cuts, longest = self._compiled
         if made is not values:
             ordered = sorted(values, key=len, reverse=True)  # longest first
             pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
-            self._compiled = (values, pattern)
-        return pattern
+            cuts = frozenset(
+                value[:n]
+                for value in values
+                if "://" not in value  # a URL's beginning is its scheme and host
+                for n in range(_MIN_CUT, len(value))
+            )
+            longest = min(max(map(len, cuts), default=0), _LONGEST_CUT)
+            self._compiled = (values, pattern, cuts, longest)
+        return pattern, cuts, longest
 
     def __call__(self, text: str) -> str:
         if not text:
             return text
         text = str(text)
-        pattern = self._known()
+        pattern, cuts, longest = self._known()
         if pattern is not None:
             text = pattern.sub(MASK, text)
+            text = _mask_cut(text, cuts, longest)
         # Credentials by shape, as the sinks mask them ("https://***@host", "token=***"); the
         # scrubbers leave "***" as it is, and find the rest.
         if "@" in text:
@@ -305,6 +325,15 @@ class Sanitiser:
         if kept:
             text = _KEPT.sub(lambda m: _kept(kept, m), text)
         return text
+
+
+def _mask_cut(text: str, cuts: frozenset[str], longest: int) -> str:
+    """``text`` without the beginning of a known secret it ends with: a reason cut to a length
+    (an answer's snippet) may stop inside one."""
+    for n in range(min(len(text), longest), _MIN_CUT - 1, -1):
+        if text[-n:] in cuts:
+            return text[:-n] + MASK
+    return text
 
 
 def _mask_userinfo(match: re.Match[str]) -> str:
