@@ -434,12 +434,12 @@ def sanitise_record(record: logging.LogRecord) -> bool:
 
 
 _GUARDED = (
-    "httpx", "httpcore", "urllib3", "requests", "posthog", "mixpanel", "amplitude", "snowflake",
-    "confluent_kafka", "clickhouse_connect", "chdb", "sqlalchemy", "psycopg", "psycopg2",
-    "opentelemetry",
+    "httpx", "httpcore", "h11", "h2", "hpack", "urllib3", "requests", "posthog", "mixpanel",
+    "amplitude", "snowflake", "confluent_kafka", "clickhouse_connect", "chdb", "sqlalchemy",
+    "psycopg", "psycopg2", "opentelemetry",
 )  # fmt: skip
 """Libraries the sinks talk through, whose own lines may print a URL, a header or an answer
-(PostHog's SDK logs every answer at DEBUG)."""
+(PostHog's SDK logs every answer at DEBUG, hpack every header it encodes)."""
 
 
 def guard_loggers() -> None:
