@@ -37,11 +37,12 @@ class UnknownSinkError(ConfigError):
 
 
 class PluginError(WaypostError):
-    """A plugin failed to import or to register its sinks (the message is sanitised, as a
-    :class:`ConfigError`'s)."""
+    """A plugin failed: to import, to register its sinks, or in a hook called at start (the
+    message is sanitised, as a :class:`ConfigError`'s); ``plugin`` names it when known."""
 
-    def __init__(self, message: str = "") -> None:
+    def __init__(self, message: str = "", *, plugin: str | None = None) -> None:
         super().__init__(_sanitised(message))
+        self.plugin = plugin
 
 
 class TrackError(WaypostError):

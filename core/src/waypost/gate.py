@@ -7,21 +7,20 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from waypost import config as _config
-from waypost.errors import TrackError
+from waypost.errors import PluginError, TrackError
 from waypost.events import Event, Payload, base_context, coerce, uuid7
 from waypost.logs import get_logger
-from waypost.privacy import Scrubber, level_allows
+from waypost.privacy import Rule, Scrubber, level_allows
 
 if TYPE_CHECKING:
     from waypost.config import TelemetryConfig
     from waypost.control import Control, ControlState
     from waypost.delivery.pipeline import Item
     from waypost.plugins import PluginManager
-    from waypost.privacy import Rule
     from waypost.status import Counters, LogOnce
 
 log = get_logger(__name__)
@@ -80,10 +79,45 @@ def check(event: Any, properties: Any, level: str | None) -> None:
 
 def build_scrubber(config: TelemetryConfig, plugins: PluginManager) -> Scrubber | None:
     """The scrubber of this configuration with the rules plugins register; None when
-    ``telemetry.scrub.enabled`` is false."""
+    ``telemetry.scrub.enabled`` is false. A plugin whose ``register_scrubbers`` raises, or
+    registers a rule that does not compile, is a :class:`PluginError`: telemetry does not
+    start without the rules it meant to apply."""
+    if not config.scrub.enabled:
+        return None
     extra_rules: list[Rule] = []
-    plugins.hook.register_scrubbers(register=extra_rules.append)
-    return Scrubber.from_config(config, extra_rules) if config.scrub.enabled else None
+    pending: list[Any] = []
+
+    def failed(plugin: str, exc: Exception) -> None:
+        raise PluginError(
+            f"plugin {plugin!r}: register_scrubbers raised {type(exc).__name__}: {exc} "
+            "(telemetry does not start without its rules)",
+            plugin=plugin,
+        ) from exc
+
+    for plugin, _ in plugins.call_each("register_scrubbers", failed, register=pending.append):
+        for rule in pending:
+            _check_rule(rule, plugin)
+        extra_rules += pending
+        pending.clear()
+    return Scrubber.from_config(config, extra_rules)
+
+
+def _check_rule(rule: Any, plugin: str) -> None:
+    if not isinstance(rule, Rule):
+        raise PluginError(
+            f"plugin {plugin!r}: register_scrubbers registered {type(rule).__name__}, not a "
+            "waypost.privacy.Rule",
+            plugin=plugin,
+        )
+    try:
+        re.compile(rule.pattern, rule.flags)
+    except Exception as exc:  # re.error, or a pattern or flags of the wrong type
+        problem = str(exc) if isinstance(exc, re.error) else f"{type(exc).__name__}: {exc}"
+        raise PluginError(
+            f"plugin {plugin!r}: scrubbing rule {rule.name!r} has an invalid pattern: {problem} "
+            "(telemetry does not start without it)",
+            plugin=plugin,
+        ) from None
 
 
 class Gate:
@@ -140,19 +174,28 @@ class Gate:
         distinct_id: str,
         counters: Counters,
         log_once: LogOnce,
+        on_error: Callable[[str, str, Exception], None] | None = None,
     ) -> Gate:
         """The gate of a starting instance: the context (with what ``waypost_context`` hooks
-        add) and the scrubber (with the rules of ``register_scrubbers`` hooks)."""
+        add) and the scrubber (with the rules of ``register_scrubbers`` hooks). A context hook
+        that raises, or returns what is not JSON, goes to ``on_error(plugin, hook, exc)`` and
+        adds nothing (without ``on_error`` it raises)."""
+
+        def failed(plugin: str, exc: Exception) -> None:
+            if on_error is None:
+                raise exc
+            on_error(plugin, "waypost_context", exc)
+
         context = base_context(app, version)
-        for extra in plugins.hook.waypost_context(context=dict(context)):
+        for plugin, extra in plugins.call_each("waypost_context", failed, context=dict(context)):
             if not isinstance(extra, Mapping):
                 continue
             try:
                 # What leaves is JSON: a value that cannot be made JSON is refused here, once,
                 # rather than failing every event that carries the context.
                 context = _config.merge(context, coerce(dict(extra)))
-            except (TypeError, ValueError) as exc:
-                log.warning("waypost: context from a waypost_context hook refused: %s", exc)
+            except (TypeError, ValueError, RecursionError) as exc:
+                failed(plugin, exc)
         return cls(
             level=config.level,
             instance_id=instance_id,

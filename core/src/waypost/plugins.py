@@ -20,7 +20,7 @@ import importlib
 import importlib.metadata as md
 import types
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -281,15 +281,17 @@ class PluginManager:
         config_file: str | None,
         strict: bool,
         tolerant: bool = False,
+        notes: list[str] | None = None,
     ) -> tuple[dict[str, Sink], dict[str, tuple[str, str]]]:
         """The sinks of ``telemetry.sinks`` (``specs``: name -> settings with their ``type``),
         only their types' plugins imported; and for each sink that cannot be made, its type and
         the error (logged). In strict mode the first error raises, unless ``tolerant``
         (inspection: ``waypost status`` shows a sink whose plugin is missing or broken, or whose
-        variable is not set in this shell, as ``error`` with its reason)."""
+        variable is not set in this shell, as ``error`` with its reason). Remarks on the values
+        (a YAML 1.1 word read as the field wants) are added to ``notes``."""
         from pydantic import ValidationError
 
-        from waypost.config import expand, validation_error
+        from waypost.config import conform, env_origins, expand, validation_error
         from waypost.privacy import secrets
 
         made: dict[str, Sink] = {}
@@ -302,13 +304,28 @@ class PluginManager:
                 spec = expand(spec, env, key)
                 secrets.add_config(spec)  # before validation: its errors may quote a value
                 cls = self.load_sink_type(sink_type, key=key)
+                # Values by the sink's own fields: region: no is a word, api_key: 0123 text.
+                found: list[str] = []
+                origins = env_origins(spec, key)
+                spec = conform(cls.Config, spec, key, found)
+                for note in found:
+                    if notes is not None and note not in notes:
+                        notes.append(note)
+                        log.warning("waypost: %s", note)
                 try:
                     sink_config = cls.Config.model_validate(spec)
                 except ValidationError as exc:
-                    raise validation_error(exc, source=config_file, prefix=key) from None
+                    raise validation_error(
+                        exc, source=config_file, prefix=key, origins=origins
+                    ) from None
                 secrets.add_config(sink_config)
                 made[name] = cls(name, sink_config, context)
-            except (ConfigError, PluginError) as exc:
+            except Exception as exc:
+                if not isinstance(exc, (ConfigError, PluginError)):
+                    exc = PluginError(
+                        f"sink {name!r} (type {sink_type!r}) could not be made: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
                 if isinstance(exc, ConfigError) and exc.source is None:
                     exc = type(exc)(exc.reason, source=config_file, key=exc.key)
                 if strict and not tolerant:
@@ -340,6 +357,26 @@ class PluginManager:
             function = impl.function
             chain.append(function if impl.argnames else _ignoring_event(function))
         return chain
+
+    def call_each(
+        self, hook_name: str, on_error: Callable[[str, Exception], None], **kwargs: Any
+    ) -> Iterator[tuple[str, Any]]:
+        """Call a hook plugin by plugin (newest first), each through ``pm.hook`` so tracing
+        works, yielding ``(plugin name, result)``: a plugin whose implementation raises is
+        handed to ``on_error`` and skipped, and the others still run (for the hooks read at
+        start, where one broken plugin must not take the others' parts with it)."""
+        plugins = self.pm.get_plugins()
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            if impl.wrapper or impl.hookwrapper:
+                continue
+            others = [p for p in plugins if p is not impl.plugin]
+            try:
+                results = self.pm.subset_hook_caller(hook_name, others)(**kwargs)
+            except Exception as exc:
+                on_error(impl.plugin_name, exc)
+                continue
+            for result in results:
+                yield impl.plugin_name, result
 
     def has_impls(self, hook_name: str) -> bool:
         return bool(getattr(self.pm.hook, hook_name).get_hookimpls())

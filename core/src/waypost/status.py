@@ -105,6 +105,10 @@ class Status(BaseModel):
     strict: bool
     config_file: str | None
     config_error: str | None = None
+    config_warnings: list[str] = []
+    """Settings that were ignored (a ``WAYPOST_...`` variable naming no setting)."""
+    plugin_errors: dict[str, str] = {}
+    """Plugins (or their parts) left out, by plugin name, with the reason."""
     data_dir: str
     instance_id: str | None
     sinks: list[SinkStatus]

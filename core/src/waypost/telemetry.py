@@ -79,6 +79,15 @@ def _import_beside(name: str, config_file: str | None, load: Callable[[str], Any
         return load(name)
 
 
+def _plugin_label(plugin: object) -> str:
+    """A readable name for a plugin given in code: its module's name, or its class's."""
+    name = getattr(plugin, "__name__", None)
+    if isinstance(name, str):
+        return name
+    kind = type(plugin)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 class Telemetry:
     """Collects events for one application and delivers them to the configured sinks.
 
@@ -134,7 +143,8 @@ class Telemetry:
         self.sinks: dict[str, Sink] = {}
         self.sink_errors: dict[str, tuple[str, str]] = {}
         self.plugin_errors: dict[str, str] = {}
-        """Modules of ``telemetry.plugins`` that could not be imported, with the reason."""
+        """Plugins that failed (a module of ``telemetry.plugins`` that could not be imported, a
+        hook that raised at start), by name, with the reason."""
 
         overrides: dict[str, Any] = {}
         if strict is not None:
@@ -145,20 +155,36 @@ class Telemetry:
             found = _config.find_config(self._env)
             config = found if found is not None else None
         secrets.guard_loggers()
+        self.config_warnings: list[str] = []
         try:
-            self.config, self.config_file = _config.load(config, self._env, overrides=overrides)
+            self.config, self.config_file = _config.load(
+                config, self._env, overrides=overrides, notes=self.config_warnings
+            )
             secrets.add_config(self.config)  # literal secrets; ${...} ones when sinks are made
-        except ConfigError as exc:
+        except Exception as exc:
+            if not isinstance(exc, ConfigError):  # a bug or a resource limit, not a bad value
+                exc = ConfigError(f"cannot be loaded: {type(exc).__name__}: {exc}", source=(
+                    str(config) if isinstance(config, (str, os.PathLike)) else None))  # fmt: skip
             if strict:
-                raise
+                raise exc from None
             self.config_error = str(exc)
             log.error("waypost: telemetry is off: %s", exc)
             self.config = TelemetryConfig(enabled=False, strict=False)
             self.config_file = str(config) if isinstance(config, (str, os.PathLike)) else None
+        for note in self.config_warnings:
+            log.warning("waypost: %s", note)
         cfg = self.config
-        where = datadir.locate(
-            app=app, data_dir=data_dir, config=cfg, config_file=self.config_file, env=self._env
-        )
+        try:
+            where = datadir.locate(
+                app=app, data_dir=data_dir, config=cfg, config_file=self.config_file, env=self._env
+            )
+        except Exception as exc:  # e.g. ~user/ of a user who does not exist
+            error = ConfigError(f"cannot locate the data dir: {exc}", key="telemetry.data_dir")
+            if cfg.strict:
+                raise error from None
+            self.config_error = self.config_error or str(error)
+            log.error("waypost: telemetry is off: %s", error)
+            where = datadir.Location(app or "app", default_data_dir(app or "app"), "default")
         self.app = where.app
         self.version = version or cfg.version or "0"
         self.strict = cfg.strict
@@ -166,14 +192,19 @@ class Telemetry:
         self.distinct_id = distinct_id or cfg.distinct_id or ""
         self.data_dir_source = where.source
         self.data_dir: Path = where.data_dir
+        self._earliest = cfg.timestamps.earliest.timestamp()
+        self._ahead = cfg.timestamps.ahead
 
         self.decision = self._decide()
         for plugin in plugins:
-            self.plugins.register_module(plugin)
+            self._register_plugin(plugin)
         for module_name in cfg.plugins:
             self._register_plugin_module(module_name, inspecting=not start)
         for sink_class in sink_classes:
-            self.plugins.register_sink(sink_class)
+            try:
+                self.plugins.register_sink(sink_class)
+            except PluginError as exc:
+                self._plugin_failed(repr(sink_class), exc)
         self._notice_callback = notice
         self._autostart = start
         if self.decision.enabled and self.config_error is None and start:
@@ -215,17 +246,79 @@ class Telemetry:
 
         try:
             module = _import_beside(module_name, self.config_file, importlib.import_module)
-            self.plugins.register_module(module, name=module_name)
         except Exception as exc:
-            error = PluginError(
-                f"error importing plugin {module_name!r}: {type(exc).__name__}: {exc}"
+            self._plugin_failed(
+                module_name,
+                PluginError(f"error importing plugin {module_name!r}: {type(exc).__name__}: {exc}"),
+                exc,
+                inspecting=inspecting,
             )
-            if self.strict and not inspecting:
-                raise error from exc
-            self.plugin_errors[module_name] = str(error)
-            log.error("waypost: %s", error)
+            return
+        self._register_plugin(module, module_name, inspecting=inspecting)
+
+    def _register_plugin(
+        self, plugin: object, name: str | None = None, *, inspecting: bool = False
+    ) -> None:
+        """Register hook implementations given in code or named in ``telemetry.plugins``; one
+        that cannot be registered (its ``register_sinks`` raises, a misspelt hook) is reported
+        and its sinks are off."""
+        label = name or _plugin_label(plugin)
+        if name is None and self.plugins.pm.get_plugin(label) is not None:
+            label = f"{label}#{id(plugin):x}"  # two instances of one class
+        try:
+            self.plugins.register_module(plugin, name=label)
+        except Exception as exc:
+            error = exc if isinstance(exc, PluginError) else PluginError(
+                f"plugin {label!r} could not be registered: {type(exc).__name__}: {exc}",
+                plugin=label)  # fmt: skip
+            self._plugin_failed(label, error, exc, inspecting=inspecting)
+
+    def _plugin_failed(self, plugin: str, error: PluginError, cause: BaseException | None = None,
+                       consequence: str = "", *, inspecting: bool = False) -> None:  # fmt: skip
+        """A plugin failed: raise at once in strict mode (unless the instance only inspects:
+        the CLI); otherwise report it in ``status()`` (``plugin_errors``) with one log line,
+        and go on without that part."""
+        if self.strict and not inspecting:
+            raise error from cause
+        message = f"{error}{consequence}"
+        previous = self.plugin_errors.get(plugin)
+        self.plugin_errors[plugin] = f"{previous}; {message}" if previous else message
+        log.error("waypost: %s", message)
+
+    def _hook_failed(self, plugin: str, hook: str, exc: Exception) -> None:
+        self._plugin_failed(
+            plugin,
+            PluginError(
+                f"plugin {plugin!r}: {hook} raised {type(exc).__name__}: {exc}", plugin=plugin
+            ),
+            exc,
+            consequence=" (what it adds is left out)",
+        )
 
     def _start(self) -> None:
+        """Start collecting; in production, anything that fails on the way (a plugin, the data
+        dir, a thread that cannot start) leaves telemetry off with the reason in ``status()``."""
+        try:
+            self._start_parts()
+        except Exception as exc:
+            if self._on or self.pipeline is not None:
+                try:
+                    self._stop_running()
+                except Exception as stop_exc:
+                    log.warning("waypost: stopping after a failed start: %s", stop_exc)
+            if self.strict:
+                if isinstance(exc, WaypostError):
+                    raise
+                raise WaypostError(
+                    f"telemetry could not start: {type(exc).__name__}: {exc}"
+                ) from exc
+            reason = str(exc) if isinstance(exc, WaypostError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, PluginError):
+                self.plugin_errors.setdefault(exc.plugin or "start", reason)
+            log.error("waypost: telemetry is off: %s", reason)
+            self.decision = Decision(False, "error", reason)
+
+    def _start_parts(self) -> None:
         cfg = self.config
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -245,6 +338,7 @@ class Telemetry:
             distinct_id=self.distinct_id,
             counters=self.counters,
             log_once=self._log_once,
+            on_error=self._hook_failed,
         )
         self.control = ControlState(self.data_dir)
         self.control.listeners.append(self._apply_control)
@@ -348,6 +442,7 @@ class Telemetry:
             config_file=self.config_file,
             strict=self.strict,
             tolerant=tolerant,
+            notes=self.config_warnings,
         )
         self.sinks.update(made)
         self.sink_errors.update(errors)
@@ -831,6 +926,8 @@ class Telemetry:
             strict=self.strict,
             config_file=self.config_file,
             config_error=self.config_error,
+            config_warnings=list(self.config_warnings),
+            plugin_errors=dict(self.plugin_errors),
             data_dir=str(self.data_dir),
             instance_id=self.instance_id or datadir.read_instance_id(self.data_dir),
             sinks=sinks,

@@ -4,6 +4,7 @@ reason."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -12,84 +13,34 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from waypost.config.files import check_shape, read_file
 from waypost.config.models import TelemetryConfig
 from waypost.config.validation import validation_error
+from waypost.config.values import EnvValue, conform, from_json
 from waypost.errors import ConfigError, MissingVariableError
-from waypost.privacy.consent import parse_bool
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "WAYPOST_"
 DEFAULT_FILES = ("telemetry.yml", "telemetry.yaml", "telemetry.toml", "waypost.yml", "waypost.toml")
 
 
-def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a YAML or TOML file into a dict (the ``telemetry:`` root is not removed)."""
-    path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("file not found", source=source) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", source=source) from None
-    if path.suffix.lower() == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
-        try:
-            data: Any = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"invalid TOML: {exc}", source=source) from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"invalid YAML: {_yaml_problem(exc)}", source=source) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("the file must hold a mapping with a 'telemetry' key", source=source)
-    return data
-
-
-def _yaml_problem(exc: Exception) -> str:
-    """What is wrong and where (line and column), never the text of the line: PyYAML's own
-    message quotes it, and the line may hold a secret."""
-    problem = getattr(exc, "problem", None) or "cannot be parsed"
-    context = getattr(exc, "context", None)
-    text = f"{problem}{_at(getattr(exc, 'problem_mark', None))}"
-    if context:
-        text += f" ({context}{_at(getattr(exc, 'context_mark', None))})"
-    return text
-
-
-def _at(mark: Any) -> str:
-    line, column = getattr(mark, "line", None), getattr(mark, "column", None)
-    if not (isinstance(line, int) and isinstance(column, int)):
-        return ""
-    return f" at line {line + 1}, column {column + 1}"
-
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+_REF_LIMIT = 8
+"""How deep ``${A:-${B:-...}}`` defaults may nest."""
 
 
 def expand(value: Any, env: Mapping[str, str], key: str = "telemetry") -> Any:
-    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string, recursively."""
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string, recursively; a default may
+    hold references itself (``${A:-${B}}``) and ``$${`` is a literal ``${``. A variable set to
+    the empty string counts as unset. Values taken from ``WAYPOST_...`` variables are left as
+    they are."""
+    if isinstance(value, EnvValue):
+        return value
     if isinstance(value, str):
         if "${" not in value:
             return value
-
-        def sub(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            if name in env and env[name] != "":
-                return env[name]
-            if default is not None:
-                return default
-            raise MissingVariableError(f"environment variable {name} is not set", key=key)
-
-        return _VAR.sub(sub, value)
+        text, _ = _expand_text(value, 0, env, key, depth=0, evaluate=True)
+        return text
     if isinstance(value, dict):
         return {k: expand(v, env, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, list):
@@ -97,27 +48,85 @@ def expand(value: Any, env: Mapping[str, str], key: str = "telemetry") -> Any:
     return value
 
 
-def _scalar(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-_ENV_SKIP = {"HOME", "CONFIG", "APP", "DEBUG"}
+def _expand_text(
+    text: str, pos: int, env: Mapping[str, str], key: str, *, depth: int, evaluate: bool
+) -> tuple[str, int]:
+    """Expand ``text`` from ``pos`` up to an unmatched ``}`` (inside a default) or the end;
+    returns the expansion and where it stopped. ``evaluate`` false only finds the end (a
+    default that is not used names no variable that must be set)."""
+    out: list[str] = []
+    i, n = pos, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "$" and text.startswith("$${", i):
+            out.append("${")
+            i += 3
+        elif ch == "$" and text.startswith("${", i):
+            name = _NAME.match(text, i + 2)
+            if name is None:
+                raise ConfigError(
+                    f"{text[i : i + 20]!r}: ${{ must start a reference such as ${{NAME}} or "
+                    "${NAME:-default}; write $${ for a literal ${",
+                    key=key,
+                )
+            j = name.end()
+            default: str | None = None
+            if text.startswith(":-", j) or text.startswith("-", j):
+                j += 2 if text[j] == ":" else 1
+                if depth >= _REF_LIMIT:
+                    raise ConfigError(
+                        f"defaults nested deeper than {_REF_LIMIT} levels (the limit)", key=key
+                    )
+                value = env.get(name.group()) if evaluate else None
+                use_default = evaluate and not value
+                default, j = _expand_text(text, j, env, key, depth=depth + 1, evaluate=use_default)
+            if j >= n or text[j] != "}":
+                raise ConfigError(
+                    f"unterminated reference {text[i : i + 20]!r}: close it with }} (or write "
+                    "$${ for a literal ${)",
+                    key=key,
+                )
+            if evaluate:
+                value = env.get(name.group())
+                if value:
+                    out.append(value)
+                elif default is not None:
+                    out.append(default)
+                else:
+                    raise MissingVariableError(
+                        f"environment variable {name.group()} is not set", key=key
+                    )
+            i = j + 1
+        elif ch == "}" and depth > 0:
+            return "".join(out), i
+        else:
+            stops = (text.find("$", i + 1), text.find("}", i + 1))
+            nxt = min((p for p in stops if p >= 0), default=n)
+            out.append(text[i:nxt])
+            i = nxt
+    return "".join(out), i
+
+
+_ENV_OTHER = {"HOME", "CONFIG", "APP", "DEBUG", "COLLECTOR_CONFIG"}
+"""``WAYPOST_...`` variables that are not settings (the data dir, the config file, the CLI's
+application name, debug mode, the collector's config file)."""
 
 
 def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     """``WAYPOST_LEVEL=all`` sets ``telemetry.level``; ``__`` nests: ``WAYPOST_SINKS__POSTHOG__
-    API_KEY`` sets ``telemetry.sinks.posthog.api_key``. ``WAYPOST_HOME`` is the data dir."""
+    API_KEY`` sets ``telemetry.sinks.posthog.api_key``. ``WAYPOST_HOME`` is the data dir.
+
+    Each value is an :class:`~waypost.config.values.EnvValue`: text, until
+    :func:`~waypost.config.values.conform` makes it what its field takes."""
     out: dict[str, Any] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or raw == "":
             continue
         rest = name[len(ENV_PREFIX) :]
-        if rest in _ENV_SKIP:
+        if rest in _ENV_OTHER:
             continue
         path = [part.lower() for part in rest.split("__") if part]
         if not path:
@@ -128,11 +137,23 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 break
         else:
-            node[path[-1]] = _scalar(raw)
+            node[path[-1]] = EnvValue(raw, name)
     if env.get("WAYPOST_HOME"):
-        out["data_dir"] = env["WAYPOST_HOME"]
+        out["data_dir"] = EnvValue(env["WAYPOST_HOME"], "WAYPOST_HOME")
     if env.get("WAYPOST_DEBUG"):
-        out["debug"] = parse_bool(env["WAYPOST_DEBUG"]) is True
+        out["debug"] = EnvValue(env["WAYPOST_DEBUG"], "WAYPOST_DEBUG")
+    return out
+
+
+def env_origins(overrides: Mapping[str, Any], prefix: str = "telemetry") -> dict[str, str]:
+    """Key path -> the variable that set it, for error messages."""
+    out: dict[str, str] = {}
+    for key, value in overrides.items():
+        path = f"{prefix}.{key}"
+        if isinstance(value, EnvValue):
+            out[path] = value.variable
+        elif isinstance(value, Mapping):
+            out.update(env_origins(value, path))
     return out
 
 
@@ -164,8 +185,12 @@ def load(
     env: Mapping[str, str] | None = None,
     *,
     overrides: Mapping[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[TelemetryConfig, str | None]:
-    """Build the effective config and return it with the name of its source file (if any)."""
+    """Build the effective config and return it with the name of its source file (if any).
+
+    ``notes`` receives the warnings that do not make the config invalid (a ``WAYPOST_...``
+    variable that names no setting); without it they are logged."""
     env = os.environ if env is None else env
     if isinstance(config, TelemetryConfig):
         return config, None
@@ -173,11 +198,12 @@ def load(
     if config is None:
         data: dict[str, Any] = {}
     elif isinstance(config, Mapping):
-        data = dict(config)
         source = "<config>"
+        check_shape(config, source)
+        data = dict(config)
     else:
         source = str(config)
-        data = read_file(config)
+        data = read_file(config, marked=True)
     if "telemetry" in data:
         section = data["telemetry"]
         if section is None:
@@ -186,21 +212,37 @@ def load(
             raise ConfigError("must be a mapping", source=source, key="telemetry")
         data = dict(section)
     elif source and source != "<config>" and data:
-        raise ConfigError(
-            f"no 'telemetry' key at the top (found: {', '.join(map(str, data))})", source=source
-        )
-    data = merge(data, env_overrides(env))
+        found = ", ".join(str(k) for k in list(data)[:10])
+        raise ConfigError(f"no 'telemetry' key at the top (found: {found})", source=source)
+    from_env = env_overrides(env)
+    data = merge(data, from_env)
     if overrides:
         data = merge(data, {k: v for k, v in overrides.items() if v is not None})
+    heard: list[str] = []
     try:
-        # Sink settings are expanded when each sink is made, so a secret missing from this
-        # environment turns off that sink (or fails it, in strict mode), not the whole config.
-        data = {
-            k: (v if k == "sinks" else expand(v, env, f"telemetry.{k}")) for k, v in data.items()
-        }
+        # Sink settings are expanded and typed when each sink is made (by the sink's own
+        # model), so a secret missing from this environment turns off that sink (or fails it,
+        # in strict mode), not the whole config.
+        sinks = data.pop("sinks", _ABSENT)
+        data = {k: expand(v, env, f"telemetry.{k}") for k, v in data.items()}
+        data = conform(TelemetryConfig, data, "telemetry", heard)
+        if isinstance(sinks, EnvValue):
+            sinks = from_json(sinks, dict, "telemetry.sinks")
+        if sinks is not _ABSENT:
+            data["sinks"] = sinks
     except ConfigError as exc:
-        raise type(exc)(exc.reason, source=source, key=exc.key) from None
+        raise type(exc)(exc.reason, source=exc.source or source, key=exc.key) from None
+    for note in heard:
+        if notes is None:
+            log.warning("waypost: %s", note)
+        else:
+            notes.append(note)
     try:
         return TelemetryConfig.model_validate(data), source
     except ValidationError as exc:
-        raise validation_error(exc, source=source, prefix="telemetry") from None
+        raise validation_error(
+            exc, source=source, prefix="telemetry", origins=env_origins(from_env)
+        ) from None
+
+
+_ABSENT: Any = object()

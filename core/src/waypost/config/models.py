@@ -3,6 +3,7 @@ that refuse unknown keys, and the duration values they take (``30s``, ``24h``)."
 
 from __future__ import annotations
 
+import datetime as _dt
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -13,10 +14,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
 )
 
+from waypost.config.values import flag, is_flag_field
 from waypost.privacy.secrets import masked
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -35,6 +38,12 @@ def parse_duration(value: Any) -> float:
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _flags(cls, value: Any, info: ValidationInfo) -> Any:
+        # Booleans through the project's one parser (pydantic's own takes t, f, y and n too).
+        return flag(value) if info.field_name and is_flag_field(cls, info.field_name) else value
 
 
 class BatchConfig(_Model):
@@ -122,6 +131,17 @@ class HeartbeatConfig(_Model):
 
     _dur = field_validator("every", "first_delay", "jitter", mode="before")(parse_duration)
 
+    @field_validator("time_of_day")
+    @classmethod
+    def _time_of_day(cls, value: str | None) -> str | None:
+        if value is None or value == "random":
+            return value
+        hours, sep, minutes = value.partition(":")
+        if not (sep and hours.isdigit() and minutes.isdigit() and int(hours) < 24
+                and int(minutes) < 60):  # fmt: skip
+            raise ValueError(f"{value!r} is not a time of day: HH:MM (UTC), random or null")
+        return value
+
 
 class MetricsPrometheusConfig(_Model):
     """The local Prometheus exposition: the operator's own, not third-party telemetry."""
@@ -142,6 +162,43 @@ class MetricsConfig(_Model):
 
 _MASKED = ("sinks", "metrics")
 """The settings of the telemetry section that hold plain mappings (plugins' settings)."""
+
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+
+
+class TimestampsConfig(_Model):
+    """The times ``track(..., timestamp=...)`` accepts: from ``earliest`` to ``ahead`` of now.
+    Anything else is refused (strict mode) or dropped and counted."""
+
+    earliest: _dt.datetime = Field(
+        default=_dt.datetime(2000, 1, 1, tzinfo=_dt.timezone.utc),
+        description="The oldest event time accepted (UTC); set it earlier to backfill history "
+        "(1970-01-01 at the earliest).",
+    )
+    ahead: float = Field(
+        default=86400.0, ge=0, le=366 * 86400, description="How far ahead of now a time may be."
+    )
+
+    _dur = field_validator("ahead", mode="before")(parse_duration)
+
+    @field_validator("earliest", mode="before")
+    @classmethod
+    def _date(cls, value: Any) -> Any:
+        if isinstance(value, _dt.date) and not isinstance(value, _dt.datetime):
+            return _dt.datetime(value.year, value.month, value.day, tzinfo=_dt.timezone.utc)
+        return value
+
+    @field_validator("earliest")
+    @classmethod
+    def _since_epoch(cls, value: _dt.datetime) -> _dt.datetime:
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        if value < _EPOCH:
+            raise ValueError("must be 1970-01-01 or later (event ids count from there)")
+        if value.year > 9000:
+            raise ValueError("must be a time before the year 9000")
+        return value
 
 
 class TelemetryConfig(_Model):
@@ -182,6 +239,9 @@ class TelemetryConfig(_Model):
     )
     shutdown_event: str | None = Field(
         default=None, description="Track this event with the run time at shutdown."
+    )
+    timestamps: TimestampsConfig = Field(
+        default_factory=TimestampsConfig, description="The event times track() accepts."
     )
 
     _dur = field_validator("shutdown_timeout", mode="before")(parse_duration)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import ValidationError
 
 from waypost.errors import ConfigError
 
 
-def validation_error(exc: ValidationError, *, source: str | None, prefix: str) -> ConfigError:
-    """One ConfigError that lists each pydantic error with its full key path."""
+def validation_error(
+    exc: ValidationError,
+    *,
+    source: str | None,
+    prefix: str,
+    origins: Mapping[str, str] | None = None,
+) -> ConfigError:
+    """One ConfigError that lists each pydantic error with its full key path; ``origins``
+    (key path -> environment variable) names the variable behind a value that came from one."""
+    origins = origins or {}
     parts = []
     first_key = None
     for err in exc.errors(include_url=False):
@@ -23,6 +33,12 @@ def validation_error(exc: ValidationError, *, source: str | None, prefix: str) -
             msg = msg[len("Value error, ") :]
         parts.append((loc, msg))
     if len(parts) == 1:
-        return ConfigError(parts[0][1], source=source, key=parts[0][0])
-    detail = "; ".join(f"{loc}: {msg}" for loc, msg in parts)
+        loc, msg = parts[0]
+        if loc in origins:
+            return ConfigError(msg, source=f"{origins[loc]} in the environment", key=loc)
+        return ConfigError(msg, source=source, key=loc)
+    detail = "; ".join(
+        (f"{loc} (from {origins[loc]})" if loc in origins else loc) + f": {msg}"
+        for loc, msg in parts
+    )
     return ConfigError(detail, source=source)

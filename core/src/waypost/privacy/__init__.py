@@ -8,14 +8,12 @@ One gate stands in front of every sink (:mod:`waypost.gate` applies it on the wo
 
 from __future__ import annotations
 
+from waypost.config.values import FALSE_VALUES, TRUE_VALUES, parse_bool
 from waypost.privacy.consent import (
     CONSENT_FILE,
-    FALSE_VALUES,
-    TRUE_VALUES,
     Decision,
     StoredConsent,
     level_allows,
-    parse_bool,
     resolve_consent,
 )
 from waypost.privacy.iphash import IpHasher

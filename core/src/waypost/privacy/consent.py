@@ -1,4 +1,5 @@
-"""Consent: whether telemetry is on, by a fixed precedence, and the one boolean parser.
+"""Consent: whether telemetry is on. Booleans are read by :func:`waypost.config.parse_bool`,
+the project's one parser.
 
 Consent is resolved by a fixed precedence, first match
 wins, and the deciding rule is kept for ``status()``:
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from waypost.datadir import atomic_write
+from waypost.config.values import parse_bool
 from waypost.events import LEVELS
 
 if TYPE_CHECKING:
@@ -33,21 +35,7 @@ if TYPE_CHECKING:
 
     from waypost.config import TelemetryConfig
 
-TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
-FALSE_VALUES = frozenset({"0", "false", "no", "off"})
 CONSENT_FILE = "consent.json"
-
-
-def parse_bool(value: str | None) -> bool | None:
-    """True/False for a recognised boolean string, None otherwise (unset, empty, unknown)."""
-    if value is None:
-        return None
-    text = value.strip().lower()
-    if text in TRUE_VALUES:
-        return True
-    if text in FALSE_VALUES:
-        return False
-    return None
 
 
 @dataclass(frozen=True)

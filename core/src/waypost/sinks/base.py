@@ -18,9 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from typing_extensions import TypeVar
 
+from waypost.config.values import flag, is_flag_field
 from waypost.events import Event
 from waypost.sinks.masking import Masker, UrlSecrets, mask_url, split_url
 
@@ -39,6 +48,12 @@ class SinkConfig(BaseModel):
     """Base of every sink's config model. Unknown keys are refused, so typos are caught."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _flags(cls, value: Any, info: ValidationInfo) -> Any:
+        # Booleans through the project's one parser, as in the core's own config.
+        return flag(value) if info.field_name and is_flag_field(cls, info.field_name) else value
 
     batch_size: int | None = Field(
         default=None, ge=1, description="Events per request; capped at the sink's own maximum."
