@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
+from pydantic_core import PydanticSerializationError
 
 Level = Literal["error", "usage", "all"]
 LEVELS: dict[str, int] = {"off": 0, "error": 1, "usage": 2, "all": 3}
@@ -26,6 +28,24 @@ LEVELS: dict[str, int] = {"off": 0, "error": 1, "usage": 2, "all": 3}
 _UTC = _dt.timezone.utc
 _ISO_SECOND: tuple[int, str] = (-(2**62), "")  # the last second formatted by iso_timestamp
 _MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
+_FIRST_SECOND = -62135596800.0  # 0001-01-01T00:00:00Z
+_LAST_SECOND = 253402300799.9995  # the last instant that rounds into 9999-12-31
+
+
+def _iso_second(seconds: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a Unix second, the year always four digits (``strftime``'s
+    ``%Y`` gives ``999`` for the year 999 on glibc)."""
+    if seconds >= 0:
+        t = time.gmtime(seconds)
+        return (
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+        )
+    when = _EPOCH + _dt.timedelta(seconds=seconds)
+    return f"{when.year:04d}-{when:%m-%dT%H:%M:%S}"
+
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_UTC)
 
 
 # --- ids --------------------------------------------------------------------------------------
@@ -215,6 +235,37 @@ def dumps(data: Any) -> str:
     return _ENCODER.encode(data)
 
 
+# --- event names ------------------------------------------------------------------------------
+
+NAME_MAX = 200
+"""The longest event name, in characters."""
+
+
+def name_problem(name: str) -> str | None:
+    """What is wrong with an event name, or None. The rule: 1 to :data:`NAME_MAX` printable
+    characters (letters, marks, digits, punctuation, symbols and the ASCII space: no control,
+    format or bidirectional characters, no line breaks, no other spaces), no space at either
+    end."""
+    if not name:
+        return "is empty"
+    if len(name) > NAME_MAX:
+        return f"is longer than {NAME_MAX} characters"
+    if not name.isprintable():
+        bad = next(ch for ch in name if not ch.isprintable())
+        return f"holds the character U+{ord(bad):04X}, which is not printable"
+    if name[0] == " " or name[-1] == " ":
+        return "starts or ends with a space"
+    return None
+
+
+def normalise_name(name: str) -> str:
+    """An event name made to follow the rule, as far as it can be without cutting it: each run
+    of characters that are not printable becomes one ``_`` (none at either end), spaces at
+    either end go. The result may still be empty or too long (refused)."""
+    parts = "".join(ch if ch.isprintable() else "\0" for ch in name).split("\0")
+    return "_".join(p for p in parts if p).strip(" ")
+
+
 # --- the envelope -----------------------------------------------------------------------------
 
 
@@ -243,18 +294,21 @@ class Event:
 
     @property
     def iso_timestamp(self) -> str:
-        """The timestamp as ISO 8601 with milliseconds and a ``Z``."""
+        """The timestamp as RFC 3339 with milliseconds and a ``Z`` (four-digit years: an
+        instant outside the years 0001 to 9999 raises ``ValueError``; the gate lets none in)."""
         # The same text as timestamp.isoformat(timespec="milliseconds") (microseconds rounded
         # half to even, then cut to milliseconds), with the seconds part cached: sinks ask for
         # it once per event.
         t = self.time
+        if not _FIRST_SECOND <= t < _LAST_SECOND:
+            raise ValueError(f"time {t!r} is outside the years 0001 to 9999")
         seconds = int(t) if t >= 0 else math.floor(t)
         micros = round((t - seconds) * 1e6)
         if micros >= 1_000_000:
             seconds, micros = seconds + 1, micros - 1_000_000
         cached = _ISO_SECOND
         if cached[0] != seconds:
-            cached = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+            cached = (seconds, _iso_second(seconds))
             globals()["_ISO_SECOND"] = cached
         return cached[1] + _MILLIS[micros // 1000]
 
@@ -341,19 +395,36 @@ class Payload(BaseModel):
 
     def wire(self) -> dict[str, Any]:
         """The declared fields only, by alias, as JSON data (without None or unset fields when
-        the class says so)."""
+        the class says so). A field holding a value of another type (a payload made with
+        ``model_construct``, or changed after it was made) raises ``TypeError`` naming the
+        field."""
         extra = self.__pydantic_extra__
-        return self.model_dump(
-            mode="json",
-            by_alias=True,
-            exclude=set(extra) if extra else None,
-            exclude_none=self.__exclude_none__,
-            exclude_unset=self.__exclude_unset__,
-            warnings=False,
-        )
+        try:
+            return self.model_dump(
+                mode="json",
+                by_alias=True,
+                exclude=set(extra) if extra else None,
+                exclude_none=self.__exclude_none__,
+                exclude_unset=self.__exclude_unset__,
+                warnings="error",
+            )
+        except PydanticSerializationError as exc:
+            raise TypeError(_serialization_problem(type(self).__name__, str(exc))) from None
 
 
 _PAYLOADS: dict[str, type[Payload]] = {}
+_UNEXPECTED = re.compile(
+    r"Expected `([^`]+)`.*?\[field_name='([^']*)', input_value=(.*?), input_type="
+)
+
+
+def _serialization_problem(cls: str, message: str) -> str:
+    """pydantic's serializer warning as ``Cls.field: expected int, not 'abc'``."""
+    found = _UNEXPECTED.search(message)
+    if found is None:
+        return f"{cls}: {message.strip()}"
+    expected, field, value = found.groups()
+    return f"{cls}.{field}: expected {expected}, not {value[:60]}"
 
 
 def registered_payloads() -> dict[str, type[Payload]]:

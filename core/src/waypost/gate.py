@@ -7,12 +7,22 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from waypost import config as _config
 from waypost.errors import PluginError, TrackError
-from waypost.events import Event, Payload, base_context, coerce, uuid7
+from waypost.events import (
+    NAME_MAX,
+    Event,
+    Payload,
+    base_context,
+    coerce,
+    name_problem,
+    normalise_name,
+    uuid7,
+)
 from waypost.logs import get_logger
 from waypost.privacy import Rule, Scrubber, level_allows
 
@@ -24,17 +34,64 @@ if TYPE_CHECKING:
     from waypost.status import Counters, LogOnce
 
 log = get_logger(__name__)
+_now = time.time
+
+
+_LEVELS = ("error", "usage", "all")
+_LAST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
+_ID_MAX = 200
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages; a value whose repr
+    raises is shown by its type."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(value: Any) -> str:
+    """``str(value)`` for a log line: characters that are not printable (a line break that
+    would forge a second line) escaped."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 _REDACTION = re.compile(r"\[REDACTED:[^\]]*\]")
 
 
 def check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or len(name) > 200:
+    """``name`` if it follows the event-name rule (:func:`waypost.events.name_problem`);
+    otherwise a :class:`TrackError` saying what is wrong."""
+    if not isinstance(name, str):
         raise TrackError(
-            f"event name must be a non-empty string of at most 200 characters or a "
-            f"waypost.Payload, not {name!r:.60}"
+            f"event name must be a string or a waypost.Payload, not {type(name).__name__} "
+            f"{show(name)}"
+        )
+    problem = name_problem(name)
+    if problem is not None:
+        raise TrackError(
+            f"event name {show(name)} {problem} (the rule: 1 to {NAME_MAX} printable "
+            "characters, no control, bidirectional or line-break characters, no space at "
+            "either end)"
         )
     return name
+
+
+def check_distinct_id(distinct_id: Any) -> str:
+    """A ``distinct_id`` given to ``track``: a printable string of at most 200 characters."""
+    if type(distinct_id) is not str:
+        raise TrackError(
+            f"distinct_id must be a string, not {type(distinct_id).__name__} {show(distinct_id)}"
+        )
+    if len(distinct_id) > _ID_MAX or not distinct_id.isprintable():
+        raise TrackError(
+            f"distinct_id {show(distinct_id)} must be at most {_ID_MAX} printable characters"
+        )
+    return distinct_id
 
 
 def unix_seconds(timestamp: Any) -> float:
@@ -42,18 +99,41 @@ def unix_seconds(timestamp: Any) -> float:
     if isinstance(timestamp, _dt.datetime):
         aware = timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=_dt.timezone.utc)
         return aware.timestamp()
-    if isinstance(timestamp, (str, bytes)):  # float("1e9") would pass; a time is not text
-        raise TypeError("must be Unix seconds or a datetime, not text")
+    if isinstance(timestamp, (str, bytes, bool)):  # float("1e9") would pass; True is not a time
+        raise TypeError(f"must be Unix seconds or a datetime, not {type(timestamp).__name__}")
     when = float(timestamp)
     if not math.isfinite(when):
         raise ValueError("must be a finite number of Unix seconds")
     return when
 
 
-def check(event: Any, properties: Any, level: str | None) -> None:
-    """What strict mode refuses at once, in ``track``: a bad level, name or property."""
-    if level is not None and level not in ("error", "usage", "all"):
-        raise TrackError(f"level must be error, usage or all, not {level!r}")
+def event_time(timestamp: Any, earliest: float, ahead: float) -> float:
+    """``timestamp`` as Unix seconds if it lies from ``earliest`` to ``ahead`` seconds after
+    now (``telemetry.timestamps``); otherwise ``ValueError`` (or ``TypeError``) saying why."""
+    when = unix_seconds(timestamp)
+    latest = _now() + ahead
+    if earliest <= when <= latest:
+        return when
+    units = (unit for unit, scale in _UNITS if earliest <= when / scale <= latest)
+    hint = next((f" ({unit}? pass seconds)" for unit in units), "")
+    start = _dt.datetime.fromtimestamp(earliest, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    later = f"{ahead / 86400:g} day(s)" if ahead >= 86400 else f"{ahead:g} s"
+    raise ValueError(
+        f"{when:g} is outside the times accepted{hint}: from {start} UTC to {later} ahead of "
+        "now (telemetry.timestamps.earliest lets older events in, for a backfill)"
+    )
+
+
+_UNITS = (("milliseconds", 1e3), ("microseconds", 1e6), ("nanoseconds", 1e9))
+
+
+def check(event: Any, properties: Any, level: Any, distinct_id: Any = None) -> None:
+    """What strict mode refuses at once, in ``track``: a bad level, name, id or property, a
+    payload whose fields do not hold their declared types."""
+    if level is not None and (type(level) is not str or level not in _LEVELS):
+        raise TrackError(f"level must be error, usage or all, not {show(level)}")
+    if distinct_id is not None:
+        check_distinct_id(distinct_id)
     if isinstance(event, Payload):
         if properties is not None:
             raise TrackError("pass either a Payload or a name with properties, not both")
@@ -63,18 +143,28 @@ def check(event: Any, properties: Any, level: str | None) -> None:
                 f"{type(event).__name__} got undeclared field(s) {', '.join(extra)}: only "
                 "declared fields may leave; declare them on the class or remove them"
             )
+        check_name(type(event).__event__)
+        try:
+            event.wire()
+        except Exception as exc:
+            raise TrackError(f"event {type(event).__event__!r}: {exc}") from None
         return
     check_name(event)
-    if properties is not None:
-        if not isinstance(properties, Mapping):
-            raise TrackError(
-                f"properties of event {event!r} must be a mapping, not {type(properties).__name__}"
-            )
+    if properties is None:
+        return
+    if not isinstance(properties, Mapping):
+        raise TrackError(
+            f"properties of event {event!r} must be a mapping, not {type(properties).__name__}"
+        )
+    key: Any = None
+    try:
         for key, value in properties.items():
-            try:
-                coerce({key: value})
-            except (TypeError, ValueError) as exc:
-                raise TrackError(f"event {event!r}: property {key!r}: {exc}") from None
+            coerce({key: value})
+    except Exception as exc:
+        where = "properties" if key is None else f"property {show(key)}"
+        raise TrackError(
+            f"event {event!r}: {where}: {type(exc).__name__}: {one_line(exc)}"
+        ) from None
 
 
 def build_scrubber(config: TelemetryConfig, plugins: PluginManager) -> Scrubber | None:
@@ -161,6 +251,7 @@ class Gate:
         """The control a destination sent (``waypost.control``): its ``sample`` applies here."""
         self.heartbeats: set[str] = set()
         """Event names of heartbeats, which a control's ``sample`` never drops."""
+        self._good_names: set[str] = set()
 
     @classmethod
     def create(
@@ -228,35 +319,45 @@ class Gate:
         default_who = self.distinct_id or instance_id
         usage_passes = level_allows(configured, "usage")
         context_remarks = self.context_remarks
+        good_names = self._good_names
         out: list[Event] = []
         ids = uuid7.many([item[2] for item in items])  # track() let only finite times in
         for i, (event, properties, when, level, distinct_id) in enumerate(items):
             try:
                 remarks: list[str] = []
                 clean = False  # properties already JSON and scrubbed
-                if type(event) is str and 0 < len(event) <= 200 and type(properties) is dict:
-                    # The common case: a name and a plain dict (track's own copy, which is kept
-                    # as it is when it holds only known-clean keys and JSON scalars).
-                    name = event
+                if type(event) is str and type(properties) is dict:
+                    # The common case: a name seen before and a plain dict (track's own copy,
+                    # which is kept as it is when it holds only known-clean keys and JSON
+                    # scalars).
+                    name = event if event in good_names else self._name(event, remarks)
                     clean = scrubber is not None and scrubber.as_is(properties)
                     props = properties if clean else coerce(properties)
                 elif isinstance(event, Payload):
-                    name = type(event).__event__
+                    name = self._name(type(event).__event__, remarks)
                     level = level or type(event).__level__
                     extra = event.undeclared()
                     if extra:
                         remarks.extend(f"undeclared@properties.{f}" for f in extra)
                     props = event.wire()
                 else:
-                    name = check_name(event)
+                    name = self._name(event, remarks) if type(event) is str else check_name(event)
                     props = coerce(properties) if properties is not None else {}
                     if not isinstance(props, dict):
                         raise TrackError(
                             f"properties must be a mapping, not {type(properties).__name__}"
                         )
-                if not (usage_passes if level is None else level_allows(configured, level)):
+                if level is None:
+                    if not usage_passes:
+                        self.counters.drop("level")
+                        continue
+                elif type(level) is not str or level not in _LEVELS:
+                    raise TrackError(f"level must be error, usage or all, not {show(level)}")
+                elif not level_allows(configured, level):
                     self.counters.drop("level")
                     continue
+                if distinct_id is not None:
+                    check_distinct_id(distinct_id)
                 if context_remarks:
                     remarks[:0] = context_remarks
                 who = distinct_id or default_who
@@ -289,7 +390,7 @@ class Gate:
                     f"invalid:{type(exc).__name__}",
                     "waypost: event dropped: %s: %s",
                     type(exc).__name__,
-                    exc,
+                    one_line(exc),
                 )
         return out
 
@@ -306,6 +407,28 @@ class Gate:
         )
         return None
 
+    def _name(self, name: str, remarks: list[str]) -> str:
+        """The name an event goes out under: as it is when it follows the rule (and then
+        remembered, so the next check is a set lookup), normalised with a remark when that
+        makes it follow the rule, else a :class:`TrackError`."""
+        if name_problem(name) is None:
+            if len(self._good_names) >= 4096:  # names made up per event must not grow this
+                self._good_names.clear()
+            self._good_names.add(name)
+            return name
+        fixed = normalise_name(name)
+        if name_problem(fixed) is not None:
+            check_name(name)  # raises, saying what is wrong with it
+        remarks.append("normalised@name")
+        self._log_once(
+            "name:normalised",
+            "waypost: event name %s normalised to %r (%s)",
+            show(name),
+            fixed,
+            name_problem(name),
+        )
+        return fixed
+
     def _apply_before_send(self, event: Event) -> Event | None:
         context, distinct_id, name = event.context, event.distinct_id, event.name
         for hook in self._before_send:
@@ -314,8 +437,14 @@ class Gate:
                 return None
             if isinstance(result, Event):
                 event = result  # the next implementation sees the replacement
-        # Whatever a hook did, the scrubbers have the last word on properties and the id;
-        # the shared context may not be changed per event.
+        # Whatever a hook did, the envelope still follows the rules (a name, a time with a
+        # four-digit year, an id that is text), the scrubbers have the last word on properties
+        # and the id, and the shared context may not be changed per event.
+        check_name(event.name)
+        if type(event.time) not in (int, float) or not 0 <= event.time <= _LAST_TIME:
+            raise TrackError(f"waypost_before_send set the time to {show(event.time)}")
+        if event.distinct_id:
+            check_distinct_id(event.distinct_id)
         props = coerce(event.properties)
         if self.scrubber is not None:
             props = self.scrubber.scrub(props, "properties", event.remarks)

@@ -30,7 +30,7 @@ from waypost.errors import (
     WaypostError,
 )
 from waypost.events import Payload
-from waypost.gate import Gate, check, unix_seconds
+from waypost.gate import Gate, check, event_time, one_line, show
 from waypost.logs import get_logger
 from waypost.plugins import PluginManager
 from waypost.privacy import (
@@ -460,7 +460,8 @@ class Telemetry:
         timestamp: float | _dt.datetime | None = None,
     ) -> None:
         """Record an event: a name and properties, or a typed :class:`waypost.Payload`;
-        ``timestamp`` (Unix seconds, or a datetime: naive is UTC) when it happened, if not now.
+        ``timestamp`` (Unix seconds, or a datetime: naive is UTC) when it happened, if not now:
+        from ``telemetry.timestamps.earliest`` (2000-01-01) to a day ahead of now.
 
         Never blocks on I/O and never raises in production mode; in strict mode bad input
         raises :class:`waypost.TrackError` at once.
@@ -486,18 +487,21 @@ class Telemetry:
         if not self._on:
             return
         if self.strict:
-            check(event, properties, level)
+            check(event, properties, level, distinct_id)
         if timestamp is None:
             when = time.time()
         else:
             try:
-                when = unix_seconds(timestamp)
-            except (TypeError, ValueError, OverflowError) as exc:
+                when = event_time(timestamp, self._earliest, self._ahead)
+            except Exception as exc:  # a datetime whose tzinfo raises is refused the same way
                 if self.strict:
-                    raise TrackError(f"timestamp {timestamp!r}: {exc}") from None
+                    raise TrackError(f"timestamp {show(timestamp)}: {exc}") from None
                 self.counters.drop("invalid")
                 self._log_once(
-                    "invalid:timestamp", "waypost: event dropped: timestamp %r: %s", timestamp, exc
+                    "invalid:timestamp",
+                    "waypost: event dropped: timestamp %s: %s",
+                    show(timestamp),
+                    one_line(exc),
                 )
                 return
         buffer = self._buffer
