@@ -141,8 +141,14 @@ def coerce(value: Any, _depth: int = 0) -> Any:
         for key, item in value.items():
             if type(key) is not str:
                 return _coerce(value, _depth)
+            if not key.isascii():  # isascii is a flag lookup: only other text is checked
+                utf8(key)
             kind = type(item)
-            if kind is str or kind is int or kind is bool or item is None:
+            if kind is str:
+                if not item.isascii():
+                    utf8(item)
+                out[key] = item
+            elif kind is int or kind is bool or item is None:
                 out[key] = item
             elif kind is float:
                 out[key] = item if math.isfinite(item) else None
@@ -152,8 +158,22 @@ def coerce(value: Any, _depth: int = 0) -> Any:
     return _coerce(value, _depth)
 
 
+def utf8(text: str) -> str:
+    """``text`` if it can be written as UTF-8; ``ValueError`` for a lone surrogate (a half of
+    a UTF-16 pair, which no JSON text on the wire may hold)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"text holds a lone surrogate U+{ord(text[exc.start]):04X}, which is not UTF-8"
+        ) from None
+    return text
+
+
 def _coerce(value: Any, _depth: int) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
+    if isinstance(value, str):
+        return value if value.isascii() else utf8(str(value))
+    if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -166,7 +186,9 @@ def _coerce(value: Any, _depth: int) -> Any:
                 if isinstance(key, (int, float, bool, enum.Enum, uuid.UUID)):
                     key = str(key.value if isinstance(key, enum.Enum) else key)
                 else:
-                    raise TypeError(f"key {key!r} of type {type(key).__name__} is not a string")
+                    raise TypeError(f"key of type {type(key).__name__} is not a string")
+            elif not key.isascii():
+                utf8(key)
             out[key] = coerce(item, _depth + 1)
         return out
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -184,8 +206,10 @@ def _coerce(value: Any, _depth: int) -> Any:
         if not value.is_finite():
             return None
         return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, (uuid.UUID, pathlib.PurePath)):
+    if isinstance(value, uuid.UUID):
         return str(value)
+    if isinstance(value, pathlib.PurePath):  # undecodable bytes in a name are surrogates
+        return utf8(str(value))
     if isinstance(value, enum.Enum):
         return coerce(value.value, _depth + 1)
     if isinstance(value, Payload):  # nested: what it would send on its own

@@ -277,7 +277,7 @@ class Gate:
                 raise exc
             on_error(plugin, "waypost_context", exc)
 
-        context = base_context(app, version)
+        context = coerce(base_context(app, version))  # ValueError for an app name not UTF-8
         for plugin, extra in plugins.call_each("waypost_context", failed, context=dict(context)):
             if not isinstance(extra, Mapping):
                 continue

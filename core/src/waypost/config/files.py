@@ -14,6 +14,7 @@ from typing import Any
 
 from waypost.config.values import Text, plain
 from waypost.errors import ConfigError
+from waypost.events import utf8
 
 MAX_BYTES = 256 * 1024
 """The largest config file read (a real one is a few kilobytes)."""
@@ -117,7 +118,12 @@ def check_shape(data: Any, source: str | None, root: str = "") -> None:
             raise ConfigError(
                 f"more than {MAX_VALUES:,} values (the limit)", source=source, key=where or None
             )
-        if isinstance(value, (dict, list, tuple)):
+        if isinstance(value, str) and not value.isascii():
+            try:
+                utf8(value)
+            except ValueError as exc:
+                raise ConfigError(str(exc), source=source, key=where or None) from None
+        elif isinstance(value, (dict, list, tuple)):
             if depth >= MAX_DEPTH:
                 raise ConfigError(
                     f"nested deeper than {MAX_DEPTH} levels (the limit)",
@@ -128,6 +134,7 @@ def check_shape(data: Any, source: str | None, root: str = "") -> None:
                 items: Iterator[tuple[str, Any]] = (
                     (f"{where}.{k}" if where else str(k), v) for k, v in value.items()
                 )
+                stack.extend((k, where or "", depth + 1) for k in value if isinstance(k, str))
             else:
                 items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
             stack.extend((v, w, depth + 1) for w, v in items)
@@ -282,11 +289,23 @@ def _loader_class() -> Any:
         ("float", yaml.SafeLoader.construct_yaml_float),
     ):
         Loader.add_constructor(f"tag:yaml.org,2002:{tag}", marked(construct))
+
+    def text(loader: Any, node: Any) -> Any:
+        value = loader.construct_scalar(node)
+        if not value.isascii() and _SURROGATE.search(value):
+            # JSON writes a character past U+FFFF as two escapes (\ud83d\ude00); YAML reads
+            # each as a character of its own: make them the character they stand for.
+            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+        return value
+
+    Loader.add_constructor("tag:yaml.org,2002:str", text)
     # Dates stay text: no field takes a date, and 2024-01-01 is a fine version string.
-    as_text: Any = yaml.SafeLoader.construct_yaml_str
-    Loader.add_constructor("tag:yaml.org,2002:timestamp", as_text)
+    Loader.add_constructor("tag:yaml.org,2002:timestamp", text)
     _LOADER = Loader
     return Loader
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _count_nodes(root: Any) -> None:
