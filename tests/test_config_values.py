@@ -20,6 +20,7 @@ from waypost import config as cfg
 from waypost.errors import ConfigError
 from waypost.privacy import parse_bool as privacy_parse_bool
 
+
 class TypedConfig(waypost.SinkConfig):
     url: str = "http://127.0.0.1:9/x"
     region: str = "us"
@@ -78,10 +79,10 @@ def test_unquoted_level_off_and_other_words_are_words(tmp_path: Path) -> None:
 
 
 def test_level_off_unquoted_turns_telemetry_off_for_the_right_reason(
-    tmp_path: Path, clean_env: dict[str, str]
+    tmp_path: Path, waypost_clean_env: dict[str, str]
 ) -> None:
     path = write(tmp_path, "telemetry:\n  level: off\n  sinks: {jsonl: {path: e.jsonl}}\n")
-    tel = waypost.Telemetry(app="t", config=path, env=clean_env, data_dir=tmp_path / "d")
+    tel = waypost.Telemetry(app="t", config=path, env=waypost_clean_env, data_dir=tmp_path / "d")
     st_ = tel.status()
     assert st_.config_error is None
     assert (st_.enabled, st_.rule, st_.level) == (False, "level", "off")
@@ -89,7 +90,7 @@ def test_level_off_unquoted_turns_telemetry_off_for_the_right_reason(
 
 
 def test_sink_settings_are_typed_by_the_sinks_own_model(
-    tmp_path: Path, clean_env: dict[str, str]
+    tmp_path: Path, waypost_clean_env: dict[str, str]
 ) -> None:
     path = write(
         tmp_path,
@@ -105,7 +106,7 @@ def test_sink_settings_are_typed_by_the_sinks_own_model(
         """,
     )
     tel = waypost.Telemetry(
-        app="t", config=path, env=clean_env, data_dir=tmp_path / "d", strict=True, start=False,
+        app="t", config=path, env=waypost_clean_env, data_dir=tmp_path / "d", strict=True, start=False,
         sink_classes=[TypedSink],
     )  # fmt: skip
     tel._make_sinks()
@@ -118,7 +119,7 @@ def test_sink_settings_are_typed_by_the_sinks_own_model(
 def test_quoted_values_and_toml_keep_their_own_types(tmp_path: Path) -> None:
     path = write(tmp_path, 'telemetry:\n  version: "1.10"\n  level: "all"\n')
     assert cfg.load(path, {})[0].version == "1.10"
-    toml = write(tmp_path, '[telemetry]\nversion = 1.1\n', "t.toml")
+    toml = write(tmp_path, "[telemetry]\nversion = 1.1\n", "t.toml")
     with pytest.raises(ConfigError, match=r"telemetry\.version"):
         cfg.load(toml, {})  # TOML says what it means: 1.1 is a number
 
@@ -160,10 +161,10 @@ def test_environment_values_take_the_fields_type() -> None:
 
 
 def test_sink_secrets_from_the_environment_stay_text(
-    tmp_path: Path, clean_env: dict[str, str]
+    tmp_path: Path, waypost_clean_env: dict[str, str]
 ) -> None:
     env = {
-        **clean_env,
+        **waypost_clean_env,
         "WAYPOST_SINKS__A__TYPE": "typed",
         "WAYPOST_SINKS__A__URL": "https://x.example/a: b",
         "WAYPOST_SINKS__A__API_KEY": "0123",
@@ -182,14 +183,16 @@ def test_sink_secrets_from_the_environment_stay_text(
 
 
 def test_unknown_variables_warn_with_the_nearest_key_and_leave_telemetry_on(
-    tmp_path: Path, clean_env: dict[str, str], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, waypost_clean_env: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    env = {**clean_env, "WAYPOST_LEVL": "all", "WAYPOST_BATCH__SIZ": "3",
+    env = {**waypost_clean_env, "WAYPOST_LEVL": "all", "WAYPOST_BATCH__SIZ": "3",
            "WAYPOST_SINKS__JSONL__PAHT": "x.jsonl"}  # fmt: skip
     caplog.set_level(logging.WARNING, logger="waypost")
     tel = waypost.Telemetry(
         app="t",
-        config={"telemetry": {"sinks": {"jsonl": {"path": "e.jsonl"}}, "notice": {"enabled": False}}},
+        config={
+            "telemetry": {"sinks": {"jsonl": {"path": "e.jsonl"}}, "notice": {"enabled": False}}
+        },
         env=env,
         data_dir=tmp_path / "d",
     )
@@ -224,8 +227,13 @@ def test_special_variables_are_not_settings() -> None:
     notes: list[str] = []
     config, _ = cfg.load(
         None,
-        {"WAYPOST_HOME": "/tmp/x", "WAYPOST_CONFIG": "c.yml", "WAYPOST_APP": "a",
-         "WAYPOST_DEBUG": "on", "WAYPOST_COLLECTOR_CONFIG": "c.yml"},  # fmt: skip
+        {
+            "WAYPOST_HOME": "/tmp/x",
+            "WAYPOST_CONFIG": "c.yml",
+            "WAYPOST_APP": "a",
+            "WAYPOST_DEBUG": "on",
+            "WAYPOST_COLLECTOR_CONFIG": "c.yml",
+        },  # fmt: skip
         notes=notes,
     )
     assert notes == [] and config.debug is True and str(config.data_dir) == "/tmp/x"
@@ -297,9 +305,7 @@ def _tmp() -> str:
     return tempfile.mkdtemp(prefix="waypost-prop-")
 
 
-_SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(), _TEXT
-)
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(), _TEXT)
 _KEYS = st.one_of(
     st.sampled_from(sorted(cfg.TelemetryConfig.model_fields)),
     st.sampled_from(["size", "interval", "enabled", "patterns", "time_of_day", "earliest"]),
@@ -307,9 +313,7 @@ _KEYS = st.one_of(
 )
 _DATA = st.recursive(
     _SCALARS,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=4)
-    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=4)),
     max_leaves=30,
 )
 
@@ -356,9 +360,7 @@ _VALID = st.fixed_dictionaries(
         "schemas": st.lists(_TEXT, max_size=3),
         "batch": st.fixed_dictionaries({}, optional={"size": st.integers(1, 10**6)}),
         "notice": st.fixed_dictionaries({}, optional={"enabled": st.booleans(), "text": _TEXT}),
-        "scrub": st.fixed_dictionaries(
-            {}, optional={"keys": st.lists(_TEXT, max_size=3)}
-        ),
+        "scrub": st.fixed_dictionaries({}, optional={"keys": st.lists(_TEXT, max_size=3)}),
     },
 )
 

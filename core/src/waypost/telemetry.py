@@ -156,9 +156,14 @@ class Telemetry:
             config = found if found is not None else None
         secrets.guard_loggers()
         self.config_warnings: list[str] = []
+        self._sink_sources: dict[str, Any] = {}
         try:
             self.config, self.config_file = _config.load(
-                config, self._env, overrides=overrides, notes=self.config_warnings
+                config,
+                self._env,
+                overrides=overrides,
+                notes=self.config_warnings,
+                sink_sources=self._sink_sources,
             )
             secrets.add_config(self.config)  # literal secrets; ${...} ones when sinks are made
         except Exception as exc:
@@ -435,8 +440,13 @@ class Telemetry:
             data_dir=self.data_dir,
             strict=self.strict,
         )
+        specs: dict[str, Mapping[str, Any]] = {}
+        for name, spec in self.config.sink_specs().items():
+            source = self._sink_sources.get(name)
+            # As written (typed by the sink's own model in make_sinks), with the type resolved.
+            specs[name] = {**source, "type": spec["type"]} if isinstance(source, Mapping) else spec
         made, errors = self.plugins.make_sinks(
-            self.config.sink_specs(),
+            specs,
             context=context,
             env=self._env,
             config_file=self.config_file,

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from waypost.config.files import check_shape, read_file
 from waypost.config.models import TelemetryConfig
 from waypost.config.validation import validation_error
-from waypost.config.values import EnvValue, conform, from_json
+from waypost.config.values import EnvValue, conform, from_json, plain
 from waypost.errors import ConfigError, MissingVariableError
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ def expand(value: Any, env: Mapping[str, str], key: str = "telemetry") -> Any:
     if isinstance(value, str):
         if "${" not in value:
             return value
+        _expand_text(value, 0, env, key, depth=0, evaluate=False)  # the syntax first
         text, _ = _expand_text(value, 0, env, key, depth=0, evaluate=True)
         return text
     if isinstance(value, dict):
@@ -186,11 +187,15 @@ def load(
     *,
     overrides: Mapping[str, Any] | None = None,
     notes: list[str] | None = None,
+    sink_sources: dict[str, Any] | None = None,
 ) -> tuple[TelemetryConfig, str | None]:
     """Build the effective config and return it with the name of its source file (if any).
 
     ``notes`` receives the warnings that do not make the config invalid (a ``WAYPOST_...``
-    variable that names no setting); without it they are logged."""
+    variable that names no setting); without it they are logged. ``sink_sources`` receives
+    each sink's settings as written, for :func:`conform` against the sink's own model when
+    the sink is made (the config itself holds them as YAML 1.1 and the environment read
+    them: ``0123`` is 83 there, the sink's text field takes ``"0123"``)."""
     env = os.environ if env is None else env
     if isinstance(config, TelemetryConfig):
         return config, None
@@ -229,7 +234,9 @@ def load(
         if isinstance(sinks, EnvValue):
             sinks = from_json(sinks, dict, "telemetry.sinks")
         if sinks is not _ABSENT:
-            data["sinks"] = sinks
+            if sink_sources is not None and isinstance(sinks, Mapping):
+                sink_sources.update(sinks)
+            data["sinks"] = plain(sinks)
     except ConfigError as exc:
         raise type(exc)(exc.reason, source=exc.source or source, key=exc.key) from None
     for note in heard:
