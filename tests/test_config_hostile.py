@@ -214,7 +214,8 @@ def test_a_good_file_still_loads_under_the_same_limits(
     tmp_path: Path, waypost_clean_env: dict[str, str], waypost_cli: str
 ) -> None:
     (tmp_path / "telemetry.yml").write_text(
-        "telemetry:\n  app: fine\n  level: off\n  version: 1.10\n  sinks: {jsonl: {path: e.jsonl}}\n"
+        "telemetry:\n  app: fine\n  level: off\n  version: 1.10\n"
+        "  sinks: {jsonl: {path: e.jsonl}}\n"
     )
     done = run([waypost_cli, "--data-dir", "d", "status", "--json"], waypost_clean_env, tmp_path)
     assert done.returncode == 0, done.stderr

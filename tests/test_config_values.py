@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
 import waypost
 from waypost import config as cfg
@@ -106,9 +106,14 @@ def test_sink_settings_are_typed_by_the_sinks_own_model(
         """,
     )
     tel = waypost.Telemetry(
-        app="t", config=path, env=waypost_clean_env, data_dir=tmp_path / "d", strict=True, start=False,
+        app="t",
+        config=path,
+        env=waypost_clean_env,
+        data_dir=tmp_path / "d",
+        strict=True,
+        start=False,
         sink_classes=[TypedSink],
-    )  # fmt: skip
+    )
     tel._make_sinks()
     sink_config: Any = tel.sinks["a"].config
     assert sink_config.region == "no"
@@ -172,9 +177,13 @@ def test_sink_secrets_from_the_environment_stay_text(
         "WAYPOST_SINKS__A__HEADERS": '{"X-Key": "0123"}',
     }
     tel = waypost.Telemetry(
-        app="t", env=env, data_dir=tmp_path / "d", strict=True, start=False,
+        app="t",
+        env=env,
+        data_dir=tmp_path / "d",
+        strict=True,
+        start=False,
         sink_classes=[TypedSink],
-    )  # fmt: skip
+    )
     tel._make_sinks()
     sink_config: Any = tel.sinks["a"].config
     assert sink_config.url == "https://x.example/a: b"  # not a mapping
@@ -233,7 +242,7 @@ def test_special_variables_are_not_settings() -> None:
             "WAYPOST_APP": "a",
             "WAYPOST_DEBUG": "on",
             "WAYPOST_COLLECTOR_CONFIG": "c.yml",
-        },  # fmt: skip
+        },
         notes=notes,
     )
     assert notes == [] and config.debug is True and str(config.data_dir) == "/tmp/x"
