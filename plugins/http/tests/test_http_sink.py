@@ -658,3 +658,45 @@ def test_open_and_send_import_nothing(recording_server: RecordingServer, tmp_pat
     settings = {"url": recording_server.url + "/in", "gzip": True}
     assert delivery_imports("http", settings, tmp_path) == []
     assert len(recording_server.requests) == 1
+
+
+# --- CloudEvents, read back by the CloudEvents SDK ----------------------------------------------
+
+
+def test_cloudevents_batches_parse_with_the_cloudevents_sdk(
+    waypost_recording_server: RecordingServer, waypost_make_telemetry: Any
+) -> None:
+    from cloudevents.core.formats.json import JSONFormat
+
+    tel = waypost_make_telemetry(
+        sinks={
+            "ce": {
+                "type": "http",
+                "url": f"{waypost_recording_server.url}/ingest",
+                "format": "cloudevents",
+            }
+        },
+        config={"timestamps": {"earliest": "1970-01-01"}},  # a backfill reaches back to 1970
+    )
+    now = time.time()
+    times = {
+        "epoch": 0.0,
+        "y2k": dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc).timestamp(),
+        "leap": dt.datetime(2024, 2, 29, 23, 59, 59, 999_000, tzinfo=dt.timezone.utc).timestamp(),
+        "$pageview": now,
+        "rocket \U0001f680 launch/v2.1": now,
+        "nearly a day ahead": now + 86_000,
+    }
+    for name, when in times.items():
+        tel.track(name, {"n": 1}, timestamp=when)
+    assert tel.flush(10)
+    items = [item for r in waypost_recording_server.requests for item in r.json()]
+    assert len(items) == len(times)
+    for item in items:
+        event = JSONFormat().read(None, json.dumps(item))  # refuses a time that is not RFC 3339
+        name = event.get_type().removeprefix("waypost.")
+        when = event.get_time()
+        assert when is not None and when.tzinfo is not None
+        assert abs(when.timestamp() - times[name]) < 0.001
+        assert len(item["time"].split("-")[0]) == 4
+        assert event.get_data() == item["data"]
