@@ -354,3 +354,17 @@ def test_files_under_the_limits_stay_fast_to_refuse_when_just_over(tmp_path: Pat
     path.write_text(f"telemetry:\n  metrics:\n    x: {nested}\n")
     assert cfg.load(path, {})[0].metrics.model_extra == {"x": json.loads(nested)}
     assert os.path.getsize(path) < cfg.MAX_BYTES
+
+
+def test_the_cli_warns_of_an_unknown_variable_and_still_answers(
+    tmp_path: Path, waypost_clean_env: dict[str, str], waypost_cli: str
+) -> None:
+    (tmp_path / "telemetry.yml").write_text("telemetry:\n  app: fine\n  level: off\n")
+    env = {**waypost_clean_env, "WAYPOST_LEVL": "all", "WAYPOST_POLICY_VERSION": "2"}
+    done = run([waypost_cli, "--data-dir", "d", "status", "--json"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "warning: WAYPOST_LEVL is ignored" in done.stderr and "WAYPOST_LEVEL?" in done.stderr
+    status = json.loads(done.stdout)
+    assert status["level"] == "off" and status["config_warnings"] == [
+        "WAYPOST_LEVL is ignored: telemetry has no setting 'levl' (did you mean WAYPOST_LEVEL?)"
+    ]

@@ -74,6 +74,8 @@ class Ctx:
         if self._warned:
             return
         self._warned = True
+        for warning in tel.config_warnings:
+            click.echo(f"warning: {warning}", err=True)
         for error in tel.plugin_errors.values():
             click.echo(f"warning: telemetry.plugins: {error}", err=True)
         if tel.data_dir_source == "default" and not (self.app or tel.config.app):

@@ -20,7 +20,16 @@ from pydantic import (
 )
 
 from waypost.config.values import flag, is_flag_field
+from waypost.events import name_problem
 from waypost.privacy.secrets import masked
+
+
+def _event_name(value: str | None) -> str | None:
+    problem = None if value is None else name_problem(value)
+    if problem is not None:
+        raise ValueError(f"event name {value!r} {problem}")
+    return value
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -130,6 +139,8 @@ class HeartbeatConfig(_Model):
     jitter: float = Field(default=0.0, ge=0)
 
     _dur = field_validator("every", "first_delay", "jitter", mode="before")(parse_duration)
+
+    _name = field_validator("event")(_event_name)
 
     @field_validator("time_of_day")
     @classmethod
@@ -245,6 +256,7 @@ class TelemetryConfig(_Model):
     )
 
     _dur = field_validator("shutdown_timeout", mode="before")(parse_duration)
+    _name = field_validator("shutdown_event")(_event_name)
 
     @field_validator("sinks", mode="before")
     @classmethod
