@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from waypost.datadir import atomic_write
 from waypost.config.values import parse_bool
+from waypost.datadir import atomic_write
 from waypost.events import LEVELS
 
 if TYPE_CHECKING:
