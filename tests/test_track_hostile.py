@@ -365,7 +365,7 @@ def test_a_failing_plugin_is_reported_not_raised_in_production(
     label = f"{__name__}.{type(plugin).__name__}"
     assert words in status.plugin_errors[label]
     if runs:
-        assert tel.context["deployment"] == "blue"  # the other plugins' parts are there
+        assert tel.gate.context["deployment"] == "blue"  # the other plugins' parts are there
     else:
         assert status.rule == "error" and words in status.reason
     lines = [r for r in caplog.records if words in r.getMessage()]

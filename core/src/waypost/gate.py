@@ -278,15 +278,16 @@ class Gate:
             on_error(plugin, "waypost_context", exc)
 
         context = coerce(base_context(app, version))  # ValueError for an app name not UTF-8
-        for plugin, extra in plugins.call_each("waypost_context", failed, context=dict(context)):
-            if not isinstance(extra, Mapping):
-                continue
-            try:
-                # What leaves is JSON: a value that cannot be made JSON is refused here, once,
-                # rather than failing every event that carries the context.
-                context = _config.merge(context, coerce(dict(extra)))
-            except (TypeError, ValueError, RecursionError) as exc:
-                failed(plugin, exc)
+        for plugin, results in plugins.call_each("waypost_context", failed, context=dict(context)):
+            for extra in results:
+                if not isinstance(extra, Mapping):
+                    continue
+                try:
+                    # What leaves is JSON: a value that cannot be made JSON is refused here,
+                    # once, rather than failing every event that carries the context.
+                    context = _config.merge(context, coerce(dict(extra)))
+                except (TypeError, ValueError, RecursionError) as exc:
+                    failed(plugin, exc)
         return cls(
             level=config.level,
             instance_id=instance_id,

@@ -360,23 +360,25 @@ class PluginManager:
 
     def call_each(
         self, hook_name: str, on_error: Callable[[str, Exception], None], **kwargs: Any
-    ) -> Iterator[tuple[str, Any]]:
-        """Call a hook plugin by plugin (newest first), each through ``pm.hook`` so tracing
-        works, yielding ``(plugin name, result)``: a plugin whose implementation raises is
-        handed to ``on_error`` and skipped, and the others still run (for the hooks read at
-        start, where one broken plugin must not take the others' parts with it)."""
-        plugins = self.pm.get_plugins()
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
-            if impl.wrapper or impl.hookwrapper:
-                continue
-            others = [p for p in plugins if p is not impl.plugin]
+    ) -> Iterator[tuple[str, list[Any]]]:
+        """Call a hook plugin by plugin (newest first), each call through ``pm.hook`` with the
+        wrappers around it, yielding ``(plugin name, results)``: a plugin whose implementation
+        raises is handed to ``on_error`` and skipped, and the others still run. For the hooks
+        read at start, where one broken plugin must not take the others' parts with it."""
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
+        if not plain:
+            if impls:  # only wrappers: one call, as pm.hook would make it
+                yield "", getattr(self.pm.hook, hook_name)(**kwargs)
+            return
+        for impl in reversed(plain):
+            others = [i.plugin for i in plain if i.plugin is not impl.plugin]
             try:
                 results = self.pm.subset_hook_caller(hook_name, others)(**kwargs)
             except Exception as exc:
                 on_error(impl.plugin_name, exc)
                 continue
-            for result in results:
-                yield impl.plugin_name, result
+            yield impl.plugin_name, results
 
     def has_impls(self, hook_name: str) -> bool:
         return bool(getattr(self.pm.hook, hook_name).get_hookimpls())

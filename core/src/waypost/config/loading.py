@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from waypost.config.files import check_shape, read_file
 from waypost.config.models import TelemetryConfig
 from waypost.config.validation import validation_error
-from waypost.config.values import EnvValue, conform, from_json, plain
+from waypost.config.values import EnvValue, conform, from_json, parse_bool, plain
 from waypost.errors import ConfigError, MissingVariableError
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     if env.get("WAYPOST_HOME"):
         out["data_dir"] = EnvValue(env["WAYPOST_HOME"], "WAYPOST_HOME")
     if env.get("WAYPOST_DEBUG"):
-        out["debug"] = EnvValue(env["WAYPOST_DEBUG"], "WAYPOST_DEBUG")
+        out["debug"] = parse_bool(env["WAYPOST_DEBUG"]) is True  # anything else is off
     return out
 
 
