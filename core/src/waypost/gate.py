@@ -60,6 +60,7 @@ def one_line(value: Any) -> str:
         return text
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
+
 _REDACTION = re.compile(r"\[REDACTED:[^\]]*\]")
 
 
