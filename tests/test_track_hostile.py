@@ -338,7 +338,7 @@ class DeepRecursion:
 # plugin, whether telemetry still runs (the part left out), words of the reason
 PLUGINS: list[tuple[object, bool, str]] = [
     (ContextRaises(), True, "waypost_context raised ValueError: context failed"),
-    (ContextNotJson(), True, "waypost_context raised TypeError"),
+    (ContextNotJson(), True, "context from a waypost_context hook refused: TypeError"),
     (DeepRecursion(), True, "waypost_context raised RecursionError"),
     (SinksRaise(), True, "could not be registered: ValueError: sinks failed"),
     (MisspeltHook(), True, "waypost_befor_send"),

@@ -270,13 +270,13 @@ class Gate:
     ) -> Gate:
         """The gate of a starting instance: the context (with what ``waypost_context`` hooks
         add) and the scrubber (with the rules of ``register_scrubbers`` hooks). A context hook
-        that raises, or returns what is not JSON, goes to ``on_error(plugin, hook, exc)`` and
+        that raises, or returns what is not JSON, goes to ``on_error(plugin, what, exc)`` and
         adds nothing (without ``on_error`` it raises)."""
 
-        def failed(plugin: str, exc: Exception) -> None:
+        def failed(plugin: str, exc: Exception, what: str = "waypost_context raised") -> None:
             if on_error is None:
                 raise exc
-            on_error(plugin, "waypost_context", exc)
+            on_error(plugin, what, exc)
 
         context = coerce(base_context(app, version))  # ValueError for an app name not UTF-8
         for plugin, results in plugins.call_each("waypost_context", failed, context=dict(context)):
@@ -288,7 +288,7 @@ class Gate:
                     # once, rather than failing every event that carries the context.
                     context = _config.merge(context, coerce(dict(extra)))
                 except (TypeError, ValueError, RecursionError) as exc:
-                    failed(plugin, exc)
+                    failed(plugin, exc, "context from a waypost_context hook refused:")
         return cls(
             level=config.level,
             instance_id=instance_id,
@@ -358,8 +358,8 @@ class Gate:
                 elif not level_allows(configured, level):
                     self.counters.drop("level")
                     continue
-                if distinct_id is not None:
-                    check_distinct_id(distinct_id)
+                if distinct_id is not None and type(distinct_id) is not str:
+                    check_distinct_id(distinct_id)  # raises: an id is text
                 if context_remarks:
                     remarks[:0] = context_remarks
                 who = distinct_id or default_who
@@ -374,6 +374,9 @@ class Gate:
                         props = scrubber.scrub(props, "properties", remarks)
                     if who is not instance_id:  # an id the application chose may be personal
                         who = scrubber.scrub_text(who, "distinct_id", remarks)
+                if who is not default_who:
+                    # After the scrubbers: a secret pasted as the id goes out redacted.
+                    check_distinct_id(who)
                 # Positional (the fields' order): a third cheaper than keywords, per event.
                 built = Event(
                     ids[i], name, when, instance_id, props, context, who,

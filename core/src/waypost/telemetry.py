@@ -290,12 +290,11 @@ class Telemetry:
         self.plugin_errors[plugin] = f"{previous}; {message}" if previous else message
         log.error("waypost: %s", message)
 
-    def _hook_failed(self, plugin: str, hook: str, exc: Exception) -> None:
+    def _hook_failed(self, plugin: str, what: str, exc: Exception) -> None:
+        """``what`` went wrong with a hook of ``plugin`` (``waypost_context raised``)."""
         self._plugin_failed(
             plugin,
-            PluginError(
-                f"plugin {plugin!r}: {hook} raised {type(exc).__name__}: {exc}", plugin=plugin
-            ),
+            PluginError(f"plugin {plugin!r}: {what} {type(exc).__name__}: {exc}", plugin=plugin),
             exc,
             consequence=" (what it adds is left out)",
         )
