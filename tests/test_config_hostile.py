@@ -206,7 +206,13 @@ def test_the_cli_answers_a_hostile_file_with_exit_2_and_the_error(
     args = [waypost_cli, "--config", filename, "--data-dir", "d", "status"]
     done = run([*args, "--json"] if as_json else args, waypost_clean_env, tmp_path)
     assert done.returncode == 2, done.stdout + done.stderr
-    assert expected in done.stderr and filename in done.stderr
+    if as_json:  # the error as JSON on stdout, for scripts
+        answer = json.loads(done.stdout)
+        assert answer["ok"] is False and answer["exit_code"] == 2
+        error = answer["error"]
+    else:
+        error = done.stderr
+    assert expected in error and filename in error
     assert "Traceback" not in done.stderr
 
 
