@@ -19,13 +19,30 @@ class Declared:
 
     cls: type[Payload]
     fields: dict[str, str]
+    nullable: tuple[str, ...] = ()
+    """Required fields that take None, of a class that sends no None (``exclude_none``): a
+    client leaves them out, so they arrive absent."""
 
     @classmethod
     def of(cls, payload: type[Payload]) -> Declared:
         names = {}
+        nullable = []
         for name, info in payload.model_fields.items():
             names[info.serialization_alias or info.alias or name] = name
-        return cls(payload, names)
+            if payload.__exclude_none__ and info.is_required() and _takes_none(info.annotation):
+                nullable.append(name)
+        return cls(payload, names, tuple(nullable))
+
+
+def _takes_none(annotation: Any) -> bool:
+    import types
+    import typing
+
+    if annotation is None or annotation is type(None):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return type(None) in typing.get_args(annotation)
+    return False
 
 
 @dataclass
@@ -76,6 +93,8 @@ class Schemas:
             return "undeclared_event", f"event {name!r} is not declared (declared: {known})"
         wire_to_field = declared.fields
         given = {wire_to_field.get(k, k): v for k, v in properties.items()}
+        absent = [n for n in declared.nullable if n not in given]
+        given.update(dict.fromkeys(absent))  # left out as None by the class's exclude_none
         try:
             payload = declared.cls.model_validate(given)
         except ValidationError as exc:
@@ -86,7 +105,12 @@ class Schemas:
         if extra and not self.accept_undeclared:
             return "undeclared_field", f"{', '.join(extra)} not declared by {name!r}"
         kept: dict[str, Any] = payload.model_dump(
-            mode="json", by_alias=True, exclude_unset=True, exclude=set(extra), warnings=False
+            mode="json",
+            by_alias=True,
+            exclude_unset=True,
+            exclude_none=declared.cls.__exclude_none__,
+            exclude={*extra, *absent},
+            warnings=False,
         )
         for key in extra:
             kept[key] = properties[key]
