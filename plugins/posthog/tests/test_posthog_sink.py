@@ -491,3 +491,22 @@ def test_open_and_send_import_nothing(posthog_server: RecordingServer, tmp_path:
     settings = {"api_key": KEY, "host": posthog_server.url}
     assert delivery_imports("posthog", settings, tmp_path, events=3) == []
     assert len(posthog_server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_never_followed(
+    waypost_recording_server: RecordingServer, tmp_path: Path, status: int
+) -> None:
+    """posthog-python posts with requests' default, which follows redirects: the project key,
+    in the body, would go to a host nobody configured."""
+    with RecordingServer(posthog_ok) as elsewhere:
+        waypost_recording_server.responder = lambda r: Response(
+            status, "", headers={"Location": f"{elsewhere.url}/batch/"}
+        )
+        sink = make_sink(waypost_recording_server.url, tmp_path)
+        events = make_events(2)
+        result = send_batch(sink, events)
+        sink.close()
+        assert elsewhere.requests == []
+    assert set(result.failed) == {e.id for e in events}
+    assert f"HTTP {status}" in next(iter(result.failed.values()))

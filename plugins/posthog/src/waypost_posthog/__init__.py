@@ -233,7 +233,7 @@ class PosthogSink(Sink[PosthogConfig]):
     def _new_session(self) -> requests.Session:
         """A session of our own: posthog's shared one retries connection errors itself on
         https, and retries belong to the core. A forked child builds its own."""
-        session: requests.Session = self._requests.Session()
+        session: requests.Session = _session_class(self._requests)()
         adapter = _limited_adapter(self._requests)(max_retries=0)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
@@ -249,6 +249,20 @@ class _OverLimit(Exception):
 
 _limits = threading.local()
 """Per thread: the largest body the request being made may have (0: no limit)."""
+
+
+@functools.cache
+def _session_class(http: ModuleType) -> Any:
+    """A requests session that answers a redirect instead of following it: posthog-python
+    posts with requests' default, which follows it and takes the project key along to a host
+    nobody configured."""
+
+    class NoRedirects(http.Session):  # type: ignore[name-defined,misc]
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs["allow_redirects"] = False
+            return super().request(*args, **kwargs)
+
+    return NoRedirects
 
 
 @functools.cache
