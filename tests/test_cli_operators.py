@@ -334,3 +334,78 @@ def test_purge_all_asks_unless_yes(tmp_path: Path, env: dict[str, str]) -> None:
     yes = run(["purge", "--all", "--yes", "--json"], env, tmp_path)
     assert yes.returncode == 0 and as_json(yes)["deleted"] == total
     assert as_json(run(["show", "--json"], env, tmp_path))["total"] == 0
+
+
+# --- what the CLI sends carries the application's name, version and facts -----------------------
+
+
+def test_a_cron_heartbeat_carries_the_version_and_facts_the_application_recorded(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    app_dir = tmp_path / "app"
+    out = tmp_path / "sent.jsonl"
+    write(
+        app_dir / "telemetry.yml",
+        f"""
+        telemetry:
+          app: ledger
+          notice: {{enabled: false}}
+          heartbeat: {{every: 7d, first_delay: 1h, time_of_day: null, event: telemetry_report}}
+          sinks:
+            out: {{type: jsonl, path: "{out}"}}
+        """,
+    )
+    # The application: its version in code, its counts recorded for the weekly cron job.
+    code = textwrap.dedent(
+        """
+        import waypost
+        tel = waypost.Telemetry(version="6.1.4", config="telemetry.yml")
+        tel.record_facts({"platform": {"counts": {"accounts": 3, "budgets": 2}}})
+        assert tel.shutdown(timeout=60)
+        """
+    )
+    app = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=app_dir, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert app.returncode == 0, app.stderr
+    # Cron, in another directory, names only the application.
+    elsewhere = tmp_path / "cron"
+    elsewhere.mkdir()
+    status = run(["--app", "ledger", "status", "--json"], env, elsewhere)
+    assert status.returncode == 0, status.stderr
+    st = as_json(status)
+    assert st["config_file"] == str(app_dir / "telemetry.yml")
+    assert [s["name"] for s in st["sinks"]] == ["out"]
+    beat = run(["--app", "ledger", "send-heartbeat", "--json"], env, elsewhere)
+    assert beat.returncode == 0, beat.stdout + beat.stderr
+    assert as_json(beat)["sent"] is True
+    (event,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert event["name"] == "telemetry_report"
+    assert event["context"]["app"] == {"name": "ledger", "version": "6.1.4"}
+    assert event["properties"]["env"]["ledger"] == "6.1.4"
+    assert event["properties"]["platform"]["counts"] == {"accounts": 3, "budgets": 2}
+    test = run(["--app", "ledger", "test-sink", "out"], env, elsewhere)
+    assert test.returncode == 0, test.stderr
+    sent = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sent[-1]["name"] == "waypost_test"
+    assert sent[-1]["context"]["app"]["version"] == "6.1.4"
+
+
+def test_the_config_version_wins_for_cli_events(tmp_path: Path, env: dict[str, str]) -> None:
+    out = tmp_path / "sent.jsonl"
+    write(
+        tmp_path / "telemetry.yml",
+        f"""
+        telemetry:
+          app: versioned
+          version: "2.0.0"
+          data_dir: data
+          notice: {{enabled: false}}
+          sinks:
+            out: {{type: jsonl, path: "{out}"}}
+        """,
+    )
+    assert run(["send-heartbeat"], env, tmp_path).returncode == 0
+    (event,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert event["context"]["app"] == {"name": "versioned", "version": "2.0.0"}

@@ -272,6 +272,15 @@ def test_do_not_track_keeps_local_metrics(make_telemetry, clean_env):
     assert enabled.value == 0.0
 
 
+def test_sink_up_is_absent_while_telemetry_is_off(make_telemetry, clean_env, tmp_path):
+    """Opted out is no outage: an alert on waypost_sink_up == 0 must not fire for it."""
+    sinks = {"jsonl": {"path": str(tmp_path / "events.jsonl")}}
+    off = make_telemetry(sinks=sinks, env={**clean_env, "DO_NOT_TRACK": "1"})
+    assert off.metrics.points("waypost_sink_up") == []
+    on = make_telemetry(sinks=sinks)
+    assert [p.value for p in on.metrics.points("waypost_sink_up")] == [1.0]
+
+
 def test_nothing_is_kept_with_no_destination(make_telemetry, clean_env):
     tel = make_telemetry(env={**clean_env, "DO_NOT_TRACK": "1", "PROMETHEUS_ENABLED": "0"})
     counter = tel.metrics.counter("runs", labels=["flow_id"])

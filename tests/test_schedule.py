@@ -160,29 +160,59 @@ def test_heartbeat_hook_adds_facts(make_telemetry: Any, tmp_path: Path) -> None:
 def test_one_heartbeat_per_period_across_processes(
     tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
+    """Four processes scheduling the heartbeat at once send one; once the period has passed
+    (the installation's record says so), four more send one more. Each process waits for its
+    own run's outcome, never for a time: the count does not depend on how busy the machine is."""
     out = tmp_path / "hb.jsonl"
+    data_dir = tmp_path / "d"
+    go = tmp_path / "go"
     code = textwrap.dedent(
         f"""
-        import time, waypost
+        import os, time, waypost
+        deadline = time.monotonic() + 600  # a guard against a hang, never a timing
+        while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:
+            time.sleep(0.01)  # all four start their schedulers together
         tel = waypost.Telemetry(
-            app="multi", data_dir={str(tmp_path / "d")!r}, config={{"telemetry": {{
+            app="multi", data_dir={str(data_dir)!r}, config={{"telemetry": {{
             "notice": {{"enabled": False}}, "batch": {{"interval": 0.05}},
             "sinks": {{"hb": {{"type": "jsonl", "path": {str(out)!r}}}}}}}}},
         )
-        tel.heartbeat(every=2, first_delay=0, time_of_day=None)
-        time.sleep(5)
-        tel.shutdown()
+        job = tel.heartbeat(every=3600, first_delay=0, time_of_day=None)
+        while job.last_outcome is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(job.last_outcome)
+        assert tel.shutdown(timeout=60)
         """
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code], env=clean_env, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(4)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=60)
-        assert p.returncode == 0, err
-    beats = sorted(e["time"] if "time" in e else e["timestamp"] for e in lines(out))
-    # About 5 s of four processes with a 2 s period: 3 heartbeats (t=0, 2, 4), not 12.
-    assert 2 <= len(beats) <= 3, beats
+
+    def round_of_four() -> list[str]:
+        go.unlink(missing_ok=True)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=clean_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        go.touch()
+        outcomes = []
+        for p in procs:
+            stdout, err = p.communicate(timeout=900)
+            assert p.returncode == 0, err
+            outcomes.append(stdout.strip())
+        return sorted(outcomes)
+
+    assert round_of_four() == ["sent", *["skipped: ran already this period"] * 3]
+    assert len(lines(out)) == 1
+    assert round_of_four() == ["skipped: ran already this period"] * 4  # within the period
+    assert len(lines(out)) == 1
+    # The period passes: the installation's record of the last run is an hour and more old.
+    state_file = data_dir / "schedule.json"
+    state = json.loads(state_file.read_text())
+    state["heartbeat"]["last"] -= 3601
+    state_file.write_text(json.dumps(state))
+    assert round_of_four() == ["sent", *["skipped: ran already this period"] * 3]
+    assert len(lines(out)) == 2

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from waypost.logs import get_logger
 
@@ -157,7 +157,31 @@ def recall_installation(config_file: str) -> dict[str, str] | None:
     return entry if isinstance(entry, dict) and entry.get("data_dir") else None
 
 
+def recall_app(app: str) -> tuple[str, dict[str, str]] | None:
+    """The config file (and its entry) an application named ``app`` last ran with here, so
+    that ``waypost --app NAME`` works from any directory."""
+    try:
+        known = json.loads(installations_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(known, dict):
+        return None
+    found = [
+        (float(entry.get("at", 0)), config_file, entry)
+        for config_file, entry in known.items()
+        if isinstance(entry, dict) and entry.get("app") == app and entry.get("data_dir")
+    ]
+    if not found:
+        return None
+    _, config_file, entry = max(found, key=lambda item: item[0])
+    return config_file, entry
+
+
 def remember_installation(config_file: str, app: str, data_dir: Path) -> None:
+    """Note, per user, which app name and data dir this config file serves (written when it
+    changes: the CLI reads it to find the application's records)."""
+    import time
+
     path = installations_file()
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
@@ -167,14 +191,44 @@ def remember_installation(config_file: str, app: str, data_dir: Path) -> None:
         known = {}
     key = str(Path(config_file).resolve())
     entry = {"app": app, "data_dir": str(data_dir.resolve())}
-    if known.get(key) == entry:
+    old = known.get(key)
+    if isinstance(old, dict) and {k: old.get(k) for k in entry} == entry:
         return
-    known[key] = entry
+    known[key] = {**entry, "at": time.time()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(known, indent=1))
     except OSError as exc:
         log.debug("waypost: cannot record the installation: %s", exc)
+
+
+# --- what the application leaves in its data dir for the CLI ---------------------------------
+
+INSTALLATION_FILE = "installation.json"
+"""The application's name, version and config file, and the heartbeat facts it gave last:
+what a heartbeat or test event sent by the CLI (another process, perhaps cron) carries."""
+
+
+def read_installation(data_dir: Path) -> dict[str, Any]:
+    """The record the application left in ``data_dir`` (empty if none or unreadable)."""
+    try:
+        data = json.loads((data_dir / INSTALLATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_installation(data_dir: Path, **fields: Any) -> None:
+    """Update the record in ``data_dir`` with ``fields`` (None values are left out); the file
+    is written only when something changed."""
+    record = read_installation(data_dir)
+    updated = {**record, **{k: v for k, v in fields.items() if v is not None}}
+    if updated == record:
+        return
+    try:
+        atomic_write(data_dir / INSTALLATION_FILE, json.dumps(updated, indent=1), mode=0o600)
+    except (OSError, TypeError, ValueError) as exc:
+        log.debug("waypost: cannot write %s: %s", INSTALLATION_FILE, exc)
 
 
 # --- the instance id --------------------------------------------------------------------------

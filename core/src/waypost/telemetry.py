@@ -191,7 +191,8 @@ class Telemetry:
             log.error("waypost: telemetry is off: %s", error)
             where = datadir.Location(app or "app", default_data_dir(app or "app"), "default")
         self.app = where.app
-        self.version = version or cfg.version or "0"
+        self._version_given = version or cfg.version
+        self.version = self._version_given or "0"
         self.strict = cfg.strict
         self.debug = cfg.debug
         self.distinct_id = distinct_id or cfg.distinct_id or ""
@@ -388,8 +389,7 @@ class Telemetry:
         self._on = True
         self._fast = not self.strict and not self._sync
         _LIVE.add(self)
-        if self.config_file not in (None, "<config>") and self.data_dir_source == "default":
-            datadir.remember_installation(str(self.config_file), self.app, self.data_dir)
+        self._record_installation()
         atexit.register(self._at_exit)
         processes.follow_forks(self)
         processes.at_multiprocessing_exit(self, Telemetry._at_exit)
@@ -407,6 +407,18 @@ class Telemetry:
         if cfg.shutdown_event:
             name = cfg.shutdown_event
             self.on_shutdown(lambda seconds: (name, {"timeRunning": int(seconds)}))
+
+    def _record_installation(self) -> None:
+        """Leave what the CLI (another process, perhaps cron) needs to send as this application
+        does: per user, which data dir this config file serves (``waypost --app NAME`` from
+        anywhere); in the data dir, the name, version and config file."""
+        from_file = self.config_file not in (None, "<config>")
+        config_file = str(Path(str(self.config_file)).resolve()) if from_file else None
+        if config_file is not None:
+            datadir.remember_installation(config_file, self.app, self.data_dir)
+        datadir.record_installation(
+            self.data_dir, app=self.app, version=self._version_given, config_file=config_file
+        )
 
     def _fail_start(self, reason: str) -> None:
         reason = secrets.sanitise(reason)
@@ -737,7 +749,24 @@ class Telemetry:
     ) -> dict[str, Any]:
         """The heartbeat in FlowForge's shape: instance id, os, runtime and app versions, and
         ``platform.counts`` / ``platform.config`` contributed by the application (``facts``) and
-        by plugins (hook ``waypost_heartbeat``)."""
+        by plugins (hook ``waypost_heartbeat``).
+
+        What ``facts`` returns is recorded in the data dir (see :meth:`record_facts`); without
+        ``facts``, the facts recorded last are used: a heartbeat sent by cron (``waypost
+        send-heartbeat``) carries the application's counts."""
+        if facts is not None:
+            given = facts
+
+            def facts_recorded() -> Mapping[str, Any]:
+                value = given()
+                self.record_facts(value)
+                return value
+
+            facts = facts_recorded
+        else:
+            stored = datadir.read_installation(self.data_dir).get("facts")
+            if isinstance(stored, dict):
+                facts = lambda: stored  # noqa: E731
         return heartbeat.payload(
             app=self.app,
             version=self.version,
@@ -745,6 +774,16 @@ class Telemetry:
             facts=facts,
             plugins=self.plugins,
         )
+
+    def record_facts(self, facts: Mapping[str, Any]) -> None:
+        """Record the application's heartbeat facts (``{"platform": {"counts": {...}}}``) in
+        the data dir, for a heartbeat another process sends: ``waypost send-heartbeat`` from
+        cron merges them into its payload. Call it when the counts change, or let
+        ``heartbeat(facts=...)`` record what it sends. Nothing is written while telemetry is
+        off; the facts pass the privacy gate when a heartbeat carries them."""
+        if not self._on or not isinstance(facts, Mapping):
+            return
+        datadir.record_installation(self.data_dir, facts=dict(facts), facts_at=time.time())
 
     def send_heartbeat(self, *, force: bool = False) -> bool:
         """Send the heartbeat now (for cron: ``waypost send-heartbeat``). Unless ``force``, it

@@ -153,6 +153,7 @@ def test_app_host_maps_to_ingestion_host(tmp_path: Path) -> None:
     # posthog-python's own mapping: the app URL people copy from the browser.
     sink = make_sink("https://eu.posthog.com", tmp_path)
     assert sink.endpoint == "https://eu.i.posthog.com/batch/"
+    assert sink.destination == "https://eu.i.posthog.com"  # what status and the manifest say
     assert make_sink("https://ph.example.org", tmp_path).endpoint == "https://ph.example.org/batch/"
 
 

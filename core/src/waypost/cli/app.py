@@ -41,6 +41,8 @@ class Ctx:
         self.app = app
         self.data_dir = data_dir
         self._warned = False
+        self._version: str | None = None
+        self._probed = False
 
     def telemetry(
         self, *, start: bool = False, tolerant: bool = True, strict: bool = True
@@ -52,15 +54,24 @@ class Ctx:
         config was checked by a strict instance first)."""
         from waypost.telemetry import Telemetry
 
+        if start and not self._probed:
+            self.telemetry()  # the config checked strictly, the application's version read
+        config, data_dir = self._where()
         try:
             tel = Telemetry(
                 app=self.app,
-                config=self.config,
-                data_dir=self.data_dir,
+                version=self._version,
+                config=config,
+                data_dir=data_dir,
                 strict=strict,
                 start=start,
                 notice=lambda text: None,
             )
+            if not self._probed:
+                self._probed = True
+                self._version = self._recorded_version(tel)
+                if self._version is not None:
+                    tel.version = self._version
             if not start:
                 tel.inspect_sinks(tolerant=tolerant)
         except WaypostError as exc:
@@ -69,6 +80,35 @@ class Ctx:
             raise Failure(tel.config_error)
         self._warn(tel)
         return tel
+
+    def _where(self) -> tuple[str | None, str | None]:
+        """The config file and data dir to use. ``--app NAME`` with no config here: the file
+        (and data dir) that application last ran with, from the record it left."""
+        if self.config is not None or self.app is None:
+            return self.config, self.data_dir
+        import os
+
+        from waypost.config import find_config
+        from waypost.datadir import recall_app
+
+        if find_config(os.environ) is not None:
+            return None, self.data_dir
+        found = recall_app(self.app)
+        if found is None or not os.path.isfile(found[0]):
+            return None, self.data_dir
+        config_file, entry = found
+        return config_file, self.data_dir or entry["data_dir"]
+
+    @staticmethod
+    def _recorded_version(tel: Telemetry) -> str | None:
+        """The version events sent from here carry: the config's, else the one the
+        application recorded in its data dir (None: the config's or none)."""
+        if tel.config.version:
+            return None
+        from waypost.datadir import read_installation
+
+        version = read_installation(tel.data_dir).get("version")
+        return str(version) if version else None
 
     def _warn(self, tel: Telemetry) -> None:
         if self._warned:

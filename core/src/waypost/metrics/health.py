@@ -28,7 +28,13 @@ HEALTH: tuple[MetricInfo, ...] = (
         "{event}",
     ),
     _health("waypost_outbox_pending", "gauge", "Records waiting for delivery", "{record}", "sink"),
-    _health("waypost_sink_up", "gauge", "1 when a sink delivers or is idle, else 0", "", "sink"),
+    _health(
+        "waypost_sink_up",
+        "gauge",
+        "1 when a sink delivers or is idle, else 0; absent while telemetry is off",
+        "",
+        "sink",
+    ),
 )
 HEALTH_TTL = 1.0  # one scrape reads status() once, however many instruments ask
 
@@ -50,7 +56,11 @@ def health_points(status: Any) -> dict[str, list[Point]]:
             Point({}, float(status.buffered + sum(s.in_memory for s in sinks)))
         ],
         "waypost_outbox_pending": [Point({"sink": s.name}, float(s.pending)) for s in sinks],
+        # Off (DO_NOT_TRACK, consent withdrawn) is no outage: no point, so an alert on
+        # waypost_sink_up == 0 does not fire for every opted-out installation.
         "waypost_sink_up": [
-            Point({"sink": s.name}, 1.0 if s.state in ("ok", "idle") else 0.0) for s in sinks
+            Point({"sink": s.name}, 1.0 if s.state in ("ok", "idle") else 0.0)
+            for s in sinks
+            if status.enabled
         ],
     }

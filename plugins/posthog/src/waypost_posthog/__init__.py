@@ -11,6 +11,7 @@ import datetime as _dt
 import functools
 import json
 import threading
+import urllib.parse
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -110,6 +111,14 @@ class PosthogSink(Sink[PosthogConfig]):
     def endpoint(self) -> str:
         """The URL batches are posted to."""
         return self._host + BATCH_PATH
+
+    @property
+    def destination(self) -> str:
+        """The ingestion host events go to (``https://eu.posthog.com`` posts to
+        ``https://eu.i.posthog.com``), for status and the manifest."""
+        parts = urllib.parse.urlsplit(self._host)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
     # --- mapping ------------------------------------------------------------------------------
 
