@@ -29,7 +29,7 @@ BALANCERS = {"haproxy": "/usr/sbin/haproxy", "nginx": "/usr/sbin/nginx"}
 
 def _haproxy(path: Path, port: int, backends: list[int]) -> list[str]:
     servers = "\n".join(
-        f"    server c{i} 127.0.0.1:{p} check inter 500 fall 2 rise 1"
+        f"    server c{i} 127.0.0.1:{p} check inter 500 fall 3 rise 1"
         for i, p in enumerate(backends)
     )
     path.write_text(
@@ -40,6 +40,9 @@ defaults
     timeout connect 2s
     timeout client 30s
     timeout server 30s
+    # A health check may take this long: left unset it is inter (500 ms), and a busy machine's
+    # slow /readyz took every collector out of the pool ("No server is available").
+    timeout check 5s
     option forwardfor
     option redispatch
     retries 3
