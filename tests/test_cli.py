@@ -338,6 +338,7 @@ def test_the_cli_needs_no_rich(tmp_path: Path, clean_env: dict[str, str]) -> Non
         "type",
         "state",
         "pending",
+        "refused",
         "last",
         "success",
         "last",

@@ -410,3 +410,57 @@ def test_the_config_version_wins_for_cli_events(tmp_path: Path, env: dict[str, s
     assert run(["send-heartbeat"], env, tmp_path).returncode == 0
     (event,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert event["context"]["app"] == {"name": "versioned", "version": "2.0.0"}
+
+
+# --- status from the outbox, as any process sees it ---------------------------------------------
+
+
+@pytest.mark.http_sink
+def test_status_shows_refusals_and_the_last_error_from_another_process(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/nobody-listens"
+    with RecordingServer(lambda request: Response(400, {"error": "invalid event"})) as server:
+        write(
+            tmp_path / "telemetry.yml",
+            f"""
+            telemetry:
+              app: failing
+              data_dir: data
+              notice: {{enabled: false}}
+              sinks:
+                refusing: {{type: http, url: "{server.url}"}}
+                down: {{type: http, url: "{dead}"}}
+            """,
+        )
+        code = textwrap.dedent(
+            """
+            import waypost
+            tel = waypost.Telemetry(config="telemetry.yml")
+            for i in range(3):
+                tel.track("run", {"n": i})
+            tel.flush(timeout=10)
+            tel.shutdown(timeout=10)
+            """
+        )
+        app = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert app.returncode == 0, app.stderr
+        assert server.requests, "the refusing destination was never asked"
+    out = run(["status", "--json"], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    sinks = {s["name"]: s for s in as_json(out)["sinks"]}
+    refusing, down = sinks["refusing"], sinks["down"]
+    assert refusing["refused"] == 3 and refusing["pending"] == 0
+    assert "400" in refusing["last_error"] and refusing["last_error_at"]
+    assert down["state"] == "retrying" and down["pending"] == 3 and down["refused"] == 0
+    assert down["last_error"]
+    text = run(["status"], env, tmp_path)
+    assert text.returncode == 0, text.stderr
+    row = next(line for line in text.stdout.splitlines() if "refusing" in line)
+    assert " 3 " in row and "400" in row
+    assert "retrying" in next(line for line in text.stdout.splitlines() if "down" in line)
+    show = run(["show", "--sink", "refusing"], env, tmp_path)
+    assert "400" in show.stdout  # the reason column

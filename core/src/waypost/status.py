@@ -7,6 +7,7 @@ import datetime as _dt
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,9 @@ class SinkStatus(BaseModel):
     failed: int = 0
     dropped_by_destination: int = 0
     pending: int = 0
+    refused: int = 0
+    """Records the destination refused for good, kept in the outbox until ``outbox.max_age``
+    (by any process sharing it; ``failed`` counts this process's only)."""
     last_success: _dt.datetime | None = None
     last_error: str | None = None
     last_error_at: _dt.datetime | None = None
@@ -136,11 +140,26 @@ def sink_status(
     error: str | None,
     pending: int,
     running: bool,
+    rows: Mapping[str, Any] | None = None,
+    enabled: bool | None = None,
 ) -> SinkStatus:
-    """One sink's status: its runner's snapshot while it runs; else ``error`` (it could not be
-    made), ``off`` (telemetry is off) or ``idle``."""
+    """One sink's status: its runner's snapshot while it runs, completed by what its outbox
+    ``rows`` say (:meth:`Outbox.sink_rows`: written by any process); else, from the rows
+    alone, ``error`` (it could not be made), ``off`` (telemetry is off: ``enabled`` false, or
+    not ``running`` when ``enabled`` is not given), ``retrying`` (pending rows tried before),
+    ``pending`` or ``idle``."""
+    rows = rows or {}
+    from_rows = {
+        "refused": int(rows.get("refused", 0)),
+        "last_success": rows.get("last_success"),
+        "last_error": rows.get("last_error"),
+        "last_error_at": rows.get("last_error_at"),
+    }
     if runner is not None:
         snap = runner.snapshot()
+        for key in ("last_success", "last_error", "last_error_at"):
+            if snap[key] is None:
+                snap[key] = from_rows[key]
         return SinkStatus(
             **{
                 **snap,
@@ -148,6 +167,25 @@ def sink_status(
                 "last_error_at": as_datetime(snap["last_error_at"]),
             },
             pending=pending,
+            refused=from_rows["refused"],
         )
-    state = "error" if error else ("idle" if running else "off")
-    return SinkStatus(name=name, type=sink_type, state=state, error=error, pending=pending)
+    on = running if enabled is None else enabled
+    if error:
+        state = "error"
+    elif not on:
+        state = "off"
+    elif rows.get("retrying"):
+        state = "retrying"
+    else:
+        state = "pending" if pending else "idle"
+    return SinkStatus(
+        name=name,
+        type=sink_type,
+        state=state,
+        error=error,
+        pending=pending,
+        refused=from_rows["refused"],
+        last_success=as_datetime(from_rows["last_success"]),
+        last_error=from_rows["last_error"],
+        last_error_at=as_datetime(from_rows["last_error_at"]),
+    )

@@ -935,6 +935,7 @@ class Telemetry:
     def status(self) -> Status:
         """A snapshot: whether telemetry is on and which rule decided, sinks, depths, counters."""
         outbox_counts: dict[str, dict[str, int]] = {}
+        rows: dict[str, dict[str, Any]] = {}
         pending_events = 0
         outbox = self.outbox_
         if outbox is None and self.has_outbox():
@@ -942,6 +943,7 @@ class Telemetry:
         if outbox is not None:
             try:
                 outbox_counts = outbox.counts()
+                rows = outbox.sink_rows()
                 pending_events = outbox.pending_events()
             except Exception as exc:
                 log.warning("waypost: cannot read the outbox: %s", exc)
@@ -954,6 +956,8 @@ class Telemetry:
                 error=self.sink_errors.get(name, ("", None))[1],
                 pending=outbox_counts.get(name, {}).get("pending", 0),
                 running=self._on,
+                rows=rows.get(name),
+                enabled=self.decision.enabled,
             )
             for name, spec in specs.items()
         ]

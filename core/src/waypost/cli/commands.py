@@ -75,13 +75,14 @@ def status(obj: Ctx, as_json: bool) -> None:
     if st.config_file:
         con.print(f"config: {st.config_file}")
     con.table(
-        ("sink", "type", "state", "pending", "last success", "last error"),
+        ("sink", "type", "state", "pending", "refused", "last success", "last error"),
         (
             (
                 s.name,
                 s.type,
                 s.state,
                 str(s.pending),
+                str(s.refused),
                 str(s.last_success or "-"),
                 _reason(s.error or s.last_error, tel.config_file, s.name),
             )

@@ -450,6 +450,38 @@ class Outbox:
 
     # --- inspection and housekeeping --------------------------------------------------------
 
+    def sink_rows(self) -> dict[str, dict[str, Any]]:
+        """Per sink, what its rows say, whichever process wrote them (``waypost status`` is not
+        the application): ``pending``, ``retrying`` (pending and tried before), ``refused``
+        (failed for good, kept until ``outbox.max_age``), ``last_success`` (the newest kept
+        ``sent`` row), ``last_error`` and ``last_error_at`` (of the newest row with an error;
+        the time is known for a refused row only)."""
+        out: dict[str, dict[str, Any]] = {}
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT sink, SUM(state = 'pending'), SUM(state = 'pending' AND attempts > 0), "
+                "SUM(state = 'failed'), MAX(CASE WHEN state = 'sent' THEN done_at END) "
+                "FROM outbox GROUP BY sink"
+            ).fetchall()
+            errors = db.execute(
+                "SELECT sink, last_error, state, done_at FROM outbox WHERE seq IN "
+                "(SELECT MAX(seq) FROM outbox WHERE last_error IS NOT NULL GROUP BY sink)"
+            ).fetchall()
+        for sink, pending, retrying, refused, last_success in rows:
+            out[sink] = {
+                "pending": int(pending or 0),
+                "retrying": int(retrying or 0),
+                "refused": int(refused or 0),
+                "last_success": last_success,
+                "last_error": None,
+                "last_error_at": None,
+            }
+        for sink, error, state, done_at in errors:
+            if sink in out:
+                out[sink]["last_error"] = error
+                out[sink]["last_error_at"] = done_at if state == "failed" else None
+        return out
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Row counts by sink and state."""
         out: dict[str, dict[str, int]] = {}
