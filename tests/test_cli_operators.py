@@ -464,3 +464,54 @@ def test_status_shows_refusals_and_the_last_error_from_another_process(
     assert "retrying" in next(line for line in text.stdout.splitlines() if "down" in line)
     show = run(["show", "--sink", "refusing"], env, tmp_path)
     assert "400" in show.stdout  # the reason column
+
+
+# --- events for a sink that cannot be made are kept for it ----------------------------------------
+
+
+def test_events_for_a_sink_that_cannot_be_made_are_kept_and_delivered_once_it_can(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    now, later = tmp_path / "now.jsonl", tmp_path / "later.jsonl"
+    write(
+        tmp_path / "telemetry.yml",
+        f"""
+        telemetry:
+          app: keeper
+          data_dir: data
+          notice: {{enabled: false}}
+          sinks:
+            now: {{type: jsonl, path: "{now}"}}
+            later: {{type: jsonl, path: "${{LATER_PATH}}", exclude_events: [noise]}}
+        """,
+    )
+    code = textwrap.dedent(
+        """
+        import waypost
+        tel = waypost.Telemetry(config="telemetry.yml")
+        for i in range(3):
+            tel.track("run", {"n": i})
+        tel.track("noise", {})
+        assert tel.flush(timeout=30)
+        assert tel.shutdown(timeout=30)
+        """
+    )
+    app = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert app.returncode == 0, app.stderr
+    assert len(now.read_text().splitlines()) == 4  # the other sink was not held back
+    status = as_json(run(["status", "--json"], env, tmp_path))
+    sink = next(s for s in status["sinks"] if s["name"] == "later")
+    assert sink["state"] == "error" and sink["pending"] == 3  # kept, routing honoured
+    # The variable is set now (the plugin installed, the secret given): delivered.
+    fixed = {**env, "LATER_PATH": str(later)}
+    flush = run(["flush", "--json"], fixed, tmp_path)
+    assert flush.returncode == 0, flush.stdout + flush.stderr
+    assert sorted(json.loads(x)["properties"]["n"] for x in later.read_text().splitlines()) == [
+        0,
+        1,
+        2,
+    ]
+    assert as_json(run(["status", "--json"], fixed, tmp_path))["outbox_pending_events"] == 0

@@ -43,7 +43,7 @@ from waypost.privacy import (
     secrets,
 )
 from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
-from waypost.sinks import Sink, SinkContext
+from waypost.sinks import Sink, SinkConfig, SinkContext
 from waypost.status import Counters, CounterStatus, LogOnce, Status, sink_status
 
 if TYPE_CHECKING:
@@ -379,6 +379,7 @@ class Telemetry:
             sync=cfg.outbox.durability == "sync",
             on_control=self._receive_control,
             paused_for=self.control.paused_for,
+            kept_for=self._kept_for(),
         )
         self._runners_by_name = {r.name: r for r in self.pipeline.runners}
         self._buffer = self.pipeline.buffer
@@ -419,6 +420,22 @@ class Telemetry:
         datadir.record_installation(
             self.data_dir, app=self.app, version=self._version_given, config_file=config_file
         )
+
+    def _kept_for(self) -> dict[str, SinkConfig]:
+        """The configured sinks that could not be made, with the routing their config asks
+        (``events``, ``exclude_events``; everything if even that is wrong): their events are
+        kept in the outbox, within its limits, for the start that can make them."""
+        specs = self.config.sink_specs()
+        kept: dict[str, SinkConfig] = {}
+        for name in self.sink_errors:
+            spec = specs.get(name, {})
+            try:
+                kept[name] = SinkConfig(
+                    events=spec.get("events"), exclude_events=spec.get("exclude_events") or []
+                )
+            except Exception:
+                kept[name] = SinkConfig()
+        return kept
 
     def _fail_start(self, reason: str) -> None:
         reason = secrets.sanitise(reason)

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from waypost.delivery.backoff import Backoff
@@ -17,7 +17,7 @@ from waypost.delivery.runner import Runner, Settings
 from waypost.errors import SinkContractError
 from waypost.events import Event, coerce, dumps
 from waypost.logs import get_logger
-from waypost.sinks import Sink
+from waypost.sinks import Sink, SinkConfig
 from waypost.status import Counters, LogOnce
 
 log = get_logger(__name__)
@@ -55,8 +55,12 @@ class Pipeline:
         sync: bool = False,
         on_control: Callable[[str, dict[str, Any]], None] | None = None,
         paused_for: Callable[[], float] | None = None,
+        kept_for: Mapping[str, SinkConfig] | None = None,
     ) -> None:
         self.outbox = outbox
+        self.kept_for = dict(kept_for or {}) if outbox is not None else {}
+        """Configured sinks that cannot be made now (plugin missing, secret unset), with their
+        routing: their events are kept in the outbox until a later start can make them."""
         self.sync = sync
         self.build = build
         self.counters = counters
@@ -272,19 +276,27 @@ class Pipeline:
         assert self.outbox is not None
         now = time.monotonic()
         runners = self.runners
-        if all(r.sink.config.routes_all for r in runners):
-            groups = {tuple(runners): events}
+        kept = self.kept_for
+        groups: dict[tuple[tuple[Runner, ...], tuple[str, ...]], list[Event]]
+        if all(r.sink.config.routes_all for r in runners) and all(
+            c.routes_all for c in kept.values()
+        ):
+            groups = {(tuple(runners), tuple(kept)): events}
         else:
             groups = {}
             for event in events:
-                key = tuple(r for r in runners if r.sink.config.accepts(event.name))
+                key = (
+                    tuple(r for r in runners if r.sink.config.accepts(event.name)),
+                    tuple(name for name, c in kept.items() if c.accepts(event.name)),
+                )
                 groups.setdefault(key, []).append(event)
-        for targets, group in groups.items():
-            if not targets:
+        for (targets, keep), group in groups.items():
+            if not targets and not keep:
                 self.counters.drop("no_sink", len(group))
                 continue
             deadline = time.monotonic() + min(self.interval, LINGER)
             stored = [r.name for r in targets if store or self.sync or not r.takes_fresh(deadline)]
+            stored += keep
             if stored:
                 self.outbox.add(group, stored)
                 self.count_stored(len(group))
