@@ -189,7 +189,8 @@ _DIGITS = "0123456789"
 
 # A value masked already: redacted by a rule, or "***" (what waypost's sanitiser and the sinks
 # put in place of a known secret), is left as it is.
-_DONE = r"(?!\[REDACTED:|\*\*\*(?![^\s&;,'\"]))"
+# (after what a separator may end with: "password=>x", "password=+x")
+_DONE = r"(?![=>:+ \t]*(?:\[REDACTED:|\*\*\*(?![^\s&;,'\"])))"
 _SEPARATOR = r"[\"']?[ \t]*(?:=>|:=|[=:])[ \t+]*"
 _QUOTED = r"\"(?!\[REDACTED:)(?:[^\"\\\r\n]|\\.)+\"|'(?!\[REDACTED:)(?:[^'\\\r\n]|\\.)+'"
 _WORD = r"[^\s&;,'\"]+"

@@ -183,6 +183,15 @@ def _url_secrets(url: str) -> Iterator[str]:
             yield value
 
 
+_IDENTIFIER = re.compile(r"[a-z][a-z0-9]*(?:[_.][a-z0-9]+)+")
+
+
+def _names_a_field(name: str, value: str) -> bool:
+    """Whether a ``*_key`` setting names a field rather than holding a key (``dedupe_key:
+    instance_id``, ``partition_key: distinct_id``): masked, those would blot out the name."""
+    return name.lower().endswith("key") and _IDENTIFIER.fullmatch(value) is not None
+
+
 def secret_values(value: Any, *, name: str = "") -> Iterator[str]:
     """Every secret in a configuration: ``SecretStr`` values at any depth, the values of
     settings whose names say secret, every value of a ``headers``/``params`` map, and the
@@ -218,7 +227,7 @@ def secret_values(value: Any, *, name: str = "") -> Iterator[str]:
     elif isinstance(value, str) and "${" not in value:  # a reference names no secret
         if "://" in value:
             yield from _url_secrets(value)
-        elif name and is_secret_name(name):
+        elif name and is_secret_name(name) and not _names_a_field(name, value):
             yield value
 
 
@@ -321,6 +330,8 @@ class Sanitiser:
         kept: list[str] = []
         if "@" in text:  # the gate's remarks ("email@context.owner") are no addresses
             text = _REMARK.sub(lambda m: _keep(kept, m.group()), text)
+        if "telemetry." in text:  # "telemetry.sinks.x.api_key: <reason>" names a place
+            text = _KEY_PATH.sub(lambda m: _keep(kept, m.group()), text)
         text = self._scrubber.scrub_text(text, "", [], exempt=_KEEP)
         if kept:
             text = _KEPT.sub(lambda m: _kept(kept, m), text)
@@ -363,6 +374,9 @@ _REMARK = re.compile(
     r"(?:[.\[][\w.\[\]-]*)?"
 )
 """A remark of the privacy gate: a rule's name and the place it redacted (never the value)."""
+
+_KEY_PATH = re.compile(r"(?<![\w.])telemetry(?:\.[\w-]+|\[\d+\])+(?=: )")
+"""A config key path as a ConfigError names it: the reason after it is no secret pair."""
 
 _KEEP = frozenset({"ipv4", "ipv6"})
 """Rules the sanitiser does not apply: an operator needs the destination's address."""
