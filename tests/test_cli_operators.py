@@ -46,6 +46,15 @@ def run(
     )
 
 
+def run_app(code: str, env: dict[str, str], cwd: Path) -> None:
+    """Run ``code`` as the application would: another process than the CLI."""
+    app = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert app.returncode == 0, app.stderr
+
+
 def write(path: Path, body: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(body))
@@ -365,11 +374,7 @@ def test_a_cron_heartbeat_carries_the_version_and_facts_the_application_recorded
         assert tel.shutdown(timeout=60)
         """
     )
-    app = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=app_dir, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert app.returncode == 0, app.stderr
+    run_app(code, env, app_dir)
     # Cron, in another directory, names only the application.
     elsewhere = tmp_path / "cron"
     elsewhere.mkdir()
@@ -443,11 +448,7 @@ def test_status_shows_refusals_and_the_last_error_from_another_process(
             tel.shutdown(timeout=10)
             """
         )
-        app = subprocess.run(
-            [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
-            text=True, timeout=120,
-        )  # fmt: skip
-        assert app.returncode == 0, app.stderr
+        run_app(code, env, tmp_path)
         assert server.requests, "the refusing destination was never asked"
     out = run(["status", "--json"], env, tmp_path)
     assert out.returncode == 0, out.stderr
@@ -496,11 +497,7 @@ def test_events_for_a_sink_that_cannot_be_made_are_kept_and_delivered_once_it_ca
         assert tel.shutdown(timeout=30)
         """
     )
-    app = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert app.returncode == 0, app.stderr
+    run_app(code, env, tmp_path)
     assert len(now.read_text().splitlines()) == 4  # the other sink was not held back
     status = as_json(run(["status", "--json"], env, tmp_path))
     sink = next(s for s in status["sinks"] if s["name"] == "later")
@@ -515,3 +512,25 @@ def test_events_for_a_sink_that_cannot_be_made_are_kept_and_delivered_once_it_ca
         2,
     ]
     assert as_json(run(["status", "--json"], fixed, tmp_path))["outbox_pending_events"] == 0
+
+
+def test_invalid_yaml_names_line_and_column_and_never_the_line(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    secret = "phc_d0NotPr1ntTh1sK3y"
+    write(
+        tmp_path / "telemetry.yml",
+        f"""
+        telemetry:
+          app: yamlapp
+          sinks:
+            ph: {{type: posthog, api_key: "{secret}"
+          level: usage
+        """,
+    )
+    for args in (["status"], ["consent", "off", "--json"]):
+        out = run(args, env, tmp_path)
+        assert out.returncode == 2
+        text = out.stdout + out.stderr
+        assert "invalid YAML" in text and "line " in text and "column " in text, text
+        assert secret not in text and "<unicode string>" not in text
