@@ -110,8 +110,8 @@ def test_broken_sinks_leave_every_consent_and_inspection_command_working(
     assert sinks["broken"]["state"] == "error"
     assert "a_module_that_is_not_installed" in sinks["broken"]["error"]
     assert sinks["secret"]["state"] == "error"
-    # The sanitiser takes "api_key: <anything>" for a secret pair: the key path is what is left.
     assert "telemetry.sinks.secret.api_key" in sinks["secret"]["error"]
+    assert "POSTHOG_KEY_NOT_SET" in sinks["secret"]["error"]
 
     text = run(["status"], env, tmp_path)
     assert text.returncode == 0, text.stderr
