@@ -294,6 +294,17 @@ def test_targets(tmp_path: Path) -> None:
     assert dsn.label == "https://ch.internal:9443/telemetry"
 
 
+@pytest.mark.parametrize(
+    ("option", "secure"), [("secure=true", True), ("secure=Yes", True), ("secure=on", True),
+                           ("secure=0", False), ("secure=no", False), ("", False)],
+)  # fmt: skip
+def test_the_dsn_secure_option_is_read_by_the_one_boolean_parser(
+    tmp_path: Path, option: str, secure: bool
+) -> None:
+    target = ClickHouseConfig(dsn=f"clickhouse://127.0.0.1:9000/db?{option}").target(tmp_path)
+    assert target.secure is secure
+
+
 def test_per_batch_settings_cannot_be_set(tmp_path: Path) -> None:
     context = SinkContext(app="testapp", version="1", instance_id="i", data_dir=tmp_path)
     config = ClickHouseConfig(settings={"insert_deduplication_token": "x"})

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from waypost.config import parse_bool
 from waypost.sinks import SinkConfig, is_loopback_host
 
 __all__ = ["ClickHouseConfig", "Target"]
@@ -142,7 +143,7 @@ class ClickHouseConfig(SinkConfig):
             return Target(embedded=True, path=_chdb_path(parsed, data_dir), database=self._db(None))
         secure = parsed.scheme == "https" or (
             parsed.scheme == "clickhouse"
-            and (options.pop("secure", "") in ("1", "true") or parsed.port in (443, 8443))
+            and (parse_bool(options.pop("secure", "")) is True or parsed.port in (443, 8443))
         )
         if self.secure is not None:
             secure = self.secure
