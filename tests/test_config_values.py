@@ -89,6 +89,14 @@ def test_level_off_unquoted_turns_telemetry_off_for_the_right_reason(
     tel.shutdown()
 
 
+def typed_sink_config(tmp_path: Path, env: dict[str, str], config: Path | None = None) -> Any:
+    """The config of sink ``a`` (type ``typed``) as a strict instance makes it."""
+    tel = waypost.Telemetry(app="t", config=config, env=env, data_dir=tmp_path / "d",
+                            strict=True, start=False, sink_classes=[TypedSink])  # fmt: skip
+    tel._make_sinks()
+    return tel.sinks["a"].config
+
+
 def test_sink_settings_are_typed_by_the_sinks_own_model(
     tmp_path: Path, waypost_clean_env: dict[str, str]
 ) -> None:
@@ -105,17 +113,7 @@ def test_sink_settings_are_typed_by_the_sinks_own_model(
               gzip: off
         """,
     )
-    tel = waypost.Telemetry(
-        app="t",
-        config=path,
-        env=waypost_clean_env,
-        data_dir=tmp_path / "d",
-        strict=True,
-        start=False,
-        sink_classes=[TypedSink],
-    )
-    tel._make_sinks()
-    sink_config: Any = tel.sinks["a"].config
+    sink_config = typed_sink_config(tmp_path, waypost_clean_env, path)
     assert sink_config.region == "no"
     assert sink_config.api_key.get_secret_value() == "0123"  # not 83, YAML 1.1's octal
     assert sink_config.timeout == 2.0 and sink_config.gzip is False
@@ -176,16 +174,7 @@ def test_sink_secrets_from_the_environment_stay_text(
         "WAYPOST_SINKS__A__REGION": "no",
         "WAYPOST_SINKS__A__HEADERS": '{"X-Key": "0123"}',
     }
-    tel = waypost.Telemetry(
-        app="t",
-        env=env,
-        data_dir=tmp_path / "d",
-        strict=True,
-        start=False,
-        sink_classes=[TypedSink],
-    )
-    tel._make_sinks()
-    sink_config: Any = tel.sinks["a"].config
+    sink_config = typed_sink_config(tmp_path, env)
     assert sink_config.url == "https://x.example/a: b"  # not a mapping
     assert sink_config.api_key.get_secret_value() == "0123" and sink_config.region == "no"
     assert sink_config.headers == {"X-Key": "0123"}
