@@ -17,6 +17,9 @@ the time a new id last arrived. Control endpoints:
 - ``POST /_forget/<label>``                    drops the label's ids (frees memory)
 - ``POST /_latency/<label>?ms=M``              answers that label's requests after M ms, as a
                                                vendor's cloud some way off would
+- ``POST /_flaky/<label>?every=N``             fails every Nth request of that label, in turn with
+                                               503 ``Retry-After: 1``, 429, a connection reset
+                                               and 500 (nothing of a failed request is counted)
 
 Run as ``python bench/sink_server.py``; it prints ``port <n>`` once it listens on 127.0.0.1.
 """
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import struct
 import sys
 import threading
 import time
@@ -60,6 +65,9 @@ class Tally:
 
 TALLIES: dict[str, Tally] = {}
 LATENCY: dict[str, float] = {}
+FLAKY: dict[str, list[int]] = {}
+"""Per label: [every, requests so far, failures so far]."""
+FAILURES = ("503", "429", "reset", "500")
 LOCK = threading.Condition()
 
 
@@ -123,6 +131,14 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 TALLIES.pop(parts[2], None)
                 LATENCY.pop(parts[2], None)
+                FLAKY.pop(parts[2], None)
+            self._send(200, b"{}")
+            return
+        if len(parts) == 3 and parts[1] == "_flaky":
+            label, _, query = parts[2].partition("?")
+            every = int(urllib.parse.parse_qs(query).get("every", ["0"])[0])
+            with LOCK:
+                FLAKY[label] = [every, 0, 0]
             self._send(200, b"{}")
             return
         if len(parts) == 3 and parts[1].startswith("_latency"):
@@ -134,6 +150,20 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, b'{"error":"unknown path"}')
             return
         label, kind = parts[2], parts[3].split("?", 1)[0]
+        failure = self._failure(label)
+        if failure == "reset":
+            # An abortive close (RST), as a proxy that drops the connection does.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+            return
+        if failure is not None:
+            self.send_response(int(failure))
+            if failure == "503":
+                self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         try:
             if self.headers.get("Content-Encoding", "").lower() == "gzip":
                 body = gzip.decompress(body)
@@ -160,6 +190,18 @@ class Handler(BaseHTTPRequestHandler):
         if delay:
             time.sleep(delay)
         self._send(200, _answer(kind, len(ids), length))
+
+    def _failure(self, label: str) -> str | None:
+        """The failure this request meets under the label's flaky schedule, if any."""
+        with LOCK:
+            flaky = FLAKY.get(label)
+            if flaky is None or flaky[0] <= 0:
+                return None
+            flaky[1] += 1
+            if flaky[1] % flaky[0]:
+                return None
+            flaky[2] += 1
+            return FAILURES[(flaky[2] - 1) % len(FAILURES)]
 
     def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)

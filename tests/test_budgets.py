@@ -1,0 +1,208 @@
+"""Time budgets: ``flush(timeout)`` does all it can before its deadline (retries that fall due
+are made within the call, ``Retry-After`` honoured) and never runs hooks, scrubbers or sinks on
+the caller's thread, so it returns within its timeout whatever they do.
+
+No speed is asserted here: a bound is the budget plus a generous margin (2 s), for a busy
+machine. How fast things are belongs to ``bench/``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faultkit import make, show
+
+import waypost
+from waypost.testing import RecordingServer, Request, Response
+
+MARGIN = 2.0
+"""Seconds a call may overrun its budget on a busy machine; real overruns are far larger."""
+
+
+def ids_of(requests: list[Request]) -> set[str]:
+    return {e["id"] for r in requests if r.body and r.json() for e in r.json()}
+
+
+def flaky(pattern: Sequence[Response | None]) -> Callable[[Request], Response]:
+    """Answers by the request's place in a repeating pattern (None: 200 OK)."""
+    counter = itertools.count()
+    lock = threading.Lock()
+
+    def respond(request: Request) -> Response:
+        with lock:
+            i = next(counter)
+        answer = pattern[i % len(pattern)]
+        return Response(200, {}) if answer is None else answer
+
+    return respond
+
+
+FAILURES = [
+    Response(503, "busy", headers={"Retry-After": "1"}),
+    None,
+    Response(429, "slow down"),
+    None,
+    Response(reset=True),
+    None,
+    Response(500, "oops"),
+    None,
+]
+
+
+class Recorder:
+    """Hook implementations that note the thread they run on, and can be slowed."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.threads: set[str] = set()
+
+    @waypost.hookimpl
+    def waypost_before_send(self, event: waypost.Event) -> waypost.Event:
+        self.threads.add(threading.current_thread().name)
+        if self.delay:
+            time.sleep(self.delay)
+        return event
+
+
+class ThreadNotingSink(waypost.Sink):
+    """A sink that notes the thread each ``send`` runs on (and delivers at once)."""
+
+    type = "thread_noting"
+    threads: set[str] = set()
+    delivered: list[str] = []
+
+    def send(self, events: Sequence[waypost.Event]) -> waypost.SendResult:
+        ThreadNotingSink.threads.add(threading.current_thread().name)
+        ThreadNotingSink.delivered.extend(e.id for e in events)
+        return waypost.SendResult.ok()
+
+
+@pytest.fixture
+def make_tel(tmp_path: Path, clean_env: dict[str, str]) -> Iterator[Callable[..., Any]]:
+    made: list[Any] = []
+    counter = itertools.count()
+
+    def factory(**section: Any) -> Any:
+        plugins = section.pop("plugins", ())
+        sinks = section.pop("sinks")
+        section.setdefault("notice", {"enabled": False})
+        tel = waypost.Telemetry(
+            app="budgets",
+            data_dir=tmp_path / f"d{next(counter)}",
+            env=clean_env,
+            plugins=plugins,
+            sink_classes=[ThreadNotingSink],
+            config={"telemetry": {**section, "sinks": sinks}},
+        )
+        made.append(tel)
+        return tel
+
+    yield factory
+    for tel in made:
+        tel.shutdown(2)
+
+
+def test_flush_makes_the_retries_that_fall_due_before_its_deadline(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    with RecordingServer(flaky(FAILURES)) as server:
+        tel = make(
+            server.url + "/ingest",
+            tmp_path / "d",
+            retry={"initial": 0.2, "maximum": 2.0},
+            batch={"interval": 1.0},
+        )
+        try:
+            for i in range(5_000):
+                tel.track("flaky", {"i": i})
+            started = time.monotonic()
+            ok = tel.flush(timeout=60)
+            elapsed = time.monotonic() - started
+            delivered = len(ids_of(server.requests))
+            st = tel.status()
+        finally:
+            tel.shutdown(5)
+    figures = {"flush": ok, "seconds": round(elapsed, 2), "delivered": delivered,
+               "pending": st.outbox_pending_events, "dropped": st.counters.dropped}  # fmt: skip
+    # Every retry falls due within seconds, long before the deadline: all were made.
+    assert ok is True and delivered == 5_000, show(figures)
+    assert elapsed < 60, figures
+
+
+def test_flush_leaves_stored_only_what_falls_due_after_its_deadline(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    pattern = [Response(503, "later", headers={"Retry-After": "30"})]
+    with RecordingServer(flaky(pattern)) as server:
+        tel = make(server.url + "/ingest", tmp_path / "d")
+        try:
+            for i in range(200):
+                tel.track("later", {"i": i})
+            started = time.monotonic()
+            ok = tel.flush(timeout=3)
+            elapsed = time.monotonic() - started
+        finally:
+            tel.shutdown(2)
+    with sqlite3.connect(tmp_path / "d" / "outbox.sqlite3") as db:
+        rows = db.execute("SELECT COUNT(*), MIN(next_at) FROM outbox WHERE state = 'pending'")
+        count, first_due = rows.fetchone()
+    # The destination asked for 30 s: waiting for it would pass the deadline, so the events are
+    # stored (True: safe), due no sooner than the destination asked.
+    assert ok is True and count == 200, (ok, count)
+    assert first_due >= started + 25 - time.monotonic() + time.time(), first_due
+    assert elapsed < 3 + MARGIN, elapsed
+
+
+def test_slow_hooks_never_run_on_the_callers_thread_nor_stretch_flush(
+    make_tel: Callable[..., Any],
+) -> None:
+    hooks = Recorder(delay=0.005)
+    ThreadNotingSink.threads = set()
+    tel = make_tel(plugins=[hooks], sinks={"t": {"type": "thread_noting"}})
+    for i in range(1_000):  # five seconds of hook work
+        tel.track("slow_hook", {"i": i})
+    started = time.monotonic()
+    ok = tel.flush(1.0)
+    elapsed = time.monotonic() - started
+    caller = threading.current_thread().name
+    assert elapsed < 1.0 + MARGIN, elapsed
+    assert ok is False  # most events are still before the hook: not yet safe
+    assert caller not in hooks.threads, hooks.threads
+    assert caller not in ThreadNotingSink.threads, ThreadNotingSink.threads
+    started = time.monotonic()
+    tel.shutdown(1.0)
+    assert time.monotonic() - started < 1.0 + MARGIN
+    assert caller not in hooks.threads, hooks.threads
+
+
+def test_a_big_value_never_stretches_flush(make_tel: Callable[..., Any]) -> None:
+    tel = make_tel(sinks={"t": {"type": "thread_noting"}})
+    tel.track("big", {"blob": "a b c d " * (5 * 2**20 // 8)})  # 5 MiB of text to scan
+    started = time.monotonic()
+    tel.flush(1.0)
+    assert time.monotonic() - started < 1.0 + MARGIN
+
+
+def test_flush_and_shutdown_hold_their_budget_when_the_sink_hangs(
+    make_tel: Callable[..., Any],
+) -> None:
+    with RecordingServer(lambda r: Response(hang=True)) as server:
+        tel = make_tel(sinks={"h": {"type": "http", "url": server.url + "/ingest", "timeout": 60}})
+        for i in range(100):
+            tel.track("hung", {"i": i})
+        started = time.monotonic()
+        ok = tel.flush(1.0)
+        flush_s = time.monotonic() - started
+        started = time.monotonic()
+        tel.shutdown(1.0)
+        shutdown_s = time.monotonic() - started
+    assert flush_s < 1.0 + MARGIN, flush_s
+    assert ok is True  # in flight, and stored (leased) meanwhile: safe
+    assert shutdown_s < 1.0 + MARGIN, shutdown_s

@@ -1,0 +1,529 @@
+"""The outbox against its storage: a full disk, a deleted, replaced or corrupt file, a read-only
+data dir, junk in the data dir's files, a lock held by another process.
+
+Faults are real: tmpfs mounts of 1 MiB in a private mount namespace, files deleted and
+overwritten under a running process, a second process holding SQLite's write lock. Every test
+counts what arrives, what the next process delivers, and whether ``status()`` and the CLI keep
+answering. An event that ``flush()`` reported safe must arrive; one that could not be kept must
+be counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faultkit import (
+    cli,
+    make,
+    next_process,
+    pending_rows,
+    require_mount_namespace,
+    run_scenario,
+    show,
+)
+
+from waypost.testing import RecordingServer, Request, free_port
+
+
+def ids_of(requests: list[Request]) -> set[str]:
+    return {e["id"] for r in requests if r.body for e in r.json()}
+
+
+def down_url() -> str:
+    """A sink URL that refuses connections: the destination is down."""
+    return f"http://127.0.0.1:{free_port()}/ingest"
+
+
+@pytest.fixture
+def server() -> Iterator[RecordingServer]:
+    with RecordingServer() as s:
+        yield s
+
+
+# --- a full disk -------------------------------------------------------------------------------
+
+
+def test_full_disk_keeps_events_in_memory_and_writes_them_when_space_returns(
+    tmp_path: Path, clean_env: dict[str, str], server: RecordingServer
+) -> None:
+    namespace = require_mount_namespace()
+    figures = run_scenario(
+        f"""
+        from pathlib import Path
+        root = Path({str(tmp_path / "mnt")!r})
+        mount_tmpfs(root, "1m")
+        data = root / "d"
+        tel = make({down_url()!r}, data)
+        for i in range(10_000):
+            tel.track("full", {{"i": i, "pad": "x" * 40}})
+        ok = tel.flush(10)
+        st = tel.status()
+        code, out, err = cli(data, "status", "--json")
+        report(flush=ok, dropped=st.counters.dropped, rows=pending_rows(data),
+               storage=st.model_dump(mode="json").get("storage"), cli_status=code,
+               cli_traceback="Traceback" in err)
+        remount(root, size="64m")
+        ok = tel.flush(10)
+        report(flush_after_space=ok, rows_after_space=pending_rows(data),
+               dropped_after_space=tel.status().counters.dropped)
+        tel.shutdown(5)
+        report(**next_process(data, {server.url + "/ingest"!r}))
+        """,
+        clean_env,
+        namespace=namespace,
+    )
+    delivered = len(ids_of(server.requests))
+    summary = {k: v for k, v in figures.items() if k != "stderr"} | {"delivered": delivered}
+    assert figures["flush"] is False, show(summary)  # not everything could be stored
+    assert figures["cli_status"] == 0 and not figures["cli_traceback"], summary
+    assert figures["storage"], show(summary)  # status says what is wrong with the outbox
+    assert figures["flush_after_space"] is True, summary
+    assert figures["rows_after_space"] == 10_000, show(summary)
+    assert delivered == 10_000, summary
+    assert "disk_full" not in figures["dropped_after_space"], show(summary)
+
+
+def test_full_disk_past_the_memory_bound_counts_each_event_it_drops(
+    tmp_path: Path, clean_env: dict[str, str], server: RecordingServer
+) -> None:
+    namespace = require_mount_namespace()
+    figures = run_scenario(
+        f"""
+        from pathlib import Path
+        root = Path({str(tmp_path / "mnt")!r})
+        mount_tmpfs(root, "1m")
+        data = root / "d"
+        tel = make({down_url()!r}, data, outbox={{"buffer": 2000}})
+        for i in range(10_000):
+            tel.track("full", {{"i": i, "pad": "x" * 40}})
+        ok = tel.flush(10)
+        st = tel.status()
+        report(flush=ok, dropped=st.counters.dropped, rows=pending_rows(data))
+        remount(root, size="64m")
+        report(flush_after_space=tel.flush(10))
+        tel.shutdown(5)
+        report(**next_process(data, {server.url + "/ingest"!r}))
+        """,
+        clean_env,
+        namespace=namespace,
+    )
+    delivered = len(ids_of(server.requests))
+    summary = {k: v for k, v in figures.items() if k != "stderr"} | {"delivered": delivered}
+    dropped = figures["dropped"]
+    assert figures["flush"] is False, show(summary)
+    assert set(dropped) == {"disk_full"}, summary  # no other reason, none uncounted
+    assert delivered + dropped["disk_full"] == 10_000, show(summary)
+    assert figures["flush_after_space"] is True, summary
+    assert figures["stderr"].count("disk_full") + figures["stderr"].count("disk is full") >= 1
+
+
+# --- the outbox deleted or replaced under a running process -------------------------------------
+
+
+@pytest.mark.parametrize("files", [("",), ("", "-wal", "-shm")], ids=["main", "main+wal+shm"])
+def test_outbox_deleted_while_running_is_recreated_and_loses_nothing(
+    tmp_path: Path, clean_env: dict[str, str], server: RecordingServer, files: tuple[str, ...]
+) -> None:
+    data = tmp_path / "d"
+    tel = make(down_url(), data)
+    try:
+        for i in range(600):
+            tel.track("before_delete", {"i": i})
+        assert tel.flush(10)
+        assert pending_rows(data) == 600
+        for suffix in files:
+            (data / f"outbox.sqlite3{suffix}").unlink(missing_ok=True)
+        for i in range(100):
+            tel.track("after_delete", {"i": i})
+        ok = tel.flush(10)
+        st = tel.status()
+        figures = {"flush": ok, "status_pending": st.outbox_pending_events,
+                   "rows_on_disk": pending_rows(data), "dropped": st.counters.dropped}  # fmt: skip
+    finally:
+        tel.shutdown(5)
+    figures |= next_process(data, server.url + "/ingest")
+    figures["delivered"] = len(ids_of(server.requests))
+    assert figures["flush"] is True, show(figures)
+    assert figures["rows_on_disk"] == 700, figures
+    assert figures["delivered"] == 700, show(figures)
+
+
+def test_outbox_replaced_while_running_is_detected_and_loses_nothing(
+    tmp_path: Path, clean_env: dict[str, str], server: RecordingServer
+) -> None:
+    data = tmp_path / "d"
+    tel = make(down_url(), data)
+    try:
+        for i in range(300):
+            tel.track("before_replace", {"i": i})
+        assert tel.flush(10)
+        # Another file moved into place, as a restore from a backup would do it.
+        other = tmp_path / "other.sqlite3"
+        with sqlite3.connect(other) as db:
+            db.execute("CREATE TABLE unrelated (x)")
+        os.replace(other, data / "outbox.sqlite3")
+        for i in range(100):
+            tel.track("after_replace", {"i": i})
+        ok = tel.flush(10)
+        figures: dict[str, Any] = {"flush": ok, "rows_on_disk": pending_rows(data)}
+        figures["status"] = tel.status().model_dump(mode="json").get("storage")
+    finally:
+        tel.shutdown(5)
+    figures |= next_process(data, server.url + "/ingest")
+    figures["delivered"] = len(ids_of(server.requests))
+    assert figures["flush"] is True, show(figures)
+    assert figures["delivered"] == 400, figures
+
+
+# --- a corrupt outbox ---------------------------------------------------------------------------
+
+
+def _corrupt(path: Path, how: str) -> None:
+    rng = random.Random(18)
+    size = path.stat().st_size
+    if how == "truncated":
+        with open(path, "r+b") as fh:
+            fh.truncate(size // 3)
+    elif how == "random_header":
+        with open(path, "r+b") as fh:
+            fh.write(rng.randbytes(100))
+    elif how == "random_file":
+        path.write_bytes(rng.randbytes(64 * 1024))
+    elif how == "bad_page":
+        with open(path, "r+b") as fh:
+            fh.seek(4096 * 3)
+            fh.write(rng.randbytes(4096))
+    else:
+        raise ValueError(how)
+
+
+def _stored_outbox(data: Path, n: int) -> None:
+    """``n`` events stored in the outbox of ``data`` (the destination was down), checkpointed
+    into the main file."""
+    tel = make(down_url(), data)
+    for i in range(n):
+        tel.track("stored_before", {"i": i, "pad": "y" * 200})
+    assert tel.flush(10)
+    tel.shutdown(5)
+    with sqlite3.connect(data / "outbox.sqlite3") as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert pending_rows(data) == n
+
+
+@pytest.mark.parametrize("how", ["truncated", "random_header", "random_file", "bad_page"])
+def test_corrupt_outbox_is_moved_aside_and_telemetry_goes_on(
+    tmp_path: Path, clean_env: dict[str, str], server: RecordingServer, how: str
+) -> None:
+    data = tmp_path / "d"
+    _stored_outbox(data, 500)
+    _corrupt(data / "outbox.sqlite3", how)
+    figures: dict[str, Any] = {}
+    code, _out, err = cli(data, "status", "--json")
+    figures |= {"cli_before": code, "cli_before_traceback": "Traceback" in err}
+    try:
+        tel = make(server.url + "/ingest", data)
+    except Exception as exc:
+        pytest.fail(f"Telemetry() raised {type(exc).__name__}: {exc}")
+    try:
+        for i in range(100):
+            tel.track("after_corruption", {"i": i})
+        figures["flush"] = tel.flush(10)
+        try:
+            st = tel.status()
+            figures["storage"] = st.model_dump(mode="json").get("storage")
+            figures["dropped"] = st.counters.dropped
+        except Exception as exc:
+            figures["status_raised"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        tel.shutdown(5)
+    names = [e["name"] for r in server.requests if r.body for e in r.json()]
+    figures["delivered_new"] = names.count("after_corruption")
+    figures["salvaged"] = names.count("stored_before")
+    figures["aside"] = sorted(p.name for p in data.glob("outbox.sqlite3.corrupt-*"))
+    for command in (("status",), ("status", "--json"), ("show",), ("flush", "--timeout", "5")):
+        code, _out, err = cli(data, *command)
+        figures[f"cli {' '.join(command)}"] = (code, "Traceback" in err)
+    assert "status_raised" not in figures, show(figures)
+    assert figures["flush"] is True, figures
+    assert figures["delivered_new"] == 100, show(figures)
+    assert figures["aside"], figures  # moved aside with a timestamp, kept for the operator
+    assert figures["storage"], show(figures)  # and status says so
+    for command in ("status", "status --json", "show", "flush --timeout 5"):
+        assert figures[f"cli {command}"] == (0, False), show(figures)
+
+
+def test_corruption_found_while_running_moves_the_file_aside_and_keeps_what_is_in_memory(
+    tmp_path: Path, clean_env: dict[str, str], server: RecordingServer
+) -> None:
+    data = tmp_path / "d"
+    tel = make(down_url(), data)
+    try:
+        for i in range(300):
+            tel.track("before", {"i": i, "pad": "z" * 200})
+        assert tel.flush(10)
+        with sqlite3.connect(data / "outbox.sqlite3") as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _corrupt(data / "outbox.sqlite3", "random_file")
+        for i in range(100):
+            tel.track("after", {"i": i})
+        figures: dict[str, Any] = {"flush": tel.flush(10)}
+        st = tel.status()
+        figures |= {"storage": st.model_dump(mode="json").get("storage"),
+                    "dropped": st.counters.dropped}  # fmt: skip
+    finally:
+        tel.shutdown(5)
+    figures |= next_process(data, server.url + "/ingest")
+    names = [e["name"] for r in server.requests if r.body for e in r.json()]
+    figures["delivered_after"] = names.count("after")
+    assert figures["delivered_after"] == 100, show(figures)
+    assert figures["storage"], figures
+
+
+# --- a read-only data dir -----------------------------------------------------------------------
+
+
+def test_read_only_data_dir_delivers_from_memory_and_says_so(
+    tmp_path: Path, clean_env: dict[str, str], server: RecordingServer
+) -> None:
+    namespace = require_mount_namespace()
+    data = tmp_path / "d"
+    _stored_outbox(data, 200)
+    figures = run_scenario(
+        f"""
+        from pathlib import Path
+        data = Path({str(data)!r})
+        bind_read_only(data)
+        try:
+            tel = make({server.url + "/ingest"!r}, data)
+        except Exception as exc:
+            report(error=f"Telemetry() raised {{type(exc).__name__}}: {{exc}}")
+            raise SystemExit(0)
+        for i in range(100):
+            tel.track("read_only", {{"i": i}})
+        ok = tel.flush(10)
+        try:
+            st = tel.status().model_dump(mode="json")
+            report(flush=ok, storage=st.get("storage"), running=st["running"],
+                   pending=st["outbox_pending_events"])
+        except Exception as exc:
+            report(flush=ok, status_raised=f"{{type(exc).__name__}}: {{exc}}")
+        tel.shutdown(5)
+        for command in (("status",), ("status", "--json"), ("show",)):
+            code, out, err = cli(data, *command)
+            report(**{{"cli " + " ".join(command): (code, "Traceback" in err)}})
+        """,
+        clean_env,
+        namespace=namespace,
+    )
+    names = [e["name"] for r in server.requests if r.body for e in r.json()]
+    figures["delivered"] = names.count("read_only")
+    figures.pop("stderr")
+    assert "error" not in figures and "status_raised" not in figures, show(figures)
+    assert figures["running"] is True and figures["delivered"] == 100, figures
+    assert figures["flush"] is True, show(figures)  # everything it was given was delivered
+    assert figures["storage"] and "read-only" in json.dumps(figures["storage"]), figures
+    assert figures["pending"] == 200, show(figures)  # what the read-only outbox holds, still shown
+    for command in ("status", "status --json", "show"):
+        assert figures[f"cli {command}"] == [0, False], show(figures)
+
+
+def test_fresh_read_only_data_dir_still_delivers(
+    tmp_path: Path, clean_env: dict[str, str], server: RecordingServer
+) -> None:
+    namespace = require_mount_namespace()
+    data = tmp_path / "fresh"
+    data.mkdir()
+    figures = run_scenario(
+        f"""
+        from pathlib import Path
+        data = Path({str(data)!r})
+        bind_read_only(data)
+        tel = make({server.url + "/ingest"!r}, data)
+        for i in range(50):
+            tel.track("fresh_read_only", {{"i": i}})
+        report(flush=tel.flush(10), running=tel.status().running)
+        tel.shutdown(5)
+        """,
+        clean_env,
+        namespace=namespace,
+    )
+    delivered = [e for r in server.requests if r.body for e in r.json()]
+    assert figures["running"] is True and len(delivered) == 50, show(figures)
+    assert figures["flush"] is True, figures
+
+
+# --- junk in the data dir -------------------------------------------------------------------------
+
+JUNK = b"\xff\xfe\x00\x9c junk \xc3\x28\n"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "instance_id",
+        "notice.json",
+        "consent.json",
+        "schedule.json",
+        "schedule.lock",
+        "outbox.sqlite3",
+    ],
+)
+@pytest.mark.parametrize("kind", ["junk", "empty", "directory"])
+def test_junk_in_the_data_dir_never_raises_in_production(
+    tmp_path: Path, clean_env: dict[str, str], server: RecordingServer, name: str, kind: str
+) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    target = data / name
+    if kind == "junk":
+        target.write_bytes(JUNK)
+    elif kind == "empty":
+        target.write_bytes(b"")
+    else:
+        target.mkdir()
+    from urlsink import UrlSink
+
+    import waypost
+
+    try:
+        tel = waypost.Telemetry(
+            app="faults", data_dir=data, sink_classes=[UrlSink], env=clean_env,
+            config={"telemetry": {"batch": {"interval": 0.05}, "heartbeat": {"every": "1h"},
+                                  "sinks": {"dest": {"type": "urltest",
+                                                     "url": server.url + "/ingest"}}}},
+            notice=lambda text: None,
+        )  # fmt: skip
+    except Exception as exc:
+        pytest.fail(f"Telemetry() raised {type(exc).__name__}: {exc}")
+    try:
+        tel.track("with_junk", {"i": 1})
+        flushed = tel.flush(10)
+        st = tel.status()
+    finally:
+        tel.shutdown(5)
+    code, _out, err = cli(data, "status", "--json")
+    assert (code, "Traceback" in err) == (0, False), err
+    assert st.running, st.reason
+    assert flushed
+    assert any(e["name"] == "with_junk" for r in server.requests if r.body for e in r.json())
+
+
+# --- a lock held by another process ---------------------------------------------------------------
+
+LOCKER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("ROLLBACK")
+"""
+
+
+@pytest.fixture
+def locked_outbox(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+    """A data dir whose outbox another process holds ``BEGIN IMMEDIATE`` on (until it is told
+    to stop, by a line on its stdin)."""
+    data = tmp_path / "d"
+    _stored_outbox(data, 10)
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(data / "outbox.sqlite3")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+    try:
+        yield data, locker
+    finally:
+        if locker.poll() is None:
+            assert locker.stdin is not None
+            locker.stdin.write("\n")
+            locker.stdin.flush()
+            locker.wait(10)
+
+
+def _release(locker: subprocess.Popen[str]) -> None:
+    assert locker.stdin is not None
+    locker.stdin.write("\n")
+    locker.stdin.flush()
+    locker.wait(10)
+
+
+def test_a_held_write_lock_never_breaks_flush_or_shutdown_budgets(
+    locked_outbox: tuple[Path, subprocess.Popen[str]], server: RecordingServer
+) -> None:
+    data, locker = locked_outbox
+    figures: dict[str, Any] = {}
+    started = time.monotonic()
+    tel = make(down_url(), data)
+    figures["init_s"] = time.monotonic() - started
+    try:
+        for i in range(500):
+            tel.track("while_locked", {"i": i})
+        started = time.monotonic()
+        figures["flush"] = tel.flush(2.0)
+        figures["flush_s"] = time.monotonic() - started
+        started = time.monotonic()
+        figures["status_pending"] = tel.status().outbox_pending_events
+        figures["status_s"] = time.monotonic() - started
+        code, _out, err = cli(data, "status", "--json", timeout=30)
+        figures["cli_status"] = (code, "Traceback" in err)
+    finally:
+        started = time.monotonic()
+        figures["shutdown"] = tel.shutdown(1.0)
+        figures["shutdown_s"] = time.monotonic() - started
+    _release(locker)
+    assert figures["init_s"] < 2.0, show(figures)
+    assert figures["flush_s"] < 2.0 + 2.0, figures
+    assert figures["flush"] is False, show(figures)  # nothing could be stored: not safe
+    assert figures["status_s"] < 2.0, figures
+    assert figures["shutdown_s"] < 1.0 + 2.0, show(figures)
+    assert figures["cli_status"] == (0, False), figures
+
+
+def test_events_waiting_for_a_held_lock_are_stored_once_it_is_released(
+    locked_outbox: tuple[Path, subprocess.Popen[str]], server: RecordingServer
+) -> None:
+    data, locker = locked_outbox
+    tel = make(down_url(), data)
+    try:
+        for i in range(500):
+            tel.track("while_locked", {"i": i})
+        assert tel.flush(1.0) is False
+        _release(locker)
+        assert tel.flush(10.0) is True
+    finally:
+        tel.shutdown(5)
+    figures = next_process(data, server.url + "/ingest")
+    names = [e["name"] for r in server.requests if r.body for e in r.json()]
+    assert names.count("while_locked") == 500, show(figures)
+
+
+def test_exit_holds_its_budget_while_another_process_holds_the_lock(
+    locked_outbox: tuple[Path, subprocess.Popen[str]], clean_env: dict[str, str]
+) -> None:
+    data, _locker = locked_outbox
+    started = time.monotonic()
+    figures = run_scenario(
+        f"""
+        tel = make({down_url()!r}, {str(data)!r}, shutdown_timeout=1)
+        for i in range(500):
+            tel.track("exit_while_locked", {{"i": i}})
+        """,
+        clean_env,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    # A fresh interpreter importing waypost takes well under a second; the budget is 1 s.
+    assert elapsed < 1.0 + 3.0, (elapsed, figures["stderr"])
