@@ -19,7 +19,7 @@ def test_consent_off_stops_delivery_and_on_resumes_it(urlsink: str, make_telemet
     port = free_port()
     baseline = waypost_threads()  # threads other tests may have left behind
     tel = make_telemetry(sinks={"dest": {"type": "urltest", "url": f"http://127.0.0.1:{port}/x"}})
-    ours = {"waypost-worker": 1, "waypost-sink-dest": 1}
+    ours = {"waypost-worker": 1, "waypost-storer": 1, "waypost-sink-dest": 1}
     assert waypost_threads() - baseline == ours
     for i in range(20):
         tel.track("held", {"i": i})

@@ -85,11 +85,11 @@ def test_full_disk_keeps_events_in_memory_and_writes_them_when_space_returns(
     delivered = len(ids_of(server.requests))
     summary = {k: v for k, v in figures.items() if k != "stderr"} | {"delivered": delivered}
     assert figures["flush"] is False, show(summary)  # not everything could be stored
-    assert figures["cli_status"] == 0 and not figures["cli_traceback"], summary
+    assert figures["cli_status"] == 0 and not figures["cli_traceback"], show(summary)
     assert figures["storage"], show(summary)  # status says what is wrong with the outbox
-    assert figures["flush_after_space"] is True, summary
+    assert figures["flush_after_space"] is True, show(summary)
     assert figures["rows_after_space"] == 10_000, show(summary)
-    assert delivered == 10_000, summary
+    assert delivered == 10_000, show(summary)
     assert "disk_full" not in figures["dropped_after_space"], show(summary)
 
 
@@ -123,8 +123,10 @@ def test_full_disk_past_the_memory_bound_counts_each_event_it_drops(
     assert figures["flush"] is False, show(summary)
     assert set(dropped) == {"disk_full"}, summary  # no other reason, none uncounted
     assert delivered + dropped["disk_full"] == 10_000, show(summary)
-    assert figures["flush_after_space"] is True, summary
-    assert figures["stderr"].count("disk_full") + figures["stderr"].count("disk is full") >= 1
+    assert figures["flush_after_space"] is True, show(summary)
+    # The operator is told, once (not once per event or per attempt).
+    lines = [line for line in figures["stderr"].splitlines() if "disk is full" in line]
+    assert 1 <= len(lines) <= 3, figures["stderr"]
 
 
 # --- the outbox deleted or replaced under a running process -------------------------------------

@@ -108,7 +108,11 @@ def report(**figures: Any) -> None:
 
 def script(body: str) -> str:
     """A scenario: this module and the ``urltest`` sink importable, then ``body``."""
-    head = f"import sys; sys.path.insert(0, {str(SUPPORT)!r})\nfrom faultkit import *\n"
+    head = (
+        f"import logging, sys; sys.path.insert(0, {str(SUPPORT)!r})\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        "from faultkit import *\n"
+    )
     return head + textwrap.dedent(body)
 
 

@@ -235,23 +235,50 @@ def record_installation(data_dir: Path, **fields: Any) -> None:
 
 
 def read_instance_id(data_dir: Path) -> str | None:
+    """The stored instance id, or None if there is none or it is not one (junk bytes, an empty
+    file, a directory: whatever is there, this never raises)."""
     try:
-        value = (data_dir / INSTANCE_ID_FILE).read_text(encoding="utf-8").strip()
-    except OSError:
+        with open(data_dir / INSTANCE_ID_FILE, "rb") as fh:
+            raw = fh.read(256)
+        value = raw.decode("utf-8").strip()
+    except (OSError, ValueError):
         return None
-    return value or None
+    if not value or len(value) > 128 or not value.isprintable():
+        return None
+    return value
 
 
 def ensure_instance_id(data_dir: Path) -> str:
-    """The installation's random id: created once (atomically, even with several processes)."""
+    """The installation's random id: created once (atomically, even with several processes).
+    A file that holds no id (junk, empty) is replaced."""
     import uuid
 
     existing = read_instance_id(data_dir)
     if existing:
         return existing
     path = data_dir / INSTANCE_ID_FILE
-    atomic_write(path, str(uuid.uuid4()), exclusive=True)
+    if os.path.lexists(path) and path.is_file():
+        log.warning("waypost: %s holds no instance id; a new one replaces it", path)
+        atomic_write(path, str(uuid.uuid4()))
+    else:
+        atomic_write(path, str(uuid.uuid4()), exclusive=True)
     value = read_instance_id(data_dir)
     if not value:
         raise OSError(f"cannot create {path}")
     return value
+
+
+def instance_id_or_temporary(data_dir: Path) -> tuple[str, str | None]:
+    """The installation's id, or, when it can be neither read nor stored (a read-only data
+    dir, a directory in its place), a random one for this process and a note saying so."""
+    import uuid
+
+    try:
+        return ensure_instance_id(data_dir), None
+    except OSError as exc:
+        note = (
+            f"the instance id cannot be stored in {data_dir} ({exc}); this process uses a "
+            "temporary one"
+        )
+        log.warning("waypost: %s", note)
+        return str(uuid.uuid4()), note

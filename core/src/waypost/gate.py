@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from waypost import config as _config
+from waypost.config import LimitsConfig
 from waypost.errors import PluginError, TrackError
 from waypost.events import (
     NAME_MAX,
@@ -64,13 +65,27 @@ def one_line(value: Any) -> str:
 _REDACTION = re.compile(r"\[REDACTED:[^\]]*\]")
 
 
-def check_name(name: Any) -> str:
-    """``name`` if it follows the event-name rule (:func:`waypost.events.name_problem`);
-    otherwise a :class:`TrackError` saying what is wrong."""
+DEFAULT_LIMITS = LimitsConfig()
+_CLEAN_TEXT = 256
+"""The longest text the scrubber remembers as clean (``Scrubber.as_is`` takes no other)."""
+
+
+class TooLarge(ValueError):
+    """An event past one of ``telemetry.limits`` (the message names the key)."""
+
+
+def check_name(name: Any, limit: int = NAME_MAX) -> str:
+    """``name`` if it follows the event-name rule (:func:`waypost.events.name_problem`) and
+    has at most ``limit`` characters (``telemetry.limits.name``); otherwise a
+    :class:`TrackError` saying what is wrong. A name too long is refused at a glance."""
     if not isinstance(name, str):
         raise TrackError(
             f"event name must be a string or a waypost.Payload, not {type(name).__name__} "
             f"{show(name)}"
+        )
+    if len(name) > limit:
+        raise TrackError(
+            f"event name {show(name)} is longer than {limit} characters (telemetry.limits.name)"
         )
     problem = name_problem(name)
     if problem is not None:
@@ -93,6 +108,79 @@ def check_distinct_id(distinct_id: Any) -> str:
             f"distinct_id {show(distinct_id)} must be at most {_ID_MAX} printable characters"
         )
     return distinct_id
+
+
+def bounded(
+    properties: Any, limits: LimitsConfig = DEFAULT_LIMITS, remarks: list[str] | None = None
+) -> Any:
+    """``properties`` within ``limits``, before anything scans them: a text value longer than
+    ``limits.value`` is cut to it (with a remark ``truncated@properties.<path>``), and an
+    object or list with more than ``limits.keys`` entries, nesting deeper than
+    ``limits.depth`` or (estimated as JSON) heavier than ``limits.event_bytes`` raises
+    :class:`TooLarge`. Each check costs a ``len()``, so the work is bounded by the limits,
+    never by what was passed: a million keys are refused at a glance. The input is not
+    changed; a container holding a truncated text is copied."""
+    budget = [0]
+    out = _bound(properties, limits, remarks if remarks is not None else [], "properties", 1,
+                 budget)  # fmt: skip
+    return out
+
+
+def _bound(
+    value: Any, limits: LimitsConfig, remarks: list[str], path: str, depth: int, budget: list[int]
+) -> Any:
+    kind = type(value)
+    if kind is str:
+        if len(value) > limits.value:
+            remarks.append(f"truncated@{path}")
+            value = value[: limits.value]
+        budget[0] += len(value) + 3
+    elif kind is dict or isinstance(value, Mapping):
+        if depth > limits.depth:
+            raise TooLarge(f"nested deeper than {limits.depth} levels (telemetry.limits.depth)")
+        if len(value) > limits.keys:
+            raise TooLarge(
+                f"{path} has {len(value):,} keys, more than {limits.keys:,} (telemetry.limits.keys)"
+            )
+        out: dict[Any, Any] | None = None
+        for key, item in value.items():
+            budget[0] += (len(key) if type(key) is str else 8) + 4
+            kept = _bound(item, limits, remarks, f"{path}.{key}", depth + 1, budget)
+            if kept is not item:
+                if out is None:
+                    out = dict(value)
+                out[key] = kept
+            if budget[0] > limits.event_bytes:
+                raise TooLarge(
+                    f"properties are larger than {limits.event_bytes:,} bytes "
+                    "(telemetry.limits.event_bytes)"
+                )
+        return value if out is None else out
+    elif kind is list or kind is tuple or isinstance(value, (list, tuple, set, frozenset)):
+        if depth > limits.depth:
+            raise TooLarge(f"nested deeper than {limits.depth} levels (telemetry.limits.depth)")
+        if len(value) > limits.keys:
+            raise TooLarge(
+                f"{path} has {len(value):,} items, more than {limits.keys:,} "
+                "(telemetry.limits.keys)"
+            )
+        items: list[Any] | None = None
+        for i, item in enumerate(value):
+            kept = _bound(item, limits, remarks, f"{path}[{i}]", depth + 1, budget)
+            budget[0] += 1
+            if kept is not item:
+                if items is None:
+                    items = list(value)
+                items[i] = kept
+            if budget[0] > limits.event_bytes:
+                raise TooLarge(
+                    f"properties are larger than {limits.event_bytes:,} bytes "
+                    "(telemetry.limits.event_bytes)"
+                )
+        return value if items is None else items
+    else:
+        budget[0] += 8
+    return value
 
 
 def unix_seconds(timestamp: Any) -> float:
@@ -128,9 +216,16 @@ def event_time(timestamp: Any, earliest: float, ahead: float) -> float:
 _UNITS = (("milliseconds", 1e3), ("microseconds", 1e6), ("nanoseconds", 1e9))
 
 
-def check(event: Any, properties: Any, level: Any, distinct_id: Any = None) -> None:
+def check(
+    event: Any,
+    properties: Any,
+    level: Any,
+    distinct_id: Any = None,
+    limits: LimitsConfig = DEFAULT_LIMITS,
+) -> None:
     """What strict mode refuses at once, in ``track``: a bad level, name, id or property, a
-    payload whose fields do not hold their declared types."""
+    payload whose fields do not hold their declared types, an event past
+    ``telemetry.limits``."""
     if level is not None and (type(level) is not str or level not in _LEVELS):
         raise TrackError(f"level must be error, usage or all, not {show(level)}")
     if distinct_id is not None:
@@ -150,7 +245,7 @@ def check(event: Any, properties: Any, level: Any, distinct_id: Any = None) -> N
         except Exception as exc:
             raise TrackError(f"event {type(event).__event__!r}: {exc}") from None
         return
-    check_name(event)
+    check_name(event, limits.name)
     if properties is None:
         return
     if not isinstance(properties, Mapping):
@@ -159,8 +254,11 @@ def check(event: Any, properties: Any, level: Any, distinct_id: Any = None) -> N
         )
     key: Any = None
     try:
+        bounded(properties, limits)  # first: a million keys are refused before any is read
         for key, value in properties.items():
             coerce({key: value})
+    except TooLarge as exc:
+        raise TrackError(f"event {event!r} is refused: {exc}") from None
     except Exception as exc:
         where = "properties" if key is None else f"property {show(key)}"
         raise TrackError(
@@ -225,8 +323,15 @@ class Gate:
         plugins: PluginManager,
         counters: Counters,
         log_once: LogOnce,
+        limits: LimitsConfig = DEFAULT_LIMITS,
     ) -> None:
         self.level = level
+        self.limits = limits
+        # Scrubber.as_is takes only flat dicts of remembered short texts and scalars: within
+        # these limits such a dict needs no other check than its number of keys.
+        self._as_is_fits = limits.value >= _CLEAN_TEXT and limits.event_bytes >= limits.keys * (
+            2 * _CLEAN_TEXT + 8
+        )
         self.instance_id = instance_id
         self.context = context
         self.scrubber = scrubber
@@ -298,6 +403,7 @@ class Gate:
             plugins=plugins,
             counters=counters,
             log_once=log_once,
+            limits=config.limits,
         )
 
     def build(self, items: list[Item]) -> list[Event]:
@@ -322,6 +428,9 @@ class Gate:
         usage_passes = level_allows(configured, "usage")
         context_remarks = self.context_remarks
         good_names = self._good_names
+        limits = self.limits
+        name_limit, keys_limit = limits.name, limits.keys
+        as_is = scrubber.as_is if scrubber is not None and self._as_is_fits else None
         out: list[Event] = []
         ids = uuid7.many([item[2] for item in items])  # track() let only finite times in
         for i, (event, properties, when, level, distinct_id) in enumerate(items):
@@ -333,22 +442,31 @@ class Gate:
                     # which is kept as it is when it holds only known-clean keys and JSON
                     # scalars).
                     name = event if event in good_names else self._name(event, remarks)
-                    clean = scrubber is not None and scrubber.as_is(properties)
-                    props = properties if clean else coerce(properties)
+                    clean = (
+                        as_is is not None and len(properties) <= keys_limit and as_is(properties)
+                    )
+                    props = properties if clean else coerce(bounded(properties, limits, remarks))
                 elif isinstance(event, Payload):
                     name = self._name(type(event).__event__, remarks)
                     level = level or type(event).__level__
                     extra = event.undeclared()
                     if extra:
                         remarks.extend(f"undeclared@properties.{f}" for f in extra)
-                    props = event.wire()
+                    props = bounded(event.wire(), limits, remarks)
                 else:
-                    name = self._name(event, remarks) if type(event) is str else check_name(event)
-                    props = coerce(properties) if properties is not None else {}
-                    if not isinstance(props, dict):
-                        raise TrackError(
-                            f"properties must be a mapping, not {type(properties).__name__}"
-                        )
+                    name = (
+                        self._name(event, remarks)
+                        if type(event) is str
+                        else check_name(event, name_limit)
+                    )
+                    if properties is None:
+                        props = {}
+                    else:
+                        if not isinstance(properties, Mapping):
+                            raise TrackError(
+                                f"properties must be a mapping, not {type(properties).__name__}"
+                            )
+                        props = coerce(bounded(properties, limits, remarks))
                 if level is None:
                     if not usage_passes:
                         self.counters.drop("level")
@@ -389,6 +507,14 @@ class Gate:
                         continue
                     built = result
                 out.append(built)
+            except TooLarge as exc:
+                self.counters.drop("too_large")
+                self._log_once(
+                    f"too_large:{str(exc).rsplit('(', 1)[-1]}",
+                    "waypost: event %.200r refused: %s",
+                    event if isinstance(event, str) else type(event).__name__,
+                    exc,
+                )
             except Exception as exc:
                 self.counters.drop("invalid")
                 self._log_once(
@@ -416,6 +542,8 @@ class Gate:
         """The name an event goes out under: as it is when it follows the rule (and then
         remembered, so the next check is a set lookup), normalised with a remark when that
         makes it follow the rule, else a :class:`TrackError`."""
+        if len(name) > self.limits.name:
+            check_name(name, self.limits.name)  # raises at a glance: no scan of a huge name
         if name_problem(name) is None:
             if len(self._good_names) >= 4096:  # names made up per event must not grow this
                 self._good_names.clear()
@@ -443,14 +571,14 @@ class Gate:
             if isinstance(result, Event):
                 event = result  # the next implementation sees the replacement
         # Whatever a hook did, the envelope still follows the rules (a name, a time with a
-        # four-digit year, an id that is text), the scrubbers have the last word on properties
-        # and the id, and the shared context may not be changed per event.
-        check_name(event.name)
+        # four-digit year, an id that is text), the limits and the scrubbers have the last word
+        # on properties and the id, and the shared context may not be changed per event.
+        check_name(event.name, self.limits.name)
         if type(event.time) not in (int, float) or not 0 <= event.time <= _LAST_TIME:
             raise TrackError(f"waypost_before_send set the time to {show(event.time)}")
         if event.distinct_id:
             check_distinct_id(event.distinct_id)
-        props = coerce(event.properties)
+        props = coerce(bounded(event.properties, self.limits, event.remarks))
         if self.scrubber is not None:
             props = self.scrubber.scrub(props, "properties", event.remarks)
             if event.distinct_id != distinct_id:

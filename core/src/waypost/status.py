@@ -45,6 +45,13 @@ class LogOnce:
         self.logger.log(level, message, *args)
 
 
+LOSSES = frozenset(
+    {"disk_full", "read_only", "outbox_locked", "outbox_error", "buffer_full", "shutdown"}
+)
+"""Reasons for a drop that lose an event the application tracked (not a choice: a level, a
+hook, a limit, a refusal): a flush that sees one of these counted reports False."""
+
+
 @dataclass
 class Counters:
     """Process-wide counters; ``dropped`` is keyed by reason."""
@@ -56,6 +63,11 @@ class Counters:
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def lost(self) -> int:
+        """Events lost so far (dropped for one of :data:`LOSSES`)."""
+        dropped = self.dropped
+        return sum(dropped.get(reason, 0) for reason in LOSSES)
 
 
 def _sanitised(text: str | None) -> str | None:
@@ -83,6 +95,20 @@ class SinkStatus(BaseModel):
     in_memory: int = 0
 
     _clean = field_validator("last_error", "error")(_sanitised)
+
+
+class StorageStatus(BaseModel):
+    """The outbox's file: ``state`` ``ok``, or what keeps it from taking events
+    (``disk_full``, ``read_only``, ``locked``, ``unavailable``); ``memory_only`` when events are
+    then delivered from memory only (and lost if the process ends); corrupt files moved aside
+    and other repairs, newest last."""
+
+    state: str = "ok"
+    memory_only: bool = False
+    detail: str | None = None
+    since: _dt.datetime | None = None
+    moved_aside: list[str] = []
+    notes: list[str] = []
 
 
 class CounterStatus(BaseModel):
@@ -124,6 +150,9 @@ class Status(BaseModel):
     """The last control block a destination answered (``waypost.control``), with the sink it
     came through (``source``) and what it changes here (``heartbeat_every``: the period in
     force; ``paused``)."""
+    storage: StorageStatus = StorageStatus()
+    notes: list[str] = []
+    """Anything else an operator should know: an instance id that could not be kept, ..."""
 
     _clean = field_validator("config_error")(_sanitised)
 

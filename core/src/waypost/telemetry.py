@@ -44,7 +44,15 @@ from waypost.privacy import (
 )
 from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
 from waypost.sinks import Sink, SinkConfig, SinkContext
-from waypost.status import Counters, CounterStatus, LogOnce, Status, sink_status
+from waypost.status import (
+    Counters,
+    CounterStatus,
+    LogOnce,
+    Status,
+    StorageStatus,
+    as_datetime,
+    sink_status,
+)
 
 if TYPE_CHECKING:
     from waypost.metrics import MetricRegistry
@@ -145,6 +153,7 @@ class Telemetry:
         self.plugin_errors: dict[str, str] = {}
         """Plugins that failed (a module of ``telemetry.plugins`` that could not be imported, a
         hook that raised at start), by name, with the reason."""
+        self._notes: list[str] = []
 
         overrides: dict[str, Any] = {}
         if strict is not None:
@@ -325,12 +334,16 @@ class Telemetry:
 
     def _start_parts(self) -> None:
         cfg = self.config
+        # Nothing found in the data dir stops telemetry: what cannot be read is replaced,
+        # what cannot be written is kept in memory (status says so).
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            self.instance_id = datadir.ensure_instance_id(self.data_dir)
         except OSError as exc:
-            self._fail_start(f"cannot use the data dir {self.data_dir}: {exc}")
-            return
+            self._notes.append(f"cannot create the data dir {self.data_dir}: {exc}")
+            log.warning("waypost: %s", self._notes[-1])
+        self.instance_id, note = datadir.instance_id_or_temporary(self.data_dir)
+        if note:
+            self._notes.append(note)
         if not self._show_notice():
             return
         self._make_sinks()  # first: sink plugins may implement the hooks below too
@@ -352,14 +365,11 @@ class Telemetry:
         if scheduled is not None and scheduled.event:  # scheduled while telemetry was off
             self.gate.heartbeats.add(scheduled.event)
         outbox = None
+        self._started_wall = time.time()
         if not self.debug:
-            try:
-                outbox = Outbox(self.data_dir, sync=cfg.outbox.durability == "sync")
-                outbox.reclaim()
-                outbox.retry_now([s for s in self.sinks])
-            except Exception as exc:
-                self._fail_start(f"cannot open the outbox in {self.data_dir}: {exc}")
-                return
+            # Never raises: an outbox that cannot be used now says why in its health, and
+            # events are kept in memory meanwhile.
+            outbox = Outbox(self.data_dir, sync=cfg.outbox.durability == "sync")
         self.outbox_ = outbox
         self.pipeline = Pipeline(
             outbox=outbox,
@@ -374,6 +384,7 @@ class Telemetry:
             breaker_threshold=cfg.retry.breaker_threshold,
             keep_sent=cfg.outbox.keep_sent,
             retention=self._retention,
+            startup=self._outbox_startup if outbox is not None else None,
             debug=self.debug,
             strict=self.strict,
             sync=cfg.outbox.durability == "sync",
@@ -446,7 +457,7 @@ class Telemetry:
 
     def _show_notice(self) -> bool:
         try:
-            notice.show_once(
+            note = notice.show_once(
                 self.config,
                 app=self.app,
                 data_dir=self.data_dir,
@@ -456,6 +467,9 @@ class Telemetry:
         except Exception as exc:
             self._fail_start(f"the first-run notice could not be shown: {exc}")
             return False
+        if note:
+            self._notes.append(note)
+            log.warning("waypost: %s", note)
         return True
 
     def _make_sinks(self, *, tolerant: bool = False) -> None:
@@ -525,7 +539,7 @@ class Telemetry:
         if not self._on:
             return
         if self.strict:
-            check(event, properties, level, distinct_id)
+            check(event, properties, level, distinct_id, self.config.limits)
         if timestamp is None:
             when = time.time()
         else:
@@ -557,6 +571,16 @@ class Telemetry:
         elif len(buffer) == self._wake_at or len(buffer) >= self._spill_at:
             self.pipeline.nudge()  # type: ignore[union-attr]
 
+    def _outbox_startup(self) -> None:
+        """What a starting instance does to the outbox: void the leases of processes that
+        died, and make every pending row due (a restart is a retry point). Runs on the storer
+        (raises StorageUnavailable while the outbox cannot be written: tried again later)."""
+        outbox = self.outbox_
+        if outbox is not None:
+            outbox.reclaim()
+            # Only what an earlier run left: this process's own retries keep their backoff.
+            outbox.retry_now(list(self.sinks), before=self._started_wall)
+
     def _retention(self) -> None:
         outbox = self.outbox_
         if outbox is None:
@@ -587,7 +611,7 @@ class Telemetry:
         if pipeline is None or not self._on:
             return True
         if force:
-            pipeline.force_due()
+            pipeline.force_due(time.monotonic() + min(1.0, timeout / 2))
         ok = pipeline.flush(timeout)
         if self.strict:
             pipeline.raise_contract_errors()
@@ -954,9 +978,14 @@ class Telemetry:
         outbox_counts: dict[str, dict[str, int]] = {}
         rows: dict[str, dict[str, Any]] = {}
         pending_events = 0
-        outbox = self.outbox_
-        if outbox is None and self.has_outbox():
-            outbox = self.open_outbox()
+        storage = StorageStatus()
+        try:
+            outbox = self.outbox_
+            if outbox is None and self.has_outbox():
+                outbox = self.open_outbox()
+        except Exception as exc:  # status answers whatever the data dir holds
+            outbox = None
+            storage = StorageStatus(state="unavailable", detail=f"{type(exc).__name__}: {exc}")
         if outbox is not None:
             try:
                 outbox_counts = outbox.counts()
@@ -964,6 +993,15 @@ class Telemetry:
                 pending_events = outbox.pending_events()
             except Exception as exc:
                 log.warning("waypost: cannot read the outbox: %s", exc)
+            health = outbox.health()
+            storage = StorageStatus(
+                state=health.state,
+                memory_only=health.memory_only and self._on,
+                detail=health.detail,
+                since=as_datetime(health.since),
+                moved_aside=health.moved_aside,
+                notes=health.notes,
+            )
         specs = self.config.sink_specs() if self.config_error is None else {}
         sinks = [
             sink_status(
@@ -1009,6 +1047,8 @@ class Telemetry:
             outbox=outbox_counts,
             counters=totals,
             control=self._control_status(),
+            storage=storage,
+            notes=list(self._notes),
         )
 
     def open_outbox(self) -> Outbox:

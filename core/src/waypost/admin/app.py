@@ -48,8 +48,9 @@ DONE = {
         "backing off); they stay in the outbox and are retried."
     ),
     "flush_unfinished": (
-        "Not finished in time: some events are still only in memory (a destination or the "
-        "outbox is stuck), and {n} event(s) are pending in the outbox."
+        "Not finished in time: some events are still only in memory, or were lost (a "
+        "destination or the outbox is stuck; see the status page), and {n} event(s) are "
+        "pending in the outbox."
     ),
     "purged_all": "Deleted {n} record(s).",
     "purged_sent": "Deleted {n} submitted record(s).",
@@ -316,7 +317,10 @@ class Admin:
         events the outbox still holds for delivery."""
         outbox = self.outbox.get()
         flushed = bool(self.tel.flush(self.flush_timeout, force=True))
-        return flushed, int(outbox.pending_events()) if outbox is not None else 0
+        try:
+            return flushed, int(outbox.pending_events()) if outbox is not None else 0
+        except Exception:  # the outbox cannot be read: its trouble is on the status page
+            return False, 0
 
     async def purge_post(self, request: Request) -> Response:
         form = await self.checked_form(request)

@@ -142,6 +142,11 @@ def status_data(tel: Telemetry) -> dict[str, Any]:
                 sink[key] = _scrub(sink[key])
     if status.get("config_error"):
         status["config_error"] = _scrub(status["config_error"])
+    storage = status.get("storage") or {}
+    if storage.get("detail"):
+        storage["detail"] = _scrub(storage["detail"])
+    storage["notes"] = [_scrub(n) for n in storage.get("notes", [])]
+    status["notes"] = [_scrub(n) for n in status.get("notes", [])]
     status["consent"] = consent_data(tel)
     return status
 

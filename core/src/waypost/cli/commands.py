@@ -12,6 +12,7 @@ import click
 
 from waypost.cli.app import Ctx, Failure, cli, json_option
 from waypost.cli.output import Output
+from waypost.status import LOSSES
 
 if TYPE_CHECKING:
     from waypost.delivery.outbox import Record
@@ -104,6 +105,10 @@ def status(obj: Ctx, as_json: bool) -> None:
             + (f"; heartbeat period in force {period:g} s" if period else "")
             + ("; paused now" if c.get("paused") else "")
         )
+    if st.storage.state != "ok":
+        con.print((f"outbox {st.storage.state}", "red"), f": {st.storage.detail}")
+    for note in [*st.storage.notes, *st.notes]:
+        con.print(("note", "yellow"), f": {note}")
     user_metrics = [m for m in data["metrics"] if not m.get("builtin")]
     builtin = len(data["metrics"]) - len(user_metrics)
     con.print(
@@ -268,22 +273,38 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
     done.wait()
     tel.shutdown(timeout=5)
     st = tel.status()
+    pending = {
+        s.name: {"pending": s.pending, "state": s.state, "why": s.error or s.last_error}
+        for s in st.sinks
+        if s.pending or s.in_memory
+    }
+    lost = {k: v for k, v in st.counters.dropped.items() if k in LOSSES}
     data = {
         "ok": bool(result.get("ok")) and st.outbox_pending_events == 0 and not tel.sink_errors,
+        "delivered": st.counters.delivered,
         "pending_before": before,
         "pending_after": st.outbox_pending_events,
+        "pending": pending,
+        "lost": lost,
+        "storage": st.storage.model_dump(mode="json"),
         "sinks": [s.model_dump(mode="json") for s in st.sinks],
     }
     if as_json:
         _dump(data)
     else:
         click.echo(
-            f"delivered {max(0, before - st.outbox_pending_events)} of {before} pending "
-            f"events; {st.outbox_pending_events} still pending"
+            f"delivered {st.counters.delivered} events ({max(0, before - st.outbox_pending_events)}"
+            f" of the {before} that were pending); {st.outbox_pending_events} still pending"
         )
+        for name, why in pending.items():
+            click.echo(f"  {name}: {why['pending']} pending, {why['state']}: {why['why'] or '-'}")
         for s in st.sinks:
-            if s.error or s.last_error:
+            if s.name not in pending and (s.error or s.last_error):
                 click.echo(f"  {s.name}: {s.error or s.last_error}")
+        if st.storage.state != "ok":
+            click.echo(f"  the outbox: {st.storage.detail}")
+        for reason, n in lost.items():
+            click.echo(f"  {n} events could not be kept ({reason})")
     if not data["ok"]:
         sys.exit(1)
 

@@ -19,6 +19,7 @@ from waypost.config.loading import (
 from waypost.config.models import (
     BatchConfig,
     HeartbeatConfig,
+    LimitsConfig,
     MetricsConfig,
     MetricsPrometheusConfig,
     NoticeConfig,
@@ -43,6 +44,7 @@ __all__ = [
     "BatchConfig",
     "EnvValue",
     "HeartbeatConfig",
+    "LimitsConfig",
     "MetricsConfig",
     "MetricsPrometheusConfig",
     "NoticeConfig",

@@ -98,6 +98,38 @@ class RetryConfig(_Model):
     _dur = field_validator("initial", "maximum", mode="before")(parse_duration)
 
 
+class LimitsConfig(_Model):
+    """What one event may hold, checked before anything scans it. The defaults follow the
+    vendors' own limits: PostHog takes 900 KiB an event, Amplitude 1 MB a request, Mixpanel
+    2 MB; Amplitude's SDKs refuse more than 1,000 properties. (GA4's much tighter limits stay
+    in its plugin.)"""
+
+    name: int = Field(
+        default=200,
+        ge=1,
+        le=200,
+        description="Characters in an event name (the rule's 200 at most).",
+    )
+    value: int = Field(
+        default=65_536,
+        ge=1,
+        description="Characters in one text value; a longer one is truncated (a remark says so).",
+    )
+    keys: int = Field(
+        default=1_000,
+        ge=1,
+        description="Keys in one object (or items in one list); past it the event is refused.",
+    )
+    depth: int = Field(
+        default=32, ge=1, le=100, description="Objects and lists nested in one another."
+    )
+    event_bytes: int = Field(
+        default=900 * 1024,
+        ge=256,
+        description="Encoded size of an event's properties; past it the event is refused.",
+    )
+
+
 class ScrubConfig(_Model):
     enabled: bool = True
     disable: list[str] = Field(default_factory=list, description="Built-in rules to switch off.")
@@ -238,6 +270,7 @@ class TelemetryConfig(_Model):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     scrub: ScrubConfig = Field(default_factory=ScrubConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     notice: NoticeConfig = Field(default_factory=NoticeConfig)
     shutdown_timeout: float = Field(default=3.0, ge=0, description="Budget at interpreter exit.")
     handle_sigterm: bool = Field(

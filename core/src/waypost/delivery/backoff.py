@@ -16,7 +16,9 @@ class Backoff:
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
-        ceiling = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
+        # The exponent is capped: a long outage counts thousands of attempts, and a float
+        # power that large overflows.
+        ceiling = min(self.maximum, self.initial * self.multiplier ** min(max(0, attempt - 1), 64))
         jittered = random.uniform(0, ceiling)
         if retry_after is not None:
             return max(jittered, min(retry_after, 24 * 3600.0))

@@ -7,26 +7,35 @@ data dir never send the same row at once; a lease held by a process that died is
 lease names its process by PID, start time and boot (``waypost.processes.owner``), so a new
 process that got the dead one's PID is not taken for it.
 
-Every use of SQLite passes ``waypost.processes.GATE``: ``fork()`` waits for it, so a child
-never inherits SQLite's lock state in the middle of a transaction.
+Every use of SQLite passes ``waypost.processes.GATE`` (in :class:`Storage`): ``fork()`` waits
+for it, so a child never inherits SQLite's lock state in the middle of a transaction.
+
+The file itself is kept by :class:`~waypost.delivery.storage.Storage`: a write it cannot make
+now (a full disk, a read-only data dir, a lock held too long) raises
+:class:`~waypost.delivery.storage.StorageUnavailable`, and a deleted, replaced or corrupt file
+is repaired on the way (:meth:`Outbox.health` says what happened).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from waypost.delivery.storage import Health, Storage, StorageUnavailable
 from waypost.events import Event, dumps
 from waypost.privacy.secrets import sanitise
-from waypost.processes import FORK_KEEP, GATE, owner, owner_alive
+from waypost.processes import owner, owner_alive
+
+__all__ = ["FILENAME", "Health", "Outbox", "Record", "StorageUnavailable"]
+
+T = TypeVar("T")
 
 FILENAME = "outbox.sqlite3"
 _IN_CHUNK = 900
@@ -59,10 +68,12 @@ CREATE TABLE IF NOT EXISTS outbox (
   receipt TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_event_sink ON outbox (event_id, sink);
--- Leases take a sink's pending rows in seq order: this index gives that order without a sort
--- of every pending row (which made each lease cost O(backlog)).
+-- Leases take a sink's due rows, earliest due first (then oldest): this index finds them
+-- without reading the rows that are not due (a sink retrying a backlog has many) and gives
+-- that order without a sort.
 DROP INDEX IF EXISTS outbox_due;
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink, state, seq);
+DROP INDEX IF EXISTS outbox_pending;
+CREATE INDEX IF NOT EXISTS outbox_due_at ON outbox (sink, state, next_at, seq);
 CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created_at);
 """
 
@@ -118,79 +129,65 @@ class Outbox:
     def __init__(self, data_dir: Path, *, sync: bool = False) -> None:
         self.path = Path(data_dir) / FILENAME
         self.sync = sync
-        self._local = threading.local()
         self._context_ids: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._conns: list[sqlite3.Connection] = []
-        with GATE.section("opening the outbox"):
-            db = self._connect()
-            db.executescript(_SCHEMA)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
-            if "lease_owner" not in columns:  # an outbox made by an older version
-                db.execute("ALTER TABLE outbox ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''")
-            if "receipt" not in columns:
-                db.execute("ALTER TABLE outbox ADD COLUMN receipt TEXT")
+        self._context_generation = -1
+        self.storage = Storage(
+            self.path,
+            schema=_SCHEMA,
+            required=("contexts", "outbox"),
+            # An outbox made by an older version lacks these.
+            columns=(
+                ("outbox", "lease_owner", "TEXT NOT NULL DEFAULT ''"),
+                ("outbox", "receipt", "TEXT"),
+            ),
+            sync=sync,
+            on_recover=_recover,
+        )
 
-    # --- connections ----------------------------------------------------------------------
+    # --- the file ---------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(
-                self.path, timeout=30, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'NORMAL'}")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-            with self._lock:
-                self._conns.append(db)
+    def health(self) -> Health:
+        """What is wrong with the file, if anything (see :class:`Storage`)."""
+        return self.storage.health()
+
+    def budget(self, deadline: float) -> contextlib.AbstractContextManager[None]:
+        """Bound this thread's waits for the lock by ``deadline`` (monotonic) in the block."""
+        return self.storage.budget(deadline)
+
+    @property
+    def read_only(self) -> bool:
+        return self.storage.read_only
+
+    @property
+    def _conns(self) -> list[sqlite3.Connection]:
+        return self.storage.parent_connections()
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a write transaction; once more if the file was repaired meanwhile."""
+        for attempt in (0, 1):
             try:
-                os.chmod(self.path, 0o600)
-            except OSError:
-                pass
-        return db
+                with self.storage.write() as db:
+                    if self._context_generation != self.storage.generation:
+                        self._context_ids = {}
+                        self._context_generation = self.storage.generation
+                    return fn(db)
+            except StorageUnavailable as exc:
+                if not exc.recovered or attempt:
+                    raise
+        raise AssertionError("unreachable")
 
-    @contextmanager
+    @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection, for statements whose rows are read inside the block."""
-        with GATE.section("reading the outbox"):
-            yield self._connect()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        # Threads of one process queue here for the write lock: SQLite's own busy handler
-        # would make them sleep and poll (up to 100 ms a turn) while another thread writes.
-        with self._write_lock, GATE.section("writing the outbox"):
-            db = self._connect()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with self.storage.read() as db:
+            yield db
 
     def after_fork(self) -> None:
-        """Forget the parent's connections: never used, never closed in a child."""
-        FORK_KEEP.extend(self._conns)
-        self._local = threading.local()
-        self._conns = []
-        self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        """Forget the parent's connections (never use them in a child)."""
+        self._context_ids = {}
+        self.storage.after_fork()
 
     def close(self) -> None:
-        with self._lock:
-            conns, self._conns = self._conns, []
-        with GATE.section("closing the outbox"):
-            for db in conns:
-                try:
-                    db.close()
-                except sqlite3.Error:
-                    pass
-        self._local = threading.local()
+        self.storage.close()
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -220,15 +217,37 @@ class Outbox:
         if not events or not sinks:
             return
         now = time.time() if now is None else now
-        lease = (os.getpid(), owner(), now + lease_seconds) if lease_seconds else (0, "", 0.0)
-        with self._tx() as db:
+        me = owner()
+        lease = (os.getpid(), me, now + lease_seconds) if lease_seconds else (0, "", 0.0)
+
+        def write(db: sqlite3.Connection) -> None:
             rows = [(sink, *row, now, *lease) for row in self._rows(db, events) for sink in sinks]
+            # A row this process leased before (a batch whose outcome could not be written,
+            # back in memory since) takes the new lease, or none; anyone else's stays as it is.
             db.executemany(
-                "INSERT OR IGNORE INTO outbox (sink, event_id, name, time, body, context_id, "
+                "INSERT INTO outbox (sink, event_id, name, time, body, context_id, "
                 "remarks, created_at, lease_pid, lease_owner, lease_until) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (event_id, sink) DO UPDATE SET lease_pid = excluded.lease_pid, "
+                "lease_owner = excluded.lease_owner, "
+                "lease_until = excluded.lease_until "
+                "WHERE outbox.state = 'pending' AND outbox.lease_owner = ?",
+                [(*row, me) for row in rows],
             )
+
+        self._write(write)
+
+    def release(self) -> int:
+        """Void this process's leases (at shutdown: whatever it was sending is due again)."""
+        return self._write(
+            lambda db: (
+                db.execute(
+                    "UPDATE outbox SET lease_until = 0, lease_pid = 0, lease_owner = '' "
+                    "WHERE lease_owner = ?",
+                    (owner(),),
+                ).rowcount
+            )
+        )
 
     def settle(
         self,
@@ -245,7 +264,8 @@ class Outbox:
         if not outcomes:
             return
         now = time.time() if now is None else now
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> None:
             stored = self._rows(db, [event for event, _, _, _ in outcomes])
             rows = []
             for row, (_, state, next_at, reason) in zip(stored, outcomes, strict=True):
@@ -264,12 +284,17 @@ class Outbox:
                 rows,
             )
 
+        self._write(write)
+
     def forget(self, sink: str, event_ids: Iterable[str]) -> None:
         """Delete the rows of ``sink`` for these events (delivered after they were stored)."""
         params = [(event_id, sink) for event_id in event_ids]
         if params:
-            with self._tx() as db:
-                db.executemany("DELETE FROM outbox WHERE event_id = ? AND sink = ?", params)
+            self._write(
+                lambda db: db.executemany(
+                    "DELETE FROM outbox WHERE event_id = ? AND sink = ?", params
+                )
+            )
 
     def _rows(
         self, db: sqlite3.Connection, events: Sequence[Event]
@@ -299,18 +324,17 @@ class Outbox:
     def lease(
         self, sink: str, limit: int, *, lease_seconds: float, now: float | None = None
     ) -> list[tuple[int, int, Event]]:
-        """Take up to ``limit`` due rows of ``sink`` for this process, oldest first."""
+        """Take up to ``limit`` due rows of ``sink`` for this process, earliest due first."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> list[Any]:
             rows = db.execute(
                 "SELECT o.seq, o.event_id, o.name, o.time, o.body, c.body, o.remarks, o.attempts "
-                "FROM outbox o JOIN contexts c ON c.id = o.context_id "
+                "FROM outbox o LEFT JOIN contexts c ON c.id = o.context_id "
                 "WHERE o.sink = ? AND o.state = 'pending' AND o.next_at <= ? "
-                "AND o.lease_until <= ? ORDER BY o.seq LIMIT ?",
+                "AND o.lease_until <= ? ORDER BY o.next_at, o.seq LIMIT ?",
                 (sink, now, now, limit),
             ).fetchall()
-            if not rows:
-                return []
             seqs = [r[0] for r in rows]
             for i in range(0, len(seqs), _IN_CHUNK):
                 chunk = seqs[i : i + _IN_CHUNK]
@@ -319,13 +343,18 @@ class Outbox:
                     f"WHERE seq IN ({','.join('?' * len(chunk))})",
                     (os.getpid(), owner(), now + lease_seconds, *chunk),
                 )
+            return rows
+
+        rows = self._write(write)
+        if not rows:
+            return []
         out = []
         contexts: dict[str, dict[str, Any]] = {}
         for seq, event_id, name, ts, body, ctx, remarks, attempts in rows:
             data = json.loads(body)
             context = contexts.get(ctx)
             if context is None:
-                context = contexts[ctx] = json.loads(ctx)
+                context = contexts[ctx] = json.loads(ctx) if ctx else {}
             out.append(
                 (
                     seq,
@@ -359,7 +388,8 @@ class Outbox:
         params = [(s,) for s in seqs]
         if not params:
             return
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> None:
             if keep:
                 db.executemany(
                     "UPDATE outbox SET state = 'sent', done_at = ?, lease_until = 0, "
@@ -374,17 +404,20 @@ class Outbox:
                         f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(chunk))})", chunk
                     )
 
+        self._write(write)
+
     def retry(self, items: Iterable[tuple[int, float, str]]) -> None:
         """Schedule rows again: (seq, next attempt time, reason)."""
         params = [(next_at, reason[:1000], seq) for seq, next_at, reason in items]
         if not params:
             return
-        with self._tx() as db:
-            db.executemany(
+        self._write(
+            lambda db: db.executemany(
                 "UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ?, "
                 "lease_until = 0, lease_pid = 0, lease_owner = '' WHERE seq = ?",
                 params,
             )
+        )
 
     def failed(self, items: Iterable[tuple[int, str]], *, now: float | None = None) -> None:
         """Mark rows refused for good: (seq, reason)."""
@@ -392,12 +425,14 @@ class Outbox:
         params = [(reason[:1000], now, seq) for seq, reason in items]
         if not params:
             return
-        with self._tx() as db:
-            db.executemany(
+        self._write(
+            lambda db: db.executemany(
                 "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?, "
-                "done_at = ?, lease_until = 0, lease_pid = 0, lease_owner = '' WHERE seq = ?",
+                "done_at = ?, lease_until = 0, lease_pid = 0, lease_owner = '' "
+                "WHERE seq = ?",
                 params,
             )
+        )
 
     def reclaim(self, *, now: float | None = None) -> int:
         """Void leases held by processes that no longer exist (a PID that is running again
@@ -412,39 +447,51 @@ class Outbox:
         dead = [(pid, who) for pid, who in holders if not owner_alive(who, pid)]
         if not dead:
             return 0
-        with self._tx() as db:
-            total = 0
-            for pid, who in dead:
-                total += db.execute(
+
+        def write(db: sqlite3.Connection) -> int:
+            return sum(
+                db.execute(
                     "UPDATE outbox SET lease_until = 0, lease_pid = 0, lease_owner = '' "
                     "WHERE lease_pid = ? AND lease_owner = ? AND lease_until > 0",
                     (pid, who),
                 ).rowcount
-        return total
-
-    def retry_now(self, sinks: Iterable[str] | None = None) -> int:
-        """Make every pending row due now (a restart or ``waypost flush`` is a retry point)."""
-        with self._tx() as db:
-            if sinks is None:
-                return db.execute(
-                    "UPDATE outbox SET next_at = 0 WHERE state = 'pending' AND next_at > 0"
-                ).rowcount
-            return sum(
-                db.execute(
-                    "UPDATE outbox SET next_at = 0 WHERE sink = ? AND state = 'pending' "
-                    "AND next_at > 0",
-                    (s,),
-                ).rowcount
-                for s in sinks
+                for pid, who in dead
             )
 
-    def next_due(self, sink: str) -> float | None:
-        """When the earliest pending row of ``sink`` becomes due (None if there is none)."""
+        return self._write(write)
+
+    def retry_now(self, sinks: Iterable[str] | None = None, *, before: float | None = None) -> int:
+        """Make every pending row due now (a restart or ``waypost flush`` is a retry point);
+        with ``before`` (Unix time), only the rows stored before then."""
+        names = None if sinks is None else list(sinks)
+        clause = "state = 'pending' AND next_at > 0"
+        params: list[Any] = []
+        if before is not None:
+            clause += " AND created_at < ?"
+            params.append(before)
+
+        def write(db: sqlite3.Connection) -> int:
+            if names is None:
+                return db.execute(f"UPDATE outbox SET next_at = 0 WHERE {clause}", params).rowcount
+            return sum(
+                db.execute(
+                    f"UPDATE outbox SET next_at = 0 WHERE sink = ? AND {clause}", [s, *params]
+                ).rowcount
+                for s in names
+            )
+
+        return self._write(write)
+
+    def next_due(self, sink: str, *, now: float | None = None) -> float | None:
+        """When the earliest pending row of ``sink`` that nobody has leased becomes due (None
+        if there is none). Leased rows come back when their lease ends; the poll looks again
+        by then."""
+        now = time.time() if now is None else now
         with self._read() as db:
             row = db.execute(
-                "SELECT MIN(MAX(next_at, lease_until)) FROM outbox "
-                "WHERE sink = ? AND state = 'pending'",
-                (sink,),
+                "SELECT next_at FROM outbox WHERE sink = ? AND state = 'pending' "
+                "AND lease_until <= ? ORDER BY next_at LIMIT 1",
+                (sink, now),
             ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
@@ -486,18 +533,18 @@ class Outbox:
         """Row counts by sink and state."""
         out: dict[str, dict[str, int]] = {}
         with self._read() as db:
-            rows = db.execute(
+            for sink, state, n in db.execute(
                 "SELECT sink, state, COUNT(*) FROM outbox GROUP BY sink, state"
-            ).fetchall()
-        for sink, state, n in rows:
-            out.setdefault(sink, {})[state] = n
+            ):
+                out.setdefault(sink, {})[state] = n
         return out
 
     def pending_events(self) -> int:
         """Distinct events that some sink has still to deliver."""
         with self._read() as db:
-            query = "SELECT COUNT(DISTINCT event_id) FROM outbox WHERE state = 'pending'"
-            row = db.execute(query).fetchone()
+            row = db.execute(
+                "SELECT COUNT(DISTINCT event_id) FROM outbox WHERE state = 'pending'"
+            ).fetchone()
         return int(row[0])
 
     def records(
@@ -546,10 +593,11 @@ class Outbox:
 
     def purge(self, *, sent_only: bool) -> int:
         """Delete every record, or only the delivered ones kept for inspection."""
-        with self._tx() as db:
-            if sent_only:
-                return db.execute("DELETE FROM outbox WHERE state = 'sent'").rowcount
-            return db.execute("DELETE FROM outbox").rowcount
+        if sent_only:
+            return self._write(
+                lambda db: db.execute("DELETE FROM outbox WHERE state = 'sent'").rowcount
+            )
+        return self._write(lambda db: db.execute("DELETE FROM outbox").rowcount)
 
     def enforce_retention(
         self, *, max_age: float, max_bytes: float, keep_sent: float, now: float | None = None
@@ -557,25 +605,31 @@ class Outbox:
         """Drop what is past the limits, oldest first; returns counts by reason."""
         now = time.time() if now is None else now
         dropped = {"max_age": 0, "max_size": 0, "sent_expired": 0}
-        with self._tx() as db:
+
+        def expire(db: sqlite3.Connection) -> None:
             dropped["max_age"] = db.execute(
                 "DELETE FROM outbox WHERE state != 'sent' AND created_at < ?", (now - max_age,)
             ).rowcount
             dropped["sent_expired"] = db.execute(
                 "DELETE FROM outbox WHERE state = 'sent' AND done_at < ?", (now - keep_sent,)
             ).rowcount
+
+        self._write(expire)
         size = self.size_bytes()
         if size > max_bytes:
             with self._read() as db:
                 total = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
             if total:
                 excess = int(total * (1 - max_bytes / size)) + 1
-                with self._tx() as db:
-                    dropped["max_size"] = db.execute(
-                        "DELETE FROM outbox WHERE seq IN "
-                        "(SELECT seq FROM outbox ORDER BY state = 'pending', seq LIMIT ?)",
-                        (excess,),
-                    ).rowcount
+                dropped["max_size"] = self._write(
+                    lambda db: (
+                        db.execute(
+                            "DELETE FROM outbox WHERE seq IN "
+                            "(SELECT seq FROM outbox ORDER BY state = 'pending', seq LIMIT ?)",
+                            (excess,),
+                        ).rowcount
+                    )
+                )
         return dropped
 
     def size_bytes(self) -> int:
@@ -584,3 +638,39 @@ class Outbox:
             free = db.execute("PRAGMA freelist_count").fetchone()[0]
             size = db.execute("PRAGMA page_size").fetchone()[0]
         return int((pages - free) * size)
+
+
+def _recover(db: sqlite3.Connection, rows: dict[str, list[dict[str, Any]]]) -> int:
+    """Put the rows read from a file that had to be replaced into the new one (in a
+    transaction the caller holds); returns how many outbox rows went in."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+    context_ids: dict[Any, int] = {}
+    for row in rows.get("contexts", []):
+        body = row.get("body")
+        if not isinstance(body, str):
+            continue
+        db.execute("INSERT OR IGNORE INTO contexts (body) VALUES (?)", (body,))
+        found = db.execute("SELECT id FROM contexts WHERE body = ?", (body,)).fetchone()
+        context_ids[row.get("id")] = int(found[0])
+    fallback: int | None = None
+    n = 0
+    for row in rows.get("outbox", []):
+        values = {k: v for k, v in row.items() if k in columns and k != "seq"}
+        cid = context_ids.get(values.get("context_id"))
+        if cid is None:  # its context could not be read: an empty one
+            if fallback is None:
+                db.execute("INSERT OR IGNORE INTO contexts (body) VALUES ('{}')")
+                fallback = int(
+                    db.execute("SELECT id FROM contexts WHERE body = '{}'").fetchone()[0]
+                )
+            cid = fallback
+        values["context_id"] = cid
+        if not {"sink", "event_id", "name", "time", "body", "created_at"} <= values.keys():
+            continue
+        names = ", ".join(values)
+        marks = ", ".join("?" * len(values))
+        n += db.execute(
+            f"INSERT OR IGNORE INTO outbox ({names}) VALUES ({marks})",
+            list(values.values()),
+        ).rowcount
+    return n

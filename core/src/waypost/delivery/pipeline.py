@@ -1,5 +1,11 @@
-"""The delivery pipeline: buffer -> worker (gate, envelope, outbox) -> one delivery thread per
-sink instance, each inside its own error boundary, with retries and a circuit breaker."""
+"""The delivery pipeline: buffer -> worker (gate, envelope) -> each sink's queue in memory ->
+its delivery threads, each inside its own error boundary, with retries and a circuit breaker;
+and the storer, which writes to the outbox what cannot go at once.
+
+The worker never touches the disk: a slow, full, locked or broken outbox holds up only the
+storer, so ``track`` waits at most for the worker's next chunk. Events the outbox cannot take
+stay in memory (each sink's queue is bounded by ``outbox.buffer``); past that bound they are
+dropped and counted under the outbox's trouble (``disk_full``, ``read_only``, ...)."""
 
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ from typing import Any
 
 from waypost.delivery.backoff import Backoff
 from waypost.delivery.outbox import Outbox
-from waypost.delivery.runner import Runner, Settings
+from waypost.delivery.runner import SPILL_CHUNK, Runner, Settings
+from waypost.delivery.storage import StorageUnavailable
 from waypost.errors import SinkContractError
 from waypost.events import Event, coerce, dumps
 from waypost.logs import get_logger
@@ -30,6 +37,15 @@ LINGER = 0.05
 """Seconds the worker waits between drains while a burst goes on."""
 STALL = 2.0
 """Seconds ``track`` waits for room in a full buffer before it drops instead."""
+STORAGE_RETRY = 1.0
+"""Seconds between attempts to write what the outbox refused (a full disk, a lock)."""
+DROP_REASONS = {
+    "disk_full": "disk_full",
+    "read_only": "read_only",
+    "locked": "outbox_locked",
+    "unavailable": "outbox_error",
+}
+"""Why events were dropped, by what kept the outbox from taking them."""
 
 
 class Pipeline:
@@ -50,6 +66,7 @@ class Pipeline:
         breaker_threshold: int,
         keep_sent: float,
         retention: Callable[[], None],
+        startup: Callable[[], None] | None = None,
         debug: bool = False,
         strict: bool = False,
         sync: bool = False,
@@ -68,6 +85,7 @@ class Pipeline:
         self.wake_at = batch_size
         self.buffer_size = buffer_size
         self.retention = retention
+        self.startup = startup
         self.debug = debug
         self.strict = strict
         self.log_once = LogOnce(log)
@@ -82,6 +100,10 @@ class Pipeline:
             log_once=self.log_once,
             count_stored=self.count_stored,
             contract_error=self.contract_error,
+            batch_interval=batch_interval,
+            wake_storer=self.wake_storer,
+            progress=self.progress,
+            storage_refused=self.storage_refused,
             on_control=on_control,
             paused_for=paused_for,
         )
@@ -100,6 +122,15 @@ class Pipeline:
         self._room = threading.Condition()
         self._stalled = False
         self._stored_lock = threading.Lock()
+        self.storer: threading.Thread | None = None
+        self._storer_wake = threading.Event()
+        self._storage_retry_at = 0.0  # monotonic: the outbox refused a write; try again then
+        self._started_up = self.startup is None
+        self._drains = threading.Condition()
+        self._drain_requested = 0
+        self._drain_done = 0
+        self._progress = threading.Condition()
+        self._lost_reported = 0  # events lost (counted) that a flush has reported already
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -107,6 +138,9 @@ class Pipeline:
         self.worker = threading.Thread(target=self._work, name="waypost-worker", daemon=True)
         self.worker.start()
         if not self.debug:
+            self.storer = threading.Thread(target=self._store, name="waypost-storer", daemon=True)
+            self._storer_wake.set()  # its start-up work at once
+            self.storer.start()
             for runner in self.runners:
                 runner.start()
 
@@ -182,12 +216,15 @@ class Pipeline:
             self.wake.wait(self._next_wait())
             self.wake.clear()
             try:
+                with self._drains:
+                    asked = self._drain_requested
                 self.drain()
-                self.spill_stale()
-                now = time.monotonic()
-                if now - self.last_housekeeping > 60:
-                    self.last_housekeeping = now
-                    self.retention()
+                with self._drains:
+                    self._drain_done = max(self._drain_done, asked)
+                    self._drains.notify_all()
+                if self.debug:
+                    with self._drains:
+                        self._drain_done = max(self._drain_done, self._drain_requested)
             except Exception as exc:
                 self.log_once(
                     f"worker:{type(exc).__name__}",
@@ -202,28 +239,128 @@ class Pipeline:
 
     def _next_wait(self) -> float:
         """Until the next drain: ``batch.interval``; sooner while a burst goes on (the last
-        drain took a full batch), and when events in memory are due to be stored; not at all
-        when a batch is already buffered."""
-        if len(self.buffer) >= self.wake_at:
+        drain took a full batch); not at all when a batch is already buffered or a flush
+        asks."""
+        if len(self.buffer) >= self.wake_at or self._drain_requested > self._drain_done:
             return 0.0
-        wait = min(self.interval, LINGER) if self._linger else self.interval
+        return min(self.interval, LINGER) if self._linger else self.interval
+
+    def request_drain(self) -> int:
+        """Ask the worker to build and hand on everything buffered now; a ticket for
+        :meth:`wait_drained`."""
+        with self._drains:
+            self._drain_requested += 1
+            ticket = self._drain_requested
+        self.wake.set()
+        return ticket
+
+    def wait_drained(self, ticket: int, deadline: float) -> bool:
+        """Wait (until ``deadline``, monotonic) for the worker to have done the drain of
+        ``ticket``."""
+        with self._drains:
+            while self._drain_done < ticket:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.worker is None or not self.worker.is_alive():
+                    return self._drain_done >= ticket
+                self._drains.wait(min(left, 0.25))
+        return True
+
+    # --- the storer -------------------------------------------------------------------------
+
+    def wake_storer(self) -> None:
+        self._storer_wake.set()
+
+    def progress(self) -> None:
+        """A batch ended (or something was stored): a flush waiting may look again."""
+        with self._progress:
+            self._progress.notify_all()
+
+    def storage_refused(self, exc: StorageUnavailable) -> None:
+        """The outbox refused a write: what it was for stays in memory; try again soon."""
+        self._storage_retry_at = time.monotonic() + STORAGE_RETRY
+        # The outbox logged the trouble itself (once); this is for whoever debugs.
+        log.debug("waypost: the outbox cannot take events now (%s)", exc.reason)
+
+    def _store(self) -> None:
+        """The storer's loop: write to the outbox what waited in memory for ``batch.interval``
+        (a slow or stuck sink never holds more than that at risk of a crash), what a failing
+        or lagging sink cannot take, and what the outbox refused before; watch for hung sends;
+        housekeeping."""
+        while not self.stopping:
+            self._storer_wake.wait(self._storer_wait())
+            self._storer_wake.clear()
+            try:
+                self._store_once()
+            except Exception as exc:
+                self.log_once(
+                    f"storer:{type(exc).__name__}",
+                    "waypost: storer error %s: %s",
+                    type(exc).__name__,
+                    exc,
+                    level=logging.ERROR,
+                )
+                self._storer_wake.wait(0.5)
+
+    def _storer_wait(self) -> float:
+        wait = min(self.interval, 1.0)
         oldest = [t for t in (r.oldest_in_memory() for r in self.runners) if t is not None]
         if oldest:
             wait = min(wait, max(0.01, min(oldest) + self.interval - time.monotonic()))
-        return wait
+        if self._storage_retry_at:
+            wait = max(wait, self._storage_retry_at - time.monotonic())
+        return max(0.01, wait)
 
-    def spill_stale(self) -> None:
-        """Store what has waited in memory for ``batch.interval``: a slow or stuck sink never
-        holds more than that much at risk of a crash."""
-        older_than = time.monotonic() - self.interval
+    def _store_once(self) -> None:
+        outbox = self.outbox
         for runner in self.runners:
-            runner.spill(older_than)
+            runner.check_hung()
+        if outbox is None:
+            return
+        if time.monotonic() < self._storage_retry_at:
+            return
+        if not self._started_up:
+            self._run_startup()
+        now = time.monotonic()
+        older_than = now - self.interval
+        for runner in self.runners:
+            failing = bool(runner.breaker.failures or runner.open_error or runner.paused_for())
+            everything = failing or runner.behind
+            while not self.stopping:
+                n = runner.spill(None if everything else older_than, limit=SPILL_CHUNK)
+                if n == 0 or time.monotonic() < self._storage_retry_at:
+                    break
+                self.progress()
+        if now - self.last_housekeeping > 60:
+            self.last_housekeeping = now
+            try:
+                self.retention()
+            except StorageUnavailable as exc:
+                self.storage_refused(exc)
 
-    def spill(self) -> bool:
-        """Store everything held in memory for the sinks; False if the outbox refused it.
-        Each sink's own lock guards its queue: this never waits for a drain."""
+    def _run_startup(self) -> None:
+        """What a starting instance does to the outbox (void dead leases, make retries due):
+        on the storer, so that a locked or broken outbox never holds up ``Telemetry()``."""
+        assert self.startup is not None
+        try:
+            self.startup()
+        except StorageUnavailable as exc:
+            self.storage_refused(exc)
+            return
+        self._started_up = True
         for runner in self.runners:
-            runner.spill()
+            runner.outbox_written()
+
+    def spill(self, deadline: float | None = None) -> bool:
+        """Store everything held in memory for the sinks (waiting for the lock no later than
+        ``deadline``, monotonic); False if something is left only in memory."""
+        outbox = self.outbox
+        if outbox is None:
+            return not any(runner.in_memory() for runner in self.runners)
+        with outbox.budget(time.monotonic() + 2.0 if deadline is None else deadline):
+            for runner in self.runners:
+                while runner.spill(limit=SPILL_CHUNK * 10):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
         return not any(runner.in_memory() for runner in self.runners)
 
     def drain(self, *, store: bool = False) -> bool:
@@ -256,23 +393,14 @@ class Pipeline:
                     self._print_debug(events)
                     continue
                 assert self.outbox is not None
-                try:
-                    self._dispatch(events, store=store)
-                except Exception as exc:
-                    self.counters.drop("outbox_error", len(events))
-                    self.log_once(
-                        "outbox-write",
-                        "waypost: cannot write the outbox (%s): %d events lost",
-                        exc,
-                        len(events),
-                        level=logging.ERROR,
-                    )
+                self._dispatch(events, store=store)
             self._linger = moved >= self.wake_at
         return True
 
     def _dispatch(self, events: list[Event], *, store: bool) -> None:
-        """Hand events to each sink that takes them: in memory to a healthy sink, else to the
-        outbox (one row per sink instance), in one transaction."""
+        """Hand events to each sink that takes them, in memory; with ``store`` (or
+        ``durability: sync``) write them to the outbox first (one row per sink instance, in one
+        transaction), keeping them in memory if it refuses."""
         assert self.outbox is not None
         now = time.monotonic()
         runners = self.runners
@@ -294,18 +422,76 @@ class Pipeline:
             if not targets and not keep:
                 self.counters.drop("no_sink", len(group))
                 continue
-            deadline = time.monotonic() + min(self.interval, LINGER)
-            stored = [r.name for r in targets if store or self.sync or not r.takes_fresh(deadline)]
-            stored += keep
-            if stored:
-                self.outbox.add(group, stored)
-                self.count_stored(len(group))
-                for runner in targets:
-                    if runner.name in stored:
-                        runner.outbox_written()
+            # Sinks configured but not made (plugin missing, secret unset) keep their events in
+            # the outbox, for the first start that can make them.
+            stored_targets = bool(targets) and (store or self.sync)
+            names = ([r.name for r in targets] if stored_targets else []) + list(keep)
+            if names:
+                try:
+                    self.outbox.add(group, names)
+                except StorageUnavailable as exc:
+                    self.storage_refused(exc)
+                    if keep:
+                        self._drop_kept(keep, len(group))
+                else:
+                    self.count_stored(len(group))
+                    if stored_targets:
+                        for runner in targets:
+                            runner.outbox_written()
+                        continue
             for runner in targets:
-                if runner.name not in stored:
-                    runner.offer(group, now)
+                if not runner.room() and not self._make_room(runner):
+                    self._drop_for(runner, len(group))
+                    continue
+                runner.offer(group, now)
+
+    def _drop_for(self, runner: Runner, n: int) -> None:
+        outbox = self.outbox
+        health = outbox.health() if outbox is not None else None
+        kind = health.state if health is not None and health.memory_only else "unavailable"
+        reason = DROP_REASONS.get(kind, "outbox_error")
+        self.counters.drop(reason, n)
+        self.log_once(
+            f"drop:{reason}",
+            "waypost: sink %r holds %d events in memory (outbox.buffer), and the outbox cannot "
+            "take more (%s): %d events dropped",
+            runner.name,
+            self.buffer_size,
+            (health.detail if health is not None else None) or reason,
+            n,
+            level=logging.ERROR,
+        )
+
+    def _drop_kept(self, sinks: tuple[str, ...], n: int) -> None:
+        """Events for sinks that could not be made, which the outbox cannot take now."""
+        outbox = self.outbox
+        health = outbox.health() if outbox is not None else None
+        kind = health.state if health is not None and health.memory_only else "unavailable"
+        reason = DROP_REASONS.get(kind, "outbox_error")
+        self.counters.drop(reason, n)
+        self.log_once(
+            f"drop-kept:{reason}",
+            "waypost: %d events for sink(s) %s, which could not be made, are dropped: the outbox "
+            "cannot take them (%s)",
+            n,
+            ", ".join(sinks),
+            (health.detail if health is not None else None) or reason,
+            level=logging.ERROR,
+        )
+
+    def _make_room(self, runner: Runner) -> bool:
+        """Wait for room in a sink's full queue in memory while the outbox takes what it
+        holds: the host is slowed to the storer's pace, never made to wait on a stuck disk.
+        When the outbox cannot take anything (full disk, read-only, locked), events past the
+        bound are dropped, and counted under that cause. True if there is room now."""
+        outbox = self.outbox
+        deadline = time.monotonic() + STALL
+        while not runner.wait_room(min(deadline, time.monotonic() + LINGER)):
+            health = outbox.health() if outbox is not None else None
+            refused = health is not None and health.memory_only
+            if refused or time.monotonic() >= deadline or self.stopping:
+                return False
+        return True
 
     def _print_debug(self, events: list[Event]) -> None:
         for runner in self.runners:
@@ -324,34 +510,42 @@ class Pipeline:
     # --- flush and shutdown -----------------------------------------------------------------
 
     def flush(self, timeout: float) -> bool:
-        """Hand everything buffered to the sinks and wait (until ``timeout``) for them to send
-        it; what is still in memory then is stored. True when nothing is left only in memory."""
-        deadline = time.monotonic() + max(0.0, timeout)
-        if not self._acquire(deadline):
-            return False
-        try:
-            self.drain()  # everything buffered before this call (the host may add more)
-        finally:
-            self.lock.release()
+        """Do all that can be done before ``timeout`` seconds have passed: the worker builds
+        what is buffered (hooks and scrubbers run there, never on the caller's thread), the
+        sinks send it, and retries that fall due before the deadline are made (honouring
+        ``Retry-After``); then what is still in memory is stored. True only when every event
+        accepted so far was delivered, refused for good or is stored, and none was lost since
+        the last flush."""
+        start = time.monotonic()
+        deadline = start + max(0.0, timeout)
+        # A slice of the budget is kept to store what is still in memory at the end.
+        storing = min(1.0, 0.1 * max(0.0, timeout))
+        drained = self.wait_drained(self.request_drain(), deadline - storing)
         if self.debug:
-            return True
-        tickets = [(r, r.request_pass()) for r in self.runners if r.threads]
-        for runner, ticket in tickets:
-            runner.wait_pass(ticket, deadline)
-        return self.spill()
+            return drained
+        for runner in self.runners:
+            if runner.threads:
+                runner.request_pass()
+        wall_deadline = time.time() + (deadline - time.monotonic())
+        until = deadline - storing
+        with self._progress:
+            while time.monotonic() < until:
+                if all(r.settled(wall_deadline) for r in self.runners):
+                    break
+                self._progress.wait(min(0.1, max(0.0, until - time.monotonic())))
+        stored = self.spill(deadline)
+        ok = drained and stored and self.counters.lost() == self._lost_reported
+        self._lost_reported = max(self._lost_reported, self.counters.lost())
+        return ok
 
-    def _acquire(self, deadline: float) -> bool:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return self.lock.acquire(blocking=False)
-            if self.lock.acquire(timeout=min(left, 0.1)):
-                return True
-
-    def force_due(self) -> None:
+    def force_due(self, deadline: float | None = None) -> None:
         """Make every pending row due now and close open circuits ("submit now")."""
         if self.outbox is not None:
-            self.outbox.retry_now([r.name for r in self.runners])
+            try:
+                with self.outbox.budget(time.monotonic() + 1.0 if deadline is None else deadline):
+                    self.outbox.retry_now([r.name for r in self.runners])
+            except StorageUnavailable as exc:
+                self.storage_refused(exc)
         for runner in self.runners:
             runner.force_due()
 
@@ -366,10 +560,13 @@ class Pipeline:
                 runner.discard()
         self.stopping = True
         self.wake.set()
+        self._storer_wake.set()
         for runner in self.runners:
             runner.halt()
         if self.worker is not None:
             self.worker.join(max(0.0, deadline - time.monotonic()))
+        if self.storer is not None:
+            self.storer.join(max(0.0, deadline - time.monotonic()))
         stuck = False
         for runner in self.runners:
             for thread in runner.threads:
@@ -387,5 +584,10 @@ class Pipeline:
             except Exception as exc:
                 log.warning("waypost: sink %r failed to close: %s", runner.name, exc)
         if self.outbox is not None and not stuck:
+            try:  # nothing is in flight any more: what this process leased is due again
+                with self.outbox.budget(max(time.monotonic(), deadline)):
+                    self.outbox.release()
+            except StorageUnavailable:
+                pass
             self.outbox.close()
         return ok and not stuck

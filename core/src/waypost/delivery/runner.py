@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from waypost.delivery.boundary import call_send
 from waypost.delivery.breaker import Breaker
+from waypost.delivery.storage import StorageUnavailable
 from waypost.events import Event
 from waypost.logs import get_logger
 from waypost.privacy.secrets import guard_loggers, sanitise
@@ -34,6 +35,12 @@ if TYPE_CHECKING:
     from waypost.status import Counters, LogOnce
 
 log = get_logger(__name__)
+
+
+SPILL_CHUNK = 1000
+"""Events written to the outbox per transaction: the lock is never held long."""
+HUNG_GRACE = 1.0
+"""Seconds past twice the sink's request timeout after which a ``send`` counts as hung."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,15 @@ class Settings:
     """Count events written to the outbox."""
     contract_error: Callable[[SinkContractError], None]
     """Report a sink that broke the plugin contract."""
+    batch_interval: float
+    """``batch.interval``: events waiting in memory longer than this are stale (the storer
+    writes them to the outbox)."""
+    wake_storer: Callable[[], None]
+    """Ask the storer to write what waits in memory to the outbox now."""
+    progress: Callable[[], None]
+    """Tell a waiting flush that a batch ended."""
+    storage_refused: Callable[[StorageUnavailable], None]
+    """Report a write the outbox refused (the events stay in memory)."""
     on_control: Callable[[str, dict[str, Any]], None] | None = None
     """Called with a sink's name and the control block its destination answered, if any."""
     paused_for: Callable[[], float] | None = None
@@ -72,6 +88,15 @@ class Flight:
     events: list[Event]
     since: float
     stored: bool = False
+
+
+@dataclass(eq=False)
+class Sending:
+    """A ``send`` under way on one of the runner's threads (for the hang watch)."""
+
+    started: float
+    events: int
+    hung: bool = False
 
 
 class Runner:
@@ -97,6 +122,9 @@ class Runner:
         self.breaker = Breaker(settings.breaker_threshold, settings.backoff)
         self.opened = False
         self.open_error: str | None = None
+        self.boundary_error: str | None = None  # the last batch broke the plugin contract
+        self.hung_error: str | None = None
+        self.memory_retry_at = 0.0  # wall clock: a failed batch held in memory is tried again
         self.receipts: deque[str] = deque(maxlen=20)
         self._reset_sync()
 
@@ -117,6 +145,7 @@ class Runner:
         self.flights: set[Flight] = set()
         self.outbox_due_at = 0.0  # monotonic: when the outbox may next hold due rows for us
         self._turn = False
+        self.sending: dict[int, Sending] = {}  # by thread ident
 
     @contextmanager
     def _spill_then_state(self) -> Iterator[None]:
@@ -127,7 +156,7 @@ class Runner:
 
     @property
     def state(self) -> str:
-        if self.open_error and not self.opened:
+        if (self.open_error and not self.opened) or self.boundary_error or self.hung_error:
             return "error"
         if self.breaker.is_open():
             return "circuit_open"
@@ -143,13 +172,19 @@ class Runner:
 
     def _add_threads(self, n: int) -> None:
         with self._state:  # thread.start() returns once the thread runs: never held for long
-            n = min(n, max(1, self.sink.concurrency) - len(self.threads))
+            live = [t for t in self.threads if t.is_alive()]
+            n = min(n, self._allowed() - len(live))
             for _ in range(n):
                 thread = threading.Thread(
                     target=self._run, name=f"waypost-sink-{self.name}", daemon=True
                 )
                 thread.start()
-                self.threads = [*self.threads, thread]
+                live.append(thread)
+            self.threads = live
+
+    def _allowed(self) -> int:
+        """Threads this runner may have: its concurrency, plus one for each hung ``send``."""
+        return max(1, self.sink.concurrency) + sum(1 for s in self.sending.values() if s.hung)
 
     @property
     def alive(self) -> bool:
@@ -180,12 +215,34 @@ class Runner:
                 self._signal.notify_all()
 
     def _run(self) -> None:
+        # The boundary: nothing escapes a sink's thread, not even a BaseException (a sink that
+        # raises SystemExit must not end delivery for good); the loop goes on.
+        while not self.stop:
+            try:
+                self._loop()
+            except BaseException as exc:
+                self.settings.log_once(
+                    f"runner:{self.name}:{type(exc).__name__}",
+                    "waypost: sink %r: internal error %s: %s",
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                    level=logging.ERROR,
+                )
+                self._sleep(1.0, self._wakes)
+                continue
+            break
+        self._complete_pass()
+
+    def _loop(self) -> None:
         settings = self.settings
         outbox = settings.outbox
         assert outbox is not None  # runners start only when the outbox exists
         idle_wait = settings.poll_interval
         breaker = self.breaker
         while not self.stop:
+            if len([t for t in self.threads if t.is_alive()]) > self._allowed():
+                return  # a thread that came back from a hang, now one too many
             seen = self._wakes  # before looking for work: a wake-up after this is not missed
             try:
                 if not self.opened:
@@ -205,15 +262,16 @@ class Runner:
                     self._idle()
                     self._sleep(held, seen)
                     continue
-                paused = settings.paused_for() if settings.paused_for is not None else 0.0
-                if paused > 0:  # the destination asked for a pause: what waits stays stored
-                    self.spill(flights=False)
+                paused = self.paused_for()
+                if paused > 0:  # the destination asked for a pause: what waits is stored
+                    if self.fresh and not self.memory_only:
+                        settings.wake_storer()
                     self._idle()
                     self._sleep(min(paused, 60.0), seen)
                     continue
                 now = time.time()
-                if breaker.failures and self.fresh:
-                    self.spill(flights=False)  # a failing sink retries from the outbox
+                if breaker.failures and self.fresh and not self.memory_only:
+                    settings.wake_storer()  # a failing sink retries from the outbox
                 # Fresh events first; when the outbox has rows due, every other batch. The
                 # outbox is read only when rows may be due: it is written for this sink, a
                 # retry falls due, a flush asks, or every poll interval (other processes).
@@ -226,16 +284,20 @@ class Runner:
                     finally:
                         with self._state:
                             self._busy -= 1
+                        settings.progress()
                     continue
                 if outbox_wait > 0:
                     self._idle()
-                    self._sleep(outbox_wait, seen)
+                    self._sleep(min(outbox_wait, self._memory_wait()), seen)
                     continue
-                leased = outbox.lease(
-                    self.name, self.sink.batch_size, lease_seconds=settings.lease_seconds
-                )
+                try:
+                    leased = outbox.lease(
+                        self.name, self.sink.batch_size, lease_seconds=settings.lease_seconds
+                    )
+                    due = None if leased else outbox.next_due(self.name)
+                except StorageUnavailable:
+                    leased, due = [], time.time() + 1.0  # the outbox is unusable now: later
                 if not leased:
-                    due = outbox.next_due(self.name)
                     wait = idle_wait if due is None else max(0.01, min(idle_wait, due - now))
                     self.outbox_due_at = time.monotonic() + wait
                     continue
@@ -251,8 +313,9 @@ class Runner:
                 finally:
                     with self._state:
                         self._busy -= 1
-            except Exception as exc:  # the boundary: nothing escapes a sink's thread
-                settings.log_once(
+                    settings.progress()
+            except Exception as exc:
+                self.settings.log_once(
                     f"runner:{self.name}:{type(exc).__name__}",
                     "waypost: sink %r: internal error %s: %s",
                     self.name,
@@ -261,7 +324,19 @@ class Runner:
                     level=logging.ERROR,
                 )
                 self._sleep(1.0, seen)
-        self._complete_pass()
+
+    @property
+    def memory_only(self) -> bool:
+        """Whether nothing can be stored now (read-only data dir, full disk, ...): a failed
+        batch then waits in memory and is retried from there."""
+        outbox = self.settings.outbox
+        return outbox is not None and outbox.health().memory_only
+
+    def _memory_wait(self) -> float:
+        """Seconds until events held in memory after a failure may be tried again."""
+        if not self.fresh:
+            return 3600.0
+        return max(0.01, self.memory_retry_at - time.time())
 
     def _until_work(self, outbox: Outbox) -> float:
         """0 when this sink has events to send, else the seconds until it may have (rows of
@@ -345,7 +420,7 @@ class Runner:
             with GATE.section(f"opening sink {self.name!r}"):
                 warm_imports()
                 self.sink.open()
-        except Exception as exc:
+        except BaseException as exc:
             self.open_error = sanitise(f"{type(exc).__name__}: {exc}")
             self.breaker.open_failed()
             self.settings.log_once(
@@ -360,55 +435,78 @@ class Runner:
 
     # --- events in memory -------------------------------------------------------------------
 
-    def takes_fresh(self, deadline: float) -> bool:
-        """Whether new events may wait in memory for this sink: it is healthy and not behind.
+    def _limit(self) -> int:
+        """How many events may wait in memory: ``outbox.buffer``, or, while the sink is
+        behind (the storer writes what waited too long), two of the storer's chunks: events
+        then wait for the disk in the host's ``track`` (slowed to the storer's pace), not in
+        memory, where a crash would lose them."""
+        size = self.settings.buffer_size
+        return min(size, 2 * SPILL_CHUNK) if self.behind else size
 
-        A healthy sink whose queue is full is waited for, briefly (until ``deadline``,
-        monotonic): a sink that keeps up frees room within milliseconds, and holding the worker
-        back costs less than writing to the outbox and leasing back. One that fails, or frees no
-        room in time, is behind: its events go to the outbox, without waiting, until it frees
-        room again.
-        """
-        breaker = self.breaker
-        if breaker.failures or self.open_error:
-            return False
-        limit = self.settings.buffer_size
-        if len(self.fresh) < limit:
+    def room(self) -> bool:
+        """Whether this sink's queue in memory has room for more events."""
+        return len(self.fresh) < self._limit()
+
+    def wait_room(self, deadline: float) -> bool:
+        """Wait (until ``deadline``, monotonic) for room in the queue in memory: the sink's
+        threads send, the storer writes to the outbox. True if there is room."""
+        if self.room():
             return True
-        if self.behind:
-            return False
+        self.behind = True
+        self.settings.wake_storer()
         with self._room:
-            room = self._room.wait_for(
-                lambda: len(self.fresh) < limit or breaker.failures > 0 or self.stop,
-                timeout=max(0.0, deadline - time.monotonic()),
+            return (
+                self._room.wait_for(
+                    lambda: len(self.fresh) < self._limit() or self.stop,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
+                and not self.stop
             )
-            if not room:
-                self.behind = True
-            return room and not (breaker.failures or self.stop)
 
     def offer(self, events: list[Event], now: float) -> None:
-        """Hand fresh events to this sink's threads."""
+        """Hand fresh events to this sink's threads (and, should it fail or fall behind, to
+        the storer: they stay in memory until one of them takes them)."""
         self.fresh.extend([(now, e) for e in events])
+        if self.breaker.failures or self.open_error or self.paused_for() > 0:
+            if not self.memory_only:
+                self.settings.wake_storer()
+            return
         batches = -(-len(self.fresh) // self.sink.batch_size)
         idle = len(self.threads) - self._busy
         if 0 < len(self.threads) < self.sink.concurrency and batches > idle:
             self._add_threads(batches - idle)  # a burst: more batches in flight at once
         self.wake(batches)  # a thread per batch waiting
 
+    def paused_for(self) -> float:
+        """Seconds the destination asked this installation to send nothing for (0: none):
+        meanwhile what waits goes to the outbox."""
+        paused_for = self.settings.paused_for
+        return paused_for() if paused_for is not None else 0.0
+
     def _take_fresh(self) -> Flight | None:
         fresh = self.fresh
         with self._state:
-            if not fresh or self.breaker.failures:
+            if not fresh:
                 return None
+            if self.breaker.failures and not (
+                self.memory_only and time.time() >= self.memory_retry_at
+            ):
+                return None  # a failing sink retries from the outbox, with its backoff
             since = fresh[0][0]
             pop = fresh.popleft
             events = [pop()[1] for _ in range(min(len(fresh), self.sink.batch_size))]
             flight = Flight(events, since)
             self.flights.add(flight)
             self._busy += 1
-            self.behind = False
+            if time.monotonic() - since < self.settings.batch_interval:
+                self.behind = False  # it takes events before they go stale: caught up
             self._room.notify_all()
         return flight
+
+    def _requeue(self, events: list[tuple[float, Event]]) -> None:
+        """Put events back at the front of the queue in memory, in their order."""
+        with self._state:
+            self.fresh.extendleft(reversed(events))
 
     def in_memory(self) -> int:
         """Events of this sink held only in memory: waiting, or in flight and not stored."""
@@ -423,10 +521,18 @@ class Runner:
                 times.append(self.fresh[0][0])
         return min(times) if times else None
 
-    def spill(self, older_than: float | None = None, *, flights: bool = True) -> int:
+    def spill(
+        self,
+        older_than: float | None = None,
+        *,
+        flights: bool = True,
+        limit: int | None = None,
+    ) -> int:
         """Store what this sink holds only in memory (or only what got there before
-        ``older_than``, monotonic) in the outbox. Batches in flight are stored leased to this
-        process, so that nobody sends them twice; their outcome updates the rows."""
+        ``older_than``, monotonic; at most ``limit`` waiting events) in the outbox. Batches in
+        flight are stored leased to this process, so that nobody sends them twice; their
+        outcome updates the rows. When the outbox refuses the write, everything stays in
+        memory as it was (nothing is lost) and 0 is returned."""
         outbox = self.settings.outbox
         if outbox is None:
             return 0
@@ -435,35 +541,45 @@ class Runner:
         with self._spill_lock:
             with self._spill_then_state():
                 fresh = self.fresh
-                waiting: list[Event] = []
-                while fresh and (older_than is None or fresh[0][0] <= older_than):
-                    waiting.append(fresh.popleft()[1])
+                waiting: list[tuple[float, Event]] = []
+                most = len(fresh) if limit is None else limit
+                while (
+                    fresh
+                    and len(waiting) < most
+                    and (older_than is None or fresh[0][0] <= older_than)
+                ):
+                    waiting.append(fresh.popleft())
                 if waiting:
+                    if older_than is not None:
+                        self.behind = True  # events went stale waiting for the sink
                     self._room.notify_all()
-                flying: list[Event] = []
+                flying: list[Flight] = []
                 for flight in self.flights if flights else ():
                     if not flight.stored and (older_than is None or flight.since <= older_than):
                         flight.stored = True
-                        flying.extend(flight.events)
+                        flying.append(flight)
             if not waiting and not flying:
                 return 0
+            events = [e for _, e in waiting]
+            in_flight = [e for f in flying for e in f.events]
             try:
-                outbox.add(waiting, [self.name])
-                outbox.add(flying, [self.name], lease_seconds=self.settings.lease_seconds)
-            except Exception as exc:
-                self.settings.counters.drop("outbox_error", len(waiting) + len(flying))
-                self.settings.log_once(
-                    "outbox-write",
-                    "waypost: cannot write the outbox (%s): %d events lost",
-                    exc,
-                    len(waiting) + len(flying),
-                    level=logging.ERROR,
-                )
+                if events:
+                    outbox.add(events, [self.name])
+                    waiting = []
+                if in_flight:
+                    outbox.add(in_flight, [self.name], lease_seconds=self.settings.lease_seconds)
+            except StorageUnavailable as exc:
+                with self._state:
+                    for flight in flying:
+                        flight.stored = False
+                self._requeue(waiting)
+                self.settings.storage_refused(exc)
                 return 0
             self.outbox_due_at = 0.0
-        self.settings.count_stored(len(waiting) + len(flying))
+        n = len(events) + len(in_flight)
+        self.settings.count_stored(n)
         self.wake()
-        return len(waiting) + len(flying)
+        return n
 
     def discard(self) -> None:
         """Forget the events waiting in memory (consent was withdrawn)."""
@@ -505,16 +621,14 @@ class Runner:
                 )
                 if not stored:
                     settings.count_stored(len(retry) + len(failed))
-        except Exception as exc:
-            lost = 0 if stored else len(retry)  # stored rows stay, to be sent again
-            settings.counters.drop("outbox_error", lost)
-            settings.log_once(
-                "outbox-write",
-                "waypost: cannot write the outbox (%s): %d events to retry are lost",
-                exc,
-                lost,
-                level=logging.ERROR,
-            )
+        except StorageUnavailable as exc:
+            # Events to retry stay in memory: tried again from there after the backoff, or
+            # stored as soon as the outbox takes them (a row stored leased for the batch
+            # takes the new state then).
+            if retry:
+                self._requeue([(flight.since, events[i]) for i, _, _ in retry])
+                self.memory_retry_at = min(next_at for _, next_at, _ in retry)
+            self.settings.storage_refused(exc)
         with self._spill_then_state():
             self.flights.discard(flight)
             late = flight.stored and not stored
@@ -524,14 +638,14 @@ class Runner:
                     outbox.settle(self.name, delivered, now=now, receipt=result.receipt)
                 else:
                     outbox.forget(self.name, [events[i].id for i in ok])
-            except Exception as exc:  # they stay leased, and are sent again later
-                settings.log_once("outbox-write", "waypost: cannot write the outbox (%s)", exc)
+            except StorageUnavailable as exc:  # they stay leased, and are sent again later
+                self.settings.storage_refused(exc)
         if retry:
             self.outbox_due_at = min(self.outbox_due_at, time.monotonic() + 0.01)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
-        if self.breaker.failures:
+        if self.breaker.failures and not self.memory_only:
             # The sink is failing: what waits in memory goes to the outbox and its backoff.
-            self.spill(flights=False)
+            self.settings.wake_storer()
 
     def _deliver(self, leased: list[tuple[int, int, Event]]) -> None:
         events = [e for _, _, e in leased]
@@ -541,14 +655,17 @@ class Runner:
         now = time.time()
         outbox = self.settings.outbox
         assert outbox is not None
-        outbox.delivered(
-            [leased[i][0] for i in ok],
-            keep=self.settings.keep_sent > 0,
-            now=now,
-            receipt=result.receipt,
-        )
-        outbox.retry([(leased[i][0], next_at, reason) for i, next_at, reason in retry])
-        outbox.failed([(leased[i][0], reason) for i, reason in failed], now=now)
+        try:
+            outbox.delivered(
+                [leased[i][0] for i in ok],
+                keep=self.settings.keep_sent > 0,
+                now=now,
+                receipt=result.receipt,
+            )
+            outbox.retry([(leased[i][0], next_at, reason) for i, next_at, reason in retry])
+            outbox.failed([(leased[i][0], reason) for i, reason in failed], now=now)
+        except StorageUnavailable as exc:  # the rows stay leased, and are sent again later
+            self.settings.storage_refused(exc)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
 
     def _classify(
@@ -645,10 +762,60 @@ class Runner:
                          self.name, exc)  # fmt: skip
 
     def _send(self, events: Sequence[Event]) -> tuple[SendResult, str | None]:
-        result, reason, contract = call_send(self.sink, events)
+        me = threading.get_ident()
+        sending = self.sending[me] = Sending(time.monotonic(), len(events))
+        try:
+            result, reason, contract = call_send(self.sink, events)
+        finally:
+            self.sending.pop(me, None)
+            if sending.hung and not any(s.hung for s in self.sending.values()):
+                self.hung_error = None
+        self.boundary_error = None if contract is None else str(contract)
         if contract is not None:
             self.settings.contract_error(contract)
         return result, reason
+
+    def check_hung(self) -> None:
+        """Called now and then by the storer: a ``send`` that has not returned in twice the
+        sink's timeout (and a grace) is hung. Status says so, and a thread replaces it, so the
+        sink's other events still go."""
+        limit = 2 * float(getattr(self.sink.config, "timeout", 10.0)) + HUNG_GRACE
+        now = time.monotonic()
+        found = False
+        for sending in list(self.sending.values()):
+            if not sending.hung and now - sending.started > limit:
+                sending.hung = found = True
+                self.hung_error = (
+                    f"send() hung: no answer for {now - sending.started:.0f} s "
+                    f"(timeout {limit - HUNG_GRACE:g} s); another thread carries on"
+                )
+                self.settings.log_once(
+                    f"hung:{self.name}", "waypost: sink %r: %s", self.name, self.hung_error,
+                    level=logging.ERROR,
+                )  # fmt: skip
+        if found:
+            self._add_threads(1)
+            self.wake()
+
+    def settled(self, deadline: float) -> bool:
+        """Whether a flush has nothing more to wait for from this sink before ``deadline``
+        (wall clock): nothing in memory or in flight, and no stored row falls due before it
+        (or the sink's circuit stays open past it)."""
+        with self._state:
+            if self.fresh or self.flights or self._busy:
+                return False
+        # Wall clock, as the outbox's; a pause the destination asked for holds like a circuit.
+        open_until = time.time() + max(self.breaker.remaining(), self.paused_for())
+        if open_until > deadline or not self.alive:
+            return True
+        outbox = self.settings.outbox
+        if outbox is None or outbox.health().memory_only:
+            return True
+        try:
+            due = outbox.next_due(self.name)
+        except StorageUnavailable:
+            return True
+        return due is None or max(due, open_until) > deadline
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -662,7 +829,7 @@ class Runner:
             "last_success": self.last_success,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
-            "error": self.open_error,
+            "error": self.hung_error or self.boundary_error or self.open_error,
             "deprecated": self.sink.deprecated,
             "in_memory": self.in_memory(),
         }

@@ -34,21 +34,26 @@ def show_once(
     data_dir: Path,
     rule: str,
     show: Callable[[str], None] | None,
-) -> None:
+) -> str | None:
     """Show the notice (through ``show``, else on stderr) unless it was shown for this policy
     version, or is not due: opt-in mode, ``notice.enabled: false``, or consent decided by a
-    rule other than the default. Raises when it cannot be shown or remembered."""
+    rule other than the default. Raises when it cannot be shown; returns a note when it was
+    shown but cannot be remembered (it will be shown again at the next start)."""
     if config.mode != "opt-out" or not config.notice.enabled or rule != "default":
-        return
+        return None
     marker = data_dir / MARKER_FILE
     try:
         if marker.read_text(encoding="utf-8").strip() == config.policy_version:
-            return
-    except OSError:
+            return None
+    except (OSError, ValueError):  # none yet, or junk: shown (again)
         pass
     message = text(config, app)
     if show is not None:
         show(message)
     else:
         print(message, file=sys.stderr, flush=True)
-    atomic_write(marker, config.policy_version)
+    try:
+        atomic_write(marker, config.policy_version)
+    except OSError as exc:
+        return f"cannot record that the first-run notice was shown: {exc}"
+    return None

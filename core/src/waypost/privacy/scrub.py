@@ -438,6 +438,34 @@ _CACHED_STRINGS = 4096
 """How many clean strings a Scrubber remembers before starting over."""
 _CACHED_LENGTH = 256
 """Longer strings are always scanned: they are rarely repeated."""
+_SLICE = 1024
+_OVERLAP = 512
+"""A long text is searched in slices of ``_SLICE`` characters (each with ``_OVERLAP`` more, so
+that a match starting near its end is seen whole): a few milliseconds a search at most, after
+which another thread of the host may run."""
+
+
+def _search(regex: re.Pattern[str], text: str, pos: int) -> re.Match[str] | None:
+    """``regex.search(text, pos)``, a slice at a time on a long text: one search holds the GIL
+    until it returns, and on a long text that would stop every other thread of the host for
+    as long. A match found in a slice and its overlap is taken; one reaching the end of the
+    window is matched again from its start with the whole text after it, so that it is not cut
+    short (a private key's END line far ahead, a lookahead at the window's edge)."""
+    n = len(text)
+    while True:
+        end = min(n, pos + _SLICE + _OVERLAP)
+        match = regex.search(text, pos, end)
+        if match is not None and (match.start() < pos + _SLICE or end == n):
+            if end < n and match.end() > end - 8:  # cut short, or a lookahead was
+                whole = regex.match(text, match.start())
+                if whole is None:  # no match there once the text goes on
+                    pos = match.start() + 1
+                    continue
+                match = whole
+            return match
+        if end == n:
+            return None
+        pos += _SLICE
 
 
 def _norm_key(key: str) -> str:
@@ -576,9 +604,13 @@ class Scrubber:
         """Where ``text`` is redacted, in order: at each place the first rule (in the order
         of ``rules``) that matches there and whose check accepts the match, then on after it."""
         rules = self.rules
+        if len(text) > _SLICE + _OVERLAP:
+            search: Callable[[re.Pattern[str], str, int], re.Match[str] | None] = _search
+        else:
+            search = re.Pattern.search
         heads: list[tuple[int, int, re.Match[str], re.Pattern[str]]] = []
         for i, regex in self._searched(text):
-            match = regex.search(text)
+            match = search(regex, text, 0)
             if match is not None and rules[i].name not in exempt:
                 heads.append((match.start(), i, match, regex))
         if not heads:
@@ -591,15 +623,15 @@ class Scrubber:
             rule = rules[i]
             end = match.end()
             if start < done:  # inside a redaction already: look again after it
-                after: re.Match[str] | None = regex.search(text, done)
+                after = search(regex, text, done)
             elif end == start or (rule.check is not None and not rule.check(match.group())):
                 # A look-alike: look again from the next character, so that a real match
                 # overlapping the look-alike is not skipped.
-                after = regex.search(text, start + 1)
+                after = search(regex, text, start + 1)
             else:
                 out.append((start, end, rule, match.group()))
                 done = end
-                after = regex.search(text, end)
+                after = search(regex, text, end)
             if after is not None:
                 heapq.heappush(heads, (after.start(), i, after, regex))
         return out
