@@ -530,7 +530,9 @@ class Pipeline:
         until = deadline - storing
         with self._progress:
             while time.monotonic() < until:
-                if all(r.settled(wall_deadline) for r in self.runners):
+                # A starting instance's own work on the outbox first: until the storer has
+                # voided dead processes' leases, their rows look taken.
+                if self._started_up and all(r.settled(wall_deadline) for r in self.runners):
                     break
                 self._progress.wait(min(0.1, max(0.0, until - time.monotonic())))
         stored = self.spill(deadline)

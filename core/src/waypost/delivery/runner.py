@@ -343,7 +343,10 @@ class Runner:
         another process are looked for every poll interval)."""
         if self.fresh:
             return 0.0
-        due = outbox.next_due(self.name)
+        try:
+            due = outbox.next_due(self.name)
+        except StorageUnavailable:
+            return 1.0  # nothing to read from now; events in memory wake the thread
         poll = self.settings.poll_interval
         return poll if due is None else max(0.0, min(poll, due - time.time()))
 
@@ -609,6 +612,7 @@ class Runner:
         # the worker may still store it (leased), and nothing is left only in memory.
         with self._spill_then_state():  # a spill writing this batch has finished
             stored = flight.stored
+        settled = False
         try:
             if stored and not keep:
                 outbox.forget(self.name, [events[i].id for i in ok])
@@ -619,8 +623,7 @@ class Runner:
                     now=now,
                     receipt=result.receipt,
                 )
-                if not stored:
-                    settings.count_stored(len(retry) + len(failed))
+                settled = True
         except StorageUnavailable as exc:
             # Events to retry stay in memory: tried again from there after the backoff, or
             # stored as soon as the outbox takes them (a row stored leased for the batch
@@ -632,6 +635,8 @@ class Runner:
         with self._spill_then_state():
             self.flights.discard(flight)
             late = flight.stored and not stored
+        if settled and not stored and not late:  # (a spill that stored the batch counted it)
+            settings.count_stored(len(retry) + len(failed))
         if late:  # stored while its outcome was being written: the delivered rows go too
             try:
                 if keep:
