@@ -482,17 +482,22 @@ class Outbox:
 
         return self._write(write)
 
-    def next_due(self, sink: str, *, now: float | None = None) -> float | None:
+    def next_due(
+        self, sink: str, *, now: float | None = None, tracked_before: float | None = None
+    ) -> float | None:
         """When the earliest pending row of ``sink`` that nobody has leased becomes due (None
-        if there is none). Leased rows come back when their lease ends; the poll looks again
-        by then."""
+        if there is none); with ``tracked_before``, only rows of events that happened before
+        then. Leased rows come back when their lease ends; the poll looks again by then."""
         now = time.time() if now is None else now
+        query = (
+            "SELECT next_at FROM outbox WHERE sink = ? AND state = 'pending' AND lease_until <= ?"
+        )
+        params: list[Any] = [sink, now]
+        if tracked_before is not None:
+            query += " AND time <= ?"
+            params.append(tracked_before)
         with self._read() as db:
-            row = db.execute(
-                "SELECT next_at FROM outbox WHERE sink = ? AND state = 'pending' "
-                "AND lease_until <= ? ORDER BY next_at LIMIT 1",
-                (sink, now),
-            ).fetchone()
+            row = db.execute(query + " ORDER BY next_at LIMIT 1", params).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
     # --- inspection and housekeeping --------------------------------------------------------

@@ -517,6 +517,7 @@ class Pipeline:
         accepted so far was delivered, refused for good or is stored, and none was lost since
         the last flush."""
         start = time.monotonic()
+        since = time.time()
         deadline = start + max(0.0, timeout)
         # A slice of the budget is kept to store what is still in memory at the end.
         storing = min(1.0, 0.1 * max(0.0, timeout))
@@ -532,7 +533,7 @@ class Pipeline:
             while time.monotonic() < until:
                 # A starting instance's own work on the outbox first: until the storer has
                 # voided dead processes' leases, their rows look taken.
-                if self._started_up and all(r.settled(wall_deadline) for r in self.runners):
+                if self._started_up and all(r.settled(wall_deadline, since) for r in self.runners):
                     break
                 self._progress.wait(min(0.1, max(0.0, until - time.monotonic())))
         stored = self.spill(deadline)

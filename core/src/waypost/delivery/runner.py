@@ -802,10 +802,12 @@ class Runner:
             self._add_threads(1)
             self.wake()
 
-    def settled(self, deadline: float) -> bool:
-        """Whether a flush has nothing more to wait for from this sink before ``deadline``
-        (wall clock): nothing in memory or in flight, and no stored row falls due before it
-        (or the sink's circuit stays open past it)."""
+    def settled(self, deadline: float, since: float) -> bool:
+        """Whether a flush that began at ``since`` has nothing more to wait for from this sink
+        before ``deadline`` (both wall clock): nothing in memory or in flight, and no stored
+        row of an event tracked before the flush falls due before the deadline (or the sink's
+        circuit stays open past it). Events tracked since (by this process or another one
+        sharing the outbox) are the next flush's business."""
         with self._state:
             if self.fresh or self.flights or self._busy:
                 return False
@@ -817,7 +819,7 @@ class Runner:
         if outbox is None or outbox.health().memory_only:
             return True
         try:
-            due = outbox.next_due(self.name)
+            due = outbox.next_due(self.name, tracked_before=since)
         except StorageUnavailable:
             return True
         return due is None or max(due, open_until) > deadline
