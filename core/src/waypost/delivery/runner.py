@@ -134,6 +134,7 @@ class Runner:
         self.stop = False
         self.threads: list[threading.Thread] = []
         self._busy = 0
+        self._storing = 0  # spills writing events they took from memory (for settled())
         self._state = threading.Lock()
         self._room = threading.Condition(self._state)  # notified as the queue in memory shrinks
         self.behind = False
@@ -561,8 +562,10 @@ class Runner:
                     if not flight.stored and (older_than is None or flight.since <= older_than):
                         flight.stored = True
                         flying.append(flight)
-            if not waiting and not flying:
-                return 0
+                if not waiting and not flying:
+                    return 0
+                # Neither in memory nor in the outbox until the write ends: a flush waits.
+                self._storing += 1
             events = [e for _, e in waiting]
             in_flight = [e for f in flying for e in f.events]
             try:
@@ -578,6 +581,9 @@ class Runner:
                 self._requeue(waiting)
                 self.settings.storage_refused(exc)
                 return 0
+            finally:
+                with self._state:
+                    self._storing -= 1
             self.outbox_due_at = 0.0
         n = len(events) + len(in_flight)
         self.settings.count_stored(n)
@@ -809,7 +815,7 @@ class Runner:
         circuit stays open past it). Events tracked since (by this process or another one
         sharing the outbox) are the next flush's business."""
         with self._state:
-            if self.fresh or self.flights or self._busy:
+            if self.fresh or self.flights or self._busy or self._storing:
                 return False
         # Wall clock, as the outbox's; a pause the destination asked for holds like a circuit.
         open_until = time.time() + max(self.breaker.remaining(), self.paused_for())
