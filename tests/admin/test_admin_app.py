@@ -504,21 +504,27 @@ def test_manifest_lists_declared_fields_by_wire_name(admin_telemetry, client_for
 # --- actions ----------------------------------------------------------------------------------
 
 
+# No retry falls due by itself in these tests: what Submit now delivers is all it delivers.
+SLOW_RETRY = {"retry": {"initial": 600, "maximum": 600, "breaker_threshold": 100000}}
+
+
 def test_submit_now_delivers_what_is_pending(admin_telemetry, client_for, kit, gate):
-    tel = admin_telemetry()
+    tel = admin_telemetry(config=SLOW_RETRY)
     fill(tel, ["a", "b", "c"])
     client = client_for(tel)
     assert states(tel, "gate") == {"pending": 3}
 
     response = client.post("/actions/flush", data={"csrf_token": kit.csrf_token(client)})
     assert response.status_code == 303
-    assert response.headers["location"] == "/actions?done=flush_partial&n=3"
+    assert response.headers["location"] == "/actions?done=flush_partial&n=3&d=0"
     assert states(tel, "gate") == {"pending": 3}
-    assert "3 event(s) are still pending" in client.get(response.headers["location"]).text
+    page = client.get(response.headers["location"]).text
+    assert "0 event(s) delivered, but 3 event(s) are still pending" in page
+    assert "Why events are still pending" in page  # the gate sink, with its state
 
     gate.set()
     response = client.post("/actions/flush", data={"csrf_token": kit.csrf_token(client)})
-    assert response.headers["location"] == "/actions?done=flushed&n=0"
+    assert response.headers["location"] == "/actions?done=flushed&n=0&d=3"
     assert states(tel, "gate") == {"sent": 3} and states(tel, "jsonl") == {"sent": 3}
     page = client.get("/actions?format=json").json()
     assert page["outbox"] == {"total": 6, "pending": 0, "sent": 6, "failed": 0}
@@ -566,7 +572,7 @@ def test_delete_all_needs_confirmation_then_empties_the_outbox(admin_telemetry, 
 
 
 def test_actions_answer_json(admin_telemetry, client_for, gate):
-    tel = admin_telemetry()
+    tel = admin_telemetry(config=SLOW_RETRY)
     fill(tel, ["a"])
     gate.set()
     client = client_for(tel)
@@ -576,13 +582,17 @@ def test_actions_answer_json(admin_telemetry, client_for, gate):
         "ok": True,
         "done": "flushed",
         "n": 0,
+        "d": 1,
+        "pending": {},
     }
     assert client.post("/actions/purge", data={"what": "sent"}, headers=headers).json()["n"] == 2
     assert tel.open_outbox().counts() == {}
     gate.clear()  # a destination down: the answer says what is still pending, and is not ok
     fill(tel, ["b"])
     partial = client.post("/actions/flush", headers=headers).json()
-    assert partial == {"ok": False, "done": "flush_partial", "n": 1}
+    assert partial["ok"] is False and partial["done"] == "flush_partial"
+    assert partial["n"] == 1 and partial["d"] == 0  # the jsonl sink took it before, the gate not
+    assert partial["pending"]["gate"]["pending"] == 1 and partial["pending"]["gate"]["state"]
 
 
 # --- prefix and mounting ----------------------------------------------------------------------

@@ -155,6 +155,23 @@ class Status(BaseModel):
     """Anything else an operator should know: an instance id that could not be kept, ..."""
 
     _clean = field_validator("config_error")(_sanitised)
+    def pending(self) -> dict[str, dict[str, Any]]:
+        """Each sink that still holds events (stored, or only in memory): how many, its state
+        and why they wait (its error, else its last failure)."""
+        return {
+            s.name: {
+                "pending": s.pending,
+                "in_memory": s.in_memory,
+                "state": s.state,
+                "why": s.error or s.last_error,
+            }
+            for s in self.sinks
+            if s.pending or s.in_memory
+        }
+
+    def lost(self) -> dict[str, int]:
+        """Events the application tracked that could not be kept, by reason."""
+        return {k: v for k, v in self.counters.dropped.items() if k in LOSSES}
 
 
 def as_datetime(value: float | None) -> _dt.datetime | None:

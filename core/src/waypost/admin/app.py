@@ -42,15 +42,16 @@ DONE = {
     "consent_on": "Telemetry is now on: the administrator's choice is stored.",
     "consent_off": "Telemetry is now off: the administrator's choice is stored.",
     "consent_kept": "The choice is stored, but a higher rule still decides (see below).",
-    "flushed": "Submitted: every pending record was delivered.",
+    "flushed": "Submitted: {d} event(s) delivered; every pending record was delivered.",
     "flush_partial": (
-        "Submitted, but {n} event(s) are still pending (a destination is down, slow or "
-        "backing off); they stay in the outbox and are retried."
+        "Submitted: {d} event(s) delivered, but {n} event(s) are still pending (a destination "
+        "is down, slow or backing off; why is listed below); they stay in the outbox and are "
+        "retried."
     ),
     "flush_unfinished": (
-        "Not finished in time: some events are still only in memory, or were lost (a "
-        "destination or the outbox is stuck; see the status page), and {n} event(s) are "
-        "pending in the outbox."
+        "Not finished in time: {d} event(s) delivered, but some events are still only in "
+        "memory, or were lost (a destination or the outbox is stuck; why is listed below), "
+        "and {n} event(s) are pending in the outbox."
     ),
     "purged_all": "Deleted {n} record(s).",
     "purged_sent": "Deleted {n} submitted record(s).",
@@ -180,8 +181,9 @@ class Admin:
         if text is None:
             return None
         n = _int(request.query_params.get("n"), 0, 0, 10**12)
+        d = _int(request.query_params.get("d"), 0, 0, 10**12)
         kind = "error" if key in _NOT_DONE else "ok"
-        return {"kind": kind, "text": text.format(n=n)}
+        return {"kind": kind, "text": text.format(n=n, d=d)}
 
     def refuse(self, request: Request, reason: str) -> Response:
         """The answer to a request the auth callback did not allow."""
@@ -208,8 +210,9 @@ class Admin:
         if wants_json(request):
             return JSONResponse({"ok": ok, "done": key, **result})
         query = {"done": key}
-        if "n" in result:
-            query["n"] = str(result["n"])
+        for name in ("n", "d"):  # numbers only: nothing else of the result is put in the URL
+            if name in result:
+                query[name] = str(result[name])
         return RedirectResponse(f"{self.base(request)}{path}?{urlencode(query)}", status_code=303)
 
     async def checked_form(self, request: Request) -> FormData | Response:
@@ -305,22 +308,31 @@ class Admin:
             return self.problem(
                 request, 409, "telemetry is off, so nothing is submitted; turn it on first"
             )
-        flushed, pending = await run_in_threadpool(self._flush)
+        flushed, result = await run_in_threadpool(self._flush)
         if not flushed:
-            return self.done(request, "/actions", "flush_unfinished", {"n": pending}, ok=False)
-        if pending:
-            return self.done(request, "/actions", "flush_partial", {"n": pending}, ok=False)
-        return self.done(request, "/actions", "flushed", {"n": 0})
+            return self.done(request, "/actions", "flush_unfinished", result, ok=False)
+        if result["n"]:
+            return self.done(request, "/actions", "flush_partial", result, ok=False)
+        return self.done(request, "/actions", "flushed", result)
 
-    def _flush(self) -> tuple[bool, int]:
-        """What ``flush`` achieved: whether nothing is left only in memory, and how many
-        events the outbox still holds for delivery."""
+    def _flush(self) -> tuple[bool, dict[str, Any]]:
+        """What ``flush`` achieved: whether nothing is left only in memory or lost, and how
+        many events were delivered (``d``), how many the outbox still holds (``n``) and why
+        (``pending``, by sink)."""
         outbox = self.outbox.get()
+        before = self.tel.status().counters.delivered
         flushed = bool(self.tel.flush(self.flush_timeout, force=True))
+        st = self.tel.status()
+        result: dict[str, Any] = {
+            "n": st.outbox_pending_events,
+            "d": max(0, st.counters.delivered - before),
+            "pending": pages.pending_why(st),
+        }
         try:
-            return flushed, int(outbox.pending_events()) if outbox is not None else 0
+            result["n"] = int(outbox.pending_events()) if outbox is not None else 0
         except Exception:  # the outbox cannot be read: its trouble is on the status page
-            return False, 0
+            return False, result
+        return flushed, result
 
     async def purge_post(self, request: Request) -> Response:
         form = await self.checked_form(request)

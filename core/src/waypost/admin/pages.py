@@ -19,6 +19,7 @@ from waypost.logs import get_logger
 from waypost.privacy import StoredConsent, sanitise
 
 if TYPE_CHECKING:
+    from waypost.status import Status
     from waypost.telemetry import Telemetry
 
 log = get_logger("waypost.admin")
@@ -211,7 +212,21 @@ def records_data(
 
 
 def actions_data(tel: Telemetry, outbox: Outbox | None) -> dict[str, Any]:
-    return {"enabled": bool(tel.enabled), "outbox": outbox_totals(outbox)}
+    """The actions page: the outbox's totals, and why each sink still holds events."""
+    try:
+        waiting = pending_why(tel.status())
+    except Exception:  # status answers whatever happens; this is only an aid
+        waiting = {}
+    return {"enabled": bool(tel.enabled), "outbox": outbox_totals(outbox), "waiting": waiting}
+
+
+def pending_why(status: Status) -> dict[str, dict[str, Any]]:
+    """``Status.pending()`` with each reason passed through the scrubbers, as on the status
+    page (a destination's error may quote what it was sent)."""
+    return {
+        name: {**w, "why": _scrub(w["why"]) if w["why"] else None}
+        for name, w in status.pending().items()
+    }
 
 
 # --- manifest ---------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import click
 
 from waypost.cli.app import Ctx, Failure, cli, json_option
 from waypost.cli.output import Output
-from waypost.status import LOSSES
 
 if TYPE_CHECKING:
     from waypost.delivery.outbox import Record
@@ -273,12 +272,8 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
     done.wait()
     tel.shutdown(timeout=5)
     st = tel.status()
-    pending = {
-        s.name: {"pending": s.pending, "state": s.state, "why": s.error or s.last_error}
-        for s in st.sinks
-        if s.pending or s.in_memory
-    }
-    lost = {k: v for k, v in st.counters.dropped.items() if k in LOSSES}
+    pending = st.pending()
+    lost = st.lost()
     data = {
         "ok": bool(result.get("ok")) and st.outbox_pending_events == 0 and not tel.sink_errors,
         "delivered": st.counters.delivered,
@@ -297,7 +292,10 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
             f" of the {before} that were pending); {st.outbox_pending_events} still pending"
         )
         for name, why in pending.items():
-            click.echo(f"  {name}: {why['pending']} pending, {why['state']}: {why['why'] or '-'}")
+            held = f" ({why['in_memory']} only in memory)" if why["in_memory"] else ""
+            click.echo(
+                f"  {name}: {why['pending']} pending{held}, {why['state']}: {why['why'] or '-'}"
+            )
         for s in st.sinks:
             if s.name not in pending and (s.error or s.last_error):
                 click.echo(f"  {s.name}: {s.error or s.last_error}")
