@@ -203,11 +203,17 @@ def test_show_flush_and_purge(tmp_path: Path, clean_env: dict[str, str], waypost
     assert shown["total"] == 30
     assert shown["records"][0]["remarks"] == ["email@properties.owner"]
     assert "ann@example.com" not in json.dumps(shown)
+    # The destination is down: flush says what is still pending and why, and fails.
+    down = waypost_run(["flush", "--timeout", "2"], env, tmp_path, waypost_cli)
+    assert down.returncode == 1, down.stderr + down.stdout
+    assert "30 still pending" in down.stdout, down.stdout
+    assert "dest: 30 pending" in down.stdout and "Traceback" not in down.stderr, down.stdout
     with RecordingServer(port=port) as server:
         out = waypost_run(["flush", "--json", "--timeout", "20"], env, tmp_path, waypost_cli)
         assert out.returncode == 0, out.stderr + out.stdout
         result: dict[str, Any] = json.loads(out.stdout)
         assert result["ok"] and result["pending_before"] == 30 and result["pending_after"] == 0
+        assert result["delivered"] == 30 and result["pending"] == {} and result["lost"] == {}
         assert len({e["id"] for r in server.requests for e in r.json()}) == 30
     sent = json.loads(
         waypost_run(["show", "--json", "--state", "sent"], env, tmp_path, waypost_cli).stdout
