@@ -23,7 +23,6 @@ repaired where it can be:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sqlite3
 import threading
@@ -33,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from waypost.logs import get_logger
 from waypost.processes import FORK_KEEP, GATE
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 BACKGROUND_WAIT = 2.0
 """Seconds a write on waypost's own threads waits for the lock before it gives up for now."""
