@@ -195,6 +195,7 @@ def test_a_big_value_never_stretches_flush(make_tel: Callable[..., Any]) -> None
     assert time.monotonic() - started < 1.0 + MARGIN
 
 
+@pytest.mark.http_sink  # delivers through the http sink plugin
 def test_flush_and_shutdown_hold_their_budget_when_the_sink_hangs(
     make_tel: Callable[..., Any],
 ) -> None:
