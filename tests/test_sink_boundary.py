@@ -116,6 +116,7 @@ FAULTS: dict[str, Callable[[Sequence[waypost.Event]], Any]] = {
     "retry is a list": returns(lambda events: waypost.SendResult(retry=[e.id for e in events])),
     "dropped is None": returns(lambda events: waypost.SendResult(dropped_by_destination=None)),
     "receipt is a number": returns(lambda events: waypost.SendResult(receipt=12)),
+    "control is text": returns(lambda events: waypost.SendResult(control="pause")),  # type: ignore[arg-type]
 }
 
 

@@ -155,6 +155,7 @@ class Status(BaseModel):
     """Anything else an operator should know: an instance id that could not be kept, ..."""
 
     _clean = field_validator("config_error")(_sanitised)
+
     def pending(self) -> dict[str, dict[str, Any]]:
         """Each sink that still holds events (stored, or only in memory): how many, its state
         and why they wait (its error, else its last failure)."""

@@ -127,6 +127,10 @@ def _checked(
     if receipt is not None and type(receipt) is not str:
         wrong.append(f"receipt is text, not {type(receipt).__name__}")
         receipt = str(receipt)
+    control: object = result.control  # plugins may put anything there
+    if control is not None and not isinstance(control, Mapping):
+        wrong.append(f"control is a dict, not {type(control).__name__}")
+        control = None
     if not wrong:
         return result, None, None
     error = _contract(
@@ -138,6 +142,7 @@ def _checked(
         retry_after=retry_after,
         dropped_by_destination=maps["dropped_by_destination"],
         receipt=receipt,
+        control=None if control is None else dict(control),
     )
     return fixed, None, error
 
