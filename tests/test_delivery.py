@@ -44,15 +44,21 @@ def pending_rows(tel: Any) -> dict[str, int]:
 def test_a_healthy_sink_sends_from_memory_and_writes_nothing(
     urlsink: str, recording_server: RecordingServer, make_telemetry: Any
 ) -> None:
-    # batch.interval long enough that no event waits that long in memory on a busy machine
-    # (what has waited that long is stored, by design).
-    tel = make_telemetry(sinks=url_sink(recording_server.url), config={"batch": {"interval": 10}})
+    # What is stored has a cause: a failed attempt, an event that waited batch.interval in
+    # memory, a flush whose time ran out. None of them can happen here, however busy the
+    # machine: an hour's interval, a request timeout far past any scheduling delay, and a flush
+    # that ends as soon as all is delivered, long before its timeout.
+    tel = make_telemetry(
+        sinks=url_sink(recording_server.url, timeout=300), config={"batch": {"interval": 3600}}
+    )
     for i in range(1000):
         tel.track("fast", {"i": i})
-    assert tel.flush(timeout=30)
+    assert tel.flush(timeout=600)
     st = tel.status()
+    assert st.sinks[0].retried == 0 and st.sinks[0].failed == 0, st.sinks[0]
     assert st.sinks[0].delivered == 1000 and st.sinks[0].in_memory == 0
     assert st.counters.stored == 0 and pending_rows(tel) == {}
+    assert len(set(ids_of(recording_server.requests))) == 1000
 
 
 def test_delivered_events_are_kept_for_inspection_when_asked(
@@ -391,31 +397,56 @@ def test_a_host_that_never_pauses_still_gets_a_slow_sink_events_stored_in_time(
 ) -> None:
     import threading
 
-    # batch.interval is 0.05 s: nothing should stay only in memory much longer, even while the
-    # host keeps the worker busy and the sink takes 1.5 s an answer.
-    recording_server.responder = lambda r: Response(200, {}, delay=1.5)
-    tel = make_telemetry(sinks=url_sink(recording_server.url, timeout=10), strict=False)
+    # The sink is stuck on its answers and the host never pauses: what waits in memory (in
+    # flight or queued) is still stored, oldest first, by the storer (batch.interval is
+    # 0.05 s). No timing is asserted: the oldest event held only in memory must move on,
+    # again and again, while nothing can be delivered.
+    release = threading.Event()
+
+    def stuck(request: Request) -> Response:
+        release.wait(120)
+        return Response(200, {})
+
+    recording_server.responder = stuck
+    tel = make_telemetry(sinks=url_sink(recording_server.url, timeout=120), strict=False)
+    runner = tel.pipeline.runners[0]
     stop = threading.Event()
+    tracked = 0
 
     def host() -> None:
-        i = 0
+        nonlocal tracked
         while not stop.is_set():
-            tel.track("steady", {"i": i})
-            i += 1
+            tel.track("steady", {"i": tracked})
+            tracked += 1
+
+    def oldest() -> float:
+        since = runner.oldest_in_memory()
+        return float("inf") if since is None else since
 
     thread = threading.Thread(target=host)
     thread.start()
     try:
-        runner = tel.pipeline.runners[0]
-        oldest_age = 0.0
-        deadline = time.monotonic() + 2.5
-        while time.monotonic() < deadline:
-            since = runner.oldest_in_memory()
-            if since is not None:
-                oldest_age = max(oldest_age, time.monotonic() - since)
-            time.sleep(0.05)
+        assert wait_until(lambda: bool(runner.flights)), "no batch went out"
+        moves = []
+        for _ in range(3):
+            assert wait_until(lambda: oldest() < float("inf")), "nothing in memory"
+            before = oldest()
+            moved = wait_until(lambda b=before: oldest() > b)
+            moves.append((before, oldest()))
+            assert moved, ("the oldest event held only in memory was never stored", moves)
+        assert not recording_server.requests  # nothing was answered: all of that was storing
     finally:
         stop.set()
+        release.set()
         thread.join()
-    assert tel.status().counters.stored > 0
-    assert oldest_age < 1.0
+    assert tel.status().counters.stored > 0 and tracked > 0
+
+
+def wait_until(predicate: Any, timeout: float = 60.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds (generous: a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
