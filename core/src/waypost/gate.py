@@ -121,18 +121,34 @@ def bounded(
     never by what was passed: a million keys are refused at a glance. The input is not
     changed; a container holding a truncated text is copied."""
     budget = [0]
-    out = _bound(properties, limits, remarks if remarks is not None else [], "properties", 1,
-                 budget)  # fmt: skip
-    return out
+    return _bound(properties, limits, remarks if remarks is not None else [], (), 1, budget)
+
+
+_Path = tuple[tuple[bool, Any], ...]
+"""Where a value sits: (is a list index, key or index) from the properties down; made into
+text only for a remark or an error, so a key whose ``str()`` raises costs nothing here."""
+
+
+def _path(parts: _Path) -> str:
+    out = ["properties"]
+    for index, key in parts:
+        if index:
+            out.append(f"[{key}]")
+            continue
+        try:
+            out.append(f".{key}")
+        except Exception:
+            out.append(f".<{type(key).__name__}>")
+    return "".join(out)
 
 
 def _bound(
-    value: Any, limits: LimitsConfig, remarks: list[str], path: str, depth: int, budget: list[int]
+    value: Any, limits: LimitsConfig, remarks: list[str], path: _Path, depth: int, budget: list[int]
 ) -> Any:
     kind = type(value)
     if kind is str:
         if len(value) > limits.value:
-            remarks.append(f"truncated@{path}")
+            remarks.append(f"truncated@{_path(path)}")
             value = value[: limits.value]
         budget[0] += len(value) + 3
     elif kind is dict or isinstance(value, Mapping):
@@ -140,12 +156,13 @@ def _bound(
             raise TooLarge(f"nested deeper than {limits.depth} levels (telemetry.limits.depth)")
         if len(value) > limits.keys:
             raise TooLarge(
-                f"{path} has {len(value):,} keys, more than {limits.keys:,} (telemetry.limits.keys)"
+                f"{_path(path)} has {len(value):,} keys, more than {limits.keys:,} "
+                "(telemetry.limits.keys)"
             )
         out: dict[Any, Any] | None = None
         for key, item in value.items():
             budget[0] += (len(key) if type(key) is str else 8) + 4
-            kept = _bound(item, limits, remarks, f"{path}.{key}", depth + 1, budget)
+            kept = _bound(item, limits, remarks, (*path, (False, key)), depth + 1, budget)
             if kept is not item:
                 if out is None:
                     out = dict(value)
@@ -161,12 +178,12 @@ def _bound(
             raise TooLarge(f"nested deeper than {limits.depth} levels (telemetry.limits.depth)")
         if len(value) > limits.keys:
             raise TooLarge(
-                f"{path} has {len(value):,} items, more than {limits.keys:,} "
+                f"{_path(path)} has {len(value):,} items, more than {limits.keys:,} "
                 "(telemetry.limits.keys)"
             )
         items: list[Any] | None = None
         for i, item in enumerate(value):
-            kept = _bound(item, limits, remarks, f"{path}[{i}]", depth + 1, budget)
+            kept = _bound(item, limits, remarks, (*path, (True, i)), depth + 1, budget)
             budget[0] += 1
             if kept is not item:
                 if items is None:
