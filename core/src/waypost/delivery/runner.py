@@ -443,9 +443,10 @@ class Runner:
         """How many events may wait in memory: ``outbox.buffer``, or, while the sink is
         behind (the storer writes what waited too long), two of the storer's chunks: events
         then wait for the disk in the host's ``track`` (slowed to the storer's pace), not in
-        memory, where a crash would lose them."""
+        memory, where a crash would lose them. While the outbox can take nothing (a full disk,
+        a read-only data dir), there is no disk to wait for: the whole ``outbox.buffer``."""
         size = self.settings.buffer_size
-        return min(size, 2 * SPILL_CHUNK) if self.behind else size
+        return min(size, 2 * SPILL_CHUNK) if self.behind and not self.memory_only else size
 
     def room(self) -> bool:
         """Whether this sink's queue in memory has room for more events."""
