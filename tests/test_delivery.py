@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import time
 from typing import Any
 
@@ -452,3 +453,36 @@ def wait_until(predicate: Any, timeout: float = 60.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def test_a_flush_on_a_healthy_sink_returns_once_stored_events_arrived(
+    urlsink: str, waypost_make_telemetry: Any, tmp_path: Any
+) -> None:
+    """A row the sink's thread has just leased is hidden from every reader of the outbox, so
+    the flush must count it in flight from the moment it is taken: True on a healthy sink then
+    means the stored events arrived, not that they were out of sight for an instant."""
+    down = {"dest": {"type": "urltest", "url": f"http://127.0.0.1:{free_port()}/x"}}
+    switching = sys.getswitchinterval()
+    with RecordingServer() as server:
+        up = {"dest": {"type": "urltest", "url": f"{server.url}/x"}}
+        for round_ in range(8):
+            data_dir = tmp_path / f"round-{round_}"
+            first = waypost_make_telemetry(sinks=down, data_dir=data_dir)
+            for i in range(150):
+                first.track("held", {"round": round_, "i": i})
+            first.shutdown(timeout=2)
+            assert first.status().outbox_pending_events == 150  # stored, none delivered
+            second = waypost_make_telemetry(sinks=up, data_dir=data_dir)
+            sys.setswitchinterval(1e-5)  # threads switch often: the gaps between steps show
+            try:
+                assert second.flush(timeout=30)
+                arrived = {
+                    e["properties"]["i"]
+                    for r in server.requests
+                    for e in r.json()
+                    if e["properties"]["round"] == round_
+                }
+            finally:
+                sys.setswitchinterval(switching)
+            assert len(arrived) == 150, f"round {round_}: {len(arrived)} of 150 had arrived"
+            second.shutdown(timeout=5)

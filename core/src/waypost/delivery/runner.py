@@ -291,25 +291,28 @@ class Runner:
                     self._idle()
                     self._sleep(min(outbox_wait, self._memory_wait()), seen)
                     continue
-                try:
-                    leased = outbox.lease(
-                        self.name, self.sink.batch_size, lease_seconds=settings.lease_seconds
-                    )
-                    due = None if leased else outbox.next_due(self.name)
-                except StorageUnavailable:
-                    leased, due = [], time.time() + 1.0  # the outbox is unusable now: later
-                if not leased:
-                    wait = idle_wait if due is None else max(0.01, min(idle_wait, due - now))
-                    self.outbox_due_at = time.monotonic() + wait
-                    continue
+                # Busy from before the lease: a leased row is hidden from every reader of the
+                # outbox, so a flush must see it in flight from the moment it is taken.
                 with self._state:
                     self._busy += 1
-                    backlog = len(leased) == self.sink.batch_size and self._busy >= len(
-                        self.threads
-                    )
-                if backlog:
-                    self._add_threads(1)  # a backlog: more batches in flight at once
                 try:
+                    try:
+                        leased = outbox.lease(
+                            self.name, self.sink.batch_size, lease_seconds=settings.lease_seconds
+                        )
+                        due = None if leased else outbox.next_due(self.name)
+                    except StorageUnavailable:
+                        leased, due = [], time.time() + 1.0  # the outbox is unusable now: later
+                    if not leased:
+                        wait = idle_wait if due is None else max(0.01, min(idle_wait, due - now))
+                        self.outbox_due_at = time.monotonic() + wait
+                        continue
+                    with self._state:
+                        backlog = len(leased) == self.sink.batch_size and self._busy >= len(
+                            self.threads
+                        )
+                    if backlog:
+                        self._add_threads(1)  # a backlog: more batches in flight at once
                     self._deliver(leased)
                 finally:
                     with self._state:
