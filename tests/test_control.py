@@ -179,3 +179,9 @@ def test_a_control_never_turns_telemetry_on(
 def _made(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_a_moment_that_is_no_date_is_shown_as_none() -> None:
+    for moment in (float("inf"), float("-inf"), float("nan"), -1e12, 1e300):
+        shown = Control(pause_until=moment, received_at=moment).as_dict()
+        assert shown["pause_until"] is None and shown["received_at"] is None, moment

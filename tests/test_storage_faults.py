@@ -420,6 +420,66 @@ def test_junk_in_the_data_dir_never_raises_in_production(
     assert any(e["name"] == "with_junk" for r in server.requests if r.body for e in r.json())
 
 
+# A control.json edited by hand or damaged: every moment it may hold that is not a date.
+BAD_MOMENTS = {
+    "infinity": "Infinity",
+    "minus_infinity": "-Infinity",
+    "nan": "NaN",
+    "negative": "-1e12",
+    "huge": "1e300",
+    "huge_int": "1" + "0" * 400,
+    "text": '"2026-12-31T00:00:00Z"',
+    "true": "true",
+    "object": "{}",
+}
+
+
+def _control_file(data: Path, **moments: str) -> None:
+    fields = {"heartbeat_every": "86400", "source": '"ingest"', "pause_until": "null",
+              "received_at": "1", **moments}  # fmt: skip
+    data.mkdir()
+    body = ", ".join(f'"{key}": {value}' for key, value in fields.items())
+    (data / "control.json").write_text("{" + body + "}", encoding="utf-8")
+
+
+@pytest.mark.parametrize("field", ["pause_until", "received_at"])
+@pytest.mark.parametrize("moment", list(BAD_MOMENTS), ids=list(BAD_MOMENTS))
+def test_a_control_file_with_a_moment_that_is_no_date_never_breaks_status(
+    tmp_path: Path, server: RecordingServer, field: str, moment: str
+) -> None:
+    data = tmp_path / "d"
+    _control_file(data, **{field: BAD_MOMENTS[moment]})
+    tel = make(server.url + "/ingest", data)
+    try:
+        tel.track("with_bad_control", {"i": 1})
+        flushed = tel.flush(10)
+        control = tel.status().control
+    finally:
+        tel.shutdown(5)
+    assert control is not None and control["heartbeat_every"] == 86400, control  # the rest is kept
+    if field == "pause_until":  # a pause that cannot be read is none: nothing is held back
+        assert control["pause_until"] is None and control["paused"] is False, control
+        assert flushed
+        assert any(e["name"] == "with_bad_control" for r in server.requests for e in r.json())
+    else:
+        assert control["received_at"] == "1970-01-01T00:00:00Z", control
+
+
+@pytest.mark.parametrize("moment", list(BAD_MOMENTS), ids=list(BAD_MOMENTS))
+def test_a_control_file_with_a_moment_that_is_no_date_never_breaks_the_cli(
+    tmp_path: Path, moment: str
+) -> None:
+    data = tmp_path / "d"
+    _control_file(data, pause_until=BAD_MOMENTS[moment], received_at=BAD_MOMENTS[moment])
+    # status shows the control and flush applies its pause; all four for the first value
+    commands = [("status",), ("flush", "--timeout", "5")]
+    if moment == next(iter(BAD_MOMENTS)):
+        commands += [("status", "--json"), ("show",)]
+    for command in commands:
+        code, out, err = cli(data, *command)
+        assert (code, "Traceback" in err) == (0, False), (command, out, err)
+
+
 # --- a lock held by another process ---------------------------------------------------------------
 
 LOCKER = """

@@ -47,6 +47,28 @@ def _moment(value: Any) -> float | None:
     return moment.timestamp()
 
 
+_LATEST = _dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=_dt.timezone.utc).timestamp()
+
+
+def _timestamp(value: Any) -> float | None:
+    """A moment as ``control.json`` keeps it, seconds since the epoch, or None when it is not
+    one a date can show: a file edited by hand or damaged may hold anything (``Infinity``,
+    ``NaN``, a negative or huge number, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0 <= value <= _LATEST else None  # NaN compares false too
+
+
+def _iso(moment: float | None) -> str | None:
+    if moment is None:
+        return None
+    try:
+        when = _dt.datetime.fromtimestamp(moment, _dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):  # not a date (built in code, not read)
+        return None
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 @dataclass(frozen=True)
 class Control:
     """The last control block received: what it says, which sink brought it, and when."""
@@ -106,12 +128,7 @@ class Control:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("pause_until", "received_at"):
-            if data[key] is not None:
-                data[key] = (
-                    _dt.datetime.fromtimestamp(data[key], _dt.timezone.utc)
-                    .isoformat(timespec="seconds")
-                    .replace("+00:00", "Z")
-                )
+            data[key] = _iso(data[key])
         return data
 
     # --- the data dir ---------------------------------------------------------------------
@@ -126,9 +143,9 @@ class Control:
             return cls(
                 heartbeat_every=_seconds(raw.get("heartbeat_every")),
                 sample=_share(raw.get("sample")),
-                pause_until=float(raw["pause_until"]) if raw.get("pause_until") else None,
-                source=str(raw.get("source", "")),
-                received_at=float(raw.get("received_at", 0.0)),
+                pause_until=_timestamp(raw.get("pause_until")),
+                source=str(raw.get("source", ""))[:200],
+                received_at=_timestamp(raw.get("received_at")) or 0.0,
             )
         except (OSError, ValueError, TypeError, AttributeError):
             return None
