@@ -171,18 +171,20 @@ class StampedSink(Sink):
             known.update(self.ledger.arrivals(missing))
         now = time.time()
         out = []
-        times: dict[float, str] = {}  # the events of one submission share their time
+        # The events of one submission and one installation share their stamped context (one
+        # object, so a sink serialises it once).
+        contexts: dict[tuple[int, float, str | None, str | None], dict[str, Any]] = {}
         for e in events:
             at, receipt, ip_hash = known.get(e.id, (now, None, None))
-            when = times.get(at)
-            if when is None:
-                when = times[at] = iso(at)
-            stamp: dict[str, Any] = {"received_at": when}
-            if receipt:
-                stamp["receipt"] = receipt
-            if ip_hash:
-                stamp["ip_hash"] = ip_hash
-            context = {**e.context, "collector": stamp}
+            key = (id(e.context), at, receipt, ip_hash)
+            context = contexts.get(key)
+            if context is None:
+                stamp: dict[str, Any] = {"received_at": iso(at)}
+                if receipt:
+                    stamp["receipt"] = receipt
+                if ip_hash:
+                    stamp["ip_hash"] = ip_hash
+                context = contexts[key] = {**e.context, "collector": stamp}
             out.append(
                 Event(
                     e.id, e.name, e.time, e.instance_id, e.properties, context, e.distinct_id,

@@ -16,6 +16,7 @@ from waypost.events import Event
 from waypost.sinks import SinkContext
 from waypost.testing import delivery_imports, make_event, make_events, send_batch
 from waypost_warehouse import COLUMNS, SqlConfig, SqlSink
+from waypost_warehouse.sql import _row
 
 Backend = Any  # conftest.Backend, handed out by the ``backend`` fixture
 
@@ -183,6 +184,47 @@ def test_relative_file_paths_live_in_the_data_dir(tmp_path: Path) -> None:
     assert send_batch(sink, make_events(2)).failed == {}
     sink.close()
     assert (tmp_path / "sub" / "events.db").exists()
+
+
+def test_sqlite_rows_are_what_sqlalchemy_itself_would_write(tmp_path: Path) -> None:
+    """SQLite is written through the DB-API with values made by the sink: the text in each
+    column is the text SQLAlchemy's own types bind (readers and the collector's dashboard
+    parse it), a context several events share included."""
+    import sqlalchemy as sa
+    from sqlalchemy.dialects.sqlite import insert
+
+    from waypost.events import dumps
+    from waypost_warehouse.sql import _table
+
+    shared = {"app": {"name": "testapp", "version": "1.0.0"}, "os": {"type": "Linux"}}
+    events = [
+        Event(e.id, e.name, e.time + i / 7, e.instance_id, e.properties, shared, e.distinct_id)
+        for i, e in enumerate(make_events(5, time_=1_750_000_000.0000005))
+    ]
+    sink = opened(tmp_path, url="sqlite:///events.db", create_table=True)
+    try:
+        assert send_batch(sink, events).failed == {}
+    finally:
+        sink.close()
+    now = dt.datetime(2026, 12, 2, 5, 6, 7, 890, tzinfo=dt.timezone.utc)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'events.db'}", json_serializer=dumps)
+    reference = _table("reference", None)
+    with engine.begin() as conn:
+        reference.create(conn)
+        conn.execute(insert(reference), [_row(e, now) for e in events])
+    engine.dispose()
+    db = sqlite3.connect(tmp_path / "events.db")
+    try:
+        columns = "id, name, timestamp, instance_id, distinct_id, properties, context"
+        ours = db.execute(f"SELECT {columns} FROM waypost_events ORDER BY id").fetchall()
+        theirs = db.execute(f"SELECT {columns} FROM reference ORDER BY id").fetchall()
+        received = [r[0] for r in db.execute("SELECT received_at FROM waypost_events")]
+        made = db.execute("SELECT received_at FROM reference").fetchone()[0]
+    finally:
+        db.close()
+    assert ours == theirs and len(ours) == 5
+    assert made == "2026-12-02 05:06:07.000890"
+    assert all(len(r) == len(made) and r.startswith("20") and r[10] == " " for r in received)
 
 
 @pytest.mark.server
