@@ -76,3 +76,59 @@ def test_a_fork_waits_for_a_section_at_most_fork_wait() -> None:
     thread.join()
     assert os.waitstatus_to_exitcode(status) == 0
     assert processes.FORK_WAIT <= waited < processes.FORK_WAIT + 5  # bounded, not stuck
+
+
+class _SlowFork:
+    """Another part of the host whose own fork hook takes a while (after waypost's gate)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def _before_fork(self) -> None:
+        time.sleep(self.seconds)
+
+    def _after_fork_in_parent(self) -> None:
+        pass
+
+    def _after_fork_in_child(self) -> None:
+        pass
+
+
+def test_a_thread_held_back_by_a_fork_enters_only_once_it_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fork that waited its FORK_WAIT for a stuck section and then takes longer still: a
+    thread that arrived meanwhile is let in only after the fork, never inside SQLite at it."""
+    monkeypatch.setattr(processes, "FORK_WAIT", 0.3)
+    inside, leave = threading.Event(), threading.Event()
+    entered: list[float] = []
+
+    def stuck() -> None:
+        with processes.GATE.section("a stuck write"):
+            inside.set()
+            leave.wait(30)
+
+    def arriving() -> None:
+        deadline = time.monotonic() + 10
+        while not processes.GATE._forking and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with processes.GATE.section("a write that came during the fork"):
+            entered.append(time.monotonic())
+
+    slow = _SlowFork(0.9)
+    processes.follow_forks(slow)
+    threading.Thread(target=stuck, daemon=True).start()
+    inside.wait(5)
+    late = threading.Thread(target=arriving)
+    late.start()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        forked = time.monotonic()
+        os.waitpid(pid, 0)
+    finally:
+        processes.forget_forks(slow)
+        leave.set()
+    late.join(10)
+    assert entered and entered[0] >= forked

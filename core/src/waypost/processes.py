@@ -38,6 +38,12 @@ FORK_WAIT = 1.0
 """Seconds ``fork()`` waits at most for waypost's threads to leave the sections that must not be
 forked across: a transaction on the outbox (milliseconds) or a sink's ``open()``."""
 
+FORK_HOLD = 60.0
+"""Seconds a thread waits at most to enter a section while a fork is under way. The fork ends
+within :data:`FORK_WAIT` and the fork itself (its after-fork hook always runs in the parent, the
+child starts afresh), so the bound is reached only if another library's fork hook hangs; a
+thread let in earlier would be inside SQLite at the instant of the fork."""
+
 
 class ForkGate:
     """Sections that must not be forked across. Any number of threads may be inside at once; a
@@ -63,8 +69,9 @@ class ForkGate:
         me = threading.get_ident()
         with cond:
             if not depth:
-                # A fork is under way: it takes a moment (the fork itself, not the wait).
-                cond.wait_for(lambda: not self._forking, timeout=FORK_WAIT)
+                # A fork is under way: held back until it is done, however long the fork
+                # waited for others (a thread let in now would be inside at the fork).
+                cond.wait_for(lambda: not self._forking, timeout=FORK_HOLD)
                 self._what[me] = what
             self._inside += 1
         mine.depth = depth + 1
