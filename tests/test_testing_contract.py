@@ -86,6 +86,11 @@ _LOG_KEY = """        url = f"{self.config.base_url}/v1/batch"
         logging.getLogger("waypost_acme").debug("POST %s with key %s", url, key)"""
 
 MUTATIONS = {
+    "follows_redirects": (
+        "follow_redirects=False",
+        "follow_redirects=True",
+        {"test_contract_never_follows_redirects"},
+    ),
     "close_fails_before_open": (
         "        client, self._client = self._client, None\n"
         "        if client is not None:\n"
@@ -126,7 +131,11 @@ MUTATIONS = {
     "reads_no_status": (
         'raise_for_status(response.status_code, response.headers, response.text, what="Acme")',
         "pass  # every answer taken for a success",
-        {"test_contract_retryable_answers", "test_contract_permanent_answer"},
+        {
+            "test_contract_retryable_answers",
+            "test_contract_permanent_answer",
+            "test_contract_never_follows_redirects",
+        },
     ),
 }
 
@@ -155,7 +164,7 @@ def test_a_suite_written_from_the_0_1_guide_still_passes(pytester: pytest.Pytest
     tests = (LEGACY / "acme_tests_v0_1.py").read_text(encoding="utf-8")
     passed, failed, recorder = run_suite(pytester, plugin, tests)
     assert not failed
-    assert {"test_contract_close_before_open_is_harmless", "test_delivers_from_config"} <= passed
+    assert {"test_contract_never_follows_redirects", "test_delivers_from_config"} <= passed
     warned = " ".join(_warnings(recorder))
     for old in ("recording_server", "make_telemetry"):
         assert f"the fixture {old!r} is deprecated: use 'waypost_{old}'" in warned
@@ -174,7 +183,7 @@ def test_a_non_http_suite_that_overrides_recording_server_still_passes(
     recorder = pytester.inline_run(*QUIET_RUN)
     passed, _skipped, failed = recorder.listoutcomes()
     assert not failed, _names(failed)
-    assert "test_contract_close_before_open_is_harmless" in _names(passed)
+    assert "test_contract_never_follows_redirects" in _names(passed)
     assert any("define a waypost_peer fixture" in w for w in _warnings(recorder))
 
 

@@ -4,7 +4,7 @@
 so the module gives the contract :class:`LinePeer`: the protocol's receiver, whose answers are
 scripted like the recording HTTP server's (:class:`ScriptedReceiver`: status, text,
 ``retry-after=``, delay, reset, hang), and which reads back every envelope it received. Every
-contract test runs as written.
+contract test runs as written; the one about redirects is skipped, since the protocol has none.
 """
 
 from __future__ import annotations

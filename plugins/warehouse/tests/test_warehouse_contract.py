@@ -1,8 +1,8 @@
 """The sink contract for ``sql`` and ``snowflake``: ``waypost.testing.SinkContract``, every test
 of it, with the databases as its peers (``SqlPeer`` and ``SnowflakePeer`` in warehouse_peers):
 SQLite and DuckDB files, the PostgreSQL cluster of this session, and fakesnow's server behind a
-proxy of the peer's own, which plays its 503s and slow answers. What a database cannot play (a
-Retry-After) is left out, and said so.
+proxy of the peer's own, which plays its 503s, slow answers and redirects. What a database
+cannot play (a Retry-After; a redirect, for the SQL databases) is left out, and said so.
 """
 
 from __future__ import annotations
@@ -50,6 +50,16 @@ class TestSnowflakeContract(SinkContract):
     def waypost_peer(self, snowflake_db: Any) -> Iterator[SnowflakePeer]:
         with SnowflakePeer(snowflake_db) as peer:
             yield peer  # type: ignore[misc]
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="the connector follows redirects (all of 301 to 308; the MERGE and its rows reach "
+        "the other host on 307/308) and the sink cannot turn that off yet",
+    )
+    def test_contract_never_follows_redirects(
+        self, waypost_peer: SnowflakePeer, tmp_path: Path
+    ) -> None:
+        super().test_contract_never_follows_redirects(waypost_peer, tmp_path)
 
 
 @pytest.mark.parametrize("sink_type", ["sql", "snowflake"])

@@ -246,11 +246,13 @@ def sql_peer(kind: str, make_backend: Any, tmp_path: Path) -> SqlPeer:
 class SnowflakePeer(_TablePeer):
     """fakesnow's server as a :class:`~waypost.testing.Peer`, behind a proxy of the peer's own
     (a recording server that forwards each request): it refuses by renaming the table away,
-    fails retryably with the proxy's 503 and answers slowly by holding fakesnow's answers."""
+    fails retryably with the proxy's 503, answers slowly by holding fakesnow's answers, and
+    redirects to a recording server on 127.0.0.2."""
 
     def __init__(self, db: SnowflakeDb) -> None:
         super().__init__(db, "fakesnow")
         self.proxy = RecordingServer(self._forward).start()
+        self._elsewhere: RecordingServer | None = None
 
     def config(self) -> dict[str, Any]:
         return self.db.config(host=self.proxy.url)
@@ -275,6 +277,22 @@ class SnowflakePeer(_TablePeer):
         forward = self._forward
         self.proxy.responder = lambda request: dataclasses.replace(forward(request), delay=seconds)
 
+    def redirect(self, status: int) -> None:
+        self.deliver()
+        if self._elsewhere is None:
+            self._elsewhere = RecordingServer(host="127.0.0.2").start()
+        target = self._elsewhere.url
+
+        def answer(request: Request) -> Response:
+            query = urllib.parse.urlencode(request.query, doseq=True)
+            location = f"{target}{request.path}{'?' + query if query else ''}"
+            return Response(status, b"", headers={"Location": location})
+
+        self.proxy.responder = answer
+
+    def redirected(self) -> int:
+        return len(self._elsewhere.requests) if self._elsewhere is not None else 0
+
     def _forward(self, request: Request) -> Response:
         """The request as it came (body still compressed), to fakesnow; its answer as it
         went (compressed the same way)."""
@@ -295,6 +313,8 @@ class SnowflakePeer(_TablePeer):
     def close(self) -> None:
         super().close()
         self.proxy.stop()
+        if self._elsewhere is not None:
+            self._elsewhere.stop()
 
     def secrets(self) -> list[str]:
         return [self.db.password]

@@ -1,7 +1,7 @@
 """``SinkContract``: the tests every sink must pass, whatever its transport.
 
 The tests drive a :class:`~waypost.testing.Peer` (the ``waypost_peer`` fixture): tell it to
-deliver, refuse, fail retryably or answer slowly, then read back what arrived. For an
+deliver, refuse, fail retryably, answer slowly or redirect, then read back what arrived. For an
 HTTP sink the peer is the recording server, and the subclass says how to configure the sink
 against a URL and how to read event ids from the requests::
 
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from waypost.sinks import SendResult, Sink
     from waypost.testing.peer import Peer
     from waypost.testing.server import RecordingServer, Request, Response
+
+REDIRECTS = (301, 302, 303, 307, 308)
+"""The redirects a sink must refuse to follow: its credentials would go to another host."""
 
 
 class SinkContract:
@@ -249,6 +252,35 @@ class SinkContract:
                 "an answer 5 s late was waited for although timeout is 0.5 s",
                 result,
             )
+        finally:
+            sink.close()
+
+    def test_contract_never_follows_redirects(self, waypost_peer: Peer, tmp_path: Path) -> None:
+        """A redirect to another host is a permanent failure, never followed: following it
+        would carry the sink's credentials (headers, a key in the query) to a host nobody
+        configured."""
+        from waypost.testing import make_events, send_batch
+
+        sink = self.peer_sink(waypost_peer, tmp_path)
+        sink.open()
+        try:
+            for status in REDIRECTS:
+                try:
+                    waypost_peer.redirect(status)
+                except PeerCannot as exc:
+                    _skip(str(exc))
+                events = make_events(2)
+                result = send_batch(sink, events)
+                followed = waypost_peer.redirected()
+                assert not followed, (
+                    f"the sink followed a {status} redirect to another host ({followed} "
+                    "requests reached it); build the client with redirects off "
+                    "(httpx: follow_redirects=False, requests: allow_redirects=False)"
+                )
+                assert set(result.failed) == {e.id for e in events}, (
+                    f"a {status} redirect must fail the batch for good",
+                    result,
+                )
         finally:
             sink.close()
 
