@@ -6,11 +6,13 @@ searched for them."""
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import logging
 import subprocess
 import sys
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,60 @@ def test_a_secret_cut_short_at_the_end_of_a_reason_is_masked_too(cut: int) -> No
     reason = f"HTTP 401: {answer[: len('refused: the key ') + cut]}"  # as a snippet cuts it
     assert sanitiser(reason) == "HTTP 401: refused: the key ***"
     assert sanitiser("sent to https://h") == "sent to https://h"  # a URL's beginning is no secret
+
+
+def test_a_held_secret_is_known_until_its_last_holder_lets_go() -> None:
+    sanitiser = Sanitiser()
+    first, second = sanitiser.hold([HEADER_TOKEN]), sanitiser.hold([HEADER_TOKEN, URL_TOKEN])
+    sanitiser.add([SIGNING])  # for good
+    text = f"{HEADER_TOKEN} {URL_TOKEN} {SIGNING}"
+    assert sanitiser(text) == "*** *** ***"
+    second.release()
+    assert sanitiser(text) == f"*** {URL_TOKEN} ***"
+    first.release()
+    first.release()  # twice is harmless
+    assert sanitiser(text) == f"{HEADER_TOKEN} {URL_TOKEN} ***"
+    first.add([URL_TOKEN])  # a released hold that is added to holds again
+    assert sanitiser(text) == f"{HEADER_TOKEN} *** ***"
+
+
+def test_a_sinks_secrets_mask_its_own_texts_and_the_processs_only_while_it_lives() -> None:
+    """A sink's secret may be a word of another's texts (a key set to a column name): the other
+    sink's reasons keep it, and the process's sanitiser forgets it once the sink is gone."""
+    from waypost.privacy import sanitise
+    from waypost.sinks import Masker
+
+    word, token = f"column_{uuid.uuid4().hex[:8]}", f"tok-{uuid.uuid4().hex}"
+    text = f"merge on {word} refused for {token}"
+    first, other = Masker([word, token]), Masker([f"tok-{uuid.uuid4().hex}"])
+    assert first(text) == "merge on *** refused for ***"
+    assert other(text) == text
+    assert sanitise(text) == "merge on *** refused for ***"  # a library's log line, say
+    del first
+    gc.collect()
+    assert sanitise(text) == text
+    other.release()  # as the pipeline does once the sink is closed; it keeps masking its own
+    assert other(f"tok-{token}") == f"tok-{token}"
+
+
+@pytest.mark.http_sink
+def test_a_telemetrys_secrets_are_forgotten_once_it_is_shut_down(
+    echo_server: Any, tmp_path: Path, waypost_clean_env: dict[str, str]
+) -> None:
+    from waypost.privacy import sanitise
+
+    token, key = f"tok-{uuid.uuid4().hex}", f"key-{uuid.uuid4().hex}"
+    config = config_for(echo_server, tmp_path)
+    config["telemetry"]["sinks"] = {
+        "ingest": {"type": "http", "url": f"{echo_server.url}/in?token={token}"},
+        "other": {"type": "http", "url": f"{echo_server.url}/in", "headers": {"X-K": "${K}"}},
+    }
+    tel = waypost.Telemetry(config=config, env={**waypost_clean_env, "K": key}, strict=False)
+    try:
+        assert sanitise(f"{token} {key}") == "*** ***"
+    finally:
+        tel.shutdown(2)
+    assert sanitise(f"{token} {key}") == f"{token} {key}"
 
 
 def test_the_gates_remarks_pass_the_sanitiser_unchanged_and_addresses_do_not() -> None:

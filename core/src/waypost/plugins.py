@@ -34,6 +34,7 @@ from waypost.sinks import Sink, SinkConfig, SinkContext
 if TYPE_CHECKING:
     from waypost.events import Event
     from waypost.metrics import MetricExporter, MetricRegistry
+    from waypost.privacy.secrets import SecretHold
 
     ExporterFactory = Callable[[MetricRegistry, dict[str, Any]], MetricExporter]
 
@@ -282,17 +283,22 @@ class PluginManager:
         strict: bool,
         tolerant: bool = False,
         notes: list[str] | None = None,
+        secrets: SecretHold | None = None,
     ) -> tuple[dict[str, Sink], dict[str, tuple[str, str]]]:
         """The sinks of ``telemetry.sinks`` (``specs``: name -> settings with their ``type``),
         only their types' plugins imported; and for each sink that cannot be made, its type and
         the error (logged). In strict mode the first error raises, unless ``tolerant``
         (inspection: ``waypost status`` shows a sink whose plugin is missing or broken, or whose
         variable is not set in this shell, as ``error`` with its reason). Remarks on the values
-        (a YAML 1.1 word read as the field wants) are added to ``notes``."""
+        (a YAML 1.1 word read as the field wants) are added to ``notes``. The secrets of the
+        settings are held by ``secrets`` (the owner's, released when it shuts down; for good
+        without one), and each sink's by its own :attr:`~waypost.Sink.masker`."""
         from pydantic import ValidationError
 
         from waypost.config import conform, env_origins, expand, validation_error
-        from waypost.privacy import secrets
+        from waypost.privacy.secrets import SANITISER, secret_values
+
+        known = secrets.add if secrets is not None else SANITISER.add
 
         made: dict[str, Sink] = {}
         errors: dict[str, tuple[str, str]] = {}
@@ -302,7 +308,7 @@ class PluginManager:
             key = f"telemetry.sinks.{name}"
             try:
                 spec = expand(spec, env, key)
-                secrets.add_config(spec)  # before validation: its errors may quote a value
+                known(secret_values(spec))  # before validation: its errors may quote a value
                 cls = self.load_sink_type(sink_type, key=key)
                 # Values by the sink's own fields: region: no is a word, api_key: 0123 text.
                 found: list[str] = []
@@ -318,8 +324,10 @@ class PluginManager:
                     raise validation_error(
                         exc, source=config_file, prefix=key, origins=origins
                     ) from None
-                secrets.add_config(sink_config)
-                made[name] = cls(name, sink_config, context)
+                known(secret_values(sink_config))  # its constructor's errors may quote one
+                sink = cls(name, sink_config, context)
+                _ = sink.masker  # the sink's secrets known from now on, as long as it lives
+                made[name] = sink
             except Exception as exc:
                 if not isinstance(exc, (ConfigError, PluginError)):
                     exc = PluginError(

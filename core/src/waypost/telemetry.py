@@ -154,6 +154,9 @@ class Telemetry:
         """Plugins that failed (a module of ``telemetry.plugins`` that could not be imported, a
         hook that raised at start), by name, with the reason."""
         self._notes: list[str] = []
+        # This instance's secrets, known to the process's sanitiser until it shuts down (its
+        # sinks' own, as long as each sink lives).
+        self._secrets = secrets.SANITISER.hold()
 
         overrides: dict[str, Any] = {}
         if strict is not None:
@@ -174,7 +177,7 @@ class Telemetry:
                 notes=self.config_warnings,
                 sink_sources=self._sink_sources,
             )
-            secrets.add_config(self.config)  # literal secrets; ${...} ones when sinks are made
+            self._secrets.add_config(self.config)  # literal secrets; ${...} when sinks are made
         except Exception as exc:
             if not isinstance(exc, ConfigError):  # a bug or a resource limit, not a bad value
                 exc = ConfigError(f"cannot be loaded: {type(exc).__name__}: {exc}", source=(
@@ -495,6 +498,7 @@ class Telemetry:
             strict=self.strict,
             tolerant=tolerant,
             notes=self.config_warnings,
+            secrets=self._secrets,
         )
         self.sinks.update(made)
         self.sink_errors.update(errors)
@@ -642,9 +646,12 @@ class Telemetry:
                 registry.close(min(1.0, max(0.0, deadline - time.monotonic()) / 4))
             except Exception as exc:
                 log.warning("waypost: closing metrics failed: %s", exc)
-        if self.pipeline is None or not on:
-            return True
-        return self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
+        try:
+            if self.pipeline is None or not on:
+                return True
+            return self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
+        finally:
+            self._secrets.release()  # a sink still sending holds its own
 
     def _forget_process(self) -> None:
         """No more at-exit, at-fork or SIGTERM work for this instance."""

@@ -586,6 +586,9 @@ class Pipeline:
                     runner.sink.close()
             except Exception as exc:
                 log.warning("waypost: sink %r failed to close: %s", runner.name, exc)
+            # Done with: its secrets no longer mask the texts of the process (a stuck sink,
+            # which may still log, keeps them known; its own reasons are masked either way).
+            runner.sink.masker.release()
         if self.outbox is not None and not stuck:
             try:  # nothing is in flight any more: what this process leased is due again
                 with self.outbox.budget(max(time.monotonic(), deadline)):

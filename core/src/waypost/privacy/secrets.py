@@ -1,10 +1,11 @@
 """Secrets kept out of everything waypost prints: one sanitiser, for the whole process, that
-knows every configured secret value and runs the scrubbers over any text before it reaches a
-log line, ``status()``, the outbox, the CLI or the admin page.
+knows every configured secret value of what is live and runs the scrubbers over any text before
+it reaches a log line, ``status()``, the outbox, the CLI or the admin page.
 
     from waypost.privacy import secrets
 
-    secrets.add_config(sink_config)      # SecretStr fields, header values, URL credentials
+    held = secrets.SANITISER.hold()      # a Telemetry's, released when it shuts down
+    held.add_config(sink_config)         # SecretStr fields, header values, URL credentials
     reason = secrets.sanitise(f"HTTP 401: {body}")
 
 :func:`sanitise` masks each known secret (as given, URL-encoded, JSON-escaped, the token of
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ from waypost.privacy.scrub import BUILTIN_RULES, Scrubber
 __all__ = [
     "MASK",
     "Sanitiser",
+    "SecretHold",
     "UrlSecrets",
     "add_config",
     "add_secrets",
@@ -252,12 +255,68 @@ def _variants(secret: str) -> Iterator[str]:
             yield decoded.partition(":")[2]
 
 
+def _known_forms(secrets: Iterable[str]) -> frozenset[str]:
+    """Every form of these secrets worth looking for."""
+    return frozenset(
+        variant
+        for secret in secrets
+        if isinstance(secret, str)
+        for variant in _variants(secret.strip())
+        if len(variant) >= _MIN_SECRET
+    )
+
+
+class SecretHold:
+    """Secret values a :class:`Sanitiser` knows while this holds them: :meth:`add` more,
+    :meth:`release` them (released, a hold that is added to holds again). Made by
+    :meth:`Sanitiser.hold`."""
+
+    def __init__(self, sanitiser: Sanitiser) -> None:
+        self._sanitiser = sanitiser
+        self._token: int | None = None
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Hold these values too."""
+        if self._token is None:
+            self._token = next(self._sanitiser._tokens)
+        self._sanitiser._add_held(self._token, secrets)
+
+    def add_config(self, config: Any) -> None:
+        """Hold every secret of a configuration (see :func:`secret_values`)."""
+        self.add(secret_values(config))
+
+    def release(self, *, wait: bool = True) -> None:
+        """Let go of every value held (a value another hold or :meth:`Sanitiser.add` gave
+        stays known). Safe to call twice; ``wait=False`` for a finalizer."""
+        token, self._token = self._token, None
+        if token is not None:
+            self._sanitiser._release(token, wait=wait)
+
+    def __enter__(self) -> SecretHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:  # never the values
+        return f"<SecretHold held={self._token is not None}>"
+
+
 class Sanitiser:
-    """Masks known secret values in any text, then applies the scrubbers (see the module)."""
+    """Masks known secret values in any text, then applies the scrubbers (see the module).
+
+    A value is known for good (:meth:`add`) or while a :class:`SecretHold` holds it
+    (:meth:`hold`): a sink's secrets are held for the sink's life, a ``Telemetry``'s until it
+    shuts down, so that what one instance configured masks nothing of another's once it is
+    gone."""
 
     def __init__(self, secrets: Iterable[str] = (), *, scrubber: Scrubber | None = None) -> None:
         self._scrubber = scrubber or Scrubber()
         self._values: frozenset[str] = frozenset()
+        self._kept: frozenset[str] = frozenset()
+        self._holds: dict[int, frozenset[str]] = {}
+        self._dropped: list[int] = []  # released where the lock could not be waited for
+        self._tokens = itertools.count(1)
         self._compiled: tuple[frozenset[str], re.Pattern[str] | None, frozenset[str], int] = (
             self._values,
             None,
@@ -269,16 +328,47 @@ class Sanitiser:
 
     def add(self, secrets: Iterable[str]) -> None:
         """Know these secret values from now on (each in every form it may be quoted in)."""
-        new = {
-            variant
-            for secret in secrets
-            if isinstance(secret, str)
-            for variant in _variants(secret.strip())
-            if len(variant) >= _MIN_SECRET
-        }
+        new = _known_forms(secrets)
         with self._lock:
-            if not new <= self._values:
-                self._values = self._values | new  # a new set: readers hold the old one
+            if not new <= self._kept:
+                self._kept = self._kept | new
+                self._update()
+
+    def hold(self, secrets: Iterable[str] = ()) -> SecretHold:
+        """Know these secret values (and those added to the hold) until it is released."""
+        held = SecretHold(self)
+        held.add(secrets)
+        return held
+
+    def apart(self, secrets: Iterable[str] = ()) -> Sanitiser:
+        """A sanitiser that knows ``secrets`` alone, with the same scrubbers."""
+        return Sanitiser(secrets, scrubber=self._scrubber)
+
+    def _add_held(self, token: int, secrets: Iterable[str]) -> None:
+        new = _known_forms(secrets)
+        with self._lock:
+            held = self._holds.get(token, frozenset())
+            if not new <= held:
+                self._holds[token] = held | new
+                self._update()
+
+    def _release(self, token: int, *, wait: bool = True) -> None:
+        # Without waiting from a finalizer: the collector may run it in this very thread while
+        # it holds the lock. The value is then dropped by the next change or lookup.
+        self._dropped.append(token)
+        if self._lock.acquire(blocking=wait):
+            try:
+                self._update()
+            finally:
+                self._lock.release()
+
+    def _update(self) -> None:
+        """The known values made again from what is kept and held (the lock held)."""
+        while self._dropped:
+            self._holds.pop(self._dropped.pop(), None)
+        values = self._kept.union(*self._holds.values())
+        if values != self._values:
+            self._values = values  # a new set: readers hold the old one
 
     def _renew_lock(self) -> None:
         self._lock = threading.Lock()
@@ -298,6 +388,11 @@ class Sanitiser:
         No lock on this path: it runs in log filters, also in a child forked while another
         thread held a lock. What is made is kept with the set it was made of, so what was made
         while a secret was being added is made again."""
+        if self._dropped and self._lock.acquire(blocking=False):
+            try:
+                self._update()
+            finally:
+                self._lock.release()
         values = self._values
         made, pattern, cuts, longest = self._compiled
         if made is not values:

@@ -2,15 +2,18 @@
 (:mod:`waypost.privacy.secrets`): the names a plugin imports from the toolkit.
 
 A sink's reasons reach logs, ``status()``, the outbox, the CLI and the admin page. Each reason
-the toolkit builds passes :meth:`waypost.Sink.mask`, which is the process's sanitiser: it knows
-every configured secret of every sink (``SecretStr`` fields, header values, URL credentials) in
-the forms an answer echoes them, masks URL user info and secret-looking ``name=value`` pairs
-wherever they stand, and runs the scrubbers. URLs are split from their credentials
+the toolkit builds passes :meth:`waypost.Sink.mask`, the sink's :class:`Masker`: it knows the
+sink's configured secrets (``SecretStr`` fields, header values, URL credentials) in the forms an
+answer echoes them, masks URL user info and secret-looking ``name=value`` pairs wherever they
+stand, and runs the scrubbers. The process's sanitiser (the log lines of the libraries a sink
+talks through, and every reason again) knows them as long as the sink lives: one sink's
+secrets mask nothing of another's once it is gone. URLs are split from their credentials
 (:func:`split_url`) before any request is made.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,16 +50,20 @@ def mask(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with ``secrets`` (in every form an answer may echo them), every secret the
     process knows and URL credentials masked as ``***``: for texts that no sink's own
     :meth:`~waypost.Sink.mask` covers."""
-    SANITISER.add(secrets)
-    return sanitise(text)
+    return sanitise(SANITISER.apart(secrets)(text))
 
 
 class Masker:
-    """A sink's masking function: the secrets it is given become known to the process's
-    sanitiser (:func:`waypost.privacy.sanitise`), which then masks any text."""
+    """A sink's masking function: its own secrets masked in every form an answer may echo
+    them, then what the sanitiser finds by shape (URL user info, secret ``name=value`` pairs,
+    the scrubbers' rules). While the masker lives (as long as its sink) the process's sanitiser
+    (:func:`waypost.privacy.sanitise`) knows its secrets too."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._any = False
+        self._own = SANITISER.apart()
+        self._held = SANITISER.hold()
+        weakref.finalize(self, self._held.release, wait=False)
         self.add_all(secrets)
 
     @classmethod
@@ -67,16 +74,23 @@ class Masker:
         return cls(secret_values(config))
 
     def add(self, secret: str) -> None:
-        """Mask ``secret`` too (everywhere, from now on)."""
+        """Mask ``secret`` too (from now on, in this sink's texts and, while it lives, the
+        process's)."""
         self.add_all((secret,))
 
     def add_all(self, secrets: Iterable[str]) -> None:
         found = [s for s in secrets if isinstance(s, str) and s]
         self._any = self._any or bool(found)
-        SANITISER.add(found)
+        self._own.add(found)
+        self._held.add(found)
+
+    def release(self) -> None:
+        """Let the process's sanitiser forget these secrets (done when the masker is collected;
+        this masker keeps masking them)."""
+        self._held.release()
 
     def __bool__(self) -> bool:
         return self._any
 
     def __call__(self, text: str) -> str:
-        return sanitise(text)
+        return self._own(text)
