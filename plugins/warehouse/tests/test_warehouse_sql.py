@@ -197,9 +197,11 @@ def test_sqlite_rows_are_what_sqlalchemy_itself_would_write(tmp_path: Path) -> N
     from waypost_warehouse.sql import _table
 
     shared = {"app": {"name": "testapp", "version": "1.0.0"}, "os": {"type": "Linux"}}
+    # Microseconds rounded half to even, one of them up into the next second.
+    times = [1_750_000_000.0000005 + i / 7 for i in range(4)] + [1_750_000_000.9999996]
     events = [
-        Event(e.id, e.name, e.time + i / 7, e.instance_id, e.properties, shared, e.distinct_id)
-        for i, e in enumerate(make_events(5, time_=1_750_000_000.0000005))
+        Event(e.id, e.name, t, e.instance_id, e.properties, shared, e.distinct_id)
+        for t, e in zip(times, make_events(5), strict=True)
     ]
     sink = opened(tmp_path, url="sqlite:///events.db", create_table=True)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.util
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,9 +179,11 @@ class SqlSink(Sink[SqlConfig]):
             if not self._ready:
                 self._prepare()
             now = _dt.datetime.now(_dt.timezone.utc)
-            rows = [_row(e, now, self._absent) for e in events]
             with self._engine.begin() as conn:
-                self._write(conn, rows)
+                if conn.dialect.name == "sqlite":
+                    self._write_sqlite(conn, events, now)
+                else:
+                    self._write(conn, [_row(e, now, self._absent) for e in events])
         except TableLayoutError as exc:
             raise PermanentError(str(exc)) from None
         except sa.exc.SQLAlchemyError as exc:
@@ -198,7 +201,9 @@ class SqlSink(Sink[SqlConfig]):
 
             conn.execute(pg_insert(table).on_conflict_do_nothing(index_elements=["id"]), rows)
         elif dialect == "sqlite":
-            self._write_sqlite(conn, rows)
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            conn.execute(sqlite_insert(table).on_conflict_do_nothing(index_elements=["id"]), rows)
         else:
             ids = [r["id"] for r in rows]
             present = set(conn.scalars(sa.select(table.c.id).where(table.c.id.in_(ids))))
@@ -206,22 +211,22 @@ class SqlSink(Sink[SqlConfig]):
             if fresh:
                 conn.execute(sa.insert(table), fresh)
 
-    def _write_sqlite(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        """SQLite: one prepared statement through the DB-API, each value made as SQLAlchemy's
-        types would bind it (times as text without their offset, JSON as text), a context that
-        several events share serialised once. A tenth of the CPU of the generic path."""
-        import sqlalchemy as sa
-
+    def _write_sqlite(self, conn: Connection, events: Sequence[Event], now: _dt.datetime) -> None:
+        """SQLite: one prepared statement through the DB-API, each value the text SQLAlchemy's
+        types would bind (times in UTC without their offset, JSON), a context that several
+        events share serialised once: a fraction of the CPU of ``_write``'s path."""
         table = self._table
         assert table is not None
         quote = conn.dialect.identifier_preparer
-        columns = list(table.columns)
         sql = (
             f"INSERT INTO {quote.format_table(table)} "
-            f"({', '.join(quote.format_column(c) for c in columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))}) ON CONFLICT (id) DO NOTHING"
+            f"({', '.join(quote.format_column(c) for c in table.columns)}) "
+            f"VALUES ({', '.join('?' * len(table.columns))}) ON CONFLICT (id) DO NOTHING"
         )
+        keep = [COLUMNS.index(c.name) for c in table.columns]
+        whole = keep == list(range(len(COLUMNS)))
         texts: dict[int, str] = {}
+        seconds: dict[float, str] = {}
 
         def text(value: Any) -> str:
             found = texts.get(id(value))
@@ -229,18 +234,27 @@ class SqlSink(Sink[SqlConfig]):
                 found = texts[id(value)] = dumps(value)
             return found
 
-        def moment(value: _dt.datetime) -> str:
-            return value.isoformat(" ", "microseconds")[:26]  # strftime is slower
+        def moment(t: float) -> str:
+            # datetime.fromtimestamp's microseconds (rounded half to even) and its wall time.
+            fraction, second = math.modf(t)
+            micro = round(fraction * 1e6)
+            if micro >= 1_000_000:
+                second, micro = second + 1, micro - 1_000_000
+            elif micro < 0:
+                second, micro = second - 1, micro + 1_000_000
+            head = seconds.get(second)
+            if head is None:
+                head = seconds[second] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
+            return f"{head}.{micro:06d}"
 
-        def same(value: Any) -> Any:
-            return value
-
-        make = [
-            (c.name, text if isinstance(c.type, sa.JSON) else moment
-             if isinstance(c.type, sa.DateTime) else same)
-            for c in columns
-        ]  # fmt: skip
-        values = [tuple(f(row[name]) for name, f in make) for row in rows]
+        received = now.isoformat(" ", "microseconds")[:26]
+        values = []
+        for e in events:
+            row = (
+                e.id, e.name, moment(e.time), e.instance_id, distinct_id_of(e),
+                text(e.properties), text(e.context), received,
+            )  # fmt: skip
+            values.append(row if whole else tuple(row[i] for i in keep))
         conn.exec_driver_sql(sql, values)
 
     # --- helpers ----------------------------------------------------------------------------
