@@ -397,6 +397,7 @@ class Telemetry:
         )
         self._runners_by_name = {r.name: r for r in self.pipeline.runners}
         self._buffer = self.pipeline.buffer
+        self._nudge, self._drain = self.pipeline.nudge, self.pipeline.drain  # for the hot path
         self._wake_at = min(cfg.batch.size, cfg.outbox.buffer)
         self._spill_at = cfg.outbox.buffer
         self._sync = cfg.outbox.durability == "sync"
@@ -538,7 +539,7 @@ class Telemetry:
             # past that point tripled the cost of track), and spill when it is full.
             n = len(buffer)
             if n == self._wake_at or n >= self._spill_at:
-                self.pipeline.nudge()  # type: ignore[union-attr]
+                self._nudge()
             return
         if not self._on:
             return
@@ -571,9 +572,9 @@ class Telemetry:
             )
         )
         if self._sync:
-            self.pipeline.drain()  # type: ignore[union-attr]
+            self._drain()
         elif len(buffer) == self._wake_at or len(buffer) >= self._spill_at:
-            self.pipeline.nudge()  # type: ignore[union-attr]
+            self._nudge()
 
     def _outbox_startup(self) -> None:
         """What a starting instance does to the outbox: void the leases of processes that

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from waypost.integrations import shutdown_all
+
+if TYPE_CHECKING:
+    from waypost.telemetry import Telemetry
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -35,7 +38,9 @@ class Lifespan:
     before the server is told the shutdown is complete. An app that does not speak the lifespan
     protocol (Django) gets it answered for it."""
 
-    def __init__(self, app: ASGIApp, telemetry: Any = None, *, timeout: float | None = None):
+    def __init__(
+        self, app: ASGIApp, telemetry: Telemetry | None = None, *, timeout: float | None = None
+    ) -> None:
         self.app = app
         self.telemetry = telemetry
         self.timeout = timeout
