@@ -607,6 +607,83 @@ def test_test_request_reports_the_answer_masked(server: RecordingServer, tmp_pat
     unreachable.close()
 
 
+def test_a_sink_that_owns_a_transport_reports_its_answer_by_default(
+    server: RecordingServer, tmp_path: Path
+) -> None:
+    sink = echo_sink(f"{server.url}/in", tmp_path)
+    server.answer(Response(401, f"no: {TOKEN}"))
+    report = sink.test_request(make_events(1)[0])
+    assert report["status"] == 401 and report["answer"] == "no: ***"
+    assert report["delivered"] is False and report["retryable"] is False
+    sink.close()
+
+
+@pytest.mark.parametrize("status", [200, 202, 400, 503])
+def test_an_unreadable_answer_is_retried_on_2xx_and_classified_otherwise(
+    server: RecordingServer, tmp_path: Path, status: int
+) -> None:
+    sink = echo_sink(f"{server.url}/in", tmp_path)
+    server.answer(Response(status, f"<html>{TOKEN}</html>", headers={"Retry-After": "7"}))
+    answer = sink.http.request("POST", "")
+    with pytest.raises((RetryableError, PermanentError)) as info:
+        sink.http.unreadable(answer, "without Echo's JSON answer")
+    sink.close()
+    error = info.value
+    assert TOKEN not in error.reason and f"HTTP {status}" in error.reason
+    if status < 300:
+        assert isinstance(error, RetryableError) and error.retry_after == 7.0
+        assert error.reason.startswith(f"echo: HTTP {status} without Echo's JSON answer: ")
+    else:
+        assert isinstance(error, RetryableError) == (status == 503)
+
+
+def test_a_requests_session_follows_no_redirect_retries_nothing_and_sends_user_info(
+    tmp_path: Path,
+) -> None:
+    from waypost.sinks import requests_session
+
+    with RecordingServer() as server, RecordingServer() as elsewhere:
+        config = HttpSinkConfig(host=f"http://me:{PASSWORD}@127.0.0.1:{server.port}")
+        sink = Sink("s", config, context(tmp_path))
+        session = requests_session(sink)
+        server.answer(Response(307, "", headers={"Location": f"{elsewhere.url}/x"}))
+        answer = session.post(f"{server.url}/in", data=b"{}")
+        assert answer.status_code == 307 and elsewhere.requests == []
+        assert server.requests[0].header("Authorization") == f"Basic {basic(PASSWORD)}"
+        server.answer(Response(503, "busy"))
+        assert session.post(f"{server.url}/in").status_code == 503
+        assert len(server.requests) == 2  # answered once: no retry of its own
+        port = free_port()
+        with pytest.raises(Exception, match="Connection"):
+            session.post(f"http://127.0.0.1:{port}/in", timeout=2)
+        session.close()
+
+
+def basic(password: str) -> str:
+    import base64
+
+    return base64.b64encode(f"me:{password}".encode()).decode()
+
+
+def test_clean_message_keeps_our_names_and_hides_quoted_values() -> None:
+    from waypost.sinks import clean_message
+
+    message = (
+        'ERROR: duplicate key value violates "waypost_events_pkey"\n'
+        "DETAIL:  Key (id)=('jane@example.com') already exists.\n"
+        "LINE 1: INSERT INTO waypost_events VALUES ('secret row')"
+    )
+    clean = clean_message(message, ["waypost_events", "waypost_events_pkey"])
+    assert clean == 'ERROR: duplicate key value violates "waypost_events_pkey"'
+    assert clean_message("value 'x' in 'waypost_events.id'", ["waypost_events", "id"]) == (
+        "value '…' in 'waypost_events.id'"
+    )
+    assert clean_message("at 'db.example' port 5432", [], redact=False) == (
+        "at 'db.example' port 5432"
+    )
+    assert len(clean_message("x" * 1000, [], limit=50)) == 50
+
+
 def test_a_sink_opens_and_closes_what_it_owns(tmp_path: Path) -> None:
     sink = echo_sink("http://127.0.0.1:9/in", tmp_path)
     built: list[int] = []

@@ -4,11 +4,12 @@
   :class:`HttpSinkConfig`, :class:`SendResult`, :class:`SinkContext`.
 - :mod:`waypost.sinks.transport`: :class:`HttpTransport` (one httpx client per process,
   User-Agent, timeouts, redirects never followed, transport errors mapped once, secrets masked),
-  :func:`raise_for_status`, :func:`parse_retry_after`, :func:`snippet`.
+  :func:`raise_for_status`, :func:`parse_retry_after`, :func:`snippet`, and
+  :func:`requests_session` for a sink on a vendor's requests-based layer.
 - :mod:`waypost.sinks.parts`: :func:`send_in_parts`, one batch sent as several requests, and
   :func:`pack`, which cuts a batch into requests under a vendor's count and size limits.
 - :mod:`waypost.sinks.masking`: :func:`mask`, :class:`Masker`, :func:`is_secret_name`,
-  :func:`split_url`, :func:`mask_url`.
+  :func:`split_url`, :func:`mask_url`, and :func:`clean_message` for a database's errors.
 - :mod:`waypost.sinks.process`: :class:`ProcessLocal`, a resource a forked child rebuilds.
 
 The transport imports httpx only when a sink builds one, so the core does not depend on it.
@@ -31,6 +32,7 @@ from waypost.sinks.masking import (
     Masker,
     UrlSecrets,
     basic_auth,
+    clean_message,
     is_secret_name,
     mask,
     mask_url,
@@ -54,6 +56,7 @@ from waypost.sinks.transport import (
     json_object,
     parse_retry_after,
     raise_for_status,
+    requests_session,
     snippet,
     user_agent,
 )
@@ -78,6 +81,7 @@ __all__ = [
     "basic_auth",
     "check_endpoint",
     "check_headers",
+    "clean_message",
     "is_loopback_host",
     "is_secret_name",
     "json_object",
@@ -86,6 +90,7 @@ __all__ = [
     "pack",
     "parse_retry_after",
     "raise_for_status",
+    "requests_session",
     "send_in_parts",
     "snippet",
     "split_url",

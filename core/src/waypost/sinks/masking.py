@@ -13,6 +13,7 @@ secrets mask nothing of another's once it is gone. URLs are split from their cre
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "Masker",
     "UrlSecrets",
     "basic_auth",
+    "clean_message",
     "is_secret_name",
     "mask",
     "mask_url",
@@ -94,3 +96,31 @@ class Masker:
 
     def __call__(self, text: str) -> str:
         return self._own(text)
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_NOISE = ("DETAIL", "HINT", "CONTEXT", "LINE ", "QUERY", "WHERE", "^")
+
+
+def clean_message(
+    message: str, known: Iterable[str], *, redact: bool = True, limit: int = 300
+) -> str:
+    """A database's error message fit for a reason: detail lines (``DETAIL``, ``HINT``,
+    ``QUERY``...) dropped, the others joined in one line, quoted text that is not one of the
+    ``known`` identifiers (the table, its columns) replaced by ``'…'``, since a database may
+    quote the values of a row it refused, which are event data (unless ``redact`` is off:
+    connection failures carry no values); cut to ``limit`` characters."""
+    names = {k.lower() for k in known if k}
+    lines = [line.strip() for line in message.splitlines()]
+    text = " ".join(line for line in lines if line and not line.startswith(_NOISE))
+
+    def keep(match: re.Match[str]) -> str:
+        quoted = match.group(0)
+        parts = [p.strip("\"'").lower() for p in quoted[1:-1].split(".")]
+        if parts and all(p in names for p in parts):
+            return quoted
+        return quoted[0] + "…" + quoted[0]
+
+    if redact:
+        text = _QUOTED.sub(keep, text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -25,7 +25,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import waypost
 from waypost.errors import ConfigError, PayloadTooLarge, PermanentError, RetryableError, SinkError
@@ -34,6 +34,7 @@ from waypost.sinks.process import ProcessLocal
 
 if TYPE_CHECKING:
     import httpx
+    import requests
     from pydantic import SecretStr
 
     from waypost.events import Event
@@ -48,6 +49,7 @@ __all__ = [
     "json_object",
     "parse_retry_after",
     "raise_for_status",
+    "requests_session",
     "snippet",
     "user_agent",
 ]
@@ -288,9 +290,14 @@ class HttpTransport:
         """This process's client (a forked child gets its own on first use)."""
         return self._clients.get()
 
-    def url(self, path: str = "") -> str:
-        """``path`` on the base URL, as it may be shown (secret values as ``***``)."""
-        return path if "://" in path else f"{self.base_url}{path}"
+    def url(self, path: str = "", params: Mapping[str, str] | None = None) -> str:
+        """``path`` on the base URL with the query ``params`` and the secret ones, as it may be
+        shown (secret values as ``***``): the URL httpx is given."""
+        url = path if "://" in path else f"{self.base_url}{path}"
+        query = [urllib.parse.urlencode(params or {}), self._added]
+        if any(query):  # put in the URL as is: httpx would show *** percent-encoded
+            url += ("&" if "?" in url else "?") + "&".join(q for q in query if q)
+        return url
 
     def request(
         self,
@@ -307,11 +314,8 @@ class HttpTransport:
         """Send one request and return the answer, whatever its status; a transport error
         (no answer in time, no connection, a broken answer) raises ``RetryableError``."""
         lib = self._httpx
-        url = self.url(path)
+        url = self.url(path, params)
         label = self.what if what is None else what
-        query = [urllib.parse.urlencode(params or {}), self._added]
-        if any(query):  # put in the URL as is: httpx would show *** percent-encoded
-            url += ("&" if "?" in url else "?") + "&".join(q for q in query if q)
         try:
             answer: httpx.Response = self.client.request(
                 method, url, content=content, data=data, json=json, headers=headers
@@ -339,6 +343,23 @@ class HttpTransport:
         )
         return response
 
+    def unreadable(
+        self, response: httpx.Response, why: str, *, what: str | None = None
+    ) -> NoReturn:
+        """Raise for an answer whose body is not the destination's verdict (``why`` says how,
+        e.g. "with a body that is not Acme's JSON answer"): a 2xx is retryable, since nothing
+        says the events arrived (with the answer's ``Retry-After``); any other status is
+        classified as :meth:`check` classifies it."""
+        status = response.status_code
+        if 200 <= status < 300:
+            raise RetryableError(
+                f"{self.what if what is None else what}: HTTP {status} {why}: "
+                f"{self.text(response)!r}",
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            )
+        self.check(response, what=what)
+        raise AssertionError("check() raises for every status but 2xx")  # pragma: no cover
+
     def send(self, method: str, path: str = "", **kwargs: Any) -> httpx.Response:
         """:meth:`request`, then :meth:`check`: the 2xx answer, or a ``SinkError``."""
         return self.check(self.request(method, path, **kwargs), what=kwargs.get("what"))
@@ -354,6 +375,36 @@ class HttpTransport:
     def test_request(self, event: Event) -> dict[str, Any]:
         """:meth:`Answers.test_request` for the sink this transport serves."""
         return self.answers.test_request(self.sink, event)
+
+
+def requests_session(sink: Sink[Any], adapter: Any = None) -> requests.Session:
+    """A requests session for a sink on a vendor's requests-based layer: it answers a redirect
+    instead of following it (requests' default follows one, credentials and all, to a host
+    nobody configured), never retries (the core does: ``adapter``, a requests ``HTTPAdapter``
+    of the sink's own, should be made with ``max_retries=0``) and sends the user info taken
+    out of the configured URL as Basic auth. Make one per process (:class:`ProcessLocal`)."""
+    import requests
+
+    session: requests.Session = _no_redirects(requests)()
+    adapter = requests.adapters.HTTPAdapter(max_retries=0) if adapter is None else adapter
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    secrets = sink.config.url_secrets
+    if secrets.username is not None:
+        session.auth = (secrets.username, secrets.password or "")
+    return session
+
+
+@functools.cache
+def _no_redirects(http: Any) -> Any:
+    """The requests session class that never follows a redirect (defined once requests is in)."""
+
+    class NoRedirects(http.Session):  # type: ignore[misc]
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs["allow_redirects"] = False
+            return super().request(*args, **kwargs)
+
+    return NoRedirects
 
 
 class Answers:

@@ -18,7 +18,7 @@ from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 from waypost.events import Event
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
 from waypost.sinks.parts import Chunk, pack, send_in_parts
-from waypost.sinks.transport import HttpTransport, parse_retry_after, raise_for_status, snippet
+from waypost.sinks.transport import HttpTransport, parse_retry_after, snippet
 
 if TYPE_CHECKING:
     import httpx
@@ -139,40 +139,31 @@ class AmplitudeSink(Sink[AmplitudeConfig]):
     def send(self, events: Sequence[Event]) -> SendResult:
         result = SendResult()
         plan = self.plan(events, result)
-        return send_in_parts(plan, lambda r: self._judge(r, *self._exchange(r), result), result)
+        return send_in_parts(plan, lambda r: self._judge(r, self._exchange(r), result), result)
 
-    def _exchange(self, request: _Request) -> tuple[int, httpx.Headers, bytes]:
-        """POST the request with the SDK's headers; return status, headers and body."""
+    def _exchange(self, request: _Request) -> httpx.Response:
+        """POST the request with the SDK's headers."""
         data = self.payload(request.items, self.config.api_key.get_secret_value())
-        answer = self._http.request("POST", self.url, content=data)
-        return answer.status_code, answer.headers, answer.content
+        return self._http.request("POST", self.url, content=data)
 
     def _judge(
-        self,
-        request: _Request,
-        status: int,
-        headers: httpx.Headers,
-        raw: bytes,
-        result: SendResult,
+        self, request: _Request, response: httpx.Response, result: SendResult
     ) -> AmplitudeResponse:
         """Read the answer with the SDK's ``Response`` (status from the body's ``code``)."""
         HttpStatus = self._answers.HttpStatus
         what = self._what
         # Amplitude echoes a refused key ("Invalid API key: <key>"): masked in every reason.
-        text = self.mask(snippet(raw))
+        text = self.mask(snippet(response.content))
         try:
-            answer = self._answers.Response().parse(io.BytesIO(raw))
+            answer = self._answers.Response().parse(io.BytesIO(response.content))
         except (ValueError, KeyError, TypeError):
-            if 200 <= status < 300:
-                raise RetryableError(
-                    f"{what}: HTTP {status} without Amplitude's JSON answer (no 'code'), so "
-                    f"nothing says the events were ingested: {text!r}",
-                    retry_after=parse_retry_after(headers.get("Retry-After")),
-                ) from None
-            raise_for_status(status, headers, text, what=what, mask=self.mask)
-            raise PermanentError(f"{what}: HTTP {status}: {text}") from None
+            self._http.unreadable(
+                response,
+                "without Amplitude's JSON answer (no 'code'), so nothing says the events were "
+                "ingested",
+            )
 
-        retry_after = parse_retry_after(headers.get("Retry-After"))
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
         kind = answer.status
         if kind == HttpStatus.SUCCESS:
             ingested = answer.body.get("events_ingested")
@@ -211,12 +202,12 @@ class AmplitudeSink(Sink[AmplitudeConfig]):
         device or user over its daily quota fail (the SDK gives them up as well)."""
         body = answer.body
         throttled = set(answer.throttled_events or ())
-        throttled_ids = set(body.get("throttled_devices") or ()) | set(
-            body.get("throttled_users") or ()
-        )
-        over_quota = set(body.get("exceeded_daily_quota_devices") or ()) | set(
-            body.get("exceeded_daily_quota_users") or ()
-        )
+
+        def listed(*keys: str) -> set[Any]:
+            return {found for key in keys for found in body.get(key) or ()}
+
+        throttled_ids = listed("throttled_devices", "throttled_users")
+        over_quota = listed("exceeded_daily_quota_devices", "exceeded_daily_quota_users")
         for index, (event, sent) in enumerate(zip(request.events, request.items, strict=True)):
             ids = {sent.get("device_id"), sent.get("user_id")} - {None}
             if ids & over_quota:
@@ -244,7 +235,7 @@ class AmplitudeSink(Sink[AmplitudeConfig]):
             why.setdefault(int(index), "silenced device or user")
         return why
 
-    # --- debug and test-sink --------------------------------------------------------------
+    # --- debug --------------------------------------------------------------
 
     def render(self, events: Sequence[Event]) -> Any:
         """The requests ``send`` would make: URL and JSON body (the api_key shown as ``***``)."""
@@ -261,10 +252,6 @@ class AmplitudeSink(Sink[AmplitudeConfig]):
         if result.failed:
             rendered.append({"not_sent": result.failed})
         return rendered
-
-    def test_request(self, event: Event) -> dict[str, Any]:
-        """Send one event and return Amplitude's answer as it came."""
-        return self._http.test_request(event)
 
 
 def _text(value: Any) -> str | None:

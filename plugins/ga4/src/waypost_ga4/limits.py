@@ -144,6 +144,15 @@ def scalar(value: Any) -> str | int | float | None:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def _fitted(item: Any, limit: int, what: str, notes: list[str]) -> str | int | float | None:
+    """``item`` as GA4 takes it (:func:`scalar`), a text cut to ``limit`` characters (noted)."""
+    value = scalar(item)
+    if isinstance(value, str) and len(value) > limit:
+        notes.append(f"{what} cut to GA4's {limit} characters")
+        return value[:limit]
+    return value
+
+
 def event_params(
     properties: Mapping[str, Any], first: Mapping[str, Any]
 ) -> tuple[dict[str, Any], list[str]]:
@@ -162,13 +171,9 @@ def event_params(
         if name in params:
             notes.append(f"property {raw!r} left out: the param name {name!r} is already used")
             continue
-        value = scalar(item)
-        if value is None:
-            continue
-        if isinstance(value, str) and len(value) > MAX_PARAM_VALUE_LENGTH:
-            value = value[:MAX_PARAM_VALUE_LENGTH]
-            notes.append(f"param {name!r} cut to GA4's {MAX_PARAM_VALUE_LENGTH} characters")
-        params[name] = value
+        value = _fitted(item, MAX_PARAM_VALUE_LENGTH, f"param {name!r}", notes)
+        if value is not None:
+            params[name] = value
     if len(params) > MAX_PARAMS_PER_EVENT:
         extra = list(params)[MAX_PARAMS_PER_EVENT:]
         notes.append(
@@ -194,14 +199,9 @@ def user_properties(context: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any
         ):
             notes.append(f"context {'.'.join(path)!r} left out: not a valid GA4 user property name")
             continue
-        value = scalar(item)
+        value = _fitted(item, MAX_USER_PROPERTY_VALUE_LENGTH, f"user property {name!r}", notes)
         if value is None:
             continue
-        if isinstance(value, str) and len(value) > MAX_USER_PROPERTY_VALUE_LENGTH:
-            value = value[:MAX_USER_PROPERTY_VALUE_LENGTH]
-            notes.append(
-                f"user property {name!r} cut to GA4's {MAX_USER_PROPERTY_VALUE_LENGTH} characters"
-            )
         if len(props) == MAX_USER_PROPERTIES:
             notes.append(f"context {'.'.join(path)!r} left out: over {MAX_USER_PROPERTIES}")
             continue

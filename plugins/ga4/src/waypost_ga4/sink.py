@@ -97,11 +97,6 @@ class Ga4Config(HttpSinkConfig):
             return {"firebase_app_id": str(self.firebase_app_id)}
         return {"measurement_id": str(self.measurement_id)}
 
-    def query(self, *, redact: bool = False) -> dict[str, str]:
-        """The query parameters of every request (the secret shown as ``***`` if asked)."""
-        secret = "***" if redact else self.api_secret.get_secret_value()
-        return {**self.stream, "api_secret": secret}
-
 
 def app_instance_id(identity: str) -> str:
     """The 32-hex ``app_instance_id`` GA4 requires for app streams, derived deterministically
@@ -174,7 +169,7 @@ class Ga4Sink(Sink[Ga4Config]):
     def render(self, events: Sequence[Event]) -> Any:
         result = SendResult()
         requests = self._requests(events, result, now=time.time())
-        url = self._display_url(COLLECT_PATH)
+        url = self._http.url(COLLECT_PATH, self.config.stream)
         return {
             "requests": [{"method": "POST", "url": url, "body": r.body} for r in requests],
             "refused": result.failed,
@@ -196,7 +191,7 @@ class Ga4Sink(Sink[Ga4Config]):
         answer = json_object(response) or {}
         messages = list(answer.get("validationMessages") or [])
         return {
-            "endpoint": self._display_url(DEBUG_PATH),
+            "endpoint": self._http.url(DEBUG_PATH, self.config.stream),
             "status": response.status_code,
             "valid": not messages and refused is None,
             "validationMessages": messages,
@@ -243,14 +238,8 @@ class Ga4Sink(Sink[Ga4Config]):
         if config.user_id:
             body["user_id"] = config.user_id
         body["timestamp_micros"] = min(item.payload["timestamp_micros"] for item in items)
-        consent = {
-            key: value
-            for key, value in (
-                ("ad_user_data", config.ad_user_data),
-                ("ad_personalization", config.ad_personalization),
-            )
-            if value is not None
-        }
+        kinds = ("ad_user_data", "ad_personalization")
+        consent = {k: getattr(config, k) for k in kinds if getattr(config, k) is not None}
         if consent:
             body["consent"] = consent
         if first.user_properties:
@@ -309,10 +298,6 @@ class Ga4Sink(Sink[Ga4Config]):
         return self._http.send(
             "POST", path, content=data, params=self.config.stream, what=f"GA4 {path}"
         )
-
-    def _display_url(self, path: str) -> str:
-        query = "&".join(f"{k}={v}" for k, v in self.config.query(redact=True).items())
-        return f"{self.config.base_url}{path}?{query}"
 
     def _note(self, item: _Item) -> None:
         """Log each distinct change made to fit GA4 once (per sink), not once per event."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, SecretStr, model_validator
 
 import waypost
-from waypost.errors import PermanentError, RetryableError
+from waypost.errors import PermanentError
 from waypost.events import Event
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
 from waypost.sinks.masking import basic_auth
@@ -25,7 +25,6 @@ from waypost.sinks.transport import (
     RETRYABLE_STATUS,
     HttpTransport,
     json_object,
-    parse_retry_after,
     snippet,
 )
 
@@ -219,14 +218,9 @@ class MixpanelSink(Sink[MixpanelConfig]):
         if status == 413 or status in RETRYABLE_STATUS or status >= 500:
             self._http.check(answer, what=what)
         if body is None:
-            if 200 <= status < 300:
-                raise RetryableError(
-                    f"{what}: HTTP {status} with a body that is not Mixpanel's JSON answer: "
-                    f"{self._http.text(answer)!r}",
-                    retry_after=parse_retry_after(answer.headers.get("Retry-After")),
-                )
-            self._http.check(answer, what=what)
-            raise PermanentError(f"{what}: HTTP {status}")  # pragma: no cover (check raised)
+            self._http.unreadable(
+                answer, "with a body that is not Mixpanel's JSON answer", what=what
+            )
         if 200 <= status < 300 and _accepted(body):
             return
         failed = body.get("failed_records")
@@ -270,7 +264,7 @@ class MixpanelSink(Sink[MixpanelConfig]):
         )
         return answer.status_code, json_object(answer), answer
 
-    # --- debug and test-sink --------------------------------------------------------------
+    # --- debug --------------------------------------------------------------
 
     def render(self, events: Sequence[Event]) -> Any:
         """The requests ``send`` would make: URL and form body (the token shown as ``***``)."""
@@ -288,10 +282,6 @@ class MixpanelSink(Sink[MixpanelConfig]):
         if result.failed:
             rendered.append({"not_sent": result.failed})
         return rendered
-
-    def test_request(self, event: Event) -> dict[str, Any]:
-        """Send one event and return Mixpanel's answer as it came."""
-        return self._http.test_request(event)
 
 
 def _path(endpoint: str) -> str:

@@ -204,10 +204,6 @@ class PlausibleSink(Sink[PlausibleConfig]):
         # A failure that is not about one event (down, busy, refusing us) is the rest's too.
         return send_in_parts(parts, send_one, result, permanent_fails_rest=True)
 
-    def test_request(self, event: Event) -> dict[str, Any]:
-        """Send one event and return Plausible's answer as it came."""
-        return self._http.test_request(event)
-
 
 @waypost.hookimpl
 def register_sinks(register: Callable[[type[Sink]], None]) -> None:

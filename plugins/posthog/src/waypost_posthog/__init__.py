@@ -25,7 +25,7 @@ from waypost.hookspecs import hookimpl
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
 from waypost.sinks.parts import pack, send_in_parts
 from waypost.sinks.process import ProcessLocal
-from waypost.sinks.transport import Answers, raise_for_status, snippet
+from waypost.sinks.transport import Answers, raise_for_status, requests_session, snippet
 
 if TYPE_CHECKING:
     import requests
@@ -241,15 +241,10 @@ class PosthogSink(Sink[PosthogConfig]):
 
     def _new_session(self) -> requests.Session:
         """A session of our own: posthog's shared one retries connection errors itself on
-        https, and retries belong to the core. A forked child builds its own."""
-        session: requests.Session = _session_class(self._requests)()
-        adapter = _limited_adapter(self._requests)(max_retries=0)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        secrets = self.config.url_secrets
-        if secrets.username is not None:  # user info of the host, taken out of the URL
-            session.auth = (secrets.username, secrets.password or "")
-        return session
+        https, and retries belong to the core; posthog-python posts with requests' default,
+        which follows a redirect and takes the project key along. A forked child builds its
+        own."""
+        return requests_session(self, _limited_adapter(self._requests)(max_retries=0))
 
 
 class _OverLimit(Exception):
@@ -258,20 +253,6 @@ class _OverLimit(Exception):
 
 _limits = threading.local()
 """Per thread: the largest body the request being made may have (0: no limit)."""
-
-
-@functools.cache
-def _session_class(http: ModuleType) -> Any:
-    """A requests session that answers a redirect instead of following it: posthog-python
-    posts with requests' default, which follows it and takes the project key along to a host
-    nobody configured."""
-
-    class NoRedirects(http.Session):  # type: ignore[name-defined,misc]
-        def request(self, *args: Any, **kwargs: Any) -> Any:
-            kwargs["allow_redirects"] = False
-            return super().request(*args, **kwargs)
-
-    return NoRedirects
 
 
 @functools.cache

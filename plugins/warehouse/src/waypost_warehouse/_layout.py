@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from waypost.errors import ConfigError
+from waypost.errors import ConfigError, SinkError
 from waypost.events import Event
+from waypost.sinks import Sink
 
 COLUMNS: tuple[str, ...] = (
     "id",
@@ -32,9 +34,6 @@ these is still written (without them); with ``create_table`` the sink adds them 
 nullable column: a change of the table's metadata only, on every backend)."""
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
-
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-_NOISE = ("DETAIL", "HINT", "CONTEXT", "LINE ", "QUERY", "WHERE", "^")
 
 
 class TableLayoutError(ConfigError):
@@ -60,13 +59,37 @@ def distinct_id_of(event: Event) -> str:
     return who
 
 
-def without_added(label: str, missing: list[str], why: str) -> str:
-    """The warning for a table written without the columns of ``ADDED_COLUMNS`` it lacks."""
-    return (
-        f"table {label} has no {', '.join(missing)} column ({why}): events are written "
-        f"without it; add it (ALTER TABLE {label} ADD COLUMN distinct_id VARCHAR(255)) or set "
-        "create_table: true, see the migration note in the waypost-warehouse README"
-    )
+def settle_added(
+    sink: Sink[Any],
+    label: str,
+    missing: Callable[[], list[str]],
+    add: Callable[[list[str]], None],
+    refused: type[SinkError],
+) -> tuple[str, ...]:
+    """The columns of ``ADDED_COLUMNS`` the table lacks (``missing()``), which it is written
+    without. With ``create_table`` they are added first (``add``); if that is ``refused`` (no
+    right to alter the table, say), the table is looked at again: another process may have
+    added them meanwhile. What it still lacks is said in a warning."""
+    absent, why = missing(), "create_table is off"
+    if absent and getattr(sink.config, "create_table", False):
+        try:
+            add(absent)
+            return ()
+        except refused as exc:
+            why = exc.reason
+        absent = missing()
+    if absent:
+        sink.context.logger.warning(
+            "waypost: sink %r: table %s has no %s column (%s): events are written without it; "
+            "add it (ALTER TABLE %s ADD COLUMN distinct_id VARCHAR(255)) or set create_table: "
+            "true, see the migration note in the waypost-warehouse README",
+            sink.name,
+            label,
+            ", ".join(absent),
+            why,
+            label,
+        )
+    return tuple(absent)
 
 
 def no_table(label: str) -> TableLayoutError:
@@ -82,25 +105,3 @@ def lacks_columns(label: str, missing: list[str]) -> TableLayoutError:
         f"{', '.join(missing)}: add {'them' if len(missing) > 1 else 'it'} "
         "(see the layout in the waypost-warehouse README) or point `table` at another table"
     )
-
-
-def clean_message(
-    message: str, known: Iterable[str], *, redact: bool = True, limit: int = 300
-) -> str:
-    """A database message fit for logs: detail lines dropped, whitespace folded, quoted text
-    that is not one of the ``known`` identifiers replaced by ``'…'`` (unless ``redact`` is off:
-    connection failures carry no values), cut to ``limit``."""
-    names = {k.lower() for k in known if k}
-    lines = [line.strip() for line in message.splitlines()]
-    text = " ".join(line for line in lines if line and not line.startswith(_NOISE))
-
-    def keep(match: re.Match[str]) -> str:
-        quoted = match.group(0)
-        parts = [p.strip("\"'").lower() for p in quoted[1:-1].split(".")]
-        if parts and all(p in names for p in parts):
-            return quoted
-        return quoted[0] + "…" + quoted[0]
-
-    if redact:
-        text = _QUOTED.sub(keep, text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -20,18 +20,17 @@ from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validat
 
 from waypost.errors import ConfigError, PermanentError, RetryableError, SinkError
 from waypost.events import Event, dumps
-from waypost.sinks import SendResult, Sink, SinkConfig, check_endpoint
+from waypost.sinks import SendResult, Sink, SinkConfig, check_endpoint, clean_message
 from waypost.sinks.parts import Chunk, pack, send_in_parts
 from waypost_warehouse._layout import (
     ADDED_COLUMNS,
     COLUMNS,
     IDENTIFIER,
-    clean_message,
     distinct_id_of,
     lacks_columns,
     missing_columns,
     no_table,
-    without_added,
+    settle_added,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +57,12 @@ _SOURCE = (
 # intervention (warehouse suspended, statement cancelled or timed out), 08 a connection exception.
 _RETRY_ERRNO = (606, 390104, 390111, 390114, 250001, 250002, 250003)
 _RETRY_SQLSTATE = ("08", "57")
+# The connector's errors for an HTTP answer a retry can fix, and for an expired session.
+_RETRY_ERRORS = frozenset(
+    {"ServiceUnavailableError", "GatewayTimeoutError", "BadGatewayError", "InternalServerError",
+     "RequestTimeoutError", "TooManyRequests", "OtherHTTPRetryableError",
+     "RequestExceedMaxRetryError", "TokenExpiredError"}
+)  # fmt: skip
 
 
 def _identifier(value: str | None) -> str | None:
@@ -319,32 +324,13 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
         (``create_table``) or written without them."""
         if self.config.create_table:
             self._execute(self._create_sql(), None, what=f"creating table {self.label}")
-        missing = self._missing()
-        if missing and self.config.create_table:
-            try:
-                for column in missing:  # each of ADDED_COLUMNS is a VARCHAR
-                    self._execute(
-                        f"ALTER TABLE {self.label} ADD COLUMN {column} VARCHAR",
-                        None,
-                        what=f"adding {column} to {self.label}",
-                    )
-            except PermanentError as exc:
-                missing = self._missing()  # another process may have added it meanwhile
-                if missing:
-                    self.context.logger.warning(
-                        "waypost: sink %r: %s",
-                        self.name,
-                        without_added(self.label, missing, exc.reason),
-                    )
-            else:
-                missing = []
-        elif missing:
-            self.context.logger.warning(
-                "waypost: sink %r: %s",
-                self.name,
-                without_added(self.label, missing, "create_table is off"),
-            )
-        self._absent = tuple(missing)
+
+        def add(columns: list[str]) -> None:
+            for column in columns:  # each of ADDED_COLUMNS is a VARCHAR
+                sql = f"ALTER TABLE {self.label} ADD COLUMN {column} VARCHAR"
+                self._execute(sql, None, what=f"adding {column} to {self.label}")
+
+        self._absent = settle_added(self, self.label, self._missing, add, PermanentError)
         self._ready = True
 
     def _missing(self) -> list[str]:
@@ -377,18 +363,7 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
                 isinstance(exc, (errors.OperationalError, errors.InterfaceError))
                 or exc.errno in _RETRY_ERRNO
                 or state[:2] in _RETRY_SQLSTATE
-                or type(exc).__name__
-                in (
-                    "ServiceUnavailableError",
-                    "GatewayTimeoutError",
-                    "BadGatewayError",
-                    "InternalServerError",
-                    "RequestTimeoutError",
-                    "TooManyRequests",
-                    "OtherHTTPRetryableError",
-                    "RequestExceedMaxRetryError",
-                    "TokenExpiredError",
-                )
+                or type(exc).__name__ in _RETRY_ERRORS
             )
             if exc.errno in (390100, 390144, 390318) or state.startswith("28"):
                 retry = False  # refused credentials: retrying cannot fix them

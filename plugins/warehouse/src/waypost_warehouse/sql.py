@@ -10,6 +10,7 @@ built (on the application's thread, never on a delivery thread), not when the pl
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import importlib.util
 import math
 import time
@@ -21,18 +22,17 @@ from pydantic import ConfigDict, Field, SecretStr, field_validator
 
 from waypost.errors import ConfigError, PermanentError, RetryableError, SinkError
 from waypost.events import Event, dumps
-from waypost.sinks import SendResult, Sink, SinkConfig
+from waypost.sinks import SendResult, Sink, SinkConfig, clean_message
 from waypost.sinks.masking import MASK, is_secret_name
 from waypost_warehouse._layout import (
     ADDED_COLUMNS,
     COLUMNS,
     TableLayoutError,
-    clean_message,
     distinct_id_of,
     lacks_columns,
     missing_columns,
     no_table,
-    without_added,
+    settle_added,
 )
 
 if TYPE_CHECKING:
@@ -308,48 +308,35 @@ class SqlSink(Sink[SqlConfig]):
         (``create_table``) or written without them."""
         import sqlalchemy as sa
 
-        assert self._engine is not None
+        engine = self._engine
+        assert engine is not None
         table = _table(self.config.table, self.config.schema_)
-        with self._engine.begin() as conn:
+        with engine.begin() as conn:
             if not sa.inspect(conn).has_table(table.name, schema=table.schema):
                 if not self.config.create_table:
                     raise no_table(self.label)
                 table.create(conn, checkfirst=True)
-                missing = []
-            else:
-                missing = self._missing(conn, table)
-        if missing and self.config.create_table:
+
+        def add(columns: list[str]) -> None:
             try:
-                with self._engine.begin() as conn:
-                    for column in missing:
+                with engine.begin() as conn:
+                    for column in columns:
                         _add_column(conn, table, column)
             except sa.exc.SQLAlchemyError as exc:
-                # Another process may have added it meanwhile; otherwise (no right to alter
-                # the table) the events go without it.
-                reason = self._classify(f"adding {', '.join(missing)}", exc).reason
-                with self._engine.begin() as conn:
-                    missing = self._missing(conn, table)
-                if missing:
-                    warning = without_added(self.label, missing, reason)
-                    self.context.logger.warning("waypost: sink %r: %s", self.name, warning)
-            else:
-                missing = []
-        elif missing:
-            self.context.logger.warning(
-                "waypost: sink %r: %s",
-                self.name,
-                without_added(self.label, missing, "create_table is off"),
-            )
-        self._absent = tuple(missing)
+                raise self._classify(f"adding {', '.join(columns)}", exc) from None
+
+        missing = functools.partial(self._missing, engine, table)
+        self._absent = settle_added(self, self.label, missing, add, SinkError)
         self._table = _table(self.config.table, self.config.schema_, without=self._absent)
         self._ready = True
 
-    def _missing(self, conn: Connection, table: sa.Table) -> list[str]:
+    def _missing(self, engine: Engine, table: sa.Table) -> list[str]:
         """The columns of ``ADDED_COLUMNS`` the table lacks; raises if it lacks others."""
         import sqlalchemy as sa
 
         probe = sa.select(sa.text("*")).select_from(table).where(sa.false())
-        missing = missing_columns(conn.execute(probe).keys())
+        with engine.begin() as conn:
+            missing = missing_columns(conn.execute(probe).keys())
         if any(column not in ADDED_COLUMNS for column in missing):
             raise lacks_columns(self.label, missing)
         return missing
