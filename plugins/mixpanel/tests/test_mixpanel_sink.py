@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -559,3 +562,26 @@ def test_open_and_send_import_nothing(
     settings = {"token": TOKEN, "host": waypost_recording_server.url}
     assert delivery_imports("mixpanel", settings, tmp_path, events=3) == []
     assert len(waypost_recording_server.requests) == 1
+
+
+def test_building_a_sink_leaves_the_httpx_logger_as_the_application_set_it(
+    tmp_path: Path,
+) -> None:
+    """The mixpanel SDK's feature-flag modules set httpx's logger to ERROR when imported: in a
+    fresh process, building the sink (which imports the SDK) leaves the level alone."""
+    code = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from waypost_mixpanel import MixpanelConfig, MixpanelSink\n"
+        "from waypost.sinks import SinkContext\n"
+        "logging.getLogger('httpx').setLevel(logging.INFO)\n"
+        "context = SinkContext(app='a', version='1', instance_id='i', data_dir=Path(sys.argv[1]))\n"
+        "MixpanelSink('m', MixpanelConfig(token='t0ken'), context)\n"
+        "assert 'mixpanel' in sys.modules\n"
+        "print(logging.getLogger('httpx').level)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(logging.INFO)

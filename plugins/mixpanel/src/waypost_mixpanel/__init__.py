@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -108,7 +109,13 @@ class MixpanelSink(Sink[MixpanelConfig]):
 
     def __init__(self, name: str, config: MixpanelConfig, context: SinkContext) -> None:
         super().__init__(name, config, context)
+        httpx_log = logging.getLogger("httpx")
+        level = httpx_log.level
         import mixpanel  # here, on the thread that builds the sink
+
+        # Its feature-flag modules set httpx's logger to ERROR for the whole process: the
+        # application's own httpx lines (and ours) are the application's to silence.
+        httpx_log.setLevel(level)
 
         self._json_dumps: Callable[[Any], str] = mixpanel.json_dumps
         self._import_auth: str | None = None
