@@ -7,6 +7,7 @@ import base64
 import heapq
 import html
 import re
+import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -408,7 +409,53 @@ def _unescape(escape: str) -> tuple[str, list[int]]:
 def decoded(text: str, *, plus: bool = False) -> tuple[str, list[int]]:
     """``text`` with its escapes decoded (see :data:`_ESCAPE`; with ``plus``, each ``+`` read
     as a space, as in a form body), and for each character of the result (and its end) the
-    offset in ``text`` where it comes from."""
+    offset in ``text`` where it comes from.
+
+    A long text is decoded a piece at a time, each piece ending where no escape can reach
+    across (see :func:`_decode_cut`), so the result is the same and no step holds the
+    interpreter for long."""
+    n = len(text)
+    if n <= _SLICE + _OVERLAP:
+        return _decoded(text, plus)
+    views: list[str] = []
+    where: list[int] = []
+    start = 0
+    while start < n:
+        end = _decode_cut(text, start, n)
+        view, at = _decoded(text[start:end], plus)
+        views.append(view)
+        where.extend([start + i for i in at[:-1]])  # its end is where the next piece starts
+        start = end
+        _let_others_run()
+    where.append(n)
+    return "".join(views), where
+
+
+_UNESCAPED = re.compile(r"[^%&#;\\/\"'0-9A-Za-z]")
+"""A character that is part of no escape, in any round of decoding."""
+_ESCAPE_START = re.compile(r"[%&\\]")
+_ESCAPE_REACH = 40
+"""Every escape (of any round) is shorter than this, and starts with one of ``%&\\``."""
+
+
+def _decode_cut(text: str, start: int, n: int) -> int:
+    """Where a piece of ``text`` that begins at ``start`` ends for :func:`decoded`: before a
+    character no escape holds, past ``start + _SLICE``; without one, at a place no escape is
+    within reach of (so none of any round spans it); else further on."""
+    low = start + _SLICE
+    while low < n:
+        high = min(n, low + _SLICE)
+        found = _UNESCAPED.search(text, low, high)
+        if found is not None:
+            return found.start()
+        reach = _ESCAPE_REACH
+        if _ESCAPE_START.search(text, max(start, high - reach), min(n, high + reach)) is None:
+            return high
+        low = high
+    return n
+
+
+def _decoded(text: str, plus: bool) -> tuple[str, list[int]]:
     view, where = (text.replace("+", " ") if plus else text), list(range(len(text) + 1))
     for round_ in range(_DECODE_ROUNDS):
         parts: list[str] = []
@@ -440,22 +487,59 @@ _CACHED_LENGTH = 256
 """Longer strings are always scanned: they are rarely repeated."""
 _SLICE = 1024
 _OVERLAP = 512
-"""A long text is searched in slices of ``_SLICE`` characters (each with ``_OVERLAP`` more, so
-that a match starting near its end is seen whole): a few milliseconds a search at most, after
-which another thread of the host may run."""
+"""A long text is searched in slices of about ``_SLICE`` characters (each with ``_OVERLAP``
+more, so that a match starting near its end is seen whole): well under a millisecond a search,
+after which another thread of the host may run."""
+_SEPARATORS = (" ", "\t", '"', "'", ",", ";")
+"""Blanks, and the separators of JSON, CSV and headers."""
+_CHUNK = 16 * 1024
+"""A scan for single characters takes this many at a time."""
+_RUN_FOR = 0.002
+"""The longest the scrubbers work through a long text before they let other threads run."""
+_ran_since = [0.0]
+
+
+def _let_others_run() -> None:
+    """Between slices of a long text: every ``_RUN_FOR`` seconds, let any other thread of the
+    host that waits for the interpreter run (one slice of work is the longest it then waits)."""
+    now = time.perf_counter()
+    if now - _ran_since[0] >= _RUN_FOR:
+        time.sleep(0)
+        _ran_since[0] = time.perf_counter()
+
+
+def _cut(text: str, start: int, n: int) -> int:
+    """Where a slice of ``text`` that begins at ``start`` ends, at most ``2 * _SLICE`` on: after
+    its last line break, which no built-in rule's match crosses but a private key's (whose
+    pattern then runs to the slice's end, and is matched again whole); else after its last
+    blank or separator, which no token, JWT, address or key crosses (nor any match without one
+    in it; shorter matches that hold one are seen whole in the overlap); else at the most
+    (a text with neither for that long: there a match is seen whole up to ``_OVERLAP``
+    characters past the cut)."""
+    high = start + 2 * _SLICE
+    if high >= n:
+        return n
+    at = text.rfind("\n", start, high)
+    if at >= 0:
+        return at + 1
+    at = max(text.rfind(separator, start, high) for separator in _SEPARATORS)
+    return at + 1 if at >= 0 else high
 
 
 def _search(regex: re.Pattern[str], text: str, pos: int) -> re.Match[str] | None:
     """``regex.search(text, pos)``, a slice at a time on a long text: one search holds the GIL
     until it returns, and on a long text that would stop every other thread of the host for
-    as long. A match found in a slice and its overlap is taken; one reaching the end of the
-    window is matched again from its start with the whole text after it, so that it is not cut
-    short (a private key's END line far ahead, a lookahead at the window's edge)."""
+    as long. A match starting in a slice (searched with ``_OVERLAP`` characters more) is taken;
+    one reaching the end of what was searched is matched again from its start with the whole
+    text after it, so that it is not cut short (a private key's END line far ahead, a
+    lookahead at the edge)."""
     n = len(text)
     while True:
-        end = min(n, pos + _SLICE + _OVERLAP)
+        cut = _cut(text, pos, n)
+        end = min(n, cut + _OVERLAP)
         match = regex.search(text, pos, end)
-        if match is not None and (match.start() < pos + _SLICE or end == n):
+        _let_others_run()
+        if match is not None and (match.start() < cut or end == n):
             if end < n and match.end() > end - 8:  # cut short, or a lookahead was
                 whole = regex.match(text, match.start())
                 if whole is None:  # no match there once the text goes on
@@ -465,7 +549,12 @@ def _search(regex: re.Pattern[str], text: str, pos: int) -> re.Match[str] | None
             return match
         if end == n:
             return None
-        pos += _SLICE
+        pos = cut
+
+
+def _find(regex: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """The first match in ``text``, a slice at a time when it is long."""
+    return _search(regex, text, 0) if len(text) > _SLICE + _OVERLAP else regex.search(text)
 
 
 def _norm_key(key: str) -> str:
@@ -535,7 +624,16 @@ class Scrubber:
     def _searched(self, text: str) -> list[tuple[int, re.Pattern[str]]]:
         """The rules (by index) that can match ``text``, with their regexes."""
         needed = self._needed
-        found = needed.findall(text) if needed is not None else ()
+        found: Collection[str] = ()
+        if needed is None:
+            pass
+        elif len(text) <= _CHUNK:
+            found = needed.findall(text)
+        else:
+            found = set()
+            for at in range(0, len(text), _CHUNK):
+                found.update(needed.findall(text, at, at + _CHUNK))
+                _let_others_run()
         present = frozenset(map(self._class_of.__getitem__, found)) if found else _NONE
         searched = self._by_present.get(present)
         if searched is None:
@@ -575,7 +673,7 @@ class Scrubber:
             if clean is text:
                 break
             text, clean = clean, self._scan(clean, path, remarks, skip)
-        escaped = _ESCAPE.search(clean) is not None
+        escaped = _find(_ESCAPE, clean) is not None
         if escaped:
             clean = self._scan_decoded(clean, path, remarks, skip, plus=False)
         if "+" in clean and ("%" in clean or "=" in clean):  # a form body: "+" is a space
