@@ -323,6 +323,8 @@ def test_json_errors_are_json_and_name_every_typo(tmp_path: Path, env: dict[str,
 
 @pytest.mark.http_sink
 def test_purge_all_asks_unless_yes(tmp_path: Path, env: dict[str, str]) -> None:
+    """It asks when undelivered events would go; with nothing undelivered there is nothing to
+    ask (see the next test)."""
     write(
         tmp_path / "telemetry.yml",
         f"""
@@ -340,10 +342,35 @@ def test_purge_all_asks_unless_yes(tmp_path: Path, env: dict[str, str]) -> None:
     assert total >= 1
     declined = run(["purge", "--all"], env, tmp_path, stdin="n\n")
     assert declined.returncode == 1 and "Delete every record" in declined.stderr
+    unanswered = run(["purge", "--all", "--json"], env, tmp_path)  # closed input: a no
+    assert unanswered.returncode == 1 and "--yes" in as_json(unanswered)["error"]
     assert as_json(run(["show", "--json"], env, tmp_path))["total"] == total
     yes = run(["purge", "--all", "--yes", "--json"], env, tmp_path)
     assert yes.returncode == 0 and as_json(yes)["deleted"] == total
     assert as_json(run(["show", "--json"], env, tmp_path))["total"] == 0
+
+
+def test_purge_all_of_delivered_records_needs_no_answer(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    out = tmp_path / "sent.jsonl"
+    write(
+        tmp_path / "telemetry.yml",
+        f"""
+        telemetry:
+          app: purgeapp
+          data_dir: data
+          notice: {{enabled: false}}
+          outbox: {{keep_sent: 1d}}
+          sinks:
+            out: {{type: jsonl, path: "{out}"}}
+        """,
+    )
+    assert run(["send-heartbeat"], env, tmp_path).returncode == 0
+    total = as_json(run(["show", "--json"], env, tmp_path))["total"]
+    assert total >= 1
+    purged = run(["purge", "--all", "--json"], env, tmp_path)  # no input, none needed
+    assert purged.returncode == 0 and as_json(purged)["deleted"] == total, purged.stdout
 
 
 # --- what the CLI sends carries the application's name, version and facts -----------------------

@@ -340,3 +340,57 @@ def test_the_audit_sees_an_entry_point_that_is_on(
     assert report["seen"]["send_heartbeat"]
     assert ["send_heartbeat", "facts callback"] in report["calls"]
     assert ["send_heartbeat", "waypost_heartbeat"] in report["calls"]
+
+
+def _listing(directory: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+
+def test_looking_at_a_stored_outbox_while_off_writes_nothing(
+    tmp_path: Path, waypost_clean_env: dict[str, str], waypost_cli: str
+) -> None:
+    """``status()``, ``waypost status`` and ``show`` read the outbox an earlier run left as it
+    is: no -wal or -shm file made, nothing in the data dir touched (off means off; ``show`` is
+    read-only), and what it holds is still reported."""
+    import waypost
+
+    (tmp_path / "telemetry.yml").write_text(
+        textwrap.dedent(
+            f"""
+            telemetry:
+              app: offlook
+              data_dir: {tmp_path / "data"}
+              notice: {{enabled: false}}
+              outbox: {{keep_sent: 1d}}
+              sinks:
+                out: {{type: jsonl, path: "{tmp_path / "sent.jsonl"}"}}
+            """
+        )
+    )
+    config = str(tmp_path / "telemetry.yml")
+    on = waypost.Telemetry(config=config, env=waypost_clean_env)
+    for i in range(5):
+        on.track("kept", {"i": i})
+    assert on.shutdown(10)
+    before = _listing(tmp_path / "data")
+    assert "outbox.sqlite3" in before and "outbox.sqlite3-wal" not in before
+    off_env = {**waypost_clean_env, "DO_NOT_TRACK": "1"}
+    off = waypost.Telemetry(config=config, env=off_env)
+    assert off.status().outbox["out"]["sent"] == 5
+    for args in (["status", "--json"], ["show", "--json"], ["status"], ["show"]):
+        out = subprocess.run(
+            [waypost_cli, "--config", config, *args],
+            env=off_env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, (args, out.stderr)
+    assert json.loads(
+        subprocess.run(
+            [waypost_cli, "--config", config, "show", "--json", "--state", "sent"],
+            env=off_env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        ).stdout
+    )["total"] == 5  # fmt: skip
+    assert _listing(tmp_path / "data") == before

@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from pydantic import Field
 import waypost
 from waypost.events import NAME_MAX, Event, name_problem, normalise_name
 from waypost.privacy import Rule
+from waypost.status import Counters
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
@@ -484,7 +487,7 @@ def test_any_name_and_properties_are_sent_whole_or_dropped_and_counted(
 ) -> None:
     from waypost.gate import Gate
     from waypost.plugins import PluginManager
-    from waypost.status import Counters, LogOnce
+    from waypost.status import LogOnce
 
     counters = Counters()
     gate = Gate(level="all", instance_id="inst", context={}, scrubber=None, distinct_id="",
@@ -500,3 +503,26 @@ def test_any_name_and_properties_are_sent_whole_or_dropped_and_counted(
         assert counters.dropped == {}
     else:
         assert counters.dropped == {"invalid": 1}
+
+
+def test_drops_counted_from_many_threads_at_once_are_all_counted() -> None:
+    """Host threads, the worker, the storer and the sinks' threads count drops at once: none is
+    lost between reading a count and writing it back."""
+    counters = Counters()
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two steps
+
+    def drop() -> None:
+        for _ in range(20_000):
+            counters.drop("buffer_full")
+
+    threads = [threading.Thread(target=drop) for _ in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switching)
+    assert counters.dropped == {"buffer_full": 160_000}
+    assert counters.lost() == 160_000

@@ -59,10 +59,20 @@ class Counters:
     accepted: int = 0
     stored: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    # Host threads, the worker, the storer and every sink's threads drop at once: a read and
+    # a write of the count without it would lose some of them.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
-            self.dropped[reason] = self.dropped.get(reason, 0) + n
+            with self._lock:
+                self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def after_fork(self) -> None:
+        """In a forked child: counts of its own, from zero."""
+        self._lock = threading.Lock()
+        self.accepted = self.stored = 0
+        self.dropped = {}
 
     def lost(self) -> int:
         """Events lost so far (dropped for one of :data:`LOSSES`)."""
@@ -154,7 +164,17 @@ class Status(BaseModel):
     notes: list[str] = []
     """Anything else an operator should know: an instance id that could not be kept, ..."""
 
-    _clean = field_validator("config_error")(_sanitised)
+    _clean = field_validator("config_error", "reason")(_sanitised)
+
+    @field_validator("config_warnings", "notes")
+    @classmethod
+    def _clean_lines(cls, lines: list[str]) -> list[str]:
+        return [sanitise(line) for line in lines]
+
+    @field_validator("plugin_errors")
+    @classmethod
+    def _clean_reasons(cls, reasons: dict[str, str]) -> dict[str, str]:
+        return {name: sanitise(reason) for name, reason in reasons.items()}
 
     def pending(self) -> dict[str, dict[str, Any]]:
         """Each sink that still holds events (stored, or only in memory): how many, its state

@@ -96,6 +96,10 @@ def _plugin_label(plugin: object) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def _nothing() -> None:
+    """What ``track`` calls on a pipeline that is not (or no longer) there."""
+
+
 class Telemetry:
     """Collects events for one application and delivers them to the configured sinks.
 
@@ -135,6 +139,10 @@ class Telemetry:
         self._lock = threading.RLock()
         self._closed = False
         self.pipeline: Pipeline | None = None
+        # The pipeline's methods that track calls: a host thread that passed the checks just
+        # before consent was withdrawn calls a no-op, never a pipeline that is gone.
+        self._nudge: Callable[[], object] = _nothing
+        self._drain: Callable[[], object] = _nothing
         self.outbox_: Outbox | None = None
         self.counters = Counters()
         self.instance_id: str | None = None
@@ -146,7 +154,8 @@ class Telemetry:
         self.control: ControlState | None = None
         self._heartbeat_every: float | None = None  # this installation's own period
         self._metrics: MetricRegistry | None = None
-        self._inspect_outbox: Outbox | None = None
+        self._purge_outbox: Outbox | None = None
+        self._read_outbox: Outbox | None = None
         self._off_scrubber: tuple[Scrubber | None] | None = None  # built when first asked
         self.sinks: dict[str, Sink] = {}
         self.sink_errors: dict[str, tuple[str, str]] = {}
@@ -329,7 +338,9 @@ class Telemetry:
                 raise WaypostError(
                     f"telemetry could not start: {type(exc).__name__}: {exc}"
                 ) from exc
-            reason = str(exc) if isinstance(exc, WaypostError) else f"{type(exc).__name__}: {exc}"
+            reason = secrets.sanitise(
+                str(exc) if isinstance(exc, WaypostError) else f"{type(exc).__name__}: {exc}"
+            )
             if isinstance(exc, PluginError):
                 self.plugin_errors.setdefault(exc.plugin or "start", reason)
             log.error("waypost: telemetry is off: %s", reason)
@@ -615,9 +626,10 @@ class Telemetry:
         pipeline = self.pipeline
         if pipeline is None or not self._on:
             return True
-        if force:
+        deadline = time.monotonic() + max(0.0, timeout)
+        if force:  # within the budget: a held outbox lock takes a share of it, not more
             pipeline.force_due(time.monotonic() + min(1.0, timeout / 2))
-        ok = pipeline.flush(timeout)
+        ok = pipeline.flush(max(0.0, deadline - time.monotonic()))
         if self.strict:
             pipeline.raise_contract_errors()
         return ok
@@ -684,8 +696,7 @@ class Telemetry:
         the parent had buffered is the parent's to send."""
         self._lock = threading.RLock()
         self._log_once.after_fork()
-        self.counters.accepted = self.counters.stored = 0
-        self.counters.dropped = {}
+        self.counters.after_fork()
         if self.pipeline is not None and self._on:
             self.pipeline.after_fork()
             self._buffer = self.pipeline.buffer
@@ -971,6 +982,7 @@ class Telemetry:
         are discarded; what the outbox holds stays there, unsent, until consent returns or an
         operator purges it."""
         self._on = self._fast = False
+        self._nudge = self._drain = _nothing
         self._forget_process()
         if self.scheduler is not None:
             self.scheduler.stop(timeout=1.0)
@@ -990,7 +1002,7 @@ class Telemetry:
         try:
             outbox = self.outbox_
             if outbox is None and self.has_outbox():
-                outbox = self.open_outbox()
+                outbox = self.open_outbox(read_only=True)
         except Exception as exc:  # status answers whatever the data dir holds
             outbox = None
             storage = StorageStatus(state="unavailable", detail=f"{type(exc).__name__}: {exc}")
@@ -1059,13 +1071,19 @@ class Telemetry:
             notes=list(self._notes),
         )
 
-    def open_outbox(self) -> Outbox:
-        """The outbox of this data dir (opened read-write; for inspection and purge)."""
+    def open_outbox(self, *, read_only: bool = False) -> Outbox:
+        """The outbox of this data dir: the running instance's, or else opened read-write (to
+        purge) or, ``read_only``, to look (``status``, ``show``: read as it is, nothing written,
+        created or repaired, as with telemetry off)."""
         if self.outbox_ is not None:
             return self.outbox_
-        if self._inspect_outbox is None:
-            self._inspect_outbox = Outbox(self.data_dir)
-        return self._inspect_outbox
+        if read_only:
+            if self._read_outbox is None:
+                self._read_outbox = Outbox(self.data_dir, inspect=True)
+            return self._read_outbox
+        if self._purge_outbox is None:
+            self._purge_outbox = Outbox(self.data_dir)
+        return self._purge_outbox
 
     def has_outbox(self) -> bool:
         """Whether this data dir holds an outbox (without creating one)."""

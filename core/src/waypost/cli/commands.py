@@ -212,7 +212,7 @@ def show(
     records: list[Record] = []
     total = 0
     if tel.has_outbox():
-        records, total = tel.open_outbox().records(
+        records, total = tel.open_outbox(read_only=True).records(
             sink=sink, state=state, name=event_name, limit=limit, offset=offset
         )
     if as_json:
@@ -316,20 +316,27 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def purge(obj: Ctx, everything: bool, sent: bool, yes: bool, as_json: bool) -> None:
-    """Delete records: all of them (asks first, unless --yes), or only those already
-    submitted."""
+    """Delete records: all of them (asks first when undelivered events are among them,
+    unless --yes), or only those already submitted."""
     if everything == sent:
         raise click.UsageError("give exactly one of --all or --sent")
     tel = obj.telemetry(tolerant=True)
     deleted = 0
     if tel.has_outbox():
-        if everything and not yes:
-            pending = tel.open_outbox().pending_events()
-            click.confirm(
-                f"Delete every record in {tel.data_dir}, {pending} undelivered events among them?",
-                abort=True,
-                err=True,
+        pending = tel.open_outbox().pending_events() if everything and not yes else 0
+        if pending:  # only undelivered events are lost by it: then someone says yes
+            question = (
+                f"Delete every record in {tel.data_dir}, {pending} undelivered events among them?"
             )
+            try:
+                agreed = click.confirm(question, default=False, err=True)
+            except click.Abort:  # no answer (closed input)
+                agreed = False
+            if not agreed:
+                raise click.ClickException(
+                    f"not confirmed: nothing deleted ({pending} undelivered events); "
+                    "give --yes to delete without asking"
+                )
         deleted = tel.open_outbox().purge(sent_only=sent)
     if as_json:
         _dump({"deleted": deleted, "what": "sent" if sent else "all"})

@@ -126,7 +126,8 @@ class Record:
 class Outbox:
     """Thread-safe access to the outbox file: one SQLite connection per thread."""
 
-    def __init__(self, data_dir: Path, *, sync: bool = False) -> None:
+    def __init__(self, data_dir: Path, *, sync: bool = False, inspect: bool = False) -> None:
+        """``inspect``: read the file as it is, never write, create or repair it."""
         self.path = Path(data_dir) / FILENAME
         self.sync = sync
         self._context_ids: dict[str, int] = {}
@@ -142,6 +143,7 @@ class Outbox:
             ),
             sync=sync,
             on_recover=_recover,
+            inspect=inspect,
         )
 
     # --- the file ---------------------------------------------------------------------------

@@ -571,6 +571,7 @@ class Pipeline:
         if self.storer is not None:
             self.storer.join(max(0.0, deadline - time.monotonic()))
         stuck = False
+        closing: list[Runner] = []
         for runner in self.runners:
             for thread in runner.threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
@@ -580,15 +581,18 @@ class Pipeline:
                     "waypost: sink %r still busy at shutdown; its events stay in the outbox",
                     runner.name,
                 )
-                continue
-            try:
-                if runner.opened:
-                    runner.sink.close()
-            except Exception as exc:
-                log.warning("waypost: sink %r failed to close: %s", runner.name, exc)
-            # Done with: its secrets no longer mask the texts of the process (a stuck sink,
-            # which may still log, keeps them known; its own reasons are masked either way).
-            runner.sink.masker.release()
+            elif runner.opened:
+                closing.append(runner)
+            else:
+                runner.sink.masker.release()  # its secrets no longer mask the process's texts
+        if closing:  # a sink's close() (a producer's own flush) gets what is left, no more
+            closer = threading.Thread(
+                target=_close_sinks, args=(closing,), name="waypost-close", daemon=True
+            )
+            closer.start()
+            closer.join(max(0.0, deadline - time.monotonic()))
+            if closer.is_alive():
+                log.warning("waypost: closing the sinks outlasted the shutdown budget")
         if self.outbox is not None and not stuck:
             try:  # nothing is in flight any more: what this process leased is due again
                 with self.outbox.budget(max(time.monotonic(), deadline)):
@@ -597,3 +601,14 @@ class Pipeline:
                 pass
             self.outbox.close()
         return ok and not stuck
+
+
+def _close_sinks(runners: list[Runner]) -> None:
+    for runner in runners:
+        try:
+            runner.sink.close()
+        except Exception as exc:
+            log.warning("waypost: sink %r failed to close: %s", runner.name, exc)
+        # Done with: its secrets no longer mask the process's texts (a sink stuck at shutdown,
+        # which may still log, keeps them known; its own reasons are masked either way).
+        runner.sink.masker.release()

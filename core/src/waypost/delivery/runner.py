@@ -145,6 +145,9 @@ class Runner:
         self.fresh: deque[tuple[float, Event]] = deque()
         self.flights: set[Flight] = set()
         self.outbox_due_at = 0.0  # monotonic: when the outbox may next hold due rows for us
+        # Someone wrote rows for us or asks for a look (a flush): set by them, cleared by this
+        # sink's thread before it looks, so that a request made during a look is never lost.
+        self._look_now = True
         self._turn = False
         self.sending: dict[int, Sending] = {}  # by thread ident
 
@@ -192,7 +195,7 @@ class Runner:
         return any(t.is_alive() for t in self.threads)
 
     def request_pass(self) -> int:
-        self.outbox_due_at = 0.0  # a flush looks in the outbox too
+        self._look_now = True  # a flush looks in the outbox too
         with self._signal:
             self._requested += 1
             ticket = self._requested
@@ -277,7 +280,7 @@ class Runner:
                 # outbox is read only when rows may be due: it is written for this sink, a
                 # retry falls due, a flush asks, or every poll interval (other processes).
                 self._turn = not self._turn
-                outbox_wait = self.outbox_due_at - time.monotonic()
+                outbox_wait = 0.0 if self._look_now else self.outbox_due_at - time.monotonic()
                 flight = None if outbox_wait <= 0 and self._turn else self._take_fresh()
                 if flight is not None:
                     try:
@@ -291,6 +294,7 @@ class Runner:
                     self._idle()
                     self._sleep(min(outbox_wait, self._memory_wait()), seen)
                     continue
+                self._look_now = False  # before the look: a request from now on comes after it
                 # Busy from before the lease: a leased row is hidden from every reader of the
                 # outbox, so a flush must see it in flight from the moment it is taken.
                 with self._state:
@@ -307,6 +311,7 @@ class Runner:
                         wait = idle_wait if due is None else max(0.01, min(idle_wait, due - now))
                         self.outbox_due_at = time.monotonic() + wait
                         continue
+                    self.outbox_due_at = 0.0  # more may be due: look again next turn
                     with self._state:
                         backlog = len(leased) == self.sink.batch_size and self._busy >= len(
                             self.threads
@@ -368,7 +373,7 @@ class Runner:
 
     def outbox_written(self) -> None:
         """Rows for this sink were just written to the outbox: look there now."""
-        self.outbox_due_at = 0.0
+        self._look_now = True
         self.wake()
 
     def force_due(self) -> None:
@@ -420,6 +425,7 @@ class Runner:
         self.last_success = self.last_error = self.last_error_at = None
         self.receipts.clear()
         self._reset_sync()
+        self._look_now = True
 
     def _open_once(self) -> bool:
         try:
@@ -588,7 +594,7 @@ class Runner:
             finally:
                 with self._state:
                     self._storing -= 1
-            self.outbox_due_at = 0.0
+            self._look_now = True
         n = len(events) + len(in_flight)
         self.settings.count_stored(n)
         self.wake()

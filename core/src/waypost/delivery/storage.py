@@ -23,6 +23,7 @@ repaired where it can be:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sqlite3
 import threading
@@ -135,6 +136,7 @@ class Storage:
         sync: bool = False,
         on_recover: Callable[[sqlite3.Connection, dict[str, list[dict[str, Any]]]], int]
         | None = None,
+        inspect: bool = False,
     ) -> None:
         self.path = path
         self.schema = schema
@@ -152,6 +154,12 @@ class Storage:
         self._next_look = 0.0  # monotonic: when to look at a read-only dir again
         self._identity: tuple[Any, ...] | None = None
         self._primary: sqlite3.Connection | None = None
+        # Inspection (status, show, while telemetry is off or from another process) reads the
+        # file as it is: no schema work, no repair, nothing written, not even a -wal file.
+        self.inspect = inspect
+        if inspect:
+            self._read_only, self._next_look = True, math.inf
+            return
         with contextlib.suppress(StorageUnavailable):
             # Quick: an existing outbox needs no lock to open; only a new file (or an older one
             # lacking an index) waits, briefly, for another process's lock.
@@ -221,7 +229,12 @@ class Storage:
     def _new_connection(self, *, read_only: bool = False) -> sqlite3.Connection:
         if read_only:
             # The rows of a read-only file, WAL included where SQLite can map it; otherwise
-            # the main file as it is.
+            # the main file as it is. Inspection without a -wal file (no process has the file
+            # open) reads the main file as it is: mode=ro would create the -wal and -shm.
+            if self.inspect and not os.path.exists(f"{self.path}-wal"):
+                return sqlite3.connect(
+                    f"file:{self.path}?immutable=1", uri=True, check_same_thread=False
+                )
             try:
                 db = sqlite3.connect(
                     f"file:{self.path}?mode=ro", uri=True, timeout=1.0, check_same_thread=False
@@ -395,11 +408,23 @@ class Storage:
         """This thread's connection, for reads; SQLite errors become StorageUnavailable (a
         corrupt file is repaired on the way)."""
         with GATE.section("reading the outbox"):
-            db = self.connection()
+            if self.inspect:
+                # A connection a look: one kept open would go on showing the file as it was.
+                if not self.path.is_file():
+                    raise StorageUnavailable("unavailable", f"{self.path} does not exist")
+                try:
+                    db = self._new_connection(read_only=True)
+                except sqlite3.Error as exc:
+                    raise self._refused(exc, f"cannot read {self.path}") from None
+            else:
+                db = self.connection()
             try:
                 yield db
             except sqlite3.Error as exc:
                 raise self._failed(exc, "cannot read the outbox") from None
+            finally:
+                if self.inspect:
+                    db.close()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -433,10 +458,12 @@ class Storage:
                 except BaseException:
                     _rollback(db)
                     raise
+            # Still holding the lock: the next writer's failure (a full disk) is never undone
+            # by this success.
+            if self._health.state in ("disk_full", "locked", "unavailable"):
+                self._set_health("ok", None)
         finally:
             self._write_lock.release()
-        if self._health.state in ("disk_full", "locked", "unavailable"):
-            self._set_health("ok", None)
 
     @staticmethod
     def _set_busy(db: sqlite3.Connection, deadline: float) -> None:
@@ -446,6 +473,8 @@ class Storage:
     def _failed(self, exc: sqlite3.Error, what: str) -> StorageUnavailable:
         """Turn an SQLite error into StorageUnavailable, repairing the file where that helps."""
         kind = classify(exc)
+        if self.inspect:  # a repair is the running process's business
+            return StorageUnavailable("unavailable", f"{what}: {exc}")
         if kind == "corrupt":
             recovered = self._quarantine(str(exc))
             return StorageUnavailable("unavailable", f"{what}: {exc}", recovered=recovered)
