@@ -134,6 +134,7 @@ class Runner:
         self.stop = False
         self.threads: list[threading.Thread] = []
         self._busy = 0
+        self._turns = 0  # batches taken so far (settled() sees whether one began meanwhile)
         self._storing = 0  # spills writing events they took from memory (for settled())
         self._state = threading.Lock()
         self._room = threading.Condition(self._state)  # notified as the queue in memory shrinks
@@ -299,6 +300,7 @@ class Runner:
                 # outbox, so a flush must see it in flight from the moment it is taken.
                 with self._state:
                     self._busy += 1
+                    self._turns += 1
                 try:
                     try:
                         leased = outbox.lease(
@@ -512,6 +514,7 @@ class Runner:
             flight = Flight(events, since)
             self.flights.add(flight)
             self._busy += 1
+            self._turns += 1
             if time.monotonic() - since < self.settings.batch_interval:
                 self.behind = False  # it takes events before they go stale: caught up
             self._room.notify_all()
@@ -827,6 +830,7 @@ class Runner:
         with self._state:
             if self.fresh or self.flights or self._busy or self._storing:
                 return False
+            turns = self._turns
         # Wall clock, as the outbox's; a pause the destination asked for holds like a circuit.
         open_until = time.time() + max(self.breaker.remaining(), self.paused_for())
         if open_until > deadline or not self.alive:
@@ -838,6 +842,10 @@ class Runner:
             due = outbox.next_due(self.name, tracked_before=since)
         except StorageUnavailable:
             return True
+        with self._state:
+            # A batch taken while the outbox was read is hidden from that read: look again.
+            if self._turns != turns or self._busy:
+                return False
         return due is None or max(due, open_until) > deadline
 
     def snapshot(self) -> dict[str, Any]:
