@@ -18,8 +18,9 @@ the time a new id last arrived. Control endpoints:
 - ``POST /_latency/<label>?ms=M``              answers that label's requests after M ms, as a
                                                vendor's cloud some way off would
 - ``POST /_flaky/<label>?every=N``             fails every Nth request of that label, in turn with
-                                               503 ``Retry-After: 1``, 429, a connection reset
-                                               and 500 (nothing of a failed request is counted)
+                                               503 ``Retry-After: 1``, 429, a connection reset,
+                                               500 (nothing of a failed request is counted) and
+                                               a slow answer (200 after ``SLOW`` seconds)
 
 Run as ``python bench/sink_server.py``; it prints ``port <n>`` once it listens on 127.0.0.1.
 """
@@ -67,7 +68,9 @@ TALLIES: dict[str, Tally] = {}
 LATENCY: dict[str, float] = {}
 FLAKY: dict[str, list[int]] = {}
 """Per label: [every, requests so far, failures so far]."""
-FAILURES = ("503", "429", "reset", "500")
+FAILURES = ("503", "429", "reset", "500", "slow")
+SLOW = 2.0
+"""Seconds a slow answer takes (well within every client's timeout)."""
 LOCK = threading.Condition()
 
 
@@ -151,6 +154,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         label, kind = parts[2], parts[3].split("?", 1)[0]
         failure = self._failure(label)
+        if failure == "slow":
+            time.sleep(SLOW)
+            failure = None
         if failure == "reset":
             # An abortive close (RST), as a proxy that drops the connection does.
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

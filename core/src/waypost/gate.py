@@ -142,6 +142,23 @@ def _path(parts: _Path) -> str:
     return "".join(out)
 
 
+def _check_size(value: Any, limits: LimitsConfig, path: _Path, depth: int, what: str) -> None:
+    """An object or list within ``limits.depth`` and ``limits.keys``, or :class:`TooLarge`."""
+    if depth > limits.depth:
+        raise TooLarge(f"nested deeper than {limits.depth} levels (telemetry.limits.depth)")
+    if len(value) > limits.keys:
+        raise TooLarge(
+            f"{_path(path)} has {len(value):,} {what}, more than {limits.keys:,} "
+            "(telemetry.limits.keys)"
+        )
+
+
+def _too_heavy(limits: LimitsConfig) -> TooLarge:
+    return TooLarge(
+        f"properties are larger than {limits.event_bytes:,} bytes (telemetry.limits.event_bytes)"
+    )
+
+
 def _bound(
     value: Any, limits: LimitsConfig, remarks: list[str], path: _Path, depth: int, budget: list[int]
 ) -> Any:
@@ -152,13 +169,7 @@ def _bound(
             value = value[: limits.value]
         budget[0] += len(value) + 3
     elif kind is dict or isinstance(value, Mapping):
-        if depth > limits.depth:
-            raise TooLarge(f"nested deeper than {limits.depth} levels (telemetry.limits.depth)")
-        if len(value) > limits.keys:
-            raise TooLarge(
-                f"{_path(path)} has {len(value):,} keys, more than {limits.keys:,} "
-                "(telemetry.limits.keys)"
-            )
+        _check_size(value, limits, path, depth, "keys")
         out: dict[Any, Any] | None = None
         for key, item in value.items():
             budget[0] += (len(key) if type(key) is str else 8) + 4
@@ -168,19 +179,10 @@ def _bound(
                     out = dict(value)
                 out[key] = kept
             if budget[0] > limits.event_bytes:
-                raise TooLarge(
-                    f"properties are larger than {limits.event_bytes:,} bytes "
-                    "(telemetry.limits.event_bytes)"
-                )
+                raise _too_heavy(limits)
         return value if out is None else out
     elif kind is list or kind is tuple or isinstance(value, (list, tuple, set, frozenset)):
-        if depth > limits.depth:
-            raise TooLarge(f"nested deeper than {limits.depth} levels (telemetry.limits.depth)")
-        if len(value) > limits.keys:
-            raise TooLarge(
-                f"{_path(path)} has {len(value):,} items, more than {limits.keys:,} "
-                "(telemetry.limits.keys)"
-            )
+        _check_size(value, limits, path, depth, "items")
         items: list[Any] | None = None
         for i, item in enumerate(value):
             kept = _bound(item, limits, remarks, (*path, (True, i)), depth + 1, budget)
@@ -190,10 +192,7 @@ def _bound(
                     items = list(value)
                 items[i] = kept
             if budget[0] > limits.event_bytes:
-                raise TooLarge(
-                    f"properties are larger than {limits.event_bytes:,} bytes "
-                    "(telemetry.limits.event_bytes)"
-                )
+                raise _too_heavy(limits)
         return value if items is None else items
     else:
         budget[0] += 8

@@ -446,38 +446,40 @@ class Pipeline:
                 runner.offer(group, now)
 
     def _drop_for(self, runner: Runner, n: int) -> None:
-        outbox = self.outbox
-        health = outbox.health() if outbox is not None else None
-        kind = health.state if health is not None and health.memory_only else "unavailable"
-        reason = DROP_REASONS.get(kind, "outbox_error")
-        self.counters.drop(reason, n)
+        reason, detail = self._drop_unstorable(n)
         self.log_once(
             f"drop:{reason}",
             "waypost: sink %r holds %d events in memory (outbox.buffer), and the outbox cannot "
             "take more (%s): %d events dropped",
             runner.name,
             self.buffer_size,
-            (health.detail if health is not None else None) or reason,
+            detail,
             n,
             level=logging.ERROR,
         )
 
     def _drop_kept(self, sinks: tuple[str, ...], n: int) -> None:
         """Events for sinks that could not be made, which the outbox cannot take now."""
-        outbox = self.outbox
-        health = outbox.health() if outbox is not None else None
-        kind = health.state if health is not None and health.memory_only else "unavailable"
-        reason = DROP_REASONS.get(kind, "outbox_error")
-        self.counters.drop(reason, n)
+        reason, detail = self._drop_unstorable(n)
         self.log_once(
             f"drop-kept:{reason}",
             "waypost: %d events for sink(s) %s, which could not be made, are dropped: the outbox "
             "cannot take them (%s)",
             n,
             ", ".join(sinks),
-            (health.detail if health is not None else None) or reason,
+            detail,
             level=logging.ERROR,
         )
+
+    def _drop_unstorable(self, n: int) -> tuple[str, str]:
+        """Count ``n`` events dropped because the outbox cannot take them, under the reason
+        for what is wrong with it; that reason and what to tell the operator."""
+        outbox = self.outbox
+        health = outbox.health() if outbox is not None else None
+        kind = health.state if health is not None and health.memory_only else "unavailable"
+        reason = DROP_REASONS.get(kind, "outbox_error")
+        self.counters.drop(reason, n)
+        return reason, (health.detail if health is not None else None) or reason
 
     def _make_room(self, runner: Runner) -> bool:
         """Wait for room in a sink's full queue in memory while the outbox takes what it

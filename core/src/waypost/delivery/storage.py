@@ -519,10 +519,15 @@ class Storage:
     def _rescue(self, why: str) -> bool:
         """The file at the path is not (all of) the one this process has open: copy what the
         open connection still reads into a new file there. True when the new file is ready."""
+        return self._with_write_lock(self._rescue_locked, why)
+
+    def _with_write_lock(self, repair: Callable[[str], bool], why: str) -> bool:
+        """``repair(why)`` holding this process's write lock; False when the lock is not free
+        within the caller's budget."""
         if not self._write_lock.acquire(timeout=max(0.0, self._deadline() - time.monotonic())):
             return False
         try:
-            return self._rescue_locked(why)
+            return repair(why)
         finally:
             self._write_lock.release()
 
@@ -556,12 +561,7 @@ class Storage:
     def _quarantine(self, why: str) -> bool:
         """Move a corrupt file aside (with its -wal), salvage its readable rows into a new one.
         True when the new file is ready."""
-        if not self._write_lock.acquire(timeout=max(0.0, self._deadline() - time.monotonic())):
-            return False
-        try:
-            return self._quarantine_locked(why)
-        finally:
-            self._write_lock.release()
+        return self._with_write_lock(self._quarantine_locked, why)
 
     def _quarantine_locked(self, why: str) -> bool:
         with self._lock:
