@@ -321,10 +321,8 @@ def test_json_errors_are_json_and_name_every_typo(tmp_path: Path, env: dict[str,
     assert usage.returncode == 2 and "--limit" in as_json(usage)["error"]
 
 
-@pytest.mark.http_sink
-def test_purge_all_asks_unless_yes(tmp_path: Path, env: dict[str, str]) -> None:
-    """It asks when undelivered events would go; with nothing undelivered there is nothing to
-    ask (see the next test)."""
+def purge_config(tmp_path: Path, sink: str, *, outbox: str = "{}") -> None:
+    """The purge tests' config: one sink, named and set as ``sink`` says."""
     write(
         tmp_path / "telemetry.yml",
         f"""
@@ -332,10 +330,18 @@ def test_purge_all_asks_unless_yes(tmp_path: Path, env: dict[str, str]) -> None:
           app: purgeapp
           data_dir: data
           notice: {{enabled: false}}
+          outbox: {outbox}
           sinks:
-            remote: {{type: http, url: "http://127.0.0.1:{free_port()}/down"}}
+            {sink}
         """,
     )
+
+
+@pytest.mark.http_sink
+def test_purge_all_asks_unless_yes(tmp_path: Path, env: dict[str, str]) -> None:
+    """It asks when undelivered events would go; with nothing undelivered there is nothing to
+    ask (see the next test)."""
+    purge_config(tmp_path, f'remote: {{type: http, url: "http://127.0.0.1:{free_port()}/down"}}')
     kept = run(["send-heartbeat", "--timeout", "2"], env, tmp_path)
     assert kept.returncode == 1, kept.stderr
     total = as_json(run(["show", "--json"], env, tmp_path))["total"]
@@ -354,18 +360,7 @@ def test_purge_all_of_delivered_records_needs_no_answer(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
     out = tmp_path / "sent.jsonl"
-    write(
-        tmp_path / "telemetry.yml",
-        f"""
-        telemetry:
-          app: purgeapp
-          data_dir: data
-          notice: {{enabled: false}}
-          outbox: {{keep_sent: 1d}}
-          sinks:
-            out: {{type: jsonl, path: "{out}"}}
-        """,
-    )
+    purge_config(tmp_path, f'out: {{type: jsonl, path: "{out}"}}', outbox="{keep_sent: 1d}")
     assert run(["send-heartbeat"], env, tmp_path).returncode == 0
     total = as_json(run(["show", "--json"], env, tmp_path))["total"]
     assert total >= 1

@@ -32,6 +32,22 @@ def test_a_dead_process_and_a_reused_pid_are_not_alive() -> None:
     assert not processes.owner_alive("", os.getpid())  # an old lease with our pid: not us
 
 
+def hold_section(what: str) -> tuple[threading.Thread, threading.Event]:
+    """A daemon thread inside a gate section named ``what`` until the event is set; returned
+    (the thread, the event) once it is inside."""
+    inside, leave = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        with processes.GATE.section(what):
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=stuck, daemon=True)
+    thread.start()
+    inside.wait(5)
+    return thread, leave
+
+
 def test_a_fork_waits_for_a_section_to_end() -> None:
     inside, leave = threading.Event(), threading.Event()
     ended: list[float] = []
@@ -56,16 +72,7 @@ def test_a_fork_waits_for_a_section_to_end() -> None:
 
 
 def test_a_fork_waits_for_a_section_at_most_fork_wait() -> None:
-    inside, leave = threading.Event(), threading.Event()
-
-    def stuck() -> None:
-        with processes.GATE.section("a stuck write"):
-            inside.set()
-            leave.wait(30)
-
-    thread = threading.Thread(target=stuck, daemon=True)
-    thread.start()
-    inside.wait(5)
+    thread, leave = hold_section("a stuck write")
     started = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -100,13 +107,7 @@ def test_a_thread_held_back_by_a_fork_enters_only_once_it_is_done(
     """A fork that waited its FORK_WAIT for a stuck section and then takes longer still: a
     thread that arrived meanwhile is let in only after the fork, never inside SQLite at it."""
     monkeypatch.setattr(processes, "FORK_WAIT", 0.3)
-    inside, leave = threading.Event(), threading.Event()
     entered: list[float] = []
-
-    def stuck() -> None:
-        with processes.GATE.section("a stuck write"):
-            inside.set()
-            leave.wait(30)
 
     def arriving() -> None:
         deadline = time.monotonic() + 10
@@ -117,8 +118,7 @@ def test_a_thread_held_back_by_a_fork_enters_only_once_it_is_done(
 
     slow = _SlowFork(0.9)
     processes.follow_forks(slow)
-    threading.Thread(target=stuck, daemon=True).start()
-    inside.wait(5)
+    _thread, leave = hold_section("a stuck write")
     late = threading.Thread(target=arriving)
     late.start()
     try:

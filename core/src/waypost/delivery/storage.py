@@ -379,12 +379,7 @@ class Storage:
             if not self._ready and not self._read_only:
                 self._open(self._deadline())
             if self._read_only:
-                if not self.path.is_file():
-                    raise StorageUnavailable("read_only", self._health.detail or "read-only")
-                try:
-                    db = self._new_connection(read_only=True)
-                except sqlite3.Error as exc:
-                    raise self._refused(exc, f"cannot read {self.path}") from None
+                db = self._read_only_connection()
             else:
                 try:
                     db = self._new_connection()
@@ -393,6 +388,14 @@ class Storage:
             self._conns.append(db)
             local.db, local.generation = db, self.generation
         return db
+
+    def _read_only_connection(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise StorageUnavailable("read_only", self._health.detail or f"no {self.path}")
+        try:
+            return self._new_connection(read_only=True)
+        except sqlite3.Error as exc:
+            raise self._refused(exc, f"cannot read {self.path}") from None
 
     def _look_again(self) -> None:
         self._next_look = time.monotonic() + RECHECK
@@ -408,16 +411,9 @@ class Storage:
         """This thread's connection, for reads; SQLite errors become StorageUnavailable (a
         corrupt file is repaired on the way)."""
         with GATE.section("reading the outbox"):
-            if self.inspect:
-                # A connection a look: one kept open would go on showing the file as it was.
-                if not self.path.is_file():
-                    raise StorageUnavailable("unavailable", f"{self.path} does not exist")
-                try:
-                    db = self._new_connection(read_only=True)
-                except sqlite3.Error as exc:
-                    raise self._refused(exc, f"cannot read {self.path}") from None
-            else:
-                db = self.connection()
+            # Inspection opens a connection a look: one kept open would go on showing the
+            # file as it was.
+            db = self._read_only_connection() if self.inspect else self.connection()
             try:
                 yield db
             except sqlite3.Error as exc:
