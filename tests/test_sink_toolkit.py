@@ -637,34 +637,6 @@ def test_an_unreadable_answer_is_retried_on_2xx_and_classified_otherwise(
         assert isinstance(error, RetryableError) == (status == 503)
 
 
-def test_a_requests_session_follows_no_redirect_retries_nothing_and_sends_user_info(
-    tmp_path: Path,
-) -> None:
-    from waypost.sinks import requests_session
-
-    with RecordingServer() as server, RecordingServer() as elsewhere:
-        config = HttpSinkConfig(host=f"http://me:{PASSWORD}@127.0.0.1:{server.port}")
-        sink = Sink("s", config, context(tmp_path))
-        session = requests_session(sink)
-        server.answer(Response(307, "", headers={"Location": f"{elsewhere.url}/x"}))
-        answer = session.post(f"{server.url}/in", data=b"{}")
-        assert answer.status_code == 307 and elsewhere.requests == []
-        assert server.requests[0].header("Authorization") == f"Basic {basic(PASSWORD)}"
-        server.answer(Response(503, "busy"))
-        assert session.post(f"{server.url}/in").status_code == 503
-        assert len(server.requests) == 2  # answered once: no retry of its own
-        port = free_port()
-        with pytest.raises(Exception, match="Connection"):
-            session.post(f"http://127.0.0.1:{port}/in", timeout=2)
-        session.close()
-
-
-def basic(password: str) -> str:
-    import base64
-
-    return base64.b64encode(f"me:{password}".encode()).decode()
-
-
 def test_clean_message_keeps_our_names_and_hides_quoted_values() -> None:
     from waypost.sinks import clean_message
 

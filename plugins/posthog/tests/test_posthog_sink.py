@@ -27,6 +27,7 @@ from waypost.testing import (
     Response,
     SinkContract,
     delivery_imports,
+    free_port,
     make_event,
     make_events,
     send_batch,
@@ -511,3 +512,35 @@ def test_a_redirect_is_never_followed(
         assert elsewhere.requests == []
     assert set(result.failed) == {e.id for e in events}
     assert f"HTTP {status}" in next(iter(result.failed.values()))
+
+
+def test_a_requests_session_follows_no_redirect_retries_nothing_and_sends_user_info(
+    tmp_path: Path,
+) -> None:
+    """The core's requests session, which this sink's SDK layer runs on (the core alone has no
+    requests to test it with)."""
+    from waypost.sinks import HttpSinkConfig, Sink, requests_session
+
+    password = "pw-2f8e61c0-never-shown"
+    with RecordingServer() as server, RecordingServer() as elsewhere:
+        config = HttpSinkConfig(host=f"http://me:{password}@127.0.0.1:{server.port}")
+        context = SinkContext(app="Session Test", version="1.0", instance_id="i", data_dir=tmp_path)
+        sink = Sink("s", config, context)
+        session = requests_session(sink)
+        server.answer(Response(307, "", headers={"Location": f"{elsewhere.url}/x"}))
+        answer = session.post(f"{server.url}/in", data=b"{}")
+        assert answer.status_code == 307 and elsewhere.requests == []
+        assert server.requests[0].header("Authorization") == f"Basic {basic(password)}"
+        server.answer(Response(503, "busy"))
+        assert session.post(f"{server.url}/in").status_code == 503
+        assert len(server.requests) == 2  # answered once: no retry of its own
+        port = free_port()
+        with pytest.raises(Exception, match="Connection"):
+            session.post(f"http://127.0.0.1:{port}/in", timeout=2)
+        session.close()
+
+
+def basic(password: str) -> str:
+    import base64
+
+    return base64.b64encode(f"me:{password}".encode()).decode()
