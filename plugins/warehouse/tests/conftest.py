@@ -119,7 +119,11 @@ def _uid(user: str) -> int | None:
 def fakesnow_url() -> Iterator[str]:
     """fakesnow's HTTP server on 127.0.0.1: the real connector logs in and queries through it."""
     fakesnow = pytest.importorskip("fakesnow", reason="fakesnow needs Python 3.11+")
-    with fakesnow.server() as kwargs:
+    # fakesnow's server() imports its submodule ``fakesnow.server``, which then takes the
+    # function's place on the package: a second session fixture (the collector's tests load
+    # these fixtures too) takes the function from where the first call left it.
+    start = vars(fakesnow).setdefault("_server_function", fakesnow.server)
+    with start() as kwargs:
         yield f"http://{kwargs['host']}:{kwargs['port']}"
 
 
