@@ -11,6 +11,8 @@
 - :mod:`waypost.sinks.masking`: :func:`mask`, :class:`Masker`, :func:`is_secret_name`,
   :func:`split_url`, :func:`mask_url`, and :func:`clean_message` for a database's errors.
 - :mod:`waypost.sinks.process`: :class:`ProcessLocal`, a resource a forked child rebuilds.
+- :mod:`waypost.sinks.table`: the events table a table sink writes (its ``COLUMNS``, the
+  ``distinct_id`` it counts by, the checks of an existing table and its added-column migration).
 
 The transport imports httpx only when a sink builds one, so the core does not depend on it.
 """

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from waypost import Sink, hookimpl
-from waypost_warehouse._layout import COLUMNS, TableLayoutError
+from waypost.sinks.table import COLUMNS, TableLayoutError
 from waypost_warehouse.snowflake import SnowflakeConfig, SnowflakeSink
 from waypost_warehouse.sql import SqlConfig, SqlSink
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,16 +23,15 @@ from waypost.errors import ConfigError, PermanentError, RetryableError, SinkErro
 from waypost.events import Event, dumps
 from waypost.sinks import SendResult, Sink, SinkConfig, check_endpoint, clean_message
 from waypost.sinks.parts import Chunk, pack, send_in_parts
-from waypost_warehouse._layout import (
-    ADDED_COLUMNS,
+from waypost.sinks.table import (
     COLUMNS,
-    IDENTIFIER,
+    TableLayoutError,
     distinct_id_of,
-    lacks_columns,
-    missing_columns,
     no_table,
     settle_added,
+    table_label,
 )
+from waypost_warehouse.sql import README
 
 if TYPE_CHECKING:
     from snowflake.connector import SnowflakeConnection
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 CHUNK_ROWS = 200
 """Rows per MERGE at most; a chunk also ends before its SQL text passes ``CHUNK_CHARS``."""
 CHUNK_CHARS = 512 * 1024
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 _SOURCE = (
     ("id", "{} AS id", "id"),
@@ -179,8 +180,7 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
     @property
     def label(self) -> str:
         """The table as the SQL names it (in the session's database): ``[schema.]table``."""
-        s = self.config
-        return f"{s.schema_}.{s.table}" if s.schema_ else s.table
+        return table_label(self.config.table, self.config.schema_)
 
     def __repr__(self) -> str:
         return f"<SnowflakeSink {self.name!r} type='snowflake' account={self.config.account!r}>"
@@ -330,23 +330,24 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
                 sql = f"ALTER TABLE {self.label} ADD COLUMN {column} VARCHAR"
                 self._execute(sql, None, what=f"adding {column} to {self.label}")
 
-        self._absent = settle_added(self, self.label, self._missing, add, PermanentError)
+        try:
+            self._absent = settle_added(
+                self, self.label, self._columns, add, PermanentError, README
+            )
+        except TableLayoutError as exc:  # from send() too: the batch's permanent failure
+            raise PermanentError(str(exc)) from None
         self._ready = True
 
-    def _missing(self) -> list[str]:
-        """The columns of ``ADDED_COLUMNS`` the table lacks; raises if it lacks others."""
+    def _columns(self) -> list[str]:
+        """The columns the table has."""
         try:
-            columns = self._execute(
+            return self._execute(
                 f"SELECT * FROM {self.label} LIMIT 0", None, what=f"checking table {self.label}"
             )
         except PermanentError as exc:
             if "does not exist" in exc.reason:
-                raise PermanentError(str(no_table(self.label))) from None
+                raise PermanentError(str(no_table(self.label, README))) from None
             raise
-        missing = missing_columns(columns)
-        if any(column not in ADDED_COLUMNS for column in missing):
-            raise PermanentError(str(lacks_columns(self.label, missing)))
-        return missing
 
     def _classify(self, what: str, exc: Exception) -> SinkError:
         """Retryable for connection trouble and a suspended warehouse, else permanent; the

@@ -24,21 +24,20 @@ from waypost.errors import ConfigError, PermanentError, RetryableError, SinkErro
 from waypost.events import Event, dumps
 from waypost.sinks import SendResult, Sink, SinkConfig, clean_message
 from waypost.sinks.masking import MASK, is_secret_name
-from waypost_warehouse._layout import (
-    ADDED_COLUMNS,
+from waypost.sinks.table import (
     COLUMNS,
     TableLayoutError,
     distinct_id_of,
-    lacks_columns,
-    missing_columns,
     no_table,
     settle_added,
+    table_label,
 )
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
     from sqlalchemy.engine import URL, Connection, Engine
 
+README = "the waypost-warehouse README"
 ON_CONFLICT_DIALECTS = ("postgresql", "sqlite", "duckdb")
 """Dialects whose ``INSERT ... ON CONFLICT (id) DO NOTHING`` makes writes idempotent."""
 
@@ -111,8 +110,7 @@ class SqlSink(Sink[SqlConfig]):
     @property
     def label(self) -> str:
         """The table as messages name it: ``schema.table``."""
-        schema = self.config.schema_
-        return f"{schema}.{self.config.table}" if schema else self.config.table
+        return table_label(self.config.table, self.config.schema_)
 
     def __repr__(self) -> str:
         return f"<SqlSink {self.name!r} type='sql' {self._where} table={self.label!r}>"
@@ -314,7 +312,7 @@ class SqlSink(Sink[SqlConfig]):
         with engine.begin() as conn:
             if not sa.inspect(conn).has_table(table.name, schema=table.schema):
                 if not self.config.create_table:
-                    raise no_table(self.label)
+                    raise no_table(self.label, README)
                 table.create(conn, checkfirst=True)
 
         def add(columns: list[str]) -> None:
@@ -325,21 +323,18 @@ class SqlSink(Sink[SqlConfig]):
             except sa.exc.SQLAlchemyError as exc:
                 raise self._classify(f"adding {', '.join(columns)}", exc) from None
 
-        missing = functools.partial(self._missing, engine, table)
-        self._absent = settle_added(self, self.label, missing, add, SinkError)
+        found = functools.partial(self._columns, engine, table)
+        self._absent = settle_added(self, self.label, found, add, SinkError, README)
         self._table = _table(self.config.table, self.config.schema_, without=self._absent)
         self._ready = True
 
-    def _missing(self, engine: Engine, table: sa.Table) -> list[str]:
-        """The columns of ``ADDED_COLUMNS`` the table lacks; raises if it lacks others."""
+    def _columns(self, engine: Engine, table: sa.Table) -> list[str]:
+        """The columns the table has."""
         import sqlalchemy as sa
 
         probe = sa.select(sa.text("*")).select_from(table).where(sa.false())
         with engine.begin() as conn:
-            missing = missing_columns(conn.execute(probe).keys())
-        if any(column not in ADDED_COLUMNS for column in missing):
-            raise lacks_columns(self.label, missing)
-        return missing
+            return list(conn.execute(probe).keys())
 
     def _classify(self, what: str, exc: sa.exc.SQLAlchemyError) -> SinkError:
         """A retryable or permanent error naming the database's cause, never the values."""
