@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 from waypost.errors import ConfigError
+from waypost.sinks.table import COLUMNS
 
 __all__ = [
     "COLUMNS",
@@ -21,18 +22,6 @@ __all__ = [
     "create_table_sql",
     "layout_problems",
 ]
-
-COLUMNS: tuple[str, ...] = (
-    "id",
-    "name",
-    "timestamp",
-    "instance_id",
-    "distinct_id",
-    "properties",
-    "context",
-    "received_at",
-)
-"""Columns of the events table, in order (``received_at`` is filled in by the server)."""
 
 INSERTED = COLUMNS[:-1]
 
