@@ -692,3 +692,41 @@ def test_pack_keeps_order_count_and_weight() -> None:
     assert [c.items for c in chunks] == [[0, 1], [2], [3], [4, 5], [6]]
     assert [e for c in chunks for e in c.events] == events
     assert all(isinstance(c, Chunk) for c in chunks) and pack([], 6) == []
+
+
+def test_a_requests_session_keeps_to_the_threads_body_limit(
+    server: RecordingServer, tmp_path: Path
+) -> None:
+    from waypost.sinks import BodyOverLimit, body_limit, requests_session
+
+    sink = echo_sink(f"{server.url}/in", tmp_path)
+    session = requests_session(sink)
+    body = b"x" * 100
+    with body_limit(99), pytest.raises(BodyOverLimit) as caught:
+        session.post(f"{server.url}/in", data=body)
+    assert (caught.value.size, caught.value.limit) == (100, 99)
+    assert server.requests == []  # refused before it left
+    with body_limit(100):
+        assert session.post(f"{server.url}/in", data=body).status_code == 200
+        with body_limit(0):  # no limit within, the outer one again after
+            assert session.post(f"{server.url}/in", data=body * 10).status_code == 200
+        with pytest.raises(BodyOverLimit):
+            session.post(f"{server.url}/in", data=body + b"!")
+    assert session.post(f"{server.url}/in", data=body * 10).status_code == 200  # none outside
+
+    seen: list[BaseException] = []
+
+    def other_thread() -> None:  # the limit is the thread's that set it
+        try:
+            session.post(f"{server.url}/in", data=body * 10)
+        except BaseException as exc:  # pragma: no cover (the failure this test is for)
+            seen.append(exc)
+
+    with body_limit(10):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join(10)
+    assert seen == [] and not thread.is_alive()
+    assert [len(r.raw) for r in server.requests] == [100, 1000, 1000, 1000]
+    session.close()
+    sink.close()

@@ -5,7 +5,8 @@
 - :mod:`waypost.sinks.transport`: :class:`HttpTransport` (one httpx client per process,
   User-Agent, timeouts, redirects never followed, transport errors mapped once, secrets masked),
   :func:`raise_for_status`, :func:`parse_retry_after`, :func:`snippet`, and
-  :func:`requests_session` for a sink on a vendor's requests-based layer.
+  :func:`requests_session` (with :func:`body_limit`) for a sink on a vendor's requests-based
+  layer.
 - :mod:`waypost.sinks.parts`: :func:`send_in_parts`, one batch sent as several requests, and
   :func:`pack`, which cuts a batch into requests under a vendor's count and size limits.
 - :mod:`waypost.sinks.masking`: :func:`mask`, :class:`Masker`, :func:`is_secret_name`,
@@ -27,6 +28,7 @@ from waypost.sinks.base import (
     SinkConfig,
     SinkContext,
     check_endpoint,
+    destination_of,
     is_loopback_host,
 )
 from waypost.sinks.masking import (
@@ -53,7 +55,9 @@ from waypost.sinks.transport import (
     RESERVED_HEADERS,
     RETRYABLE_STATUS,
     Answers,
+    BodyOverLimit,
     HttpTransport,
+    body_limit,
     check_headers,
     json_object,
     parse_retry_after,
@@ -68,6 +72,7 @@ __all__ = [
     "RESERVED_HEADERS",
     "RETRYABLE_STATUS",
     "Answers",
+    "BodyOverLimit",
     "Chunk",
     "HttpSinkConfig",
     "HttpTransport",
@@ -81,9 +86,11 @@ __all__ = [
     "SinkContext",
     "UrlSecrets",
     "basic_auth",
+    "body_limit",
     "check_endpoint",
     "check_headers",
     "clean_message",
+    "destination_of",
     "is_loopback_host",
     "is_secret_name",
     "json_object",

@@ -40,6 +40,7 @@ __all__ = [
     "SinkConfig",
     "SinkContext",
     "check_endpoint",
+    "destination_of",
     "is_loopback_host",
 ]
 
@@ -136,6 +137,15 @@ def check_endpoint(url: str, *, allow_http: bool = False, what: str = "url") -> 
             "or set allow_http: true if the network is trusted"
         )
     return url.rstrip("/")
+
+
+def destination_of(url: str) -> str:
+    """``url`` as status and the manifest show where events go: without credentials, query
+    or fragment (a text that is not a URL as it is)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else url
 
 
 class HttpSinkConfig(SinkConfig):
@@ -320,12 +330,7 @@ class Sink(Generic[C_co]):
     def destination(self) -> str:
         """Where events go, for status and the manifest (no credentials, no query string)."""
         target = getattr(self.config, "host", None) or getattr(self.config, "url", None)
-        if not target:
-            return self.type
-        parts = urllib.parse.urlsplit(str(target))
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else str(target)
+        return destination_of(str(target)) if target else self.type
 
     def open(self) -> None:
         """Prepare connections or clients; called once, lazily, before the first send. The

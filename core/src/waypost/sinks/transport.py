@@ -13,6 +13,7 @@ values are put in the request line below httpx's own logging.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import encodings.idna  # noqa: F401 (socket.getaddrinfo imports it lazily: imported here first)
 import functools
@@ -24,7 +25,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import waypost
@@ -44,7 +45,9 @@ __all__ = [
     "RESERVED_HEADERS",
     "RETRYABLE_STATUS",
     "Answers",
+    "BodyOverLimit",
     "HttpTransport",
+    "body_limit",
     "check_headers",
     "json_object",
     "parse_retry_after",
@@ -381,12 +384,13 @@ def requests_session(sink: Sink[Any], adapter: Any = None) -> requests.Session:
     """A requests session for a sink on a vendor's requests-based layer: it answers a redirect
     instead of following it (requests' default follows one, credentials and all, to a host
     nobody configured), never retries (the core does: ``adapter``, a requests ``HTTPAdapter``
-    of the sink's own, should be made with ``max_retries=0``) and sends the user info taken
-    out of the configured URL as Basic auth. Make one per process (:class:`ProcessLocal`)."""
+    of the sink's own, should be made with ``max_retries=0``), keeps to :func:`body_limit`
+    (with its own adapter) and sends the user info taken out of the configured URL as Basic
+    auth. Make one per process (:class:`ProcessLocal`)."""
     import requests
 
     session: requests.Session = _no_redirects(requests)()
-    adapter = requests.adapters.HTTPAdapter(max_retries=0) if adapter is None else adapter
+    adapter = _limited_adapter(requests)(max_retries=0) if adapter is None else adapter
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     secrets = sink.config.url_secrets
@@ -405,6 +409,48 @@ def _no_redirects(http: Any) -> Any:
             return super().request(*args, **kwargs)
 
     return NoRedirects
+
+
+class BodyOverLimit(Exception):
+    """A request body over the thread's :func:`body_limit`; it was not sent."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a request body of {size} bytes, over the {limit} allowed")
+        self.size = size
+        self.limit = limit
+
+
+_body_limits = threading.local()
+
+
+@contextlib.contextmanager
+def body_limit(at_most: int) -> Iterator[None]:
+    """Within it, a request this thread makes through a :func:`requests_session` whose body is
+    over ``at_most`` bytes raises :class:`BodyOverLimit` unsent (0: no limit): a vendor's
+    request layer builds and encodes the body itself, so only the wire knows its size."""
+    before = getattr(_body_limits, "at_most", 0)
+    _body_limits.at_most = at_most
+    try:
+        yield
+    finally:
+        _body_limits.at_most = before
+
+
+@functools.cache
+def _limited_adapter(http: Any) -> Any:
+    """The requests adapter class that keeps to :func:`body_limit` (defined once requests is in)."""
+
+    class LimitedAdapter(http.adapters.HTTPAdapter):  # type: ignore[misc]
+        def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+            at_most = getattr(_body_limits, "at_most", 0)
+            body = request.body
+            if at_most and body is not None:
+                size = len(body.encode() if isinstance(body, str) else body)
+                if size > at_most:
+                    raise BodyOverLimit(size, at_most)
+            return super().send(request, *args, **kwargs)
+
+    return LimitedAdapter
 
 
 class Answers:

@@ -8,10 +8,7 @@ Wire format, limits and answers are described in this plugin's README.
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import json
-import threading
-import urllib.parse
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -22,10 +19,17 @@ from waypost import __version__ as waypost_version
 from waypost.errors import RetryableError
 from waypost.events import Event
 from waypost.hookspecs import hookimpl
-from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
+from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext, destination_of
 from waypost.sinks.parts import pack, send_in_parts
 from waypost.sinks.process import ProcessLocal
-from waypost.sinks.transport import Answers, raise_for_status, requests_session, snippet
+from waypost.sinks.transport import (
+    Answers,
+    BodyOverLimit,
+    body_limit,
+    raise_for_status,
+    requests_session,
+    snippet,
+)
 
 if TYPE_CHECKING:
     import requests
@@ -103,8 +107,11 @@ class PosthogSink(Sink[PosthogConfig]):
         self._sdk: ModuleType = sdk
         self._host: str = sdk.determine_server_host(config.base_url).rstrip("/")
         self._answers = Answers()
+        # Sessions of our own: posthog's shared one retries connection errors itself on https,
+        # and retries belong to the core; posthog-python posts with requests' default, which
+        # follows a redirect and takes the project key along. A forked child builds its own.
         self._sessions: ProcessLocal[requests.Session] = self.own(
-            ProcessLocal(self._new_session, lambda session: session.close())
+            ProcessLocal(lambda: requests_session(self), lambda session: session.close())
         )
 
     @property
@@ -116,9 +123,7 @@ class PosthogSink(Sink[PosthogConfig]):
     def destination(self) -> str:
         """The ingestion host events go to (``https://eu.posthog.com`` posts to
         ``https://eu.i.posthog.com``), for status and the manifest."""
-        parts = urllib.parse.urlsplit(self._host)
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+        return destination_of(self._host)
 
     # --- mapping ------------------------------------------------------------------------------
 
@@ -171,7 +176,7 @@ class PosthogSink(Sink[PosthogConfig]):
             try:
                 self._post(messages, at_most=MAX_EVENT_BYTES)
                 return SendResult()  # whatever it raises is about the whole batch
-            except _OverLimit:
+            except BodyOverLimit:
                 pass
         elif messages and len(json.dumps(messages).encode()) <= MAX_EVENT_BYTES:
             self._post(messages)
@@ -197,20 +202,20 @@ class PosthogSink(Sink[PosthogConfig]):
 
     def _post(self, batch: list[dict[str, Any]], *, at_most: int = 0) -> requests.Response:
         """One ``POST /batch/`` through posthog-python; any failure becomes a ``SinkError``.
-        With ``at_most``, a body longer than that many bytes raises ``_OverLimit`` unsent."""
+        With ``at_most``, a body longer than that many bytes raises ``BodyOverLimit`` unsent."""
         http, sdk = self._requests, self._sdk
         config = self.config
-        _limits.at_most = at_most
         try:
-            response: requests.Response = sdk.batch_post(
-                config.api_key.get_secret_value(),
-                host=self._host,
-                gzip=config.gzip,
-                timeout=config.timeout,
-                session=self._http(),
-                batch=batch,
-                historical_migration=False,
-            )
+            with body_limit(at_most):
+                response: requests.Response = sdk.batch_post(
+                    config.api_key.get_secret_value(),
+                    host=self._host,
+                    gzip=config.gzip,
+                    timeout=config.timeout,
+                    session=self._http(),
+                    batch=batch,
+                    historical_migration=False,
+                )
         except sdk.APIError as exc:
             status, message = exc.status, str(exc.message)
             if not isinstance(status, int):
@@ -230,47 +235,12 @@ class PosthogSink(Sink[PosthogConfig]):
             raise RetryableError(
                 f"PostHog: cannot reach {self.endpoint}: {type(exc).__name__}"
             ) from None
-        finally:
-            _limits.at_most = 0
         self._answers.keep(response)
         return response
 
     def _http(self) -> requests.Session:
-        """This process's session (see ``_new_session``)."""
+        """This process's session (a forked child builds its own)."""
         return self._sessions.get()
-
-    def _new_session(self) -> requests.Session:
-        """A session of our own: posthog's shared one retries connection errors itself on
-        https, and retries belong to the core; posthog-python posts with requests' default,
-        which follows a redirect and takes the project key along. A forked child builds its
-        own."""
-        return requests_session(self, _limited_adapter(self._requests)(max_retries=0))
-
-
-class _OverLimit(Exception):
-    """A request body over the size its sender allowed; it was not sent."""
-
-
-_limits = threading.local()
-"""Per thread: the largest body the request being made may have (0: no limit)."""
-
-
-@functools.cache
-def _limited_adapter(http: ModuleType) -> Any:
-    """A requests adapter class that never retries (the core does) and refuses, unsent, a body
-    over the calling thread's ``_limits.at_most``."""
-
-    class LimitedAdapter(http.adapters.HTTPAdapter):  # type: ignore[name-defined,misc]
-        def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-            at_most = getattr(_limits, "at_most", 0)
-            body = request.body
-            if at_most and body is not None:
-                size = len(body.encode() if isinstance(body, str) else body)
-                if size > at_most:
-                    raise _OverLimit(size)
-            return super().send(request, *args, **kwargs)
-
-    return LimitedAdapter
 
 
 def _context_properties(context: dict[str, Any]) -> dict[str, Any]:
