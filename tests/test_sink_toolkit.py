@@ -21,6 +21,7 @@ from pydantic import Field, SecretStr
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 from waypost.events import Event
 from waypost.sinks import (
+    Answers,
     Chunk,
     HttpSinkConfig,
     HttpTransport,
@@ -616,6 +617,44 @@ def test_a_sink_that_owns_a_transport_reports_its_answer_by_default(
     assert report["status"] == 401 and report["answer"] == "no: ***"
     assert report["delivered"] is False and report["retryable"] is False
     sink.close()
+
+
+class VendorLayerSink(Sink[EchoConfig]):
+    """A sink of this test on a "vendor's" request layer (httpx called directly)."""
+
+    type = "vendor"
+
+    def __init__(self, name: str, config: EchoConfig, context: SinkContext) -> None:
+        super().__init__(name, config, context)
+        self.answers = self.own(Answers())
+
+    def send(self, events: Sequence[Event]) -> SendResult:
+        import httpx
+
+        answer = httpx.post(self.config.url, json=[e.id for e in events])
+        self.answers.keep(answer)
+        raise_for_status(answer.status_code, answer.headers, answer.text, mask=self.mask)
+        return SendResult.ok()
+
+
+def test_a_sink_that_owns_answers_reports_them_by_default(
+    server: RecordingServer, tmp_path: Path
+) -> None:
+    sink = VendorLayerSink("v", EchoConfig(url=f"{server.url}/in"), context(tmp_path))
+    sink.open()
+    server.answer(Response(200, {"ok": True}), Response(400, f"bad key {TOKEN}"))
+    event = make_events(1)[0]
+    assert sink.test_request(event) == {
+        "delivered": True,
+        "url": f"{server.url}/in",
+        "status": 200,
+        "answer": {"ok": True},
+    }
+    refused = sink.test_request(event)
+    assert refused["status"] == 400 and refused["answer"] == "bad key ***"
+    assert refused["delivered"] is False and "bad key ***" in refused["reason"]
+    sink.close()
+    assert len(server.requests) == 2
 
 
 @pytest.mark.parametrize("status", [200, 202, 400, 503])

@@ -348,12 +348,13 @@ class Sink(Generic[C_co]):
     def test_request(self, event: Event) -> dict[str, Any]:
         """Send one event to the destination's validation endpoint if it has one, and return
         the destination's answer for ``waypost test-sink``. The default sends it for real; a
-        sink that owns an :class:`~waypost.sinks.HttpTransport` reports what the destination
-        answered (:meth:`~waypost.sinks.Answers.test_request`)."""
+        sink that owns an :class:`~waypost.sinks.HttpTransport` (or an
+        :class:`~waypost.sinks.Answers`) reports what the destination answered
+        (:meth:`~waypost.sinks.Answers.test_request`)."""
         from waypost.sinks.transport import Answers
 
         for resource in self.__dict__.get("_owned", ()):
-            answers = getattr(resource, "answers", None)
+            answers = getattr(resource, "answers", resource)
             if isinstance(answers, Answers):
                 return answers.test_request(self, event)
         result = self.send([event])

@@ -456,11 +456,18 @@ def _limited_adapter(http: Any) -> Any:
 class Answers:
     """What a sink's destination answered, kept per thread while ``test_request`` runs (for
     ``waypost test-sink``). A transport keeps its own; a sink on a vendor's request layer
+    owns one (``self.own(Answers())``: the sink's default ``test_request`` then reports it) and
     calls :meth:`keep` with each answer it gets (anything with ``status_code``, ``text`` and
     ``url``: an httpx or a requests response)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
+
+    def open(self) -> None:
+        """Nothing to open (an owned resource of the sink)."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
     def keep(self, answer: Any) -> None:
         kept = getattr(self._local, "answers", None)

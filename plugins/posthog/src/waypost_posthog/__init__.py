@@ -106,7 +106,7 @@ class PosthogSink(Sink[PosthogConfig]):
         self._requests: ModuleType = requests
         self._sdk: ModuleType = sdk
         self._host: str = sdk.determine_server_host(config.base_url).rstrip("/")
-        self._answers = Answers()
+        self._answers = self.own(Answers())  # what PostHog answered, for test_request
         # Sessions of our own: posthog's shared one retries connection errors itself on https,
         # and retries belong to the core; posthog-python posts with requests' default, which
         # follows a redirect and takes the project key along. A forked child builds its own.
@@ -195,10 +195,6 @@ class PosthogSink(Sink[PosthogConfig]):
                 sized.append((event, message, size + 2))  # 2: the ", " between events
         chunks = pack(sized, MAX_BATCH_BYTES - _BODY_OVERHEAD)
         return send_in_parts(chunks, lambda chunk: self._post(chunk.items), result)
-
-    def test_request(self, event: Event) -> dict[str, Any]:
-        """Send one event and return PostHog's answer."""
-        return self._answers.test_request(self, event)
 
     def _post(self, batch: list[dict[str, Any]], *, at_most: int = 0) -> requests.Response:
         """One ``POST /batch/`` through posthog-python; any failure becomes a ``SinkError``.
