@@ -45,6 +45,8 @@ TRACK_WINDOW = 5 * 24 * 3600.0
 IMPORT_MARGIN = 3600.0
 """With /import credentials, events this close to the 5-day edge go to /import already."""
 MAX_INSERT_ID = 36
+PATHS = {"events": "/track", "imports": "/import"}
+"""The path of each of the SDK's endpoint names."""
 
 
 class MixpanelConfig(HttpSinkConfig):
@@ -134,13 +136,12 @@ class MixpanelSink(Sink[MixpanelConfig]):
         self._http = HttpTransport(self)
 
     def url(self, endpoint: str) -> str:
-        base = self.config.base_url
         if endpoint == "events":
-            return f"{base}/track"
+            return self._http.url(PATHS[endpoint])
         query = {"strict": "1"}
         if self.config.project_id:
             query["project_id"] = self.config.project_id  # the SDK's Consumer adds it too
-        return f"{base}/import?{urllib.parse.urlencode(query)}"
+        return self._http.url(PATHS[endpoint], query)
 
     # --- mapping --------------------------------------------------------------------------
 
@@ -210,18 +211,12 @@ class MixpanelSink(Sink[MixpanelConfig]):
     def send(self, events: Sequence[Event]) -> SendResult:
         result = SendResult()
         plan = self.plan(events, result, self.config.token.get_secret_value())
-        return send_in_parts(plan, lambda r: self._judge(r, *self._exchange(r), result), result)
+        return send_in_parts(plan, lambda r: self._judge(r, self._exchange(r), result), result)
 
-    def _judge(
-        self,
-        request: _Request,
-        status: int,
-        body: dict[str, Any] | None,
-        answer: httpx.Response,
-        result: SendResult,
-    ) -> None:
+    def _judge(self, request: _Request, answer: httpx.Response, result: SendResult) -> None:
         """Read Mixpanel's answer: mark /import's refused records, raise for the whole request."""
-        what = f"mixpanel {_path(request.endpoint)}"
+        what = f"mixpanel {PATHS[request.endpoint]}"
+        status, body = answer.status_code, json_object(answer)
         if status == 413 or status in RETRYABLE_STATUS or status >= 500:
             self._http.check(answer, what=what)
         if body is None:
@@ -257,19 +252,18 @@ class MixpanelSink(Sink[MixpanelConfig]):
             where = f"{field}: " if field else ""
             result.mark_failed(event, self.mask(f"{what} refused the record: {where}{message}"))
 
-    def _exchange(self, request: _Request) -> tuple[int, dict[str, Any] | None, httpx.Response]:
+    def _exchange(self, request: _Request) -> httpx.Response:
         """POST the form ``Consumer`` posts (``data``, ``verbose=1``, ``ip=0``); /import with the
         credentials as Basic auth."""
         importing = request.endpoint == "imports"
         auth = self._import_auth if importing else None
-        answer = self._http.request(
+        return self._http.request(
             "POST",
             self.url(request.endpoint),
             data={"data": request.data, "verbose": "1", "ip": "0"},
             headers={"Authorization": auth} if auth else None,
-            what=f"mixpanel {_path(request.endpoint)}",
+            what=f"mixpanel {PATHS[request.endpoint]}",
         )
-        return answer.status_code, json_object(answer), answer
 
     # --- debug --------------------------------------------------------------
 
@@ -289,10 +283,6 @@ class MixpanelSink(Sink[MixpanelConfig]):
         if result.failed:
             rendered.append({"not_sent": result.failed})
         return rendered
-
-
-def _path(endpoint: str) -> str:
-    return "/track" if endpoint == "events" else "/import"
 
 
 def _accepted(body: dict[str, Any]) -> bool:
