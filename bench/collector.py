@@ -220,6 +220,36 @@ def _cpu_seconds(session: int) -> float:
     return total / tick
 
 
+def _thread_cpu(session: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of the server's processes, by thread name (as
+    ``py-spy dump`` names them; CPython does not name its threads for the kernel)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) != session:
+            continue
+        pid = stat.parent.name
+        dump = subprocess.run(["py-spy", "dump", "--nonblocking", "--pid", pid],
+                              capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+        for line in dump.splitlines():
+            if line.startswith("Thread "):  # Thread 123 (idle): "MainThread"
+                tid = int(line.split()[1], 0)
+                names[tid] = f"{pid}:{line.rsplit(':', 1)[1].strip().strip(chr(34))}"
+    out: dict[str, float] = {}
+    for tid, name in names.items():
+        for task in Path("/proc").glob(f"*/task/{tid}/stat"):
+            try:
+                fields = task.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def _machine_cpu() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine so far, every core (/proc/stat)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -323,10 +353,13 @@ def contender(
         assert loader.stderr is not None and loader.stdout is not None
         said: list[str] = []
         marks: dict[str, tuple[float, float, float]] = {}
+        threads: dict[str, dict[str, float]] = {}
         profiler: subprocess.Popen[bytes] | None = None
         for line in loader.stderr:
             if line.strip() in ("start", "end"):
                 marks[line.strip()] = (_cpu_seconds(proc.pid), *_machine_cpu())
+                if args.threads:
+                    threads[line.strip()] = _thread_cpu(proc.pid)
                 if line.strip() == "start" and args.profile:
                     profiler = _profile(proc.pid, args, Path(args.profile) / data.name)
             else:
@@ -347,6 +380,15 @@ def contender(
         result["machine_busy_cores"] = round(
             (busy_after - busy_before) / (total_after - total_before) * (os.cpu_count() or 1), 2
         )
+        if threads:
+            # Per thread: ms per 1,000 events answered in the window (the names' process ids
+            # dropped, threads of one name summed over processes).
+            per: dict[str, float] = {}
+            for thread, after in threads["end"].items():
+                key = thread.split(":", 1)[1]
+                used = after - threads["start"].get(thread, 0.0)
+                per[key] = per.get(key, 0.0) + used * 1e6 / max(1, events)
+            result["thread_cpu_ms_per_1000_events"] = {k: round(v, 1) for k, v in per.items()}
         if kind == "collector":
             started = time.monotonic()
             while _spool_pending(data) and time.monotonic() - started < 120:
@@ -439,6 +481,9 @@ def main() -> None:
         "--profile", metavar="DIR", help="py-spy record the server (collapsed stacks in DIR)"
     )
     parser.add_argument("--profile-gil", action="store_true", help="only samples holding the GIL")
+    parser.add_argument(
+        "--threads", action="store_true", help="CPU per server thread (needs py-spy to name them)"
+    )
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
@@ -519,6 +564,14 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{r['ack_p99_ms']} | {cpu} | {cores} | {drain} | {sum(r['errors'].values())} | "
             f"{'yes' if r['stored_at_least_accepted'] else 'NO'}"
         )
+    for r in report["results"]:
+        if r.get("thread_cpu_ms_per_1000_events"):
+            per = sorted(r["thread_cpu_ms_per_1000_events"].items(), key=lambda kv: -kv[1])
+            lines.append("")
+            lines.append(
+                f"CPU ms per 1,000 events by thread, {r['name']}: "
+                + ", ".join(f"{name} {ms}" for name, ms in per if ms >= 0.1)
+            )
     s = report["summary"]
     lines.append("")
     for key in ("spool", "storage", "baseline"):

@@ -148,3 +148,55 @@ def test_a_full_disk_is_503_and_nothing_answered_is_lost(
         "every acknowledged event",
     )
     assert len(rows) == len({r["id"] for r in rows})
+
+
+def _spool_rows(collector: Any) -> dict[str, int]:
+    return dict(collector.spool.depth().get("relay", {}))
+
+
+def test_ack_spool_hands_storage_the_batches_it_holds(tmp_path: Path, serve: Any) -> None:
+    """With ``ack: spool``, a batch answered from the spool reaches storage from memory (its
+    rows leased meanwhile, deleted once storage has it); what storage asks to retry goes to
+    the storage runner, which sends it again; what it refuses for good stays in the spool as
+    failed."""
+    with RecordingServer() as destination:
+        delivered: list[str] = []
+        answers: list[dict[str, Any]] = []
+
+        def accept(request: Any) -> Response:
+            ids = [e["id"] for e in request.json()]
+            answer = answers.pop(0) if answers else {}
+            delivered.extend(i for i in ids if i not in answer.get("retry", []) + answer.get(
+                "rejected", []))  # fmt: skip
+            return Response(200, answer)
+
+        destination.responder = accept
+        section = base_section(
+            tmp_path / "d", storage={"relay": {"type": "http", "url": destination.url + "/in"}}
+        )
+        served = serve(write_config(tmp_path / "c.yml", section))
+        collector = served.collector
+        url = served.url + "/v1/myapp/events"
+        warm = _batch(5, "warm")
+        _send(url, warm)  # the runner opens its sink for the first rows
+        wait_for(lambda: len(delivered) == 5 and not _spool_rows(collector), 30, "warm-up")
+        assert collector.spool.handed == 0
+
+        sent = [_batch(20, f"hand-{k}") for k in range(4)]
+        for batch in sent:
+            assert _send(url, batch)["accepted"] == 20
+        wait_for(lambda: len(delivered) == 85 and not _spool_rows(collector), 30, "4 batches")
+        assert collector.spool.handed == 80  # every one from memory
+
+        retried, rejected = _batch(20, "retry"), _batch(20, "rejected")
+        answers.append({"retry": [e["id"] for e in retried[:3]],
+                        "rejected": [e["id"] for e in rejected[:2]]})  # fmt: skip
+        body = json.dumps(retried + rejected).encode()
+        assert httpx.post(url, content=body, headers=signed_headers(body)).status_code == 200
+        wanted = {e["id"] for e in retried + rejected[2:]}
+        wait_for(lambda: wanted <= set(delivered), 30, "the retried events from the runner")
+        assert collector.spool.handed == 80 + 35
+        assert Counter(delivered)[retried[0]["id"]] == 1
+        rows = wait_for(lambda: (r := _spool_rows(collector)) and "pending" not in r and r, 30,
+                        "the spool to settle")  # fmt: skip
+        assert rows == {"failed": 2}

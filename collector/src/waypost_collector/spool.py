@@ -6,7 +6,12 @@ a batch (a sink whose acknowledgement means "durable", such as a Kafka producer 
 ``acks: all``, fits as it is).
 
 One writer thread per process makes submissions durable a group at a time: several requests'
-batches share one transaction (one fsync), then each request is answered.
+batches share one transaction (one fsync), then each request is answered. With ``ack: spool``
+the rows it writes are leased to this process, and its handoff thread gives the events it still
+holds in memory to storage, then deletes their rows: nothing is read back or decoded from the
+spool. A row whose storage did not take it is handed to its runner (retries, backoff, circuit
+breaker); rows of a process that died are no longer leased, and its runner (or the next
+process's) delivers them from the spool.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ ERROR_HOLD = 10.0
 """Seconds a failed spool write keeps /readyz at 503 (unless a write succeeds sooner)."""
 GROUP_EVENTS = 20_000
 """Events written in one transaction at most."""
+HANDOFF_EVENTS = 5_000
+"""Events the handoff gives a storage sink in one call at most (one transaction for SQL)."""
+HANDOFF_BACKLOG = 20_000
+"""Events waiting in memory for the handoff at most: past that, new rows are left to the
+storage runners, which lease them from the spool."""
 
 
 class SpoolError(Exception):
@@ -241,6 +251,14 @@ class Spool:
             queue.SimpleQueue()
         )
         self._writer: threading.Thread | None = None
+        self._handoff: queue.SimpleQueue[tuple[tuple[str, ...], list[Event]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._handoff_thread: threading.Thread | None = None
+        self._handoff_waiting = 0  # events queued for the handoff (written by the writer only)
+        self._handoff_done = 0  # of those, handed over (written by the handoff thread only)
+        self.handed = 0
+        """Events storage took from the handoff (never read back from the spool)."""
         self._started = False
         self._lock = threading.Lock()
         self.last_error: str | None = None
@@ -287,6 +305,9 @@ class Spool:
         self.outbox.after_fork()
         self.ledger.after_fork()
         self._queue = queue.SimpleQueue()
+        self._handoff = queue.SimpleQueue()
+        self._handoff_thread = None
+        self._handoff_waiting = self._handoff_done = 0
         self._lock = threading.Lock()
         self._writer = None
         if self._started:
@@ -307,6 +328,11 @@ class Spool:
             target=self._write_loop, name="waypost-collector-spool", daemon=True
         )
         self._writer.start()
+        if not self.direct:
+            self._handoff_thread = threading.Thread(
+                target=self._handoff_loop, name="waypost-collector-handoff", daemon=True
+            )
+            self._handoff_thread.start()
 
     @property
     def running(self) -> bool:
@@ -319,6 +345,9 @@ class Spool:
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(max(0.0, deadline - time.monotonic()))
+        if self._handoff_thread is not None:  # before the runners stop: rows it holds leased
+            self._handoff.put(None)
+            self._handoff_thread.join(max(0.0, deadline - time.monotonic()))
         ok = self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
         self.ledger.close()
         return ok
@@ -456,33 +485,120 @@ class Spool:
             if not names:
                 continue
             if not self.direct:
-                self.outbox.add(group, list(names))
-                written.update(names)
+                written.update(self._spool(names, group))
                 continue
             for name in names:
-                left = self._send_now(name, group)
+                result = self._send_now(name, group)
+                left = group if result is None else self._refused(group, result)
                 if left:
                     self.outbox.add(left, [name])
                     written.add(name)
         return written
 
-    def _send_now(self, name: str, events: list[Event]) -> list[Event]:
-        """``ack: storage``: hand events to one sink from here, inside the core's error
-        boundary; returns those it did not take (the spool keeps them, its runner retries)."""
+    def _spool(self, names: tuple[str, ...], events: list[Event]) -> list[str]:
+        """``ack: spool``: write ``events`` for these sinks; those whose runner is delivering
+        get them from the handoff, their rows leased meanwhile. Returns the other sinks."""
+        room = self._handoff_waiting - self._handoff_done + len(events) <= HANDOFF_BACKLOG
+        alive = self._handoff_thread is not None and self._handoff_thread.is_alive()
+        hand = [n for n in names if room and alive and self._ready(n)] if events else []
+        rest = [n for n in names if n not in hand]
+        if hand:
+            lease = self._runners[hand[0]].settings.lease_seconds
+            self.outbox.add(events, hand, lease_seconds=lease)
+        if rest:
+            self.outbox.add(events, rest)
+        if hand:
+            self._handoff_waiting += len(events)
+            self._handoff.put((tuple(hand), events))
+        return rest
+
+    def _ready(self, name: str) -> bool:
+        """Whether a storage sink's runner is open and delivering (not failing or held)."""
         runner = self._runners[name]
-        if not runner.opened or runner.state != "ok":
-            return events  # not ready, or failing: the runner and its backoff have them
-        result, reason, _ = call_send(runner.sink, events)
+        return bool(runner.opened and runner.state == "ok")
+
+    def _send_now(self, name: str, events: list[Event]) -> SendResult | None:
+        """Hand events to one sink from here, inside the core's error boundary; None when its
+        runner is not ready (the spool keeps them, the runner and its backoff have them)."""
+        if not self._ready(name):
+            return None
+        result, reason, _ = call_send(self._runners[name].sink, events)
+        if result.retry or result.failed:
+            self.pipeline.log_once(
+                f"direct:{name}",
+                "waypost collector: storage %r did not take a batch (%s); the spool keeps it",
+                name,
+                reason or next(iter({**result.retry, **result.failed}.values()), "refused"),
+            )
+        return result
+
+    @staticmethod
+    def _refused(events: list[Event], result: SendResult) -> list[Event]:
         if not (result.retry or result.failed):
             return []
-        self.pipeline.log_once(
-            f"direct:{name}",
-            "waypost collector: storage %r did not take a batch (%s); the spool keeps it",
-            name,
-            reason or next(iter({**result.retry, **result.failed}.values()), "refused"),
-        )
         refused = result.retry.keys() | result.failed.keys()
         return [e for e in events if e.id in refused]
+
+    # --- the handoff (ack: spool) -----------------------------------------------------------
+
+    def _handoff_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._handoff.get()
+            if item is None:
+                break
+            items, n = [item], len(item[1])
+            while n < HANDOFF_EVENTS:
+                try:
+                    item = self._handoff.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                items.append(item)
+                n += len(item[1])
+            by_sink: dict[str, list[Event]] = {}
+            for names, events in items:
+                for name in names:
+                    by_sink.setdefault(name, []).extend(events)
+            for name, events in by_sink.items():
+                for i in range(0, len(events), HANDOFF_EVENTS):
+                    try:
+                        self._hand(name, events[i : i + HANDOFF_EVENTS])
+                    except Exception as exc:  # never let the handoff die; the rows stay
+                        log.error(  # leased until the lease ends, then the runner has them
+                            "waypost collector: handoff to storage %r failed: %s: %s",
+                            name, type(exc).__name__, exc,
+                        )  # fmt: skip
+            self._handoff_done += n
+
+    def _hand(self, name: str, events: list[Event]) -> None:
+        """Give storage ``name`` events the spool holds leased to this process, then delete
+        their rows; what it did not take goes back to the spool's rows, to its runner."""
+        runner = self._runners[name]
+        result = self._send_now(name, events)
+        now = time.time()
+        outcomes: list[tuple[Event, str, float, str | None]]
+        if result is None:  # the runner is not delivering now: it takes them, due at once
+            outcomes = [(e, "pending", now, None) for e in events]
+            done = []
+        else:
+            retry_at = now + runner.settings.backoff.delay(1)
+            outcomes = [
+                (e, "pending", retry_at, result.retry[e.id])
+                if e.id in result.retry
+                else (e, "failed", 0.0, result.failed[e.id])
+                for e in self._refused(events, result)
+            ]
+            refused = {e.id for e, _, _, _ in outcomes}
+            done = [e.id for e in events if e.id not in refused]
+        if done:
+            self.outbox.forget(name, done)
+            self.handed += len(done)
+        if outcomes:
+            self.outbox.settle(name, outcomes, now=now)  # the lease voided, the row kept
+            runner.outbox_written()
 
     def _record(self, entries: list[Entry], tallies: list[tuple[str, str, str, int]]) -> None:
         if not entries and not tallies:
