@@ -733,6 +733,23 @@ def test_pack_keeps_order_count_and_weight() -> None:
     assert all(isinstance(c, Chunk) for c in chunks) and pack([], 6) == []
 
 
+def test_pack_refuses_what_is_over_the_limit_per_event() -> None:
+    events = make_events(5)
+    weights = [3, 7, 3, 5, 2]
+    weighted = [(e, i, w) for i, (e, w) in enumerate(zip(events, weights, strict=True))]
+    result = SendResult()
+    chunks = pack(weighted, 6, result=result, too_large=lambda w: f"{w} is over 6")
+    assert [c.items for c in chunks] == [[0, 2], [3], [4]]
+    assert result.failed == {events[1].id: "7 is over 6"} and not result.retry
+    # A limit per event of its own: lower than the request's here.
+    result = SendResult()
+    chunks = pack(weighted, 6, result=result, too_large=lambda w: "too large", item_limit=4)
+    assert [c.items for c in chunks] == [[0, 2], [4]]
+    assert set(result.failed) == {events[1].id, events[3].id}
+    with pytest.raises(TypeError, match="together"):
+        pack(weighted, 6, result=SendResult())
+
+
 def test_a_requests_session_keeps_to_the_threads_body_limit(
     server: RecordingServer, tmp_path: Path
 ) -> None:

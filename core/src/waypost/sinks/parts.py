@@ -35,14 +35,30 @@ class Chunk(Generic[T]):
 
 
 def pack(
-    weighted: Iterable[tuple[Event, T, int]], limit: int, *, max_items: int | None = None
+    weighted: Iterable[tuple[Event, T, int]],
+    limit: int,
+    *,
+    max_items: int | None = None,
+    result: SendResult | None = None,
+    too_large: Callable[[int], str] | None = None,
+    item_limit: int | None = None,
 ) -> list[Chunk[T]]:
     """Cut ``(event, item, weight)`` triples, in order, into chunks of at most ``max_items``
-    whose weights add up to at most ``limit`` (an item heavier than ``limit`` is a chunk of
-    its own: refuse such events before packing, with the vendor's reason)."""
+    whose weights add up to at most ``limit``.
+
+    With ``result`` and ``too_large``, an event whose weight is over ``item_limit`` (``limit``
+    by default: a vendor's limit per event) is marked failed in ``result`` with the reason
+    ``too_large(weight)`` and left out, before anything is sent. Without them, an item heavier
+    than ``limit`` is a chunk of its own."""
+    if (result is None) != (too_large is None):
+        raise TypeError("pack() takes result and too_large together")
+    most = limit if item_limit is None else item_limit
     chunks: list[Chunk[T]] = []
     total = 0
     for event, item, weight in weighted:
+        if too_large is not None and result is not None and weight > most:
+            result.mark_failed(event, too_large(weight))
+            continue
         full = max_items is not None and bool(chunks) and len(chunks[-1].items) >= max_items
         if not chunks or full or total + weight > limit:
             chunks.append(Chunk())

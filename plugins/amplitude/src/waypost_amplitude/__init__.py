@@ -124,15 +124,12 @@ class AmplitudeSink(Sink[AmplitudeConfig]):
     def plan(self, events: Sequence[Event], result: SendResult) -> list[_Request]:
         """Cut the batch into requests under Amplitude's count and size limits."""
         limit = MAX_BYTES[self.api] - 2048  # the envelope around the events
-        weighted = []
-        for event in events:
-            body = self.event_body(event)
-            weight = len(json.dumps(body).encode()) + 2
-            if weight > limit:
-                result.mark_failed(event, f"event exceeds the {self.api} API's request size limit")
-            else:
-                weighted.append((event, body, weight))
-        return pack(weighted, limit, max_items=MAX_EVENTS)
+        bodies = [(event, self.event_body(event)) for event in events]
+        weighted = [(event, body, len(json.dumps(body).encode()) + 2) for event, body in bodies]
+        too_large = f"event exceeds the {self.api} API's request size limit"
+        return pack(
+            weighted, limit, max_items=MAX_EVENTS, result=result, too_large=lambda _: too_large
+        )
 
     # --- sending --------------------------------------------------------------------------
 
