@@ -264,19 +264,17 @@ class Ga4Sink(Sink[Ga4Config]):
         requests: list[_Request] = []
         for items in groups.values():
             empty = len(dumps(self._body(items[:1])).encode()) - self._size(items[0])
-            weighted = []
-            for item in items:
-                grows = self._size(item) + 1
-                if empty + grows >= limits.MAX_BODY_BYTES:
-                    result.mark_failed(
-                        item.event,
-                        f"GA4 limits: the event alone makes a body of {empty + grows} bytes; "
-                        f"GA4 takes bodies under {limits.MAX_BODY_BYTES}",
-                    )
-                else:
-                    weighted.append((item.event, item, grows))
+            weighted = [(item.event, item, self._size(item) + 1) for item in items]
+
+            def too_large(grows: int, empty: int = empty) -> str:
+                return (
+                    f"GA4 limits: the event alone makes a body of {empty + grows} bytes; "
+                    f"GA4 takes bodies under {limits.MAX_BODY_BYTES}"
+                )
+
             limit = limits.MAX_BODY_BYTES - 1 - empty  # bodies are under MAX_BODY_BYTES
-            for chunk in pack(weighted, limit, max_items=limits.MAX_EVENTS_PER_REQUEST):
+            most = limits.MAX_EVENTS_PER_REQUEST
+            for chunk in pack(weighted, limit, max_items=most, result=result, too_large=too_large):
                 requests.append(self._request(chunk.items))
         return requests
 
