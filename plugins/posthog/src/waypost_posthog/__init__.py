@@ -182,18 +182,19 @@ class PosthogSink(Sink[PosthogConfig]):
             self._post(messages)
             return SendResult()
         result = SendResult()
-        sized: list[tuple[Event, dict[str, Any], int]] = []
-        for event, message in zip(events, messages, strict=True):
-            size = len(json.dumps(message).encode())
-            if size > MAX_EVENT_BYTES:
-                result.mark_failed(
-                    event,
-                    f"event is {size} bytes of JSON, over PostHog's limit of "
-                    f"{MAX_EVENT_BYTES // 1024} KiB per event: send less in its properties",
-                )
-            else:
-                sized.append((event, message, size + 2))  # 2: the ", " between events
-        chunks = pack(sized, MAX_BATCH_BYTES - _BODY_OVERHEAD)
+        # Weighed with the ", " between events (2 bytes).
+        sized = [
+            (e, m, len(json.dumps(m).encode()) + 2) for e, m in zip(events, messages, strict=True)
+        ]
+
+        def too_large(weight: int) -> str:
+            return (
+                f"event is {weight - 2} bytes of JSON, over PostHog's limit of "
+                f"{MAX_EVENT_BYTES // 1024} KiB per event: send less in its properties"
+            )
+
+        limit, most = MAX_BATCH_BYTES - _BODY_OVERHEAD, MAX_EVENT_BYTES + 2
+        chunks = pack(sized, limit, result=result, too_large=too_large, item_limit=most)
         return send_in_parts(chunks, lambda chunk: self._post(chunk.items), result)
 
     def _post(self, batch: list[dict[str, Any]], *, at_most: int = 0) -> requests.Response:
