@@ -194,14 +194,10 @@ class SqlSink(Sink[SqlConfig]):
         table = self._table
         assert table is not None
         dialect = conn.dialect.name
-        if dialect in ("postgresql", "duckdb"):
+        if dialect in ("postgresql", "duckdb"):  # SQLite has _write_sqlite
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
             conn.execute(pg_insert(table).on_conflict_do_nothing(index_elements=["id"]), rows)
-        elif dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            conn.execute(sqlite_insert(table).on_conflict_do_nothing(index_elements=["id"]), rows)
         else:
             ids = [r["id"] for r in rows]
             present = set(conn.scalars(sa.select(table.c.id).where(table.c.id.in_(ids))))
@@ -266,10 +262,8 @@ class SqlSink(Sink[SqlConfig]):
         if url.drivername in ("postgresql", "postgres"):
             # A bare postgresql:// would mean psycopg2 to SQLAlchemy; prefer psycopg 3 when it
             # is installed (the [postgres] extra).
-            if importlib.util.find_spec("psycopg") is not None:
-                url = url.set(drivername="postgresql+psycopg")
-            else:
-                url = url.set(drivername="postgresql")
+            psycopg = importlib.util.find_spec("psycopg") is not None
+            url = url.set(drivername="postgresql+psycopg" if psycopg else "postgresql")
         backend = url.get_backend_name()
         database = url.database
         if files and backend in _FILE_DIALECTS and database and database != ":memory:":
