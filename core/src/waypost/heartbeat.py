@@ -1,18 +1,25 @@
 """The heartbeat: a periodic snapshot of an installation in FlowForge's shape (instance id, os,
-runtime and app versions, ``platform.counts`` / ``platform.config``), and the scheduled job that
-sends it."""
+runtime and app versions, ``platform.counts`` / ``platform.config``), the scheduled job that
+sends it, and an instance's schedules (:class:`Schedules`: ``tel.schedule``, ``tel.heartbeat``,
+``tel.send_heartbeat``), with what a destination's control block does to the heartbeat."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from waypost import config as _config
+from waypost import datadir
+from waypost.control import Control
 from waypost.events import base_context
-from waypost.schedule import Job
+from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
 
 if TYPE_CHECKING:
-    from waypost.config import HeartbeatConfig
+    from waypost.config import HeartbeatConfig, TelemetryConfig
+    from waypost.control import ControlState
+    from waypost.gate import Gate
     from waypost.plugins import PluginManager
 
 NAME = "heartbeat"
@@ -50,3 +57,205 @@ def job_from_config(callback: Callable[[], Any], config: HeartbeatConfig | None)
     section, its defaults (once a day)."""
     config = config or _config.HeartbeatConfig()
     return Job(name=NAME, callback=callback, every=config.every, event=config.event)
+
+
+class Host(Protocol):
+    """What :class:`Schedules` reads of its instance (a :class:`waypost.Telemetry`)."""
+
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def app(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def instance_id(self) -> str | None: ...
+    @property
+    def data_dir(self) -> Path: ...
+    @property
+    def config(self) -> TelemetryConfig: ...
+    @property
+    def plugins(self) -> PluginManager: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def gate(self) -> Gate | None: ...
+    @property
+    def control(self) -> ControlState | None: ...
+
+
+class Schedules:
+    """One instance's periodic jobs, the heartbeat among them. ``emit(name, payload)`` tracks
+    what a run returns and stores it before the run is recorded as done (False: not tracked)."""
+
+    def __init__(self, host: Host, emit: Callable[[str | None, object], bool]) -> None:
+        self.host = host
+        self.emit = emit
+        self.scheduler: Scheduler | None = None
+        self.last_outcome: str | None = None
+        """What the last :meth:`send` did (``sent``, ``skipped: ...``)."""
+        self._facts: Callable[[], Mapping[str, Any]] | None = None
+        self._every: float | None = None  # this installation's own heartbeat period
+
+    def _new_scheduler(self) -> Scheduler:
+        host = self.host
+        return Scheduler(
+            data_dir=host.data_dir, emit=self._emit_job, clock=host.clock, active=self._running
+        )
+
+    def _running(self) -> bool:
+        return self.host.enabled
+
+    def _emit_job(self, job: Job, payload: Any) -> bool:
+        return self.emit(job.event or job.name, payload)
+
+    def schedule(
+        self,
+        name: str,
+        callback: Callable[[], Any],
+        *,
+        every: float | str,
+        first_delay: float | str = 0,
+        time_of_day: str | float | None = None,
+        jitter: float | str = 0,
+        condition: Callable[[], bool] | None = None,
+        event: str | None = None,
+    ) -> Job:
+        """See :meth:`waypost.Telemetry.schedule`."""
+        parse = _config.parse_duration
+        if self.scheduler is None:
+            self.scheduler = self._new_scheduler()
+        job = Job(
+            name=name,
+            callback=callback,
+            every=parse(every),
+            first_delay=parse(first_delay),
+            jitter=parse(jitter),
+            time_of_day=parse_time_of_day(time_of_day, self.scheduler.rng),
+            condition=condition,
+            event=event,
+        )
+        if self.host.enabled:
+            return self.scheduler.add(job)
+        self.scheduler.jobs[name] = job  # kept for status; never runs while telemetry is off
+        return job
+
+    def heartbeat(
+        self,
+        *,
+        every: float | str = "24h",
+        first_delay: float | str = "30s",
+        time_of_day: str | float | None = "random",
+        jitter: float | str = 0,
+        condition: Callable[[], bool] | None = None,
+        facts: Callable[[], Mapping[str, Any]] | None = None,
+        event: str = "heartbeat",
+    ) -> Job:
+        """See :meth:`waypost.Telemetry.heartbeat`."""
+        self._facts = facts
+        gate, control = self.host.gate, self.host.control
+        if gate is not None:  # before the job can first run: heartbeats are not sampled
+            gate.heartbeats.add(event)
+        own = _config.parse_duration(every)
+        current = control.current if control is not None else None
+        job = self.schedule(
+            NAME,
+            lambda: self.payload(facts),
+            # Stretched before the job is added, so its first run already keeps the period.
+            every=current.heartbeat_period(own) if current is not None else own,
+            first_delay=first_delay,
+            time_of_day=time_of_day,
+            jitter=jitter,
+            condition=condition,
+            event=event,
+        )
+        self._every = own
+        return job
+
+    def payload(self, facts: Callable[[], Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """See :meth:`waypost.Telemetry.heartbeat_payload`."""
+        host = self.host
+        if facts is not None:
+            given = facts
+
+            def facts_recorded() -> Mapping[str, Any]:
+                value = given()
+                self.record_facts(value)
+                return value
+
+            facts = facts_recorded
+        else:
+            stored = datadir.read_installation(host.data_dir).get("facts")
+            if isinstance(stored, dict):
+                facts = lambda: stored  # noqa: E731
+        return payload(
+            app=host.app,
+            version=host.version,
+            instance_id=host.instance_id or datadir.read_instance_id(host.data_dir),
+            facts=facts,
+            plugins=host.plugins,
+        )
+
+    def record_facts(self, facts: Mapping[str, Any]) -> None:
+        """See :meth:`waypost.Telemetry.record_facts`."""
+        if not self.host.enabled or not isinstance(facts, Mapping):
+            return
+        datadir.record_installation(self.host.data_dir, facts=dict(facts), facts_at=time.time())
+
+    def send(self, *, force: bool = False) -> bool:
+        """See :meth:`waypost.Telemetry.send_heartbeat`."""
+        host = self.host
+        if not host.enabled:
+            # Off means off: no schedule file, no facts callback, no waypost_heartbeat hook.
+            self.last_outcome = "skipped: telemetry is off"
+            return False
+        if self.scheduler is None or NAME not in self.scheduler.jobs:
+            self.scheduler = self.scheduler or self._new_scheduler()
+            job = job_from_config(lambda: self.payload(self._facts), host.config.heartbeat)
+            control = host.control
+            stored = control.current if control else Control.read(host.data_dir)
+            if stored is not None:  # the cron job keeps the period a destination asked for
+                job.every = stored.heartbeat_period(job.every)
+            gate = host.gate
+            if gate is not None and job.event:
+                gate.heartbeats.add(job.event)  # never sampled out, from cron either
+        else:
+            job = self.scheduler.jobs[NAME]
+        sent = self.scheduler.run(job, force=force)
+        self.last_outcome = job.last_outcome
+        return sent
+
+    def heartbeat_event(self) -> str | None:
+        """The event of a heartbeat scheduled already (while telemetry was off), if any."""
+        job = self.scheduler.jobs.get(NAME) if self.scheduler else None
+        return job.event if job is not None else None
+
+    def stop(self, timeout: float) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop(timeout=timeout)
+
+    def after_fork(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.after_fork()
+
+    # --- instructions from the destination -------------------------------------------------
+
+    def apply_control(self, control: Control) -> None:
+        """Make the heartbeat less frequent if the control asks; nothing else changes here
+        (sampling and pauses are the gate's and the runners')."""
+        jobs = self.scheduler.jobs if self.scheduler is not None else {}
+        job = jobs.get(NAME)
+        if job is not None and self._every is not None:
+            job.every = control.heartbeat_period(self._every)
+
+    def control_status(self) -> dict[str, Any] | None:
+        """The control block in force, as ``status()`` shows it (None without one)."""
+        state = self.host.control
+        control = state.current if state else Control.read(self.host.data_dir)
+        if control is None:
+            return None
+        data = control.as_dict()
+        job = (self.scheduler.jobs if self.scheduler is not None else {}).get(NAME)
+        data["heartbeat_period"] = job.every if job is not None else None
+        data["paused"] = control.paused()
+        return data

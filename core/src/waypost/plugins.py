@@ -416,3 +416,112 @@ def _check_sink_class(cls: Any, *, where: str) -> None:
         )
     if cls.send is Sink.send:
         raise PluginError(f"{where}: {cls.__name__} does not implement send()")
+
+
+# --- one instance's plugins ----------------------------------------------------------------------
+
+
+def import_beside(
+    name: str, config_file: str | None, load: Callable[[str], types.ModuleType]
+) -> types.ModuleType:
+    """Import a module the config names; one that is not on the path is looked for beside the
+    config file too, as ``waypost manifest`` looks for ``schemas``: so the CLI finds an
+    application's own plugin module when run from anywhere."""
+    try:
+        return load(name)
+    except ModuleNotFoundError as exc:
+        if config_file in (None, "<config>") or exc.name != name.partition(".")[0]:
+            raise
+        import os
+        import sys
+
+        beside = os.path.dirname(os.path.abspath(str(config_file)))
+        if not os.path.exists(os.path.join(beside, exc.name)) and not os.path.exists(
+            os.path.join(beside, exc.name + ".py")
+        ):
+            raise
+        if beside not in sys.path:
+            sys.path.append(beside)
+        return load(name)
+
+
+def plugin_label(plugin: object) -> str:
+    """A readable name for a plugin given in code: its module's name, or its class's."""
+    name = getattr(plugin, "__name__", None)
+    if isinstance(name, str):
+        return name
+    kind = type(plugin)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+class PluginLoader:
+    """Registers the plugins one instance is given in code or finds named in
+    ``telemetry.plugins``, and keeps what failed (``errors``, by plugin, with the reason: what
+    ``status()`` shows as ``plugin_errors``)."""
+
+    def __init__(self, plugins: PluginManager, *, strict: bool, config_file: str | None) -> None:
+        self.plugins = plugins
+        self.strict = strict
+        self.config_file = config_file
+        self.errors: dict[str, str] = {}
+
+    def register_named(self, module_name: str, *, inspecting: bool) -> None:
+        """Import and register a module of ``telemetry.plugins``. A failure raises in strict
+        mode, except for an instance that only inspects (``start=False``: the CLI), where it is
+        recorded in ``errors``: the operator must still see and switch off telemetry."""
+        try:
+            module = import_beside(module_name, self.config_file, importlib.import_module)
+        except Exception as exc:
+            self.failed(
+                module_name,
+                PluginError(f"error importing plugin {module_name!r}: {type(exc).__name__}: {exc}"),
+                exc,
+                inspecting=inspecting,
+            )
+            return
+        self.register(module, module_name, inspecting=inspecting)
+
+    def register(
+        self, plugin: object, name: str | None = None, *, inspecting: bool = False
+    ) -> None:
+        """Register hook implementations given in code or named in ``telemetry.plugins``; one
+        that cannot be registered (its ``register_sinks`` raises, a misspelt hook) is reported
+        and its sinks are off."""
+        label = name or plugin_label(plugin)
+        if name is None and self.plugins.pm.get_plugin(label) is not None:
+            label = f"{label}#{id(plugin):x}"  # two instances of one class
+        try:
+            self.plugins.register_module(plugin, name=label)
+        except Exception as exc:
+            error = exc if isinstance(exc, PluginError) else PluginError(
+                f"plugin {label!r} could not be registered: {type(exc).__name__}: {exc}",
+                plugin=label)  # fmt: skip
+            self.failed(label, error, exc, inspecting=inspecting)
+
+    def register_sink(self, sink_class: type[Sink]) -> None:
+        """Make a sink class given in code available; one that is not a sink is reported."""
+        try:
+            self.plugins.register_sink(sink_class)
+        except PluginError as exc:
+            self.failed(repr(sink_class), exc)
+
+    def failed(self, plugin: str, error: PluginError, cause: BaseException | None = None,
+               consequence: str = "", *, inspecting: bool = False) -> None:  # fmt: skip
+        """A plugin failed: raise at once in strict mode (unless the instance only inspects:
+        the CLI); otherwise report it in ``errors`` with one log line, and go on without that
+        part."""
+        if self.strict and not inspecting:
+            raise error from cause
+        message = f"{error}{consequence}"
+        previous = self.errors.get(plugin)
+        self.errors[plugin] = f"{previous}; {message}" if previous else message
+        log.error("waypost: %s", message)
+
+    def hook_failed(self, plugin: str, what: str, exc: Exception) -> None:
+        """``what`` went wrong with a hook of ``plugin`` (``waypost_context raised``)."""
+        self.failed(
+            plugin,
+            PluginError(f"plugin {plugin!r}: {what} {type(exc).__name__}: {exc}", plugin=plugin),
+            exc,
+            consequence=" (what it adds is left out)",
+        )

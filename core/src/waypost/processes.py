@@ -16,10 +16,13 @@ at most, before it forks. The child starts its own threads and makes its own sin
 never runs there; its own finalizers do, and waypost registers one in each child.
 
 **SIGTERM.** See :func:`install_sigterm`.
+
+:class:`ProcessHooks` registers one instance's work for all of these at once, and forgets it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -365,3 +368,59 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         signal.raise_signal(signum)  # ends the process, as it would have ended
     elif callable(previous):
         previous(signum, frame)
+
+
+# --- one instance's hooks ------------------------------------------------------------------------
+
+
+class ProcessHooks:
+    """What one running instance does at exit (and when a ``multiprocessing`` child ends), in
+    a forked child, and at SIGTERM: registered together by :meth:`install`, forgotten together
+    by :meth:`forget`."""
+
+    def __init__(
+        self,
+        *,
+        at_exit: Callable[[], None],
+        after_fork_in_child: Callable[[], None],
+        on_sigterm: Callable[[bool], None],
+        sigterm_budget: float,
+    ) -> None:
+        self._exit = at_exit
+        self._child = after_fork_in_child
+        self._sigterm = on_sigterm
+        self.sigterm_budget = sigterm_budget
+
+    def install(self, *, sigterm: bool) -> None:
+        atexit.register(self.at_exit)
+        follow_forks(self)
+        at_multiprocessing_exit(self, ProcessHooks.at_exit)
+        if sigterm:
+            install_sigterm(self)
+
+    def forget(self) -> None:
+        """No more at-exit, at-fork or SIGTERM work."""
+        try:
+            atexit.unregister(self.at_exit)
+        except Exception:
+            pass
+        forget_forks(self)
+        uninstall_sigterm(self)
+
+    def at_exit(self) -> None:
+        self._exit()
+
+    # Around fork() (see follow_forks).
+
+    def _before_fork(self) -> None:
+        # multiprocessing may have been imported since start: its children get a finalizer.
+        at_multiprocessing_exit(self, ProcessHooks.at_exit)
+
+    def _after_fork_in_parent(self) -> None:
+        pass
+
+    def _after_fork_in_child(self) -> None:
+        self._child()
+
+    def _on_sigterm(self, ends_now: bool) -> None:
+        self._sigterm(ends_now)

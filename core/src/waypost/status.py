@@ -1,5 +1,5 @@
-"""What an instance counts and reports: the counters, the once-a-minute log line, and the
-models of ``status()`` (``waypost status --json``)."""
+"""What an instance counts and reports: the counters, the once-a-minute log line, the models of
+``status()`` (``waypost status --json``) and the snapshot that fills them (:func:`snapshot`)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,22 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, field_validator
 
+from waypost.datadir import read_instance_id
+from waypost.logs import get_logger
 from waypost.privacy.secrets import sanitise
 
 if TYPE_CHECKING:
+    from waypost.config import TelemetryConfig
+    from waypost.delivery.outbox import Outbox
     from waypost.delivery.runner import Runner
+    from waypost.privacy import Decision
+
+log = get_logger(__name__)
 
 
 class LogOnce:
@@ -255,4 +263,133 @@ def sink_status(
         last_success=as_datetime(from_rows["last_success"]),
         last_error=from_rows["last_error"],
         last_error_at=as_datetime(from_rows["last_error_at"]),
+    )
+
+
+class Source(Protocol):
+    """What :func:`snapshot` reads of an instance (a :class:`waypost.Telemetry`)."""
+
+    @property
+    def app(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def decision(self) -> Decision: ...
+    @property
+    def config(self) -> TelemetryConfig: ...
+    @property
+    def config_file(self) -> str | None: ...
+    @property
+    def config_error(self) -> str | None: ...
+    @property
+    def config_warnings(self) -> list[str]: ...
+    @property
+    def plugin_errors(self) -> dict[str, str]: ...
+    @property
+    def sink_errors(self) -> dict[str, tuple[str, str]]: ...
+    @property
+    def counters(self) -> Counters: ...
+    @property
+    def debug(self) -> bool: ...
+    @property
+    def strict(self) -> bool: ...
+    @property
+    def data_dir(self) -> Path: ...
+    @property
+    def instance_id(self) -> str | None: ...
+    @property
+    def outbox_(self) -> Outbox | None: ...
+    def has_outbox(self) -> bool: ...
+    def open_outbox(self, *, read_only: bool = False) -> Outbox: ...
+
+
+def snapshot(
+    source: Source,
+    *,
+    runners: Mapping[str, Runner],
+    buffered: int,
+    control: dict[str, Any] | None,
+    notes: list[str],
+) -> Status:
+    """``source``'s status now: whether it is on and which rule decided, its sinks (``runners``
+    by sink name while it runs), depths (``buffered`` in memory, the outbox's), counters."""
+    outbox_counts: dict[str, dict[str, int]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    pending_events = 0
+    storage = StorageStatus()
+    try:
+        outbox = source.outbox_
+        if outbox is None and source.has_outbox():
+            outbox = source.open_outbox(read_only=True)
+    except Exception as exc:  # status answers whatever the data dir holds
+        outbox = None
+        storage = StorageStatus(state="unavailable", detail=f"{type(exc).__name__}: {exc}")
+    running = source.enabled
+    if outbox is not None:
+        try:
+            outbox_counts = outbox.counts()
+            rows = outbox.sink_rows()
+            pending_events = outbox.pending_events()
+        except Exception as exc:
+            log.warning("waypost: cannot read the outbox: %s", exc)
+        health = outbox.health()
+        storage = StorageStatus(
+            state=health.state,
+            memory_only=health.memory_only and running,
+            detail=health.detail,
+            since=as_datetime(health.since),
+            moved_aside=health.moved_aside,
+            notes=health.notes,
+        )
+    config, decision = source.config, source.decision
+    specs = config.sink_specs() if source.config_error is None else {}
+    sinks = [
+        sink_status(
+            name,
+            str(spec["type"]),
+            runner=runners.get(name),
+            error=source.sink_errors.get(name, ("", None))[1],
+            pending=outbox_counts.get(name, {}).get("pending", 0),
+            running=running,
+            rows=rows.get(name),
+            enabled=decision.enabled,
+        )
+        for name, spec in specs.items()
+    ]
+    counters = source.counters
+    totals = CounterStatus(
+        accepted=counters.accepted + buffered,
+        stored=counters.stored,
+        delivered=sum(s.delivered for s in sinks),
+        retried=sum(s.retried for s in sinks),
+        failed=sum(s.failed for s in sinks),
+        dropped=dict(counters.dropped),
+    )
+    return Status(
+        app=source.app,
+        version=source.version,
+        enabled=decision.enabled,
+        running=running,
+        rule=decision.rule,
+        reason=decision.reason,
+        mode=config.mode,
+        level=config.level,
+        debug=source.debug,
+        strict=source.strict,
+        config_file=source.config_file,
+        config_error=source.config_error,
+        config_warnings=list(source.config_warnings),
+        plugin_errors=dict(source.plugin_errors),
+        data_dir=str(source.data_dir),
+        instance_id=source.instance_id or read_instance_id(source.data_dir),
+        sinks=sinks,
+        buffered=buffered,
+        outbox_pending_events=pending_events,
+        outbox=outbox_counts,
+        counters=totals,
+        control=control,
+        storage=storage,
+        notes=list(notes),
     )

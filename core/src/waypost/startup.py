@@ -1,0 +1,285 @@
+"""Starting an instance: its config loaded (a bad one leaves telemetry off, with the reason),
+its data dir found, consent decided, and what runs while telemetry is on made: the data dir and
+instance id, the first-run notice, the sinks, the pipeline; and what a start leaves behind for
+the CLI (the installation record)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from waypost import config as _config
+from waypost import datadir
+from waypost.config import TelemetryConfig
+from waypost.delivery.backoff import Backoff
+from waypost.delivery.pipeline import Pipeline
+from waypost.errors import ConfigError
+from waypost.logs import get_logger
+from waypost.privacy import Decision, StoredConsent, notice, resolve_consent, secrets
+from waypost.sinks import Sink, SinkConfig, SinkContext
+
+if TYPE_CHECKING:
+    from waypost.control import ControlState
+    from waypost.delivery.outbox import Outbox
+    from waypost.delivery.upkeep import OutboxUpkeep
+    from waypost.gate import Gate
+    from waypost.plugins import PluginManager
+    from waypost.privacy.secrets import SecretHold
+    from waypost.status import Counters
+
+log = get_logger(__name__)
+
+ConfigSource: TypeAlias = str | os.PathLike[str] | Mapping[str, Any] | TelemetryConfig | None
+"""What ``Telemetry(config=...)`` takes."""
+
+
+@dataclass
+class Loaded:
+    """A config as loaded: ``error`` says why it could not be (then ``config`` is off)."""
+
+    config: TelemetryConfig
+    file: str | None
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    """Settings that were ignored (a ``WAYPOST_...`` variable naming no setting)."""
+    sink_sources: dict[str, Any] = field(default_factory=dict)
+    """Each sink's settings as written (see :func:`waypost.config.load`)."""
+
+
+def load_config(
+    config: ConfigSource,
+    env: Mapping[str, str],
+    *,
+    strict: bool | None,
+    debug: bool | None,
+    hold: SecretHold,
+) -> Loaded:
+    """Load the config (None: the ``WAYPOST_CONFIG`` file or a ``telemetry.yml`` here, if
+    any); its literal secrets go to ``hold``. One that cannot be loaded raises if ``strict``,
+    else comes back off, with the reason (logged once)."""
+    overrides: dict[str, Any] = {}
+    if strict is not None:
+        overrides["strict"] = strict
+    if debug is not None:
+        overrides["debug"] = debug
+    if config is None:
+        found = _config.find_config(env)
+        config = found if found is not None else None
+    secrets.guard_loggers()
+    loaded = Loaded(TelemetryConfig(enabled=False, strict=False), None)
+    try:
+        loaded.config, loaded.file = _config.load(
+            config,
+            env,
+            overrides=overrides,
+            notes=loaded.warnings,
+            sink_sources=loaded.sink_sources,
+        )
+        hold.add_config(loaded.config)  # literal secrets; ${...} when sinks are made
+    except Exception as exc:
+        if not isinstance(exc, ConfigError):  # a bug or a resource limit, not a bad value
+            exc = ConfigError(f"cannot be loaded: {type(exc).__name__}: {exc}", source=(
+                str(config) if isinstance(config, (str, os.PathLike)) else None))  # fmt: skip
+        if strict:
+            raise exc from None
+        loaded.error = str(exc)
+        log.error("waypost: telemetry is off: %s", exc)
+        loaded.config = TelemetryConfig(enabled=False, strict=False)
+        loaded.file = str(config) if isinstance(config, (str, os.PathLike)) else None
+    for note in loaded.warnings:
+        log.warning("waypost: %s", note)
+    return loaded
+
+
+def locate(
+    loaded: Loaded,
+    *,
+    app: str | None,
+    data_dir: str | os.PathLike[str] | None,
+    env: Mapping[str, str],
+) -> datadir.Location:
+    """The data dir (see :func:`waypost.datadir.locate`). One that cannot be located raises in
+    strict mode; otherwise the default serves and ``loaded.error`` says why (telemetry off)."""
+    cfg = loaded.config
+    try:
+        return datadir.locate(
+            app=app, data_dir=data_dir, config=cfg, config_file=loaded.file, env=env
+        )
+    except Exception as exc:  # e.g. ~user/ of a user who does not exist
+        error = ConfigError(f"cannot locate the data dir: {exc}", key="telemetry.data_dir")
+        if cfg.strict:
+            raise error from None
+        loaded.error = loaded.error or str(error)
+        log.error("waypost: telemetry is off: %s", error)
+        return datadir.Location(app or "app", datadir.default_data_dir(app or "app"), "default")
+
+
+def decide(
+    config: TelemetryConfig,
+    env: Mapping[str, str],
+    *,
+    data_dir: Path,
+    config_file: str | None,
+    config_error: str | None,
+) -> Decision:
+    """Whether telemetry is on, and the rule that decided (see :func:`resolve_consent`)."""
+    if config_error is not None:
+        return Decision(False, "config_error", f"the configuration is invalid: {config_error}")
+    if config.level == "off":
+        base = resolve_consent(config, env, None, config_source=config_file)
+        if base.rule in ("do_not_track", "app_env"):
+            return base
+        return Decision(False, "level", "telemetry.level is off")
+    stored = StoredConsent.read(data_dir)
+    source = config_file
+    if env.get("WAYPOST_ENABLED"):
+        source = f"the environment (WAYPOST_ENABLED={env['WAYPOST_ENABLED']})"
+    return resolve_consent(config, env, stored, config_source=source)
+
+
+def prepare_data_dir(data_dir: Path, notes: list[str]) -> str:
+    """Create the data dir and return the instance id. Nothing found there stops telemetry:
+    what cannot be read is replaced, what cannot be written is kept in memory (``notes`` say
+    so)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        notes.append(f"cannot create the data dir {data_dir}: {exc}")
+        log.warning("waypost: %s", notes[-1])
+    instance_id, note = datadir.instance_id_or_temporary(data_dir)
+    if note:
+        notes.append(note)
+    return instance_id
+
+
+def show_notice(
+    config: TelemetryConfig,
+    *,
+    app: str,
+    data_dir: Path,
+    rule: str,
+    show: Callable[[str], None] | None,
+    notes: list[str],
+) -> str | None:
+    """Show the first-run notice if it is due; returns why it could not be (then telemetry
+    must not start), else None."""
+    try:
+        note = notice.show_once(config, app=app, data_dir=data_dir, rule=rule, show=show)
+    except Exception as exc:
+        return f"the first-run notice could not be shown: {exc}"
+    if note:
+        notes.append(note)
+        log.warning("waypost: %s", note)
+    return None
+
+
+@dataclass
+class SinkMaker:
+    """Makes the configured sinks of one instance, as their own models type what was written."""
+
+    config: TelemetryConfig
+    sink_sources: Mapping[str, Any]
+    plugins: PluginManager
+    env: Mapping[str, str]
+    config_file: str | None
+    notes: list[str]
+    hold: SecretHold
+
+    def make(
+        self, context: SinkContext, *, tolerant: bool = False
+    ) -> tuple[dict[str, Sink], dict[str, tuple[str, str]]]:
+        """The sinks made, and those that could not be, with their type and the reason (in
+        strict mode that raises, unless ``tolerant``: inspection)."""
+        specs: dict[str, Mapping[str, Any]] = {}
+        for name, spec in self.config.sink_specs().items():
+            source = self.sink_sources.get(name)
+            # As written (typed by the sink's own model in make_sinks), with the type resolved.
+            specs[name] = {**source, "type": spec["type"]} if isinstance(source, Mapping) else spec
+        made, errors = self.plugins.make_sinks(
+            specs,
+            context=context,
+            env=self.env,
+            config_file=self.config_file,
+            strict=context.strict,
+            tolerant=tolerant,
+            notes=self.notes,
+            secrets=self.hold,
+        )
+        secrets.guard_loggers()  # the sinks' modules may have made loggers of their own
+        return made, errors
+
+
+def kept_for(config: TelemetryConfig, sink_errors: Mapping[str, object]) -> dict[str, SinkConfig]:
+    """The configured sinks that could not be made, with the routing their config asks
+    (``events``, ``exclude_events``; everything if even that is wrong): their events are
+    kept in the outbox, within its limits, for the start that can make them."""
+    specs = config.sink_specs()
+    kept: dict[str, SinkConfig] = {}
+    for name in sink_errors:
+        spec = specs.get(name, {})
+        try:
+            kept[name] = SinkConfig(
+                events=spec.get("events"), exclude_events=spec.get("exclude_events") or []
+            )
+        except Exception:
+            kept[name] = SinkConfig()
+    return kept
+
+
+def make_pipeline(
+    config: TelemetryConfig,
+    *,
+    outbox: Outbox | None,
+    sinks: Mapping[str, Sink],
+    sink_errors: Mapping[str, object],
+    gate: Gate,
+    control: ControlState,
+    counters: Counters,
+    upkeep: OutboxUpkeep,
+    debug: bool,
+    strict: bool,
+) -> Pipeline:
+    """The pipeline of a starting instance, as the config sets it (not started)."""
+    cfg = config
+
+    def on_control(sink: str, block: dict[str, Any]) -> None:
+        """A sink's destination answered a control block (on the sink's thread)."""
+        control.receive(block, source=sink)
+
+    return Pipeline(
+        outbox=outbox,
+        sinks=list(sinks.values()),
+        build=gate.build,
+        counters=counters,
+        batch_interval=cfg.batch.interval,
+        batch_size=cfg.batch.size,
+        buffer_size=cfg.outbox.buffer,
+        backoff=Backoff(initial=cfg.retry.initial, maximum=cfg.retry.maximum),
+        max_attempts=cfg.retry.max_attempts,
+        breaker_threshold=cfg.retry.breaker_threshold,
+        keep_sent=cfg.outbox.keep_sent,
+        retention=upkeep.retention,
+        startup=upkeep.startup if outbox is not None else None,
+        debug=debug,
+        strict=strict,
+        sync=cfg.outbox.durability == "sync",
+        on_control=on_control,
+        paused_for=control.paused_for,
+        kept_for=kept_for(cfg, sink_errors),
+    )
+
+
+def record_installation(
+    config_file: str | None, *, app: str, version: str | None, data_dir: Path
+) -> None:
+    """Leave what the CLI (another process, perhaps cron) needs to send as this application
+    does: per user, which data dir this config file serves (``waypost --app NAME`` from
+    anywhere); in the data dir, the name, version and config file."""
+    from_file = config_file not in (None, "<config>")
+    resolved = str(Path(str(config_file)).resolve()) if from_file else None
+    if resolved is not None:
+        datadir.remember_installation(resolved, app, data_dir)
+    datadir.record_installation(data_dir, app=app, version=version, config_file=resolved)
