@@ -786,3 +786,25 @@ def test_a_requests_session_keeps_to_the_threads_body_limit(
     assert [len(r.raw) for r in server.requests] == [100, 1000, 1000, 1000]
     session.close()
     sink.close()
+
+
+def test_render_shows_the_request_as_it_would_go(server: RecordingServer, tmp_path: Path) -> None:
+    sink = echo_sink(f"{server.url}/in", tmp_path)
+    http = sink.http
+    assert http.render("POST", "/f", data={"data": "[1]", "ip": "0"}) == {
+        "method": "POST",
+        "url": f"{server.url}/in/f",
+        "content_type": "application/x-www-form-urlencoded",
+        "form": {"data": "[1]", "ip": "0"},
+    }
+    assert http.render("PUT", json={"a": 1}, params={"v": "2"})["url"] == f"{server.url}/in?v=2"
+    assert http.render("PUT", json={"a": 1})["body"] == {"a": 1}
+    typed = HttpTransport(sink, headers={"Content-Type": "application/json; charset=UTF-8"})
+    shown = typed.render("POST", content=b'{"events": []}')
+    assert shown["content_type"] == "application/json; charset=UTF-8"
+    assert shown["body"] == {"events": []}
+    assert http.render("POST", content=b"a,b")["body"] == "a,b"
+    secret = HttpTransport(sink, params={"api_secret": TOKEN})
+    assert secret.render("POST", "/x")["url"] == f"{server.url}/in/x?api_secret=***"
+    assert server.requests == []  # nothing is sent
+    sink.close()

@@ -335,6 +335,30 @@ class HttpTransport:
         # Raised without the httpx error: its request holds the URL as it went on the wire.
         raise RetryableError(self.sink.mask(f"{label}: {reason}" if label else reason))
 
+    def render(
+        self,
+        method: str,
+        path: str = "",
+        *,
+        content: bytes | None = None,
+        data: Mapping[str, Any] | None = None,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The request :meth:`request` would send, for a sink's ``render`` (debug mode: nothing
+        is sent): ``method``, ``url`` (as it may be shown), ``content_type`` and the ``form``
+        (``data``) or the ``body`` (``json``, or ``content``: parsed where its type is JSON)."""
+        rendered: dict[str, Any] = {"method": method, "url": self.url(path, params)}
+        given = next((v for k, v in self._headers.items() if k.lower() == "content-type"), None)
+        if data is not None:
+            rendered.update(content_type="application/x-www-form-urlencoded", form=dict(data))
+        elif json is not None:
+            rendered.update(content_type=given or "application/json", body=json)
+        elif content is not None:
+            kind = given or "application/octet-stream"
+            rendered.update(content_type=kind, body=_shown(content, kind))
+        return rendered
+
     def check(self, response: httpx.Response, *, what: str | None = None) -> httpx.Response:
         """Return a 2xx answer; raise for any other (:func:`raise_for_status`, masked)."""
         raise_for_status(
@@ -526,6 +550,11 @@ def _import_what_a_client_imports() -> None:
     import httpcore  # noqa: F401
 
     certifi.where()
+
+
+def _shown(content: bytes, kind: str) -> Any:
+    """A request body as debug mode shows it: its JSON where its type is JSON, else its text."""
+    return json.loads(content) if "json" in kind else content.decode("utf-8", "replace")
 
 
 def _where(url: str) -> str:

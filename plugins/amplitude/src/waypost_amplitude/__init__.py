@@ -237,13 +237,8 @@ class AmplitudeSink(Sink[AmplitudeConfig]):
     def render(self, events: Sequence[Event]) -> Any:
         """The requests ``send`` would make: URL and JSON body (the api_key shown as ``***``)."""
         result = SendResult()
-        rendered: list[dict[str, Any]] = [
-            {
-                "method": "POST",
-                "url": self.url,
-                "content_type": "application/json; charset=UTF-8",
-                "body": json.loads(self.payload(request.items, "***")),
-            }
+        rendered = [
+            self._http.render("POST", self.url, content=self.payload(request.items, "***"))
             for request in self.plan(events, result)
         ]
         if result.failed:

@@ -100,6 +100,12 @@ class _Request:
     events: list[Event]
     data: str  # the JSON array sent as the form field ``data``
 
+    @property
+    def form(self) -> dict[str, str]:
+        """The form ``Consumer`` posts: the events, ``verbose=1`` (an answer that says why),
+        ``ip=0`` (no location from the sender's address)."""
+        return {"data": self.data, "verbose": "1", "ip": "0"}
+
 
 class MixpanelSink(Sink[MixpanelConfig]):
     """Posts batches of events as ``mixpanel.Consumer`` does; reads Mixpanel's verdict from the
@@ -253,14 +259,13 @@ class MixpanelSink(Sink[MixpanelConfig]):
             result.mark_failed(event, self.mask(f"{what} refused the record: {where}{message}"))
 
     def _exchange(self, request: _Request) -> httpx.Response:
-        """POST the form ``Consumer`` posts (``data``, ``verbose=1``, ``ip=0``); /import with the
-        credentials as Basic auth."""
+        """POST the request's form; /import with the credentials as Basic auth."""
         importing = request.endpoint == "imports"
         auth = self._import_auth if importing else None
         return self._http.request(
             "POST",
             self.url(request.endpoint),
-            data={"data": request.data, "verbose": "1", "ip": "0"},
+            data=request.form,
             headers={"Authorization": auth} if auth else None,
             what=f"mixpanel {PATHS[request.endpoint]}",
         )
@@ -271,15 +276,7 @@ class MixpanelSink(Sink[MixpanelConfig]):
         """The requests ``send`` would make: URL and form body (the token shown as ``***``)."""
         result = SendResult()
         plan = self.plan(events, result, "***")
-        rendered: list[dict[str, Any]] = [
-            {
-                "method": "POST",
-                "url": self.url(request.endpoint),
-                "content_type": "application/x-www-form-urlencoded",
-                "form": {"data": request.data, "verbose": "1", "ip": "0"},
-            }
-            for request in plan
-        ]
+        rendered = [self._http.render("POST", self.url(r.endpoint), data=r.form) for r in plan]
         if result.failed:
             rendered.append({"not_sent": result.failed})
         return rendered
