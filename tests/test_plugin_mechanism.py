@@ -179,3 +179,28 @@ def test_the_old_exporter_group_still_works_with_a_deprecation(
     with pytest.warns(DeprecationWarning, match="'waypost.sinks'.*register_metric_exporters"):
         tel = waypost_make_telemetry(config={"metrics": {"old": {}}})
     assert tel.metrics.exporter("old") is not None
+
+
+def test_registering_makes_a_register_sinks_implementation() -> None:
+    import types
+
+    from waypost.hookspecs import registering
+    from waypost.plugins import PluginManager
+    from waypost.sinks import SendResult, Sink
+
+    class FirstSink(Sink):
+        type = "first_of_two"
+
+        def send(self, events: Any) -> SendResult:
+            return SendResult.ok()
+
+    class SecondSink(FirstSink):
+        type = "second_of_two"
+
+    module = types.ModuleType("waypost_two_sinks")
+    module.register_sinks = registering(FirstSink, SecondSink)  # type: ignore[attr-defined]
+    manager = PluginManager()
+    manager.register_module(module)
+    assert manager.load_sink_type("first_of_two") is FirstSink
+    assert manager.load_sink_type("second_of_two") is SecondSink
+    assert [impl.plugin for impl in manager.hook.register_sinks.get_hookimpls()] == [module]

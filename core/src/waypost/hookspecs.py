@@ -1,4 +1,5 @@
-"""The hooks a plugin may implement. Mark implementations with ``waypost.hookimpl``.
+"""The hooks a plugin may implement. Mark implementations with ``waypost.hookimpl``
+(``registering`` makes the common ``register_sinks`` one).
 
 Hooks grow by adding arguments that implementations may leave out; none is ever removed
 without a major version.
@@ -21,6 +22,18 @@ if TYPE_CHECKING:
 
 hookspec = pluggy.HookspecMarker("waypost")
 hookimpl = pluggy.HookimplMarker("waypost")
+
+
+def registering(*sink_classes: type[Sink]) -> Callable[[Callable[[type[Sink]], None]], None]:
+    """A :func:`register_sinks` implementation that registers ``sink_classes``, for the module
+    an entry point names: ``register_sinks = registering(AcmeSink)`` there is the same as
+    ``@hookimpl`` on a ``register_sinks(register)`` that calls ``register(AcmeSink)``."""
+
+    def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+        for sink_class in sink_classes:
+            register(sink_class)
+
+    return hookimpl(register_sinks)
 
 
 @hookspec
