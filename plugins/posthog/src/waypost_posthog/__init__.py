@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,7 +18,7 @@ from pydantic import Field, SecretStr, field_validator
 from waypost import __version__ as waypost_version
 from waypost.errors import RetryableError
 from waypost.events import Event
-from waypost.hookspecs import hookimpl
+from waypost.hookspecs import registering
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext, destination_of
 from waypost.sinks.parts import pack, send_in_parts
 from waypost.sinks.process import ProcessLocal
@@ -257,6 +257,4 @@ def _context_properties(context: dict[str, Any]) -> dict[str, Any]:
     return properties
 
 
-@hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
-    register(PosthogSink)
+register_sinks = registering(PosthogSink)
