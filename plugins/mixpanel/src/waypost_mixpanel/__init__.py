@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr, model_validator
 
-import waypost
 from waypost.errors import PermanentError
 from waypost.events import Event
+from waypost.hookspecs import registering
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
 from waypost.sinks.masking import basic_auth
 from waypost.sinks.parts import pack, send_in_parts
@@ -296,6 +296,4 @@ def _insert_id(event_id: str) -> str:
     return hashlib.sha256(event_id.encode()).hexdigest()[:MAX_INSERT_ID]
 
 
-@waypost.hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
-    register(MixpanelSink)
+register_sinks = registering(MixpanelSink)
