@@ -8,14 +8,14 @@ from __future__ import annotations
 import io
 import json
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr, field_validator
 
-import waypost
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 from waypost.events import Event
+from waypost.hookspecs import registering
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
 from waypost.sinks.parts import Chunk, pack, send_in_parts
 from waypost.sinks.transport import HttpTransport, parse_retry_after, snippet
@@ -250,6 +250,4 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-@waypost.hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
-    register(AmplitudeSink)
+register_sinks = registering(AmplitudeSink)
