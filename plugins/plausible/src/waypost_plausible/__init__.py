@@ -12,13 +12,13 @@ from __future__ import annotations
 import string
 import urllib.parse
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, field_validator
 
-import waypost
 from waypost.events import Event, dumps
+from waypost.hookspecs import registering
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
 from waypost.sinks.parts import Chunk, send_in_parts
 from waypost.sinks.transport import HttpTransport, json_object, snippet
@@ -205,6 +205,4 @@ class PlausibleSink(Sink[PlausibleConfig]):
         return send_in_parts(parts, send_one, result, permanent_fails_rest=True)
 
 
-@waypost.hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
-    register(PlausibleSink)
+register_sinks = registering(PlausibleSink)
