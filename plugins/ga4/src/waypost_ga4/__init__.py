@@ -6,10 +6,7 @@ stream) and ``api_secret``; see the README for what is sent and how GA4's limits
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from waypost import hookimpl
-from waypost.sinks import Sink
+from waypost.hookspecs import registering
 
 __version__ = "0.1.0"
 
@@ -18,6 +15,4 @@ from waypost_ga4.sink import Ga4Config, Ga4Sink, app_instance_id
 __all__ = ["Ga4Config", "Ga4Sink", "__version__", "app_instance_id", "register_sinks"]
 
 
-@hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
-    register(Ga4Sink)
+register_sinks = registering(Ga4Sink)
