@@ -4,9 +4,7 @@ a retried batch never duplicates rows."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from waypost import Sink, hookimpl
+from waypost.hookspecs import registering
 from waypost.sinks.table import COLUMNS, TableLayoutError
 from waypost_warehouse.snowflake import SnowflakeConfig, SnowflakeSink
 from waypost_warehouse.sql import SqlConfig, SqlSink
@@ -22,7 +20,4 @@ __all__ = [
 ]
 
 
-@hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
-    register(SqlSink)
-    register(SnowflakeSink)
+register_sinks = registering(SqlSink, SnowflakeSink)
