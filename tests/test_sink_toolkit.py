@@ -808,3 +808,31 @@ def test_render_shows_the_request_as_it_would_go(server: RecordingServer, tmp_pa
     assert secret.render("POST", "/x")["url"] == f"{server.url}/in/x?api_secret=***"
     assert server.requests == []  # nothing is sent
     sink.close()
+
+
+def test_not_blank_refuses_blank_text_and_secrets() -> None:
+    from pydantic import ValidationError
+
+    from waypost.sinks import not_blank
+
+    class KeyConfig(SinkConfig):
+        api_key: SecretStr
+        project: str = "p"
+        _filled = not_blank("api_key", "project")
+
+    assert KeyConfig(api_key=SecretStr(TOKEN)).api_key.get_secret_value() == TOKEN
+    for given in ({"api_key": " \n"}, {"api_key": TOKEN, "project": ""}):
+        with pytest.raises(ValidationError) as caught:
+            KeyConfig(**given)
+        (error,) = caught.value.errors()
+        assert error["msg"] == f"Value error, {error['loc'][0]} must not be empty"
+
+
+def test_sift_marks_what_a_rule_refuses_and_keeps_the_rest_in_order() -> None:
+    from waypost.sinks import sift
+
+    events = make_events(4)
+    result = SendResult()
+    kept = sift(events, lambda e: "odd one" if e is events[1] else None, result)
+    assert kept == [events[0], events[2], events[3]]
+    assert result.failed == {events[1].id: "odd one"} and not result.retry

@@ -30,6 +30,7 @@ from waypost.sinks.base import (
     check_endpoint,
     destination_of,
     is_loopback_host,
+    not_blank,
 )
 from waypost.sinks.masking import (
     MASK,
@@ -47,6 +48,7 @@ from waypost.sinks.parts import (
     Part,
     pack,
     send_in_parts,
+    sift,
 )
 from waypost.sinks.process import (
     ProcessLocal,
@@ -96,11 +98,13 @@ __all__ = [
     "json_object",
     "mask",
     "mask_url",
+    "not_blank",
     "pack",
     "parse_retry_after",
     "raise_for_status",
     "requests_session",
     "send_in_parts",
+    "sift",
     "snippet",
     "split_url",
     "user_agent",

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -42,6 +43,7 @@ __all__ = [
     "check_endpoint",
     "destination_of",
     "is_loopback_host",
+    "not_blank",
 ]
 
 
@@ -104,6 +106,19 @@ class SinkConfig(BaseModel):
         # URLs in plain str fields may still carry credentials a subclass did not take out.
         for name, value in super().__repr_args__():
             yield name, mask_url(value) if isinstance(value, str) else value
+
+
+def not_blank(*fields: str) -> Any:
+    """A validator for a config model refusing a blank value (text or ``SecretStr``) of
+    ``fields``, e.g. ``_key = not_blank("api_key")``: "api_key must not be empty"."""
+
+    def check(cls: type[SinkConfig], value: Any, info: ValidationInfo) -> Any:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and not text.strip():
+            raise ValueError(f"{info.field_name} must not be empty")
+        return value
+
+    return field_validator(*fields)(classmethod(check))
 
 
 def is_loopback_host(host: str | None) -> bool:

@@ -12,7 +12,7 @@ from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 from waypost.events import Event
 from waypost.sinks.base import SendResult
 
-__all__ = ["Chunk", "Part", "pack", "send_in_parts"]
+__all__ = ["Chunk", "Part", "pack", "send_in_parts", "sift"]
 
 
 class Part(Protocol):
@@ -67,6 +67,21 @@ def pack(
         chunks[-1].items.append(item)
         total += weight
     return chunks
+
+
+def sift(
+    events: Iterable[Event], refusal: Callable[[Event], str | None], result: SendResult
+) -> list[Event]:
+    """The events ``refusal`` finds nothing against, in order; each other one is marked failed
+    in ``result`` with the reason it gives (a vendor's rule, said before anything is sent)."""
+    kept: list[Event] = []
+    for event in events:
+        reason = refusal(event)
+        if reason:
+            result.mark_failed(event, reason)
+        else:
+            kept.append(event)
+    return kept
 
 
 def send_in_parts(

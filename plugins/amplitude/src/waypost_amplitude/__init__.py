@@ -11,12 +11,12 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr
 
 from waypost.errors import PayloadTooLarge, PermanentError, RetryableError
 from waypost.events import Event
 from waypost.hookspecs import registering
-from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
+from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext, not_blank
 from waypost.sinks.parts import Chunk, pack, send_in_parts
 from waypost.sinks.transport import HttpTransport, parse_retry_after, snippet
 
@@ -45,12 +45,7 @@ class AmplitudeConfig(HttpSinkConfig):
         default=None, ge=1, description="Minimum length of device_id/user_id (Amplitude: 5)."
     )
 
-    @field_validator("api_key")
-    @classmethod
-    def _not_empty(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
-            raise ValueError("api_key must not be empty")
-        return value
+    _not_empty = not_blank("api_key")
 
 
 _Request = Chunk[dict[str, Any]]
