@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from waypost.events import Event, dumps
 from waypost.hookspecs import registering
 from waypost.sinks import HttpSinkConfig, SendResult, Sink, SinkContext
-from waypost.sinks.parts import Chunk, send_in_parts
+from waypost.sinks.parts import Chunk, send_in_parts, sift
 from waypost.sinks.transport import HttpTransport, json_object, snippet
 
 if TYPE_CHECKING:
@@ -179,13 +179,8 @@ class PlausibleSink(Sink[PlausibleConfig]):
 
     def send(self, events: Sequence[Event]) -> SendResult:
         result = SendResult.ok()
-        parts: list[Chunk[None]] = []
-        for event in events:
-            refusal = self._refusal(event)
-            if refusal:
-                result.mark_failed(event, refusal)
-            else:
-                parts.append(Chunk([event]))  # Plausible takes one event per request
+        # One event per request (Plausible has no batch API), what it would refuse left out.
+        parts: list[Chunk[None]] = [Chunk([e]) for e in sift(events, self._refusal, result)]
 
         def send_one(part: Chunk[None]) -> None:
             (event,) = part.events
