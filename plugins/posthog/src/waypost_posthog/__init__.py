@@ -244,17 +244,14 @@ def _context_properties(context: dict[str, Any]) -> dict[str, Any]:
     """The PostHog properties taken from an envelope's shared context."""
     app = context.get("app") or {}
     os_info = context.get("os") or {}
-    properties: dict[str, Any] = {}
-    for key, value in (
-        ("$app_name", app.get("name")),
-        ("$app_version", app.get("version")),
-        ("$os", _OS_NAMES.get(str(os_info.get("type")), os_info.get("type"))),
-        ("$os_version", os_info.get("release")),
-        ("$python_version", context.get("python")),
-    ):
-        if value:
-            properties[key] = value
-    return properties
+    properties = {
+        "$app_name": app.get("name"),
+        "$app_version": app.get("version"),
+        "$os": _OS_NAMES.get(str(os_info.get("type")), os_info.get("type")),
+        "$os_version": os_info.get("release"),
+        "$python_version": context.get("python"),
+    }
+    return {key: value for key, value in properties.items() if value}
 
 
 register_sinks = registering(PosthogSink)
