@@ -836,3 +836,28 @@ def test_sift_marks_what_a_rule_refuses_and_keeps_the_rest_in_order() -> None:
     kept = sift(events, lambda e: "odd one" if e is events[1] else None, result)
     assert kept == [events[0], events[2], events[3]]
     assert result.failed == {events[1].id: "odd one"} and not result.retry
+
+
+def test_requests_errors_are_retryable_with_a_masked_reason(
+    server: RecordingServer, tmp_path: Path
+) -> None:
+    from waypost.sinks import requests_errors, requests_session
+
+    sink = echo_sink(f"{server.url}/in", tmp_path, timeout=0.5)
+    session = requests_session(sink)
+    server.answer(Response(200, "late", delay=3))
+    with pytest.raises(RetryableError) as slow, requests_errors(sink, f"{server.url}/in", "Echo"):
+        session.post(f"{server.url}/in", timeout=sink.config.timeout)
+    assert slow.value.reason == f"Echo: no answer from {server.url}/in within 0.5 s"
+    closed = f"http://127.0.0.1:{free_port()}/in"
+    with pytest.raises(RetryableError) as refused, requests_errors(sink, closed):
+        session.post(closed, timeout=2)
+    assert refused.value.reason == f"cannot reach {closed}: ConnectionError"
+    with pytest.raises(RetryableError) as shown, requests_errors(sink, f"{closed}?key={TOKEN}"):
+        session.post(closed, timeout=2)
+    assert TOKEN not in shown.value.reason  # a URL given with its query is masked
+    with requests_errors(sink, closed):  # an answer, whatever its status, is not an error here
+        server.answer(Response(503, "busy"))
+        assert session.post(f"{server.url}/in").status_code == 503
+    session.close()
+    sink.close()

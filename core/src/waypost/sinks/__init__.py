@@ -5,8 +5,8 @@
 - :mod:`waypost.sinks.transport`: :class:`HttpTransport` (one httpx client per process,
   User-Agent, timeouts, redirects never followed, transport errors mapped once, secrets masked),
   :func:`raise_for_status`, :func:`parse_retry_after`, :func:`snippet`, and
-  :func:`requests_session` (with :func:`body_limit`) for a sink on a vendor's requests-based
-  layer.
+  :func:`requests_session` (with :func:`body_limit` and :func:`requests_errors`) for a sink
+  on a vendor's requests-based layer.
 - :mod:`waypost.sinks.parts`: :func:`send_in_parts`, one batch sent as several requests, and
   :func:`pack`, which cuts a batch into requests under a vendor's count and size limits.
 - :mod:`waypost.sinks.masking`: :func:`mask`, :class:`Masker`, :func:`is_secret_name`,
@@ -64,6 +64,7 @@ from waypost.sinks.transport import (
     json_object,
     parse_retry_after,
     raise_for_status,
+    requests_errors,
     requests_session,
     snippet,
     user_agent,
@@ -102,6 +103,7 @@ __all__ = [
     "pack",
     "parse_retry_after",
     "raise_for_status",
+    "requests_errors",
     "requests_session",
     "send_in_parts",
     "sift",

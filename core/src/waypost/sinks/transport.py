@@ -52,6 +52,7 @@ __all__ = [
     "json_object",
     "parse_retry_after",
     "raise_for_status",
+    "requests_errors",
     "requests_session",
     "snippet",
     "user_agent",
@@ -433,6 +434,26 @@ def _no_redirects(http: Any) -> Any:
             return super().request(*args, **kwargs)
 
     return NoRedirects
+
+
+@contextlib.contextmanager
+def requests_errors(sink: Sink[Any], url: str, what: str = "") -> Iterator[None]:
+    """Within it, a transport error of a :func:`requests_session` (no answer within the sink's
+    ``timeout``, no connection, a broken answer) raises ``RetryableError`` naming ``what`` and
+    ``url`` (give it without its query), masked: requests' errors are mapped once, as
+    :class:`HttpTransport` maps httpx's."""
+    import requests  # imported already by the sink that made the session
+
+    label = f"{what}: " if what else ""
+    try:
+        yield
+    except requests.Timeout:
+        timeout = float(sink.config.timeout)
+        reason = f"{label}no answer from {url} within {timeout:g} s"
+        raise RetryableError(sink.mask(reason)) from None
+    except requests.RequestException as exc:
+        reason = f"{label}cannot reach {url}: {type(exc).__name__}"
+        raise RetryableError(sink.mask(reason)) from None
 
 
 class BodyOverLimit(Exception):
