@@ -27,6 +27,7 @@ from waypost.sinks.transport import (
     BodyOverLimit,
     body_limit,
     raise_for_status,
+    requests_errors,
     requests_session,
     snippet,
 )
@@ -100,10 +101,8 @@ class PosthogSink(Sink[PosthogConfig]):
         # requests imports netrc on a session's first request: imported here first.
         import netrc  # noqa: F401
 
-        import requests
-        from posthog import request as sdk
+        from posthog import request as sdk  # and requests, which it posts with
 
-        self._requests: ModuleType = requests
         self._sdk: ModuleType = sdk
         self._host: str = sdk.determine_server_host(config.base_url).rstrip("/")
         self._answers = self.own(Answers())  # what PostHog answered, for test_request
@@ -200,10 +199,10 @@ class PosthogSink(Sink[PosthogConfig]):
     def _post(self, batch: list[dict[str, Any]], *, at_most: int = 0) -> requests.Response:
         """One ``POST /batch/`` through posthog-python; any failure becomes a ``SinkError``.
         With ``at_most``, a body longer than that many bytes raises ``BodyOverLimit`` unsent."""
-        http, sdk = self._requests, self._sdk
+        sdk = self._sdk
         config = self.config
         try:
-            with body_limit(at_most):
+            with body_limit(at_most), requests_errors(self, self.endpoint, "PostHog"):
                 response: requests.Response = sdk.batch_post(
                     config.api_key.get_secret_value(),
                     host=self._host,
@@ -223,14 +222,6 @@ class PosthogSink(Sink[PosthogConfig]):
             # batch_post treats every answer but 200 as a failure; so does waypost.
             raise RetryableError(
                 f"PostHog: HTTP {status} instead of 200: {self.mask(snippet(message))}"
-            ) from None
-        except http.Timeout:
-            raise RetryableError(
-                f"PostHog: no answer from {self.endpoint} within {config.timeout:g} s"
-            ) from None
-        except http.RequestException as exc:
-            raise RetryableError(
-                f"PostHog: cannot reach {self.endpoint}: {type(exc).__name__}"
             ) from None
         self._answers.keep(response)
         return response
