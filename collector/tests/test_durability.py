@@ -200,3 +200,67 @@ def test_ack_spool_hands_storage_the_batches_it_holds(tmp_path: Path, serve: Any
         rows = wait_for(lambda: (r := _spool_rows(collector)) and "pending" not in r and r, 30,
                         "the spool to settle")  # fmt: skip
         assert rows == {"failed": 2}
+
+
+def test_a_spool_row_holds_a_batch_and_gives_back_each_event() -> None:
+    from waypost_collector.spool import PACK_NAME, fold, pack, unpack
+
+    from waypost.events import Event
+    from waypost.sinks import SendResult
+
+    first, second = {"app": {"name": "a"}}, {"app": {"name": "b"}}
+    events = [
+        Event(f"id-{i}", "run", 1700000000.5 + i, f"inst-{i % 2}", {"i": i, "big": 2**70},
+              first if i % 2 else second, f"user-{i}", "usage", ["scrubbed"] if i == 3 else [])
+        for i in range(5)
+    ]  # fmt: skip
+    row = pack(events, 1700000001.0)
+    assert row.name == PACK_NAME and unpack(events[0]) is None
+    back = unpack(row)
+    assert back is not None
+    assert back == events and type(back[0].properties["big"]) is int
+    assert back[1].context is back[3].context and back[0].context is not back[1].context
+
+    a, b = pack(events[:2], 1.0), pack(events[2:4], 1.0)
+    packs = {a.id: events[:2], b.id: events[2:4]}
+    result = SendResult(
+        retry={"id-0": "busy", "loose": "busy"},
+        failed={"id-1": "bad", "id-2": "worse"},
+        retry_after=3.0,
+        receipt="r-1",
+    )
+    folded = fold(result, packs)
+    assert folded.retry == {a.id: "1 of 2 events: busy", "loose": "busy"}
+    assert folded.failed == {b.id: "1 of 2 events: worse"}
+    assert (folded.retry_after, folded.receipt) == (3.0, "r-1")
+    assert fold(SendResult(), packs) == SendResult()
+
+
+def test_storage_that_takes_a_batch_only_in_parts(tmp_path: Path, serve: Any) -> None:
+    """A relay whose destination answers 413 past 30 events: the spool's rows of many events
+    each reach it all the same, split as the destination needs, from the runner (storage not
+    open yet) and from the handoff."""
+    with RecordingServer() as destination:
+        delivered: list[str] = []
+
+        def accept(request: Any) -> Response:
+            events = request.json()
+            if len(events) > 30:
+                return Response(413, {"error": "too large"})
+            delivered.extend(e["id"] for e in events)
+            return Response(200, {})
+
+        destination.responder = accept
+        section = base_section(
+            tmp_path / "d", storage={"relay": {"type": "http", "url": destination.url + "/in"}}
+        )
+        served = serve(write_config(tmp_path / "c.yml", section))
+        url = served.url + "/v1/myapp/events"
+        sent = [_batch(80, f"big-{k}") for k in range(4)]
+        assert _send(url, sent[0])["accepted"] == 80
+        wait_for(lambda: len(delivered) == 80, 30, "the first batch, from the runner")
+        for batch in sent[1:]:
+            assert _send(url, batch)["accepted"] == 80
+        wait_for(lambda: len(delivered) == 320 and not _spool_rows(served.collector), 30, "all")
+        assert Counter(delivered) == Counter(e["id"] for b in sent for e in b)
+        assert served.collector.spool.handed == 240

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import json
 import logging
 import math
 import os
@@ -37,12 +38,14 @@ from waypost.delivery.boundary import call_send
 from waypost.delivery.outbox import Outbox
 from waypost.delivery.pipeline import Pipeline
 from waypost.errors import ConfigError, PluginError
-from waypost.events import Event
+from waypost.events import Event, uuid7
+from waypost.events import dumps as core_dumps
 from waypost.plugins import PluginManager
 from waypost.sinks import SendResult, Sink, SinkContext
 from waypost.status import Counters
 from waypost_collector.config import CollectorConfig
 from waypost_collector.ledger import REQUEST, Entry, Ledger, iso
+from waypost_collector.wire import dumps as wire_dumps
 
 log = logging.getLogger("waypost.collector")
 
@@ -52,7 +55,8 @@ ERROR_HOLD = 10.0
 GROUP_EVENTS = 20_000
 """Events written in one transaction at most."""
 HANDOFF_EVENTS = 5_000
-"""Events the handoff gives a storage sink in one call at most (one transaction for SQL)."""
+"""Events the handoff gathers for one call to each storage sink (one transaction for SQL):
+it takes what the writer queued, until it has this many."""
 HANDOFF_BACKLOG = 20_000
 """Events waiting in memory for the handoff at most: past that, new rows are left to the
 storage runners, which lease them from the spool."""
@@ -118,6 +122,68 @@ def _event_id(event: Event) -> str:
     return event.id
 
 
+PACK_NAME = "waypost.collector.batch"
+"""The name of a spool row that holds a batch of events (``ack: spool``), not one event."""
+PACK_EVENTS = 100
+"""Events in one spool row at most: writing and deleting the spool costs a few rows a request,
+not a row an event (each row updates the outbox's four indexes)."""
+_PACKED = "events"
+
+
+def pack(events: Sequence[Event], now: float) -> Event:
+    """One spool row's event holding ``events`` (their contexts written once each)."""
+    index: dict[int, int] = {}
+    contexts: list[dict[str, Any]] = []
+    rows = []
+    for e in events:
+        k = index.get(id(e.context))
+        if k is None:
+            k = index[id(e.context)] = len(contexts)
+            contexts.append(e.context)
+        rows.append((e.id, e.name, e.time, e.instance_id, e.distinct_id, e.level,
+                     e.properties, k, e.remarks))  # fmt: skip
+    doc = {"contexts": contexts, "events": rows}
+    try:
+        body = wire_dumps(doc).decode()
+    except (TypeError, ValueError):  # what orjson cannot write (an int past 64 bits)
+        body = core_dumps(doc)
+    return Event(uuid7(now), PACK_NAME, now, "", {_PACKED: body}, {}, "", "usage", [])
+
+
+def unpack(event: Event) -> list[Event] | None:
+    """The events a spool row's event holds; None if it is one event (not a pack)."""
+    if event.name != PACK_NAME or not isinstance(event.properties.get(_PACKED), str):
+        return None
+    doc = json.loads(event.properties[_PACKED])  # (the rare path; every int kept exact)
+    contexts = doc["contexts"]
+    return [
+        Event(i, name, t, instance_id, properties, contexts[k], distinct_id, level, remarks)
+        for i, name, t, instance_id, distinct_id, level, properties, k, remarks in doc["events"]
+    ]
+
+
+def fold(result: SendResult, packs: Mapping[str, list[Event]]) -> SendResult:
+    """A sink's result for the events of ``packs`` (pack id -> events), as the result for the
+    packs: one retried if any of its events is to be retried (storage keeps one row per event,
+    so those it has are written again harmlessly), else failed if any was refused for good."""
+    inner = {e.id: pack_id for pack_id, events in packs.items() for e in events}
+    out = SendResult(retry_after=result.retry_after, receipt=result.receipt, control=result.control)
+    for source, target in ((result.retry, out.retry), (result.failed, out.failed)):
+        for event_id, reason in source.items():
+            pack_id = inner.get(event_id, event_id)
+            if pack_id == event_id:
+                target[event_id] = reason  # an event on its own row
+            elif pack_id not in out.retry and pack_id not in target:
+                n = sum(1 for e in packs[pack_id] if e.id in source)
+                target[pack_id] = f"{n} of {len(packs[pack_id])} events: {reason}"
+    for pack_id in out.retry:
+        out.failed.pop(pack_id, None)
+    for event_id, reason in result.dropped_by_destination.items():
+        if event_id not in inner:
+            out.dropped_by_destination[event_id] = reason
+    return out
+
+
 class Arrivals:
     """What this process knows of the events it accepted lately (event id -> time received,
     receipt, address hash), so the handoff to storage seldom asks the ledger."""
@@ -162,7 +228,8 @@ class StampedSink(Sink):
 
     @property
     def batch_size(self) -> int:
-        return self.inner.batch_size
+        # Rows leased from the spool at once: most hold a batch of events (see pack()).
+        return max(1, self.inner.batch_size // PACK_EVENTS)
 
     @property
     def destination(self) -> str:
@@ -204,15 +271,51 @@ class StampedSink(Sink):
         return out
 
     def send(self, events: Sequence[Event]) -> SendResult:
+        flat, packs = self._unpacked(events)
+        if not packs:
+            return self._send(flat)
+        # Within the core's boundary: a 413 splits the events, not the rows that hold them.
+        result, _, _ = call_send(_Sending(self), flat)
+        return fold(result, packs)
+
+    def _send(self, events: Sequence[Event]) -> SendResult:
         # In id order: collectors writing overlapping batches into one database then take
         # their row locks in the same order, and never deadlock on each other.
         return self.inner.send(self.stamp(sorted(events, key=_event_id)))
 
+    @staticmethod
+    def _unpacked(events: Sequence[Event]) -> tuple[list[Event], dict[str, list[Event]]]:
+        flat: list[Event] = []
+        packs: dict[str, list[Event]] = {}
+        for e in events:
+            held = unpack(e)
+            if held is None:
+                flat.append(e)
+            else:
+                packs[e.id] = held
+                flat.extend(held)
+        return flat, packs
+
     def render(self, events: Sequence[Event]) -> Any:
-        return self.inner.render(self.stamp(events))
+        return self.inner.render(self.stamp(self._unpacked(events)[0]))
 
     def __repr__(self) -> str:
         return repr(self.inner)
+
+
+class _Sending(Sink):
+    """A stamped sink's events as its inner sink takes them, for the core's boundary."""
+
+    def __init__(self, stamped: StampedSink) -> None:
+        super().__init__(stamped.name, stamped.config, stamped.context)
+        self.stamped = stamped
+
+    def send(self, events: Sequence[Event]) -> SendResult:
+        return self.stamped._send(events)
+
+
+_Handed = tuple[tuple[str, ...], list[tuple[Event, list[Event]]]]
+"""What the writer gives the handoff: storage sinks, and spool rows with the events they hold."""
 
 
 @dataclass(eq=False)
@@ -251,12 +354,11 @@ class Spool:
             queue.SimpleQueue()
         )
         self._writer: threading.Thread | None = None
-        self._handoff: queue.SimpleQueue[tuple[tuple[str, ...], list[Event]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._handoff: queue.SimpleQueue[_Handed | None] = queue.SimpleQueue()
         self._handoff_thread: threading.Thread | None = None
         self._handoff_waiting = 0  # events queued for the handoff (written by the writer only)
         self._handoff_done = 0  # of those, handed over (written by the handoff thread only)
+        self._stranded: list[tuple[str, list[tuple[Event, list[Event]]]]] = []
         self.handed = 0
         """Events storage took from the handoff (never read back from the spool)."""
         self._started = False
@@ -308,6 +410,7 @@ class Spool:
         self._handoff = queue.SimpleQueue()
         self._handoff_thread = None
         self._handoff_waiting = self._handoff_done = 0
+        self._stranded = []
         self._lock = threading.Lock()
         self._writer = None
         if self._started:
@@ -496,20 +599,27 @@ class Spool:
         return written
 
     def _spool(self, names: tuple[str, ...], events: list[Event]) -> list[str]:
-        """``ack: spool``: write ``events`` for these sinks; those whose runner is delivering
-        get them from the handoff, their rows leased meanwhile. Returns the other sinks."""
+        """``ack: spool``: write ``events`` for these sinks, a row per :data:`PACK_EVENTS`;
+        the sinks whose runner is delivering get them from the handoff, their rows leased
+        meanwhile. Returns the other sinks."""
+        now = time.time()
+        packs = [
+            (pack(events[i : i + PACK_EVENTS], now), events[i : i + PACK_EVENTS])
+            for i in range(0, len(events), PACK_EVENTS)
+        ]
+        rows = [p for p, _ in packs]
         room = self._handoff_waiting - self._handoff_done + len(events) <= HANDOFF_BACKLOG
         alive = self._handoff_thread is not None and self._handoff_thread.is_alive()
         hand = [n for n in names if room and alive and self._ready(n)] if events else []
         rest = [n for n in names if n not in hand]
         if hand:
             lease = self._runners[hand[0]].settings.lease_seconds
-            self.outbox.add(events, hand, lease_seconds=lease)
+            self.outbox.add(rows, hand, now=now, lease_seconds=lease)
         if rest:
-            self.outbox.add(events, rest)
+            self.outbox.add(rows, rest, now=now)
         if hand:
             self._handoff_waiting += len(events)
-            self._handoff.put((tuple(hand), events))
+            self._handoff.put((tuple(hand), packs))
         return rest
 
     def _ready(self, name: str) -> bool:
@@ -544,10 +654,14 @@ class Spool:
     def _handoff_loop(self) -> None:
         stopping = False
         while not stopping:
-            item = self._handoff.get()
+            try:
+                item = self._handoff.get(timeout=1.0 if self._stranded else None)
+            except queue.Empty:
+                self._give_back()
+                continue
             if item is None:
                 break
-            items, n = [item], len(item[1])
+            items, n = [item], sum(len(held) for _, held in item[1])
             while n < HANDOFF_EVENTS:
                 try:
                     item = self._handoff.get_nowait()
@@ -557,48 +671,62 @@ class Spool:
                     stopping = True
                     break
                 items.append(item)
-                n += len(item[1])
-            by_sink: dict[str, list[Event]] = {}
-            for names, events in items:
+                n += sum(len(held) for _, held in item[1])
+            by_sink: dict[str, list[tuple[Event, list[Event]]]] = {}
+            for names, packs in items:
                 for name in names:
-                    by_sink.setdefault(name, []).extend(events)
-            for name, events in by_sink.items():
-                for i in range(0, len(events), HANDOFF_EVENTS):
-                    try:
-                        self._hand(name, events[i : i + HANDOFF_EVENTS])
-                    except Exception as exc:  # never let the handoff die; the rows stay
-                        log.error(  # leased until the lease ends, then the runner has them
-                            "waypost collector: handoff to storage %r failed: %s: %s",
-                            name, type(exc).__name__, exc,
-                        )  # fmt: skip
+                    by_sink.setdefault(name, []).extend(packs)
+            for name, packs in by_sink.items():
+                try:
+                    self._hand(name, packs)
+                except Exception as exc:  # never let the handoff die (a full disk)
+                    log.error(
+                        "waypost collector: handoff to storage %r failed: %s: %s",
+                        name, type(exc).__name__, exc,
+                    )  # fmt: skip
+                    self._stranded.append((name, packs))
+                    n -= sum(len(held) for _, held in packs)
             self._handoff_done += n
+            self._give_back()
 
-    def _hand(self, name: str, events: list[Event]) -> None:
-        """Give storage ``name`` events the spool holds leased to this process, then delete
-        their rows; what it did not take goes back to the spool's rows, to its runner."""
+    def _give_back(self) -> None:
+        """Rows whose handoff failed midway (the spool could not be written): their leases
+        voided, as soon as the spool takes it, so that their runner delivers them."""
+        while self._stranded:
+            name, packs = self._stranded[0]
+            try:
+                self.outbox.settle(name, [(p, "pending", time.time(), None) for p, _ in packs])
+            except Exception:
+                return  # still not: a second later
+            self._stranded.pop(0)
+            self._handoff_done += sum(len(held) for _, held in packs)
+            self._runners[name].outbox_written()
+
+    def _hand(self, name: str, packs: list[tuple[Event, list[Event]]]) -> None:
+        """Give storage ``name`` the events of spool rows leased to this process, then delete
+        the rows. What it did not take goes back to the spool as rows of their own (of the
+        events it asked to retry or refused), to its runner; if it was not delivering, the
+        rows themselves go to its runner."""
         runner = self._runners[name]
+        events = [e for _, held in packs for e in held]
         result = self._send_now(name, events)
         now = time.time()
-        outcomes: list[tuple[Event, str, float, str | None]]
         if result is None:  # the runner is not delivering now: it takes them, due at once
-            outcomes = [(e, "pending", now, None) for e in events]
-            done = []
-        else:
-            retry_at = now + runner.settings.backoff.delay(1)
-            outcomes = [
-                (e, "pending", retry_at, result.retry[e.id])
-                if e.id in result.retry
-                else (e, "failed", 0.0, result.failed[e.id])
-                for e in self._refused(events, result)
-            ]
-            refused = {e.id for e, _, _, _ in outcomes}
-            done = [e.id for e in events if e.id not in refused]
-        if done:
-            self.outbox.forget(name, done)
-            self.handed += len(done)
-        if outcomes:
-            self.outbox.settle(name, outcomes, now=now)  # the lease voided, the row kept
+            self.outbox.settle(name, [(p, "pending", now, None) for p, _ in packs], now=now)
             runner.outbox_written()
+            return
+        retry_at = now + runner.settings.backoff.delay(1, result.retry_after)
+        outcomes: list[tuple[Event, str, float, str | None]] = [
+            (e, "pending", retry_at, result.retry[e.id])
+            if e.id in result.retry
+            else (e, "failed", 0.0, result.failed[e.id])
+            for e in self._refused(events, result)
+        ]
+        if outcomes:  # before their rows go: a crash in between sends them again, no loss
+            self.outbox.settle(name, outcomes, now=now)
+            runner.outbox_written()
+        self.outbox.forget(name, [p.id for p, _ in packs])
+        self.handed += len(events) - len(outcomes)
 
     def _record(self, entries: list[Entry], tallies: list[tuple[str, str, str, int]]) -> None:
         if not entries and not tallies:
