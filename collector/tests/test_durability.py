@@ -83,10 +83,13 @@ def test_storage_down_then_back(ack: str, tmp_path: Path, spawn: Any) -> None:
         process.start()
         ids = {e["id"] for batch in sent for e in batch}
         wait_for(lambda: delivered >= ids, 60, "every batch at the destination")
-        stats = httpx.get(process.url + "/metrics").text
-        assert 'waypost_collector_spool_rows{state="pending",storage="relay"}' not in stats or (
-            'state="pending",storage="relay"} 0.0' in stats
-        )
+
+        def spool_empty() -> bool:  # the rows go once the answer is in (just after it)
+            stats = httpx.get(process.url + "/metrics").text
+            pending = 'waypost_collector_spool_rows{state="pending",storage="relay"}'
+            return pending not in stats or f"{pending} 0.0" in stats
+
+        wait_for(spool_empty, 30, "the spool to be empty")
 
 
 def test_ack_storage_answers_once_storage_has_it(tmp_path: Path, spawn: Any) -> None:

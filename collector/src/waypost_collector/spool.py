@@ -150,6 +150,12 @@ def pack(events: Sequence[Event], now: float) -> Event:
     return Event(uuid7(now), PACK_NAME, now, "", {_PACKED: body}, {}, "", "usage", [])
 
 
+def _packs(events: Sequence[Event], now: float) -> list[tuple[Event, list[Event]]]:
+    """``events`` in spool rows of :data:`PACK_EVENTS`: (the row's event, the events)."""
+    chunks = [list(events[i : i + PACK_EVENTS]) for i in range(0, len(events), PACK_EVENTS)]
+    return [(pack(chunk, now), chunk) for chunk in chunks]
+
+
 def unpack(event: Event) -> list[Event] | None:
     """The events a spool row's event holds; None if it is one event (not a pack)."""
     if event.name != PACK_NAME or not isinstance(event.properties.get(_PACKED), str):
@@ -594,7 +600,8 @@ class Spool:
                 result = self._send_now(name, group)
                 left = group if result is None else self._refused(group, result)
                 if left:
-                    self.outbox.add(left, [name])
+                    now = time.time()
+                    self.outbox.add([p for p, _ in _packs(left, now)], [name], now=now)
                     written.add(name)
         return written
 
@@ -603,10 +610,7 @@ class Spool:
         the sinks whose runner is delivering get them from the handoff, their rows leased
         meanwhile. Returns the other sinks."""
         now = time.time()
-        packs = [
-            (pack(events[i : i + PACK_EVENTS], now), events[i : i + PACK_EVENTS])
-            for i in range(0, len(events), PACK_EVENTS)
-        ]
+        packs = _packs(events, now)
         rows = [p for p, _ in packs]
         room = self._handoff_waiting - self._handoff_done + len(events) <= HANDOFF_BACKLOG
         alive = self._handoff_thread is not None and self._handoff_thread.is_alive()
