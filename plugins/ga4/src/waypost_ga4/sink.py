@@ -129,7 +129,6 @@ class _Item:
 class _Request:
     items: list[_Item]
     body: dict[str, Any]
-    data: bytes
 
     @property
     def events(self) -> list[Event]:
@@ -161,7 +160,7 @@ class Ga4Sink(Sink[Ga4Config]):
         requests = self._requests(events, result, now=time.time())
         return send_in_parts(
             requests,
-            lambda request: self._post(COLLECT_PATH, request.data),
+            lambda request: self._post(COLLECT_PATH, dumps(request.body).encode()),
             result,
             split=self._halves,
         )
@@ -209,16 +208,13 @@ class Ga4Sink(Sink[Ga4Config]):
     def _fit(self, event: Event, now: float, *, check: bool = True) -> _Item:
         """``event`` in GA4's form, or :class:`Refused`. With ``check=False`` the name and the
         age are left as they are (for the validation server to judge)."""
-        if check:
-            name = limits.event_name(event.name)
-            age = now - event.time
-            if age > limits.MAX_BACKDATE_SECONDS:
-                raise Refused(
-                    f"event is {age / 3600:.0f} hours old; GA4 takes events backdated up to "
-                    f"{limits.MAX_BACKDATE_SECONDS // 3600} hours and drops older ones"
-                )
-        else:
-            name = event.name
+        name = limits.event_name(event.name) if check else event.name
+        age = now - event.time
+        if check and age > limits.MAX_BACKDATE_SECONDS:
+            raise Refused(
+                f"event is {age / 3600:.0f} hours old; GA4 takes events backdated up to "
+                f"{limits.MAX_BACKDATE_SECONDS // 3600} hours and drops older ones"
+            )
         params, notes = limits.event_params(event.properties, {EVENT_ID_PARAM: event.id})
         user_props, context_notes = limits.user_properties(event.context)
         payload = {
@@ -283,8 +279,7 @@ class Ga4Sink(Sink[Ga4Config]):
         return len(dumps(item.payload).encode())
 
     def _request(self, items: list[_Item]) -> _Request:
-        body = self._body(items)
-        return _Request(items, body, dumps(body).encode())
+        return _Request(items, self._body(items))
 
     def _halves(self, request: _Request) -> list[_Request]:
         half = len(request.items) // 2
