@@ -70,14 +70,11 @@ class AmplitudeSink(Sink[AmplitudeConfig]):
         self._answers = http_client
         # The SDK's own paths, on the configured host.
         kind = constants.BATCH if config.use_batch else constants.HTTP_V2
+        self.api = "batch" if config.use_batch else "v2"  # the key of MAX_BYTES
         path: str = urllib.parse.urlsplit(constants.SERVER_URL[constants.DEFAULT_ZONE][kind]).path
         self.url = config.base_url + path
         self._what = f"amplitude {path}"
         self._http = HttpTransport(self, headers=http_client.JSON_HEADER, what=self._what)
-
-    @property
-    def api(self) -> str:
-        return "batch" if self.config.use_batch else "v2"
 
     # --- mapping --------------------------------------------------------------------------
 
