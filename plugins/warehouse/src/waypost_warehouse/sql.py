@@ -10,7 +10,6 @@ built (on the application's thread, never on a delivery thread), not when the pl
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import importlib.util
 import math
 import time
@@ -317,18 +316,14 @@ class SqlSink(Sink[SqlConfig]):
             except sa.exc.SQLAlchemyError as exc:
                 raise self._classify(f"adding {', '.join(columns)}", exc) from None
 
-        found = functools.partial(self._columns, engine, table)
+        def found() -> list[str]:
+            probe = sa.select(sa.text("*")).select_from(table).where(sa.false())
+            with engine.begin() as conn:
+                return list(conn.execute(probe).keys())
+
         self._absent = settle_added(self, self.label, found, add, SinkError, README)
         self._table = _table(self.config.table, self.config.schema_, without=self._absent)
         self._ready = True
-
-    def _columns(self, engine: Engine, table: sa.Table) -> list[str]:
-        """The columns the table has."""
-        import sqlalchemy as sa
-
-        probe = sa.select(sa.text("*")).select_from(table).where(sa.false())
-        with engine.begin() as conn:
-            return list(conn.execute(probe).keys())
 
     def _classify(self, what: str, exc: sa.exc.SQLAlchemyError) -> SinkError:
         """A retryable or permanent error naming the database's cause, never the values."""
@@ -338,11 +333,10 @@ class SqlSink(Sink[SqlConfig]):
         cause = orig if isinstance(orig, BaseException) else exc
         known = (self.config.table, self.config.schema_ or "", *COLUMNS)
         retry = _retryable(exc)
-        if isinstance(exc, sa.exc.StatementError) and orig is None:
-            message = clean_message(str(exc).split("[SQL:")[0], known, redact=not retry)
-        else:
-            message = clean_message(str(cause), known, redact=not retry)
-        message = self.mask(message)
+        # A statement's own error (no driver's cause) ends with the SQL and its values: cut.
+        bare = isinstance(exc, sa.exc.StatementError) and orig is None
+        text = str(exc).split("[SQL:")[0] if bare else str(cause)
+        message = self.mask(clean_message(text, known, redact=not retry))
         if retry:
             if self._engine is not None:
                 self._engine.dispose()  # the next batch connects afresh
