@@ -360,22 +360,21 @@ class SnowflakeSink(Sink[SnowflakeConfig]):
             # raw_msg is the server's message alone (str(exc) adds the query id).
             code = f"{exc.errno:06d}" if isinstance(exc.errno, int) and exc.errno >= 0 else ""
             state = exc.sqlstate if exc.sqlstate and exc.sqlstate != "n/a" else ""
-            retry = (
+            # Refused credentials: retrying cannot fix them.
+            refused = exc.errno in (390100, 390144, 390318) or state.startswith("28")
+            retry = not refused and (
                 isinstance(exc, (errors.OperationalError, errors.InterfaceError))
                 or exc.errno in _RETRY_ERRNO
                 or state[:2] in _RETRY_SQLSTATE
                 or type(exc).__name__ in _RETRY_ERRORS
             )
-            if exc.errno in (390100, 390144, 390318) or state.startswith("28"):
-                retry = False  # refused credentials: retrying cannot fix them
             message = clean_message(str(exc.raw_msg or exc.msg or ""), known, redact=not retry)
             prefix = f"{code} ({state})" if state else code
             cause = message if message.startswith(prefix) else f"{prefix}: {message}"
         else:
             cause = clean_message(f"{type(exc).__name__}: {exc}", known)
             retry = isinstance(exc, (OSError, TimeoutError))
-        cause = self.mask(cause)
         if retry:
             self.close()  # the next batch logs in afresh
-            return RetryableError(f"{what}: {cause}")
-        return PermanentError(f"{what} failed: {cause}")
+            return RetryableError(f"{what}: {self.mask(cause)}")
+        return PermanentError(f"{what} failed: {self.mask(cause)}")
