@@ -3,8 +3,10 @@ its delivery threads, each inside its own error boundary, with retries and a cir
 and the storer, which writes to the outbox what cannot go at once.
 
 The worker never touches the disk: a slow, full, locked or broken outbox holds up only the
-storer, so ``track`` waits at most for the worker's next chunk. Events the outbox cannot take
-stay in memory (each sink's queue is bounded by ``outbox.buffer``); past that bound they are
+storer. The host never waits for the worker, nor so for the disk, before the buffer holds
+``HOLD`` times ``outbox.buffer`` items: a burst waits there, as ``track`` made it, while the
+worker builds it at the pace of the sinks and the storer. Events the outbox cannot take stay
+in memory (each sink's queue is bounded by ``outbox.buffer``); past that bound they are
 dropped and counted under the outbox's trouble (``disk_full``, ``read_only``, ...)."""
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ Item = tuple[Any, Any, float, "str | None", "str | None"]
 
 LINGER = 0.05
 """Seconds the worker waits between drains while a burst goes on."""
+HOLD = 5
+"""How many times ``outbox.buffer`` the buffer holds in a burst before ``track`` waits for the
+worker (which is woken at a batch): a buffered item is what ``track`` made (the name, a copy
+of the properties, the time), a few hundred bytes, one object for the garbage collector."""
 STALL = 2.0
 """Seconds ``track`` waits for room in a full buffer before it drops instead."""
 STORAGE_RETRY = 1.0
@@ -84,6 +90,8 @@ class Pipeline:
         self.interval = batch_interval
         self.wake_at = batch_size
         self.buffer_size = buffer_size
+        self.hold_at = HOLD * buffer_size
+        """What the buffer may hold before ``track`` waits for the worker."""
         self.retention = retention
         self.startup = startup
         self.debug = debug
@@ -177,22 +185,26 @@ class Pipeline:
     # --- the worker -------------------------------------------------------------------------
 
     def nudge(self) -> None:
-        """Called by ``track`` when the buffer reached a batch, or is full."""
+        """Called by ``track`` when the buffer reached a batch, or holds ``outbox.buffer``."""
         buffer = self.buffer
-        if len(buffer) < self.buffer_size:
-            self.wake.set()
+        wake = self.wake
+        if len(buffer) < self.hold_at:
+            if not wake.is_set():  # once: every call of a burst goes through here
+                wake.set()
             return
-        # The host outruns the worker: never grow, hold the caller back until the worker takes
-        # its next chunk (a few milliseconds). The caller never runs the worker's code (hooks,
-        # sinks); should the worker be stuck, after STALL seconds it drops (counted) instead.
-        self.wake.set()
+        # The host outran the sinks and the storer by HOLD times outbox.buffer: never grow
+        # more, hold the caller back until the worker takes its next chunk. The caller never
+        # runs the worker's code (hooks, sinks); should the worker be stuck, after STALL
+        # seconds it drops (counted) instead.
+        wake.set()
+        hold_at = self.hold_at
         if not self._stalled:
             with self._room:
-                room = self._room.wait_for(lambda: len(buffer) < self.buffer_size, timeout=STALL)
+                room = self._room.wait_for(lambda: len(buffer) < hold_at, timeout=STALL)
             if room:
                 return
             self._stalled = True
-        if len(buffer) >= self.buffer_size:
+        if len(buffer) >= hold_at:
             try:
                 buffer.pop()
             except IndexError:
@@ -201,9 +213,10 @@ class Pipeline:
             self.log_once(
                 "buffer-full",
                 "waypost: the worker has taken nothing for %g s; events are dropped while the "
-                "buffer (outbox.buffer = %d) is full",
+                "buffer is full (%d events: %d times outbox.buffer)",
                 STALL,
-                self.buffer_size,
+                hold_at,
+                HOLD,
                 level=logging.ERROR,
             )
 
@@ -483,9 +496,10 @@ class Pipeline:
 
     def _make_room(self, runner: Runner) -> bool:
         """Wait for room in a sink's full queue in memory while the outbox takes what it
-        holds: the host is slowed to the storer's pace, never made to wait on a stuck disk.
-        When the outbox cannot take anything (full disk, read-only, locked), events past the
-        bound are dropped, and counted under that cause. True if there is room now."""
+        holds: the worker is slowed to the storer's pace (the host only once the buffer holds
+        ``HOLD`` times ``outbox.buffer``), never made to wait on a stuck disk. When the outbox
+        cannot take anything (full disk, read-only, locked), events past the bound are
+        dropped, and counted under that cause. True if there is room now."""
         outbox = self.outbox
         deadline = time.monotonic() + STALL
         while not runner.wait_room(min(deadline, time.monotonic() + LINGER)):
