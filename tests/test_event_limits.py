@@ -141,6 +141,23 @@ def test_a_million_keys_are_refused_and_counted_without_dropping_anything_else(
     assert dropped == {"too_large": 1}, dropped
 
 
+def test_too_many_keys_are_refused_by_track_itself_before_any_copy(
+    make_tel: Callable[..., Any],
+) -> None:
+    # The worker sleeps (no batch fills, the interval is a minute): a refusal counted as track
+    # returns was made there, at a glance, not by the worker after track copied the dict.
+    tel = make_tel(limits={"keys": 10}, batch={"interval": 60, "size": 1000})
+    many = {f"k{i}": i for i in range(11)}
+    tel.track("many_keys", many)
+    assert tel.status().counters.dropped == {"too_large": 1}
+    tel.track("many_keys", many, timestamp=time.time())  # the other way through track
+    assert tel.status().counters.dropped == {"too_large": 2}
+    assert not tel.pipeline.buffer
+    tel.track("enough_keys", dict(list(many.items())[:10]))
+    assert tel.flush(10)
+    assert len(by_name("enough_keys")) == 1 and not by_name("many_keys")
+
+
 def test_limits_are_configurable_and_each_one_applies(make_tel: Callable[..., Any]) -> None:
     tel = make_tel(limits={"value": 100, "keys": 5, "depth": 3, "event_bytes": 2_000,
                            "name": 20})  # fmt: skip

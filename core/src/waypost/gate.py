@@ -524,13 +524,7 @@ class Gate:
                     built = result
                 out.append(built)
             except TooLarge as exc:
-                self.counters.drop("too_large")
-                self._log_once(
-                    f"too_large:{str(exc).rsplit('(', 1)[-1]}",
-                    "waypost: event %.200r refused: %s",
-                    event if isinstance(event, str) else type(event).__name__,
-                    exc,
-                )
+                self._refused(event, exc)
             except Exception as exc:
                 self.counters.drop("invalid")
                 self._log_once(
@@ -540,6 +534,24 @@ class Gate:
                     one_line(exc),
                 )
         return out
+
+    def _refused(self, event: Any, exc: TooLarge) -> None:
+        self.counters.drop("too_large")
+        self._log_once(
+            f"too_large:{str(exc).rsplit('(', 1)[-1]}",
+            "waypost: event %.200r refused: %s",
+            event if isinstance(event, str) else type(event).__name__,
+            exc,
+        )
+
+    def refuse_keys(self, event: Any, properties: Mapping[Any, Any]) -> None:
+        """Count and log an event that ``track`` refused before copying its properties: they
+        hold more than ``limits.keys`` keys (a copy of a million keys would hold every thread
+        of the host for tens of milliseconds)."""
+        try:
+            _check_size(properties, self.limits, (), 1, "keys")
+        except TooLarge as exc:
+            self._refused(event, exc)
 
     def _safe_name(self, scrubbed: str, *, count: bool = True) -> str | None:
         """The name the scrubbers made of an event's name, or None (counted as dropped with

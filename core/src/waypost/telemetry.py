@@ -26,7 +26,7 @@ from waypost.delivery.runner import Runner
 from waypost.delivery.upkeep import OutboxUpkeep
 from waypost.errors import PluginError, TrackError, WaypostError
 from waypost.events import Payload
-from waypost.gate import Gate, check, event_time, one_line, show
+from waypost.gate import DEFAULT_LIMITS, Gate, check, event_time, one_line, show
 from waypost.heartbeat import Schedules
 from waypost.logs import get_logger
 from waypost.plugins import PluginLoader, PluginManager
@@ -89,6 +89,7 @@ class Telemetry:
         self._shutdown_callbacks: list[Callable[[float], Any]] = []
         self._on = False
         self._fast = False  # on, not strict, not sync: track takes its shortest path
+        self._keys = DEFAULT_LIMITS.keys  # telemetry.limits.keys, checked before any copy
         self._lock = threading.RLock()
         self._closed = False
         self.pipeline: Pipeline | None = None
@@ -266,6 +267,7 @@ class Telemetry:
         self._nudge, self._drain = pipeline.nudge, pipeline.drain  # for the hot path
         self._wake_at = min(cfg.batch.size, cfg.outbox.buffer)
         self._spill_at = cfg.outbox.buffer
+        self._keys = cfg.limits.keys
         self._sync = sync
         pipeline.start()
         self._on = True
@@ -337,16 +339,13 @@ class Telemetry:
         """
         if self._fast and timestamp is None:
             # The common case in as few steps as possible: on, not strict, not sync.
+            if type(properties) is dict:
+                if len(properties) > self._keys:  # refused at a glance, never copied
+                    self._too_many_keys(event, properties)
+                    return
+                properties = properties.copy()
             buffer = self._buffer
-            buffer.append(
-                (
-                    event,
-                    properties.copy() if type(properties) is dict else properties,
-                    _now(),
-                    level,
-                    distinct_id,
-                )
-            )
+            buffer.append((event, properties, _now(), level, distinct_id))
             # Wake the worker once, as the buffer reaches a batch (an Event.set on every call
             # past that point tripled the cost of track), and spill when it is full.
             n = len(buffer)
@@ -373,20 +372,22 @@ class Telemetry:
                     one_line(exc),
                 )
                 return
+        if type(properties) is dict:
+            if len(properties) > self._keys:
+                self._too_many_keys(event, properties)
+                return
+            properties = properties.copy()
         buffer = self._buffer
-        buffer.append(
-            (
-                event,
-                properties.copy() if type(properties) is dict else properties,
-                when,
-                level,
-                distinct_id,
-            )
-        )
+        buffer.append((event, properties, when, level, distinct_id))
         if self._sync:
             self._drain()
         elif len(buffer) == self._wake_at or len(buffer) >= self._spill_at:
             self._nudge()
+
+    def _too_many_keys(self, event: Any, properties: dict[str, Any]) -> None:
+        gate = self.gate
+        if gate is not None:
+            gate.refuse_keys(event, properties)
 
     # --- flush, shutdown, processes ---------------------------------------------------------
 
