@@ -457,7 +457,9 @@ class Gate:
                     # The common case: a name seen before and a plain dict (track's own copy,
                     # which is kept as it is when it holds only known-clean keys and JSON
                     # scalars).
-                    name = event if event in good_names else self._name(event, remarks)
+                    # (Its length first: looking a huge name up would hash all of it.)
+                    known = len(event) <= name_limit and event in good_names
+                    name = event if known else self._name(event, remarks)
                     clean = (
                         as_is is not None and len(properties) <= keys_limit and as_is(properties)
                     )

@@ -786,14 +786,22 @@ class Scrubber:
     def as_is(self, properties: dict[str, Any]) -> bool:
         """True when ``properties``, a flat dict, needs neither coercion nor scrubbing: every
         key and string was seen clean before, and every other value is a JSON scalar that no
-        rule applies to (a finite float, a short int, a bool, None)."""
+        rule applies to (a finite float, a short int, a bool, None). Runs before any limit
+        applies: a text is looked up only when it is short enough to be remembered (hashing
+        20 MB holds every thread of the host for 12 ms or more)."""
         cache, kinds = self._clean, self._keys
+        longest = _CACHED_LENGTH  # a longer text is never remembered: its hash is not made
         for key, item in properties.items():
-            if type(key) is not str or key not in cache or kinds.get(key) != _PLAIN:
+            if (
+                type(key) is not str
+                or len(key) > longest
+                or key not in cache
+                or kinds.get(key) != _PLAIN
+            ):
                 return False
             of = type(item)
             if of is str:
-                if item not in cache:
+                if len(item) > longest or item not in cache:
                     return False
             elif of is int:
                 if not -_BIG_INT < item < _BIG_INT:
