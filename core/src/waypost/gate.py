@@ -307,6 +307,18 @@ def build_scrubber(config: TelemetryConfig, plugins: PluginManager) -> Scrubber 
     return Scrubber.from_config(config, extra_rules)
 
 
+def off_scrubber(config: TelemetryConfig, plugins: PluginManager) -> Scrubber | None:
+    """The scrubber metric label values pass while telemetry has not started (the operator's
+    local Prometheus exposition works with telemetry off): a ``register_scrubbers`` hook that
+    fails is logged and left out, as nothing else depends on it."""
+    extra: list[Rule] = []
+    try:
+        plugins.hook.register_scrubbers(register=extra.append)
+    except Exception as exc:
+        log.warning("waypost: a register_scrubbers hook failed: %s", exc)
+    return Scrubber.from_config(config, extra) if config.scrub.enabled else None
+
+
 def _check_rule(rule: Any, plugin: str) -> None:
     if not isinstance(rule, Rule):
         raise PluginError(

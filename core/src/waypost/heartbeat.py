@@ -8,19 +8,26 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
+
+from typing_extensions import Required, Unpack
 
 from waypost import config as _config
 from waypost import datadir
 from waypost.control import Control
-from waypost.events import base_context
+from waypost.events import Payload, base_context
 from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
 
 if TYPE_CHECKING:
     from waypost.config import HeartbeatConfig, TelemetryConfig
     from waypost.control import ControlState
+    from waypost.delivery.pipeline import Pipeline
     from waypost.gate import Gate
     from waypost.plugins import PluginManager
+
+Facts = Callable[[], Mapping[str, Any]]
+"""What an application gives a heartbeat: a callable that returns its counts and settings
+(``{"platform": {"counts": {...}}}``)."""
 
 NAME = "heartbeat"
 """The heartbeat's job name (``schedule.json``, ``status``)."""
@@ -59,6 +66,29 @@ def job_from_config(callback: Callable[[], Any], config: HeartbeatConfig | None)
     return Job(name=NAME, callback=callback, every=config.every, event=config.event)
 
 
+class When(TypedDict, total=False):
+    """When a job runs: see :meth:`Schedules.schedule`."""
+
+    every: Required[float | str]
+    first_delay: float | str
+    time_of_day: str | float | None
+    jitter: float | str
+    condition: Callable[[], bool] | None
+    event: str | None
+
+
+class HeartbeatWhen(TypedDict, total=False):
+    """When the heartbeat runs and what it carries: see :meth:`Schedules.heartbeat`."""
+
+    every: float | str
+    first_delay: float | str
+    time_of_day: str | float | None
+    jitter: float | str
+    condition: Callable[[], bool] | None
+    facts: Callable[[], Mapping[str, Any]] | None
+    event: str
+
+
 class Host(Protocol):
     """What :class:`Schedules` reads of its instance (a :class:`waypost.Telemetry`)."""
 
@@ -82,15 +112,19 @@ class Host(Protocol):
     def gate(self) -> Gate | None: ...
     @property
     def control(self) -> ControlState | None: ...
+    @property
+    def pipeline(self) -> Pipeline | None: ...
+    def track(self, event: str | Payload, properties: Mapping[str, Any] | None = None) -> None: ...
 
 
 class Schedules:
-    """One instance's periodic jobs, the heartbeat among them. ``emit(name, payload)`` tracks
-    what a run returns and stores it before the run is recorded as done (False: not tracked)."""
+    """One instance's periodic jobs, the heartbeat among them, and what it tracks at shutdown:
+    each run's result is tracked and stored before the run is recorded as done."""
 
-    def __init__(self, host: Host, emit: Callable[[str | None, object], bool]) -> None:
+    def __init__(self, host: Host) -> None:
         self.host = host
-        self.emit = emit
+        self.at_shutdown: list[Callable[[float], Any]] = []
+        """See :meth:`Scheduling.on_shutdown`."""
         self.scheduler: Scheduler | None = None
         self.last_outcome: str | None = None
         """What the last :meth:`send` did (``sent``, ``skipped: ...``)."""
@@ -109,6 +143,29 @@ class Schedules:
     def _emit_job(self, job: Job, payload: Any) -> bool:
         return self.emit(job.event or job.name, payload)
 
+    def emit(self, name: str | None, payload: object) -> bool:
+        """Track what a job returned (a Payload, a dict of properties for event ``name``, a
+        ``(name, properties)`` pair, or None: nothing) and store it; False if not tracked."""
+        host = self.host
+        if not host.enabled or payload is None:
+            return False
+        if isinstance(payload, tuple):
+            name, payload = payload
+        if isinstance(payload, Payload):
+            host.track(payload)
+        else:
+            host.track(name or "event", cast("Mapping[str, Any] | None", payload))  # it checks
+        pipeline = host.pipeline
+        if pipeline is not None:
+            pipeline.drain(store=True)  # stored before the run is recorded as done
+        return True
+
+    def shutdown(self, seconds_running: float) -> None:
+        """Track what each :attr:`at_shutdown` callback returns."""
+        if self.host.enabled:
+            for callback in self.at_shutdown:
+                self.emit(None, callback(seconds_running))
+
     def schedule(
         self,
         name: str,
@@ -121,7 +178,7 @@ class Schedules:
         condition: Callable[[], bool] | None = None,
         event: str | None = None,
     ) -> Job:
-        """See :meth:`waypost.Telemetry.schedule`."""
+        """See :meth:`Scheduling.schedule`."""
         parse = _config.parse_duration
         if self.scheduler is None:
             self.scheduler = self._new_scheduler()
@@ -151,7 +208,7 @@ class Schedules:
         facts: Callable[[], Mapping[str, Any]] | None = None,
         event: str = "heartbeat",
     ) -> Job:
-        """See :meth:`waypost.Telemetry.heartbeat`."""
+        """See :meth:`Scheduling.heartbeat`."""
         self._facts = facts
         gate, control = self.host.gate, self.host.control
         if gate is not None:  # before the job can first run: heartbeats are not sampled
@@ -173,7 +230,7 @@ class Schedules:
         return job
 
     def payload(self, facts: Callable[[], Mapping[str, Any]] | None = None) -> dict[str, Any]:
-        """See :meth:`waypost.Telemetry.heartbeat_payload`."""
+        """See :meth:`Scheduling.heartbeat_payload`."""
         host = self.host
         if facts is not None:
             given = facts
@@ -197,13 +254,13 @@ class Schedules:
         )
 
     def record_facts(self, facts: Mapping[str, Any]) -> None:
-        """See :meth:`waypost.Telemetry.record_facts`."""
+        """See :meth:`Scheduling.record_facts`."""
         if not self.host.enabled or not isinstance(facts, Mapping):
             return
         datadir.record_installation(self.host.data_dir, facts=dict(facts), facts_at=time.time())
 
     def send(self, *, force: bool = False) -> bool:
-        """See :meth:`waypost.Telemetry.send_heartbeat`."""
+        """See :meth:`Scheduling.send_heartbeat`."""
         host = self.host
         if not host.enabled:
             # Off means off: no schedule file, no facts callback, no waypost_heartbeat hook.
@@ -224,6 +281,21 @@ class Schedules:
         sent = self.scheduler.run(job, force=force)
         self.last_outcome = job.last_outcome
         return sent
+
+    def start(self, config: TelemetryConfig) -> None:
+        """What a starting instance's config schedules: the heartbeat, the shutdown event."""
+        hb = config.heartbeat
+        if hb is not None and hb.enabled:
+            self.heartbeat(
+                every=hb.every,
+                first_delay=hb.first_delay,
+                time_of_day=hb.time_of_day,
+                jitter=hb.jitter,
+                event=hb.event,
+            )
+        if config.shutdown_event:
+            name = config.shutdown_event
+            self.at_shutdown.append(lambda seconds: (name, {"timeRunning": int(seconds)}))
 
     def heartbeat_event(self) -> str | None:
         """The event of a heartbeat scheduled already (while telemetry was off), if any."""
@@ -259,3 +331,64 @@ class Schedules:
         data["heartbeat_period"] = job.every if job is not None else None
         data["paused"] = control.paused()
         return data
+
+
+class Scheduling:
+    """The schedule and heartbeat methods of :class:`waypost.Telemetry`, on its
+    :class:`Schedules` (``schedules``)."""
+
+    schedules: Schedules
+
+    def schedule(self, name: str, callback: Callable[[], Any], **when: Unpack[When]) -> Job:
+        """Run ``callback`` periodically and track what it returns (a Payload, a dict of
+        properties for event ``event or name``, or None to skip a run).
+
+        ``every``/``first_delay``/``jitter`` take seconds or durations (``24h``); ``time_of_day``
+        is ``"random"`` (picked now), ``"HH:MM"`` (UTC) or None. ``condition`` is asked before
+        each run. At most one run per period per installation, whatever the number of processes
+        sharing the data dir; a restart does not run it again before the period has passed.
+        """
+        return self.schedules.schedule(name, callback, **when)
+
+    def heartbeat(self, **when: Unpack[HeartbeatWhen]) -> Job:
+        """Schedule the heartbeat snapshot (FlowForge's ping, see :meth:`heartbeat_payload`). A
+        destination's control block may make it less frequent, never more."""
+        return self.schedules.heartbeat(**when)
+
+    def heartbeat_payload(self, facts: Facts | None = None) -> dict[str, Any]:
+        """The heartbeat in FlowForge's shape: instance id, os, runtime and app versions, and
+        ``platform.counts`` / ``platform.config`` contributed by the application (``facts``) and
+        by plugins (hook ``waypost_heartbeat``).
+
+        What ``facts`` returns is recorded in the data dir (see :meth:`record_facts`); without
+        ``facts``, the facts recorded last are used: a heartbeat sent by cron (``waypost
+        send-heartbeat``) carries the application's counts."""
+        return self.schedules.payload(facts)
+
+    def record_facts(self, facts: Mapping[str, Any]) -> None:
+        """Record the application's heartbeat facts (``{"platform": {"counts": {...}}}``) in
+        the data dir, for a heartbeat another process sends: ``waypost send-heartbeat`` from
+        cron merges them into its payload. Call it when the counts change, or let
+        ``heartbeat(facts=...)`` record what it sends. Nothing is written while telemetry is
+        off; the facts pass the privacy gate when a heartbeat carries them."""
+        self.schedules.record_facts(facts)
+
+    def send_heartbeat(self, *, force: bool = False) -> bool:
+        """Send the heartbeat now (for cron: ``waypost send-heartbeat``). Unless ``force``, it
+        is skipped when this installation already sent one within the period."""
+        return self.schedules.send(force=force)
+
+    def on_shutdown(self, callback: Callable[[float], Any]) -> None:
+        """At shutdown, track what ``callback(seconds_running)`` returns (Langflow's shutdown
+        payload): a Payload, a ``(name, properties)`` pair, or None."""
+        self.schedules.at_shutdown.append(callback)
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """What runs the jobs (None until one is scheduled)."""
+        return self.schedules.scheduler
+
+    @property
+    def last_heartbeat_outcome(self) -> str | None:
+        """What the last :meth:`send_heartbeat` did (``sent``, ``skipped: ...``)."""
+        return self.schedules.last_outcome

@@ -465,6 +465,23 @@ class PluginLoader:
         self.config_file = config_file
         self.errors: dict[str, str] = {}
 
+    def register_all(
+        self,
+        plugins: Iterable[object],
+        module_names: Iterable[str],
+        sink_classes: Iterable[type[Sink]],
+        *,
+        inspecting: bool,
+    ) -> None:
+        """Register the plugins given in code, the modules ``telemetry.plugins`` names, and the
+        sink classes given in code, in that order."""
+        for plugin in plugins:
+            self.register(plugin)
+        for module_name in module_names:
+            self.register_named(module_name, inspecting=inspecting)
+        for sink_class in sink_classes:
+            self.register_sink(sink_class)
+
     def register_named(self, module_name: str, *, inspecting: bool) -> None:
         """Import and register a module of ``telemetry.plugins``. A failure raises in strict
         mode, except for an instance that only inspects (``start=False``: the CLI), where it is

@@ -373,25 +373,36 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 # --- one instance's hooks ------------------------------------------------------------------------
 
 
+_INSTALLED: weakref.WeakSet[ProcessHooks] = weakref.WeakSet()
+
+
+def installed() -> list[ProcessHooks]:
+    """The hooks installed now: one for each instance of this process that is running."""
+    return list(_INSTALLED)
+
+
 class ProcessHooks:
-    """What one running instance does at exit (and when a ``multiprocessing`` child ends), in
-    a forked child, and at SIGTERM: registered together by :meth:`install`, forgotten together
-    by :meth:`forget`."""
+    """What one running instance does at exit (and when a ``multiprocessing`` child ends): shut
+    down within its ``budget``; in a forked child: start afresh; at SIGTERM: shut down if the
+    process ends now, else keep everything in the outbox from then on (see
+    :func:`install_sigterm`). Registered together by :meth:`install`, forgotten together by
+    :meth:`forget`; :func:`installed` lists them (``waypost.integrations`` shuts them down)."""
 
     def __init__(
         self,
         *,
-        at_exit: Callable[[], None],
+        shutdown: Callable[[float], bool],
+        budget: float,
         after_fork_in_child: Callable[[], None],
-        on_sigterm: Callable[[bool], None],
-        sigterm_budget: float,
+        keep_everything: Callable[[], None],
     ) -> None:
-        self._exit = at_exit
+        self._shutdown = shutdown
+        self.sigterm_budget = float(budget)
         self._child = after_fork_in_child
-        self._sigterm = on_sigterm
-        self.sigterm_budget = sigterm_budget
+        self._keep = keep_everything
 
     def install(self, *, sigterm: bool) -> None:
+        _INSTALLED.add(self)
         atexit.register(self.at_exit)
         follow_forks(self)
         at_multiprocessing_exit(self, ProcessHooks.at_exit)
@@ -400,6 +411,7 @@ class ProcessHooks:
 
     def forget(self) -> None:
         """No more at-exit, at-fork or SIGTERM work."""
+        _INSTALLED.discard(self)
         try:
             atexit.unregister(self.at_exit)
         except Exception:
@@ -407,8 +419,15 @@ class ProcessHooks:
         forget_forks(self)
         uninstall_sigterm(self)
 
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Shut the instance down within ``timeout`` seconds (default: its budget)."""
+        return self._shutdown(self.sigterm_budget if timeout is None else timeout)
+
     def at_exit(self) -> None:
-        self._exit()
+        try:
+            self.shutdown()
+        except Exception as exc:
+            log.warning("waypost: shutdown at exit failed: %s", exc)
 
     # Around fork() (see follow_forks).
 
@@ -423,4 +442,7 @@ class ProcessHooks:
         self._child()
 
     def _on_sigterm(self, ends_now: bool) -> None:
-        self._sigterm(ends_now)
+        if ends_now:  # the process ends when this returns: deliver what can be, as at exit
+            self.at_exit()
+        else:
+            self._keep()

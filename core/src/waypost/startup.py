@@ -6,29 +6,31 @@ the CLI (the installation record)."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from waypost import config as _config
 from waypost import datadir
 from waypost.config import TelemetryConfig
+from waypost.control import ControlState
 from waypost.delivery.backoff import Backoff
+from waypost.delivery.outbox import Outbox
 from waypost.delivery.pipeline import Pipeline
-from waypost.errors import ConfigError
+from waypost.delivery.upkeep import OutboxUpkeep
+from waypost.errors import ConfigError, PluginError, WaypostError
+from waypost.gate import Gate
 from waypost.logs import get_logger
 from waypost.privacy import Decision, StoredConsent, notice, resolve_consent, secrets
 from waypost.sinks import Sink, SinkConfig, SinkContext
 
 if TYPE_CHECKING:
-    from waypost.control import ControlState
-    from waypost.delivery.outbox import Outbox
-    from waypost.delivery.upkeep import OutboxUpkeep
-    from waypost.gate import Gate
-    from waypost.plugins import PluginManager
+    from waypost.heartbeat import Schedules
+    from waypost.plugins import PluginLoader, PluginManager
     from waypost.privacy.secrets import SecretHold
-    from waypost.status import Counters
+    from waypost.status import Counters, LogOnce
 
 log = get_logger(__name__)
 
@@ -117,23 +119,35 @@ def locate(
         return datadir.Location(app or "app", datadir.default_data_dir(app or "app"), "default")
 
 
-def decide(
-    config: TelemetryConfig,
-    env: Mapping[str, str],
-    *,
-    data_dir: Path,
-    config_file: str | None,
-    config_error: str | None,
-) -> Decision:
-    """Whether telemetry is on, and the rule that decided (see :func:`resolve_consent`)."""
-    if config_error is not None:
-        return Decision(False, "config_error", f"the configuration is invalid: {config_error}")
+class Deciding(Protocol):
+    """What :func:`decide` reads of an instance."""
+
+    @property
+    def config(self) -> TelemetryConfig: ...
+    @property
+    def env(self) -> Mapping[str, str]: ...
+    @property
+    def data_dir(self) -> Path: ...
+    @property
+    def config_file(self) -> str | None: ...
+    @property
+    def config_error(self) -> str | None: ...
+
+
+def decide(instance: Deciding) -> Decision:
+    """Whether telemetry is on for ``instance``, and the rule that decided (see
+    :func:`resolve_consent`)."""
+    config, env, config_file = instance.config, instance.env, instance.config_file
+    if instance.config_error is not None:
+        return Decision(
+            False, "config_error", f"the configuration is invalid: {instance.config_error}"
+        )
     if config.level == "off":
         base = resolve_consent(config, env, None, config_source=config_file)
         if base.rule in ("do_not_track", "app_env"):
             return base
         return Decision(False, "level", "telemetry.level is off")
-    stored = StoredConsent.read(data_dir)
+    stored = StoredConsent.read(instance.data_dir)
     source = config_file
     if env.get("WAYPOST_ENABLED"):
         source = f"the environment (WAYPOST_ENABLED={env['WAYPOST_ENABLED']})"
@@ -163,17 +177,38 @@ def show_notice(
     rule: str,
     show: Callable[[str], None] | None,
     notes: list[str],
-) -> str | None:
-    """Show the first-run notice if it is due; returns why it could not be (then telemetry
-    must not start), else None."""
+) -> None:
+    """Show the first-run notice if it is due. One that cannot be shown raises a
+    :class:`WaypostError`: telemetry must not start then."""
     try:
         note = notice.show_once(config, app=app, data_dir=data_dir, rule=rule, show=show)
     except Exception as exc:
-        return f"the first-run notice could not be shown: {exc}"
+        raise WaypostError(
+            secrets.sanitise(f"the first-run notice could not be shown: {exc}")
+        ) from None
     if note:
         notes.append(note)
         log.warning("waypost: %s", note)
-    return None
+
+
+class SinkHost(Protocol):
+    """What :meth:`SinkMaker.make` reads of an instance, and fills (``sinks``,
+    ``sink_errors``)."""
+
+    @property
+    def app(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def instance_id(self) -> str | None: ...
+    @property
+    def data_dir(self) -> Path: ...
+    @property
+    def strict(self) -> bool: ...
+    @property
+    def sinks(self) -> dict[str, Sink]: ...
+    @property
+    def sink_errors(self) -> dict[str, tuple[str, str]]: ...
 
 
 @dataclass
@@ -189,10 +224,18 @@ class SinkMaker:
     hold: SecretHold
 
     def make(
-        self, context: SinkContext, *, tolerant: bool = False
-    ) -> tuple[dict[str, Sink], dict[str, tuple[str, str]]]:
-        """The sinks made, and those that could not be, with their type and the reason (in
-        strict mode that raises, unless ``tolerant``: inspection)."""
+        self, host: SinkHost, *, tolerant: bool = False, instance_id: str | None = None
+    ) -> None:
+        """Make ``host``'s sinks into ``host.sinks``; one that cannot be made goes to
+        ``host.sink_errors`` with its type and the reason (in strict mode it raises, unless
+        ``tolerant``: inspection)."""
+        context = SinkContext(
+            app=host.app,
+            version=host.version,
+            instance_id=instance_id or host.instance_id or "",
+            data_dir=host.data_dir,
+            strict=host.strict,
+        )
         specs: dict[str, Mapping[str, Any]] = {}
         for name, spec in self.config.sink_specs().items():
             source = self.sink_sources.get(name)
@@ -203,13 +246,14 @@ class SinkMaker:
             context=context,
             env=self.env,
             config_file=self.config_file,
-            strict=context.strict,
+            strict=host.strict,
             tolerant=tolerant,
             notes=self.notes,
             secrets=self.hold,
         )
+        host.sinks.update(made)
+        host.sink_errors.update(errors)
         secrets.guard_loggers()  # the sinks' modules may have made loggers of their own
-        return made, errors
 
 
 def kept_for(config: TelemetryConfig, sink_errors: Mapping[str, object]) -> dict[str, SinkConfig]:
@@ -229,31 +273,103 @@ def kept_for(config: TelemetryConfig, sink_errors: Mapping[str, object]) -> dict
     return kept
 
 
-def make_pipeline(
-    config: TelemetryConfig,
+class Host(Protocol):
+    """What :func:`start` reads of the instance it starts (a :class:`waypost.Telemetry`)."""
+
+    @property
+    def config(self) -> TelemetryConfig: ...
+    @property
+    def plugins(self) -> PluginManager: ...
+    @property
+    def app(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def distinct_id(self) -> str: ...
+    @property
+    def data_dir(self) -> Path: ...
+    @property
+    def counters(self) -> Counters: ...
+    @property
+    def sinks(self) -> dict[str, Sink]: ...
+    @property
+    def sink_errors(self) -> dict[str, tuple[str, str]]: ...
+    @property
+    def outbox_(self) -> Outbox | None: ...
+    @property
+    def debug(self) -> bool: ...
+    @property
+    def strict(self) -> bool: ...
+    @property
+    def instance_id(self) -> str | None: ...
+    @property
+    def decision(self) -> Decision: ...
+
+
+@dataclass
+class Running:
+    """What runs while telemetry is on, as :func:`start` made it (the pipeline not started)."""
+
+    instance_id: str
+    gate: Gate
+    control: ControlState
+    outbox: Outbox | None
+    pipeline: Pipeline
+
+
+def start(
+    host: Host,
     *,
-    outbox: Outbox | None,
-    sinks: Mapping[str, Sink],
-    sink_errors: Mapping[str, object],
-    gate: Gate,
-    control: ControlState,
-    counters: Counters,
-    upkeep: OutboxUpkeep,
-    debug: bool,
-    strict: bool,
-) -> Pipeline:
-    """The pipeline of a starting instance, as the config sets it (not started)."""
-    cfg = config
+    sinks: SinkMaker,
+    loader: PluginLoader,
+    schedules: Schedules,
+    log_once: LogOnce,
+    notes: list[str],
+    notice: Callable[[str], None] | None,
+) -> Running:
+    """Make what runs while ``host`` is on: its data dir and instance id, the first-run notice
+    (one that cannot be shown raises: telemetry must not start), its sinks (first: sink plugins
+    may implement the gate's hooks too), the gate, the control state, the outbox and the
+    pipeline. The outbox's upkeep works on ``host.outbox_`` (none once consent is withdrawn)."""
+    cfg = host.config
+    instance_id = prepare_data_dir(host.data_dir, notes)
+    show_notice(
+        cfg, app=host.app, data_dir=host.data_dir, rule=host.decision.rule, show=notice, notes=notes
+    )
+    sinks.make(host, instance_id=instance_id)
+    gate = Gate.create(
+        cfg,
+        host.plugins,
+        app=host.app,
+        version=host.version,
+        instance_id=instance_id,
+        distinct_id=host.distinct_id,
+        counters=host.counters,
+        log_once=log_once,
+        on_error=loader.hook_failed,
+    )
+    control = gate.control = ControlState(host.data_dir)
+    control.listeners.append(schedules.apply_control)
+    scheduled = schedules.heartbeat_event()
+    if scheduled:  # scheduled while telemetry was off: heartbeats are not sampled
+        gate.heartbeats.add(scheduled)
+    upkeep = OutboxUpkeep(
+        lambda: host.outbox_, cfg.outbox, host.counters, sinks=host.sinks, started=time.time()
+    )
+    sync = cfg.outbox.durability == "sync"
+    # Never raises: an outbox that cannot be used now says why in its health, and events are
+    # kept in memory meanwhile.
+    outbox = None if host.debug else Outbox(host.data_dir, sync=sync)
 
     def on_control(sink: str, block: dict[str, Any]) -> None:
         """A sink's destination answered a control block (on the sink's thread)."""
         control.receive(block, source=sink)
 
-    return Pipeline(
+    pipeline = Pipeline(
         outbox=outbox,
-        sinks=list(sinks.values()),
+        sinks=list(host.sinks.values()),
         build=gate.build,
-        counters=counters,
+        counters=host.counters,
         batch_interval=cfg.batch.interval,
         batch_size=cfg.batch.size,
         buffer_size=cfg.outbox.buffer,
@@ -263,13 +379,31 @@ def make_pipeline(
         keep_sent=cfg.outbox.keep_sent,
         retention=upkeep.retention,
         startup=upkeep.startup if outbox is not None else None,
-        debug=debug,
-        strict=strict,
-        sync=cfg.outbox.durability == "sync",
+        debug=host.debug,
+        strict=host.strict,
+        sync=sync,
         on_control=on_control,
         paused_for=control.paused_for,
-        kept_for=kept_for(cfg, sink_errors),
+        kept_for=kept_for(cfg, host.sink_errors),
     )
+    return Running(instance_id, gate, control, outbox, pipeline)
+
+
+def start_failed(exc: Exception, *, strict: bool, plugin_errors: dict[str, str]) -> Decision:
+    """A start failed: in strict mode, raise it (a :class:`WaypostError`); otherwise telemetry
+    is off, and the decision says why (sanitised, logged; a plugin's error also goes to
+    ``plugin_errors``)."""
+    if strict:
+        if isinstance(exc, WaypostError):
+            raise exc
+        raise WaypostError(f"telemetry could not start: {type(exc).__name__}: {exc}") from exc
+    reason = secrets.sanitise(
+        str(exc) if isinstance(exc, WaypostError) else f"{type(exc).__name__}: {exc}"
+    )
+    if isinstance(exc, PluginError):
+        plugin_errors.setdefault(exc.plugin or "start", reason)
+    log.error("waypost: telemetry is off: %s", reason)
+    return Decision(False, "error", reason)
 
 
 def record_installation(

@@ -21,6 +21,7 @@ from waypost.privacy.secrets import sanitise
 if TYPE_CHECKING:
     from waypost.config import TelemetryConfig
     from waypost.delivery.outbox import Outbox
+    from waypost.delivery.pipeline import Pipeline
     from waypost.delivery.runner import Runner
     from waypost.privacy import Decision
 
@@ -301,20 +302,22 @@ class Source(Protocol):
     def instance_id(self) -> str | None: ...
     @property
     def outbox_(self) -> Outbox | None: ...
+    @property
+    def pipeline(self) -> Pipeline | None: ...
     def has_outbox(self) -> bool: ...
     def open_outbox(self, *, read_only: bool = False) -> Outbox: ...
 
 
 def snapshot(
     source: Source,
-    *,
     runners: Mapping[str, Runner],
-    buffered: int,
     control: dict[str, Any] | None,
     notes: list[str],
 ) -> Status:
     """``source``'s status now: whether it is on and which rule decided, its sinks (``runners``
-    by sink name while it runs), depths (``buffered`` in memory, the outbox's), counters."""
+    by sink name while it runs), depths, counters, the ``control`` block in force, ``notes``."""
+    pipeline = source.pipeline
+    buffered = len(pipeline.buffer) if pipeline else 0
     outbox_counts: dict[str, dict[str, int]] = {}
     rows: dict[str, dict[str, Any]] = {}
     pending_events = 0

@@ -1,62 +1,52 @@
-"""``Telemetry``: the object an application holds, and the facade over waypost's parts. ``track``
-only buffers; everything else happens on background threads, behind the privacy gate. Start-up
-is :mod:`waypost.startup`'s, plugins :mod:`waypost.plugins`', schedules and the heartbeat
-:mod:`waypost.heartbeat`'s, process hooks :mod:`waypost.processes`', the status
-:mod:`waypost.status`'."""
+"""``Telemetry``: the object an application holds, a facade over :mod:`waypost.startup`,
+:mod:`~waypost.plugins`, :mod:`~waypost.heartbeat`, :mod:`~waypost.processes` and
+:mod:`~waypost.status`. ``track`` only buffers; the rest happens on background threads."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from waypost import startup
 from waypost.config import TelemetryConfig
 from waypost.control import ControlState
 from waypost.datadir import default_data_dir
-from waypost.delivery.outbox import FILENAME as OUTBOX_FILE
-from waypost.delivery.outbox import Outbox
+from waypost.delivery.outbox import Outbox, Outboxes
 from waypost.delivery.pipeline import Pipeline
 from waypost.delivery.runner import Runner
-from waypost.delivery.upkeep import OutboxUpkeep
-from waypost.errors import PluginError, TrackError, WaypostError
+from waypost.errors import TrackError
 from waypost.events import Payload
-from waypost.gate import DEFAULT_LIMITS, Gate, check, event_time, one_line, show
-from waypost.heartbeat import Schedules
+from waypost.gate import DEFAULT_LIMITS, Gate, check, event_time, off_scrubber, one_line, show
+from waypost.heartbeat import Schedules, Scheduling
 from waypost.logs import get_logger
 from waypost.plugins import PluginLoader, PluginManager
-from waypost.privacy import Decision, Rule, Scrubber, StoredConsent, secrets
+from waypost.privacy import Decision, Scrubber, StoredConsent, secrets
 from waypost.processes import ProcessHooks
-from waypost.schedule import Clock, Job, Scheduler
-from waypost.sinks import Sink, SinkContext
+from waypost.schedule import Clock
+from waypost.sinks import Sink
 from waypost.status import Counters, LogOnce, Status, snapshot
 
 if TYPE_CHECKING:
     from waypost.metrics import MetricRegistry
 
-__all__ = ["Status", "Telemetry", "default_data_dir", "running"]
+__all__ = ["Status", "Telemetry", "default_data_dir"]
 
 log = get_logger(__name__)
 
-_LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()
 _now = time.time
-
-
-def running() -> list[Telemetry]:
-    """The instances of this process that are running (for ``waypost.integrations``)."""
-    return list(_LIVE)
 
 
 def _nothing() -> None:
     """What ``track`` calls on a pipeline that is not (or no longer) there."""
 
 
-class Telemetry:
+class Telemetry(Scheduling):
     """Collects events for one application and delivers them to the configured sinks.
 
     ``config`` is a path to a YAML/TOML file, a mapping (the ``telemetry`` section or a dict with
@@ -86,29 +76,24 @@ class Telemetry:
         self._env = dict(os.environ if env is None else env)
         self.clock = clock or Clock()
         self.started_at = self.clock.time()
-        self._shutdown_callbacks: list[Callable[[float], Any]] = []
         self._on = False
         self._fast = False  # on, not strict, not sync: track takes its shortest path
         self._keys = DEFAULT_LIMITS.keys  # telemetry.limits.keys, checked before any copy
         self._lock = threading.RLock()
         self._closed = False
+        # What runs while telemetry is on (waypost.startup.start makes it).
         self.pipeline: Pipeline | None = None
+        self.gate: Gate | None = None
+        self.control: ControlState | None = None
         # The pipeline's methods that track calls: a host thread that passed the checks just
         # before consent was withdrawn calls a no-op, never a pipeline that is gone.
         self._nudge: Callable[[], object] = _nothing
         self._drain: Callable[[], object] = _nothing
-        self.outbox_: Outbox | None = None
         self.counters = Counters()
         self.instance_id: str | None = None
         self._log_once = LogOnce(log)
         self.plugins = PluginManager()
-        self._runners_by_name: dict[str, Runner] = {}
-        self.gate: Gate | None = None
-        self.control: ControlState | None = None
         self._metrics: MetricRegistry | None = None
-        self._purge_outbox: Outbox | None = None
-        self._read_outbox: Outbox | None = None
-        self._off_scrubber: tuple[Scrubber | None] | None = None  # built when first asked
         self.sinks: dict[str, Sink] = {}
         self.sink_errors: dict[str, tuple[str, str]] = {}
         self._notes: list[str] = []
@@ -134,59 +119,35 @@ class Telemetry:
         self.data_dir: Path = where.data_dir
         self._earliest = cfg.timestamps.earliest.timestamp()
         self._ahead = cfg.timestamps.ahead
-        self._sink_maker = startup.SinkMaker(
-            cfg,
-            loaded.sink_sources,
-            self.plugins,
-            self._env,
-            self.config_file,
-            self.config_warnings,
-            self._secrets,
-        )
-        self._jobs = Schedules(self, self._emit_payload)
+        self._outboxes = Outboxes(self.data_dir)
+        self._off_scrubber = functools.cache(lambda: off_scrubber(cfg, self.plugins))
+        self.schedules = Schedules(self)
+        """This instance's periodic jobs (the methods of :class:`Scheduling` use them)."""
         self._process = ProcessHooks(
-            at_exit=self._at_exit,
+            shutdown=self.shutdown,
+            budget=cfg.shutdown_timeout,
             after_fork_in_child=self._after_fork_in_child,
-            on_sigterm=self._on_sigterm,
-            sigterm_budget=float(cfg.shutdown_timeout),
+            keep_everything=self._keep_everything,
         )
+        self._sinks = startup.SinkMaker(
+            cfg, loaded.sink_sources, self.plugins, self._env, self.config_file,
+            self.config_warnings, self._secrets,
+        )  # fmt: skip
 
-        self.decision = self._decide()
+        self.decision = startup.decide(self)
         self._plugins = PluginLoader(self.plugins, strict=self.strict, config_file=self.config_file)
         self.plugin_errors = self._plugins.errors
         """Plugins that failed (a module of ``telemetry.plugins`` that could not be imported, a
         hook that raised at start), by name, with the reason."""
-        for plugin in plugins:
-            self._plugins.register(plugin)
-        for module_name in cfg.plugins:
-            self._plugins.register_named(module_name, inspecting=not start)
-        for sink_class in sink_classes:
-            self._plugins.register_sink(sink_class)
+        self._plugins.register_all(plugins, cfg.plugins, sink_classes, inspecting=not start)
         self._notice_callback = notice
         self._autostart = start
         if self.decision.enabled and self.config_error is None and start:
             self._start()
-        metrics = self.config.metrics
-        if (
-            start
-            and self.config_error is None
-            and (
-                metrics.prometheus.port is not None
-                or set(metrics.model_extra or ()) - {"prometheus"}
-            )
-        ):
+        if start and self.config_error is None and cfg.metrics.exports():
             _ = self.metrics  # exporters named in config start with the application
 
     # --- start and stop ---------------------------------------------------------------------
-
-    def _decide(self) -> Decision:
-        return startup.decide(
-            self.config,
-            self._env,
-            data_dir=self.data_dir,
-            config_file=self.config_file,
-            config_error=self.config_error,
-        )
 
     def _start(self) -> None:
         """Start collecting; in production, anything that fails on the way (a plugin, the data
@@ -199,70 +160,20 @@ class Telemetry:
                     self._stop_running()
                 except Exception as stop_exc:
                     log.warning("waypost: stopping after a failed start: %s", stop_exc)
-            if self.strict:
-                if isinstance(exc, WaypostError):
-                    raise
-                raise WaypostError(
-                    f"telemetry could not start: {type(exc).__name__}: {exc}"
-                ) from exc
-            reason = secrets.sanitise(
-                str(exc) if isinstance(exc, WaypostError) else f"{type(exc).__name__}: {exc}"
+            self.decision = startup.start_failed(
+                exc, strict=self.strict, plugin_errors=self.plugin_errors
             )
-            if isinstance(exc, PluginError):
-                self.plugin_errors.setdefault(exc.plugin or "start", reason)
-            log.error("waypost: telemetry is off: %s", reason)
-            self.decision = Decision(False, "error", reason)
 
     def _start_parts(self) -> None:
         cfg = self.config
-        self.instance_id = startup.prepare_data_dir(self.data_dir, self._notes)
-        failed = startup.show_notice(
-            cfg,
-            app=self.app,
-            data_dir=self.data_dir,
-            rule=self.decision.rule,
-            show=self._notice_callback,
-            notes=self._notes,
-        )
-        if failed is not None:
-            raise WaypostError(secrets.sanitise(failed))
-        self._make_sinks()  # first: sink plugins may implement the hooks below too
-        self.gate = gate = Gate.create(
-            cfg,
-            self.plugins,
-            app=self.app,
-            version=self.version,
-            instance_id=self.instance_id,
-            distinct_id=self.distinct_id,
-            counters=self.counters,
-            log_once=self._log_once,
-            on_error=self._plugins.hook_failed,
-        )
-        self.control = control = gate.control = ControlState(self.data_dir)
-        control.listeners.append(self._jobs.apply_control)
-        scheduled = self._jobs.heartbeat_event()
-        if scheduled:  # scheduled while telemetry was off
-            gate.heartbeats.add(scheduled)
         sync = cfg.outbox.durability == "sync"
-        upkeep = OutboxUpkeep(
-            lambda: self.outbox_, cfg.outbox, self.counters, sinks=self.sinks, started=time.time()
-        )
-        # Never raises: an outbox that cannot be used now says why in its health, and events
-        # are kept in memory meanwhile.
-        self.outbox_ = None if self.debug else Outbox(self.data_dir, sync=sync)
-        self.pipeline = pipeline = startup.make_pipeline(
-            cfg,
-            outbox=self.outbox_,
-            sinks=self.sinks,
-            sink_errors=self.sink_errors,
-            gate=gate,
-            control=control,
-            counters=self.counters,
-            upkeep=upkeep,
-            debug=self.debug,
-            strict=self.strict,
-        )
-        self._runners_by_name = {r.name: r for r in pipeline.runners}
+        run = startup.start(
+            self, sinks=self._sinks, loader=self._plugins, schedules=self.schedules,
+            log_once=self._log_once, notes=self._notes, notice=self._notice_callback,
+        )  # fmt: skip
+        self.instance_id, self.gate, self.control = run.instance_id, run.gate, run.control
+        self.pipeline = pipeline = run.pipeline
+        self._outboxes.running = run.outbox
         self._buffer = pipeline.buffer
         self._nudge, self._drain = pipeline.nudge, pipeline.drain  # for the hot path
         self._wake_at = min(cfg.batch.size, cfg.outbox.buffer)
@@ -272,37 +183,16 @@ class Telemetry:
         pipeline.start()
         self._on = True
         self._fast = not self.strict and not self._sync
-        _LIVE.add(self)
         startup.record_installation(
             self.config_file, app=self.app, version=self._version_given, data_dir=self.data_dir
         )
         self._process.install(sigterm=cfg.handle_sigterm)
-        hb = cfg.heartbeat
-        if hb is not None and hb.enabled:
-            self.heartbeat(
-                every=hb.every,
-                first_delay=hb.first_delay,
-                time_of_day=hb.time_of_day,
-                jitter=hb.jitter,
-                event=hb.event,
-            )
-        if cfg.shutdown_event:
-            name = cfg.shutdown_event
-            self.on_shutdown(lambda seconds: (name, {"timeRunning": int(seconds)}))
+        self.schedules.start(cfg)
 
     def _make_sinks(self, *, tolerant: bool = False) -> None:
         """Create the configured sinks; a sink that cannot be made is recorded in
         ``sink_errors`` (and raises in strict mode, unless ``tolerant``: inspection)."""
-        context = SinkContext(
-            app=self.app,
-            version=self.version,
-            instance_id=self.instance_id or "",
-            data_dir=self.data_dir,
-            strict=self.strict,
-        )
-        made, errors = self._sink_maker.make(context, tolerant=tolerant)
-        self.sinks.update(made)
-        self.sink_errors.update(errors)
+        self._sinks.make(self, tolerant=tolerant)
 
     def _stop_running(self) -> None:
         """Consent was withdrawn: stop collecting and sending at once. Events not yet stored
@@ -310,14 +200,13 @@ class Telemetry:
         operator purges it."""
         self._on = self._fast = False
         self._nudge = self._drain = _nothing
-        self._forget_process()
-        self._jobs.stop(timeout=1.0)
+        self._process.forget()
+        self.schedules.stop(timeout=1.0)
         pipeline, self.pipeline = self.pipeline, None
         if pipeline is not None:
             pipeline.buffer.clear()
             pipeline.shutdown(2.0, flush=False)
-        self.outbox_ = None
-        self._runners_by_name = {}
+        self._outboxes.running = None
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -418,14 +307,12 @@ class Telemetry:
             self._closed = True
         # A job that is running (a slow heartbeat query) gets a share of the budget, not a
         # budget of its own; if it finishes later, its event is not tracked.
-        self._jobs.stop(timeout=min(1.0, timeout / 4))
-        if self._on:
-            for callback in self._shutdown_callbacks:
-                self._emit_payload(None, callback(self.clock.time() - self.started_at))
+        self.schedules.stop(timeout=min(1.0, timeout / 4))
+        self.schedules.shutdown(self.clock.time() - self.started_at)
         with self._lock:
             on, self._on = self._on, False
             self._fast = False
-        self._forget_process()
+        self._process.forget()
         registry = self._metrics
         if registry is not None:
             try:
@@ -439,35 +326,6 @@ class Telemetry:
         finally:
             self._secrets.release()  # a sink still sending holds its own
 
-    def on_shutdown(self, callback: Callable[[float], Any]) -> None:
-        """At shutdown, track what ``callback(seconds_running)`` returns (Langflow's shutdown
-        payload): a Payload, a ``(name, properties)`` pair, or None."""
-        self._shutdown_callbacks.append(callback)
-
-    def _emit_payload(self, name: str | None, payload: object) -> bool:
-        if not self._on or payload is None:
-            return False
-        if isinstance(payload, tuple):
-            name, payload = payload
-        if isinstance(payload, Payload):
-            self.track(payload)
-        else:
-            self.track(name or "event", cast("Mapping[str, Any] | None", payload))  # track checks
-        if self.pipeline is not None:
-            self.pipeline.drain(store=True)  # stored before the run is recorded as done
-        return True
-
-    def _forget_process(self) -> None:
-        """No more at-exit, at-fork or SIGTERM work for this instance."""
-        _LIVE.discard(self)
-        self._process.forget()
-
-    def _at_exit(self) -> None:
-        try:
-            self.shutdown(self.config.shutdown_timeout)
-        except Exception as exc:
-            log.warning("waypost: shutdown at exit failed: %s", exc)
-
     def _after_fork_in_child(self) -> None:
         """The child starts afresh: its own locks, threads, sink instances and counters; what
         the parent had buffered is the parent's to send."""
@@ -480,14 +338,11 @@ class Telemetry:
             for runner in self.pipeline.runners:
                 if runner.name in self.sinks:
                     self.sinks[runner.name] = runner.sink
-        self._jobs.after_fork()
+        self.schedules.after_fork()
 
-    def _on_sigterm(self, ends_now: bool) -> None:
-        if ends_now:  # the process ends when this returns: deliver what can be, as at exit
-            self._at_exit()
-            return
-        # The host stops gracefully and may end the process without atexit (uvicorn raises
-        # SIGTERM again with the default handler): keep everything, from now on, in the outbox.
+    def _keep_everything(self) -> None:
+        """The host stops gracefully and may end the process without atexit (uvicorn raises
+        SIGTERM again with the default handler): keep everything, from now on, in the outbox."""
         pipeline = self.pipeline
         if pipeline is None or not self._on:
             return
@@ -501,97 +356,6 @@ class Telemetry:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-    # --- schedules and heartbeats (waypost.heartbeat) ---------------------------------------
-
-    def schedule(
-        self,
-        name: str,
-        callback: Callable[[], Any],
-        *,
-        every: float | str,
-        first_delay: float | str = 0,
-        time_of_day: str | float | None = None,
-        jitter: float | str = 0,
-        condition: Callable[[], bool] | None = None,
-        event: str | None = None,
-    ) -> Job:
-        """Run ``callback`` periodically and track what it returns (a Payload, a dict of
-        properties for event ``event or name``, or None to skip a run).
-
-        ``every``/``first_delay``/``jitter`` take seconds or durations (``24h``); ``time_of_day``
-        is ``"random"`` (picked now), ``"HH:MM"`` (UTC) or None. ``condition`` is asked before
-        each run. At most one run per period per installation, whatever the number of processes
-        sharing the data dir; a restart does not run it again before the period has passed.
-        """
-        return self._jobs.schedule(
-            name,
-            callback,
-            every=every,
-            first_delay=first_delay,
-            time_of_day=time_of_day,
-            jitter=jitter,
-            condition=condition,
-            event=event,
-        )
-
-    def heartbeat(
-        self,
-        *,
-        every: float | str = "24h",
-        first_delay: float | str = "30s",
-        time_of_day: str | float | None = "random",
-        jitter: float | str = 0,
-        condition: Callable[[], bool] | None = None,
-        facts: Callable[[], Mapping[str, Any]] | None = None,
-        event: str = "heartbeat",
-    ) -> Job:
-        """Schedule the heartbeat snapshot (FlowForge's ping, see :meth:`heartbeat_payload`).
-        A destination's control block may make it less frequent, never more."""
-        return self._jobs.heartbeat(
-            every=every,
-            first_delay=first_delay,
-            time_of_day=time_of_day,
-            jitter=jitter,
-            condition=condition,
-            facts=facts,
-            event=event,
-        )
-
-    def heartbeat_payload(
-        self, facts: Callable[[], Mapping[str, Any]] | None = None
-    ) -> dict[str, Any]:
-        """The heartbeat in FlowForge's shape: instance id, os, runtime and app versions, and
-        ``platform.counts`` / ``platform.config`` contributed by the application (``facts``) and
-        by plugins (hook ``waypost_heartbeat``).
-
-        What ``facts`` returns is recorded in the data dir (see :meth:`record_facts`); without
-        ``facts``, the facts recorded last are used: a heartbeat sent by cron (``waypost
-        send-heartbeat``) carries the application's counts."""
-        return self._jobs.payload(facts)
-
-    def record_facts(self, facts: Mapping[str, Any]) -> None:
-        """Record the application's heartbeat facts (``{"platform": {"counts": {...}}}``) in
-        the data dir, for a heartbeat another process sends: ``waypost send-heartbeat`` from
-        cron merges them into its payload. Call it when the counts change, or let
-        ``heartbeat(facts=...)`` record what it sends. Nothing is written while telemetry is
-        off; the facts pass the privacy gate when a heartbeat carries them."""
-        self._jobs.record_facts(facts)
-
-    def send_heartbeat(self, *, force: bool = False) -> bool:
-        """Send the heartbeat now (for cron: ``waypost send-heartbeat``). Unless ``force``, it
-        is skipped when this installation already sent one within the period."""
-        return self._jobs.send(force=force)
-
-    @property
-    def scheduler(self) -> Scheduler | None:
-        """The scheduler of this instance's jobs (None until something is scheduled)."""
-        return self._jobs.scheduler
-
-    @property
-    def last_heartbeat_outcome(self) -> str | None:
-        """What the last :meth:`send_heartbeat` did."""
-        return self._jobs.last_outcome
 
     # --- consent and status -----------------------------------------------------------------
 
@@ -611,25 +375,15 @@ class Telemetry:
 
     @property
     def env(self) -> Mapping[str, str]:
-        """The environment this instance reads (``os.environ`` at creation, or the ``env``
-        given)."""
+        """The environment this instance reads (``os.environ`` at creation, or ``env``)."""
         return self._env
 
     def label_scrubber(self) -> Scrubber | None:
         """The scrubber metric label values pass (None when ``scrub.enabled`` is false): the
-        gate's once telemetry has started; before that, one built from the config, since the
-        operator's local Prometheus exposition works with telemetry off."""
+        gate's once telemetry has started; before that, one built from the config."""
         if self.gate is not None:
             return self.gate.scrubber
-        if self._off_scrubber is None:
-            extra: list[Rule] = []
-            try:
-                self.plugins.hook.register_scrubbers(register=extra.append)
-            except Exception as exc:
-                log.warning("waypost: a register_scrubbers hook failed: %s", exc)
-            enabled = self.config.scrub.enabled
-            self._off_scrubber = (Scrubber.from_config(self.config, extra) if enabled else None,)
-        return self._off_scrubber[0]
+        return self._off_scrubber()  # built when first asked
 
     def set_consent(self, enabled: bool) -> Decision:
         """Store the administrator's choice (rule 4) and apply it at once where it decides.
@@ -638,7 +392,7 @@ class Telemetry:
         file) still wins over the stored choice.
         """
         StoredConsent(bool(enabled), self.config.policy_version, time.time()).write(self.data_dir)
-        self.decision = self._decide()
+        self.decision = startup.decide(self)
         with self._lock:
             if self._closed or self.config_error is not None:
                 return self.decision
@@ -650,32 +404,22 @@ class Telemetry:
 
     def status(self) -> Status:
         """A snapshot: whether telemetry is on and which rule decided, sinks, depths, counters."""
-        pipeline = self.pipeline
-        return snapshot(
-            self,
-            runners=self._runners_by_name,
-            buffered=len(pipeline.buffer) if pipeline else 0,
-            control=self._jobs.control_status(),
-            notes=self._notes,
-        )
+        return snapshot(self, self._runners(), self.schedules.control_status(), self._notes)
 
     def open_outbox(self, *, read_only: bool = False) -> Outbox:
         """The outbox of this data dir: the running instance's, or else opened read-write (to
         purge) or, ``read_only``, to look (``status``, ``show``: read as it is, nothing written,
         created or repaired, as with telemetry off)."""
-        if self.outbox_ is not None:
-            return self.outbox_
-        if read_only:
-            if self._read_outbox is None:
-                self._read_outbox = Outbox(self.data_dir, inspect=True)
-            return self._read_outbox
-        if self._purge_outbox is None:
-            self._purge_outbox = Outbox(self.data_dir)
-        return self._purge_outbox
+        return self._outboxes.open(read_only=read_only)
+
+    @property
+    def outbox_(self) -> Outbox | None:
+        """The outbox while telemetry runs (None in debug mode)."""
+        return self._outboxes.running
 
     def has_outbox(self) -> bool:
         """Whether this data dir holds an outbox (without creating one)."""
-        return self.outbox_ is not None or (self.data_dir / OUTBOX_FILE).exists()
+        return self._outboxes.exists()
 
     def inspect_sinks(self, *, tolerant: bool = True) -> dict[str, Sink]:
         """The configured sinks of an instance that was not started (``start=False``), made
@@ -688,7 +432,11 @@ class Telemetry:
 
     def receipts(self) -> dict[str, list[str]]:
         """The last receipts (destination ids for what was delivered) of each running sink."""
-        return {name: list(r.receipts) for name, r in self._runners_by_name.items()}
+        return {name: list(r.receipts) for name, r in self._runners().items()}
+
+    def _runners(self) -> dict[str, Runner]:
+        pipeline = self.pipeline
+        return {r.name: r for r in pipeline.runners} if pipeline is not None else {}
 
     def __repr__(self) -> str:
         return f"<Telemetry app={self.app!r} enabled={self._on} rule={self.decision.rule!r}>"

@@ -198,6 +198,13 @@ class MetricsConfig(_Model):
     model_config = ConfigDict(extra="allow", frozen=True)
     prometheus: MetricsPrometheusConfig = Field(default_factory=MetricsPrometheusConfig)
 
+    def exports(self) -> bool:
+        """Whether an exporter is configured (a Prometheus port, or another exporter by name):
+        such exporters start with the application."""
+        return self.prometheus.port is not None or bool(
+            set(self.model_extra or ()) - {"prometheus"}
+        )
+
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():  # exporters' settings: plain mappings
             yield name, (value if name == "prometheus" else masked(value, name=name or ""))

@@ -681,3 +681,30 @@ def _recover(db: sqlite3.Connection, rows: dict[str, list[dict[str, Any]]]) -> i
             list(values.values()),
         ).rowcount
     return n
+
+
+class Outboxes:
+    """The outbox of an instance's data dir: the one it runs (``running``), else opened
+    read-write (to purge) or read-only (to look: ``status``, ``show``; read as it is, nothing
+    written, created or repaired), each opened once, when first asked."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.running: Outbox | None = None
+        self._read: Outbox | None = None
+        self._write: Outbox | None = None
+
+    def open(self, *, read_only: bool = False) -> Outbox:
+        if self.running is not None:
+            return self.running
+        if read_only:
+            if self._read is None:
+                self._read = Outbox(self.data_dir, inspect=True)
+            return self._read
+        if self._write is None:
+            self._write = Outbox(self.data_dir)
+        return self._write
+
+    def exists(self) -> bool:
+        """Whether the data dir holds an outbox (without creating one)."""
+        return self.running is not None or (self.data_dir / FILENAME).exists()

@@ -15,10 +15,9 @@ def shutdown_all(timeout: float | None = None) -> bool:
     """Shut down every running ``Telemetry`` of this process: deliver what it holds, or store
     it for the next run, within ``timeout`` seconds each (default: its ``shutdown_timeout``).
     True when nothing is left only in memory."""
-    from waypost.telemetry import running
+    from waypost.processes import installed
 
     ok = True
-    for tel in running():
-        budget = tel.config.shutdown_timeout if timeout is None else timeout
-        ok = tel.shutdown(budget) and ok
+    for hooks in installed():  # one for each running instance
+        ok = hooks.shutdown(timeout) and ok
     return ok
