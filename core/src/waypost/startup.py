@@ -49,6 +49,23 @@ class Loaded:
     """Settings that were ignored (a ``WAYPOST_...`` variable naming no setting)."""
     sink_sources: dict[str, Any] = field(default_factory=dict)
     """Each sink's settings as written (see :func:`waypost.config.load`)."""
+    failure: str | None = None
+    """Why loading failed when it is not the config's fault (a bug in waypost): telemetry is
+    off (rule ``error``), and ``error`` stays None."""
+
+
+def _is_config_error(exc: Exception) -> bool:
+    """Whether ``exc`` says the config is wrong (invalid, or a file that cannot be read or
+    parsed), not that waypost's own code failed."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        from tomllib import TOMLDecodeError
+    except ImportError:  # Python 3.10
+        from tomli import TOMLDecodeError
+    problems = (ConfigError, OSError, UnicodeError, yaml.YAMLError, TOMLDecodeError)
+    return isinstance(exc, (*problems, ValidationError))
 
 
 def load_config(
@@ -61,7 +78,8 @@ def load_config(
 ) -> Loaded:
     """Load the config (None: the ``WAYPOST_CONFIG`` file or a ``telemetry.yml`` here, if
     any); its literal secrets go to ``hold``. One that cannot be loaded raises if ``strict``,
-    else comes back off, with the reason (logged once)."""
+    else comes back off, with the reason (logged once): ``error`` when the config is at fault,
+    ``failure`` (logged with its traceback) when waypost's own code failed."""
     overrides: dict[str, Any] = {}
     if strict is not None:
         overrides["strict"] = strict
@@ -82,15 +100,23 @@ def load_config(
         )
         hold.add_config(loaded.config)  # literal secrets; ${...} when sinks are made
     except Exception as exc:
-        if not isinstance(exc, ConfigError):  # a bug or a resource limit, not a bad value
-            exc = ConfigError(f"cannot be loaded: {type(exc).__name__}: {exc}", source=(
-                str(config) if isinstance(config, (str, os.PathLike)) else None))  # fmt: skip
+        path = str(config) if isinstance(config, (str, os.PathLike)) else None
+        loaded.config, loaded.file = TelemetryConfig(enabled=False, strict=False), path
+        if not _is_config_error(exc):  # a bug: not to be shown as the operator's mistake
+            if strict:
+                raise
+            loaded.failure = secrets.sanitise(
+                f"the configuration could not be loaded (a fault in waypost, not in the "
+                f"configuration): {type(exc).__name__}: {exc}"
+            )
+            log.error("waypost: telemetry is off: %s", loaded.failure, exc_info=True)
+            return loaded
+        if not isinstance(exc, ConfigError):  # a file or parser error the reader let through
+            exc = ConfigError(f"cannot be loaded: {type(exc).__name__}: {exc}", source=path)
         if strict:
             raise exc from None
         loaded.error = str(exc)
         log.error("waypost: telemetry is off: %s", exc)
-        loaded.config = TelemetryConfig(enabled=False, strict=False)
-        loaded.file = str(config) if isinstance(config, (str, os.PathLike)) else None
     for note in loaded.warnings:
         log.warning("waypost: %s", note)
     return loaded

@@ -134,7 +134,9 @@ class Telemetry(Scheduling):
             self.config_warnings, self._secrets,
         )  # fmt: skip
 
-        self.decision = startup.decide(self)
+        # A loader that failed (not the config's fault) keeps telemetry off whatever is decided.
+        self._failed = None if loaded.failure is None else Decision(False, "error", loaded.failure)
+        self.decision = self._failed or startup.decide(self)
         self._plugins = PluginLoader(self.plugins, strict=self.strict, config_file=self.config_file)
         self.plugin_errors = self._plugins.errors
         """Plugins that failed (a module of ``telemetry.plugins`` that could not be imported, a
@@ -392,7 +394,7 @@ class Telemetry(Scheduling):
         file) still wins over the stored choice.
         """
         StoredConsent(bool(enabled), self.config.policy_version, time.time()).write(self.data_dir)
-        self.decision = startup.decide(self)
+        self.decision = self._failed or startup.decide(self)
         with self._lock:
             if self._closed or self.config_error is not None:
                 return self.decision
