@@ -177,3 +177,33 @@ def test_a_plugin_module_of_the_config_is_found_beside_the_config_file(
             data_dir=tmp_path / "data", strict=True,
         )  # fmt: skip
     monkeypatch.delitem(sys.modules, "beside_plugin")
+
+
+def test_a_plugin_found_beside_the_config_leaves_sys_path_as_it_was(
+    tmp_path: Path, waypost_clean_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = tmp_path / "app"
+    (app / "beside_pkg").mkdir(parents=True)
+    (app / "beside_pkg" / "__init__.py").write_text("")
+    (app / "beside_pkg" / "hooks.py").write_text(
+        "import json\n"  # resolved as usual, not by the json.py below
+        "import waypost.hookspecs\n\n"
+        "@waypost.hookspecs.hookimpl\n"
+        "def waypost_context(context):\n"
+        "    return {'beside_pkg': json.__name__}\n"
+    )
+    (app / "json.py").write_text("raise RuntimeError('a file beside the config shadowed json')\n")
+    (app / "telemetry.yml").write_text(
+        "telemetry:\n  plugins: [beside_pkg.hooks]\n  notice: {enabled: false}\n  sinks: {}\n"
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = list(sys.path)
+    for name in ("beside_pkg", "beside_pkg.hooks"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    tel = waypost.Telemetry(
+        app="beside", config=str(app / "telemetry.yml"), env=waypost_clean_env,
+        data_dir=tmp_path / "data", strict=True, start=False,
+    )  # fmt: skip
+    assert tel.plugins.hook.waypost_context(context={}) == [{"beside_pkg": "json"}]
+    assert sys.modules["beside_pkg.hooks"].__file__ == str(app / "beside_pkg" / "hooks.py")
+    assert sys.path == before  # the config's directory was not added, not even at the end

@@ -422,27 +422,38 @@ def _check_sink_class(cls: Any, *, where: str) -> None:
 
 
 def import_beside(
-    name: str, config_file: str | None, load: Callable[[str], types.ModuleType]
+    name: str,
+    config_file: str | None,
+    load: Callable[[str], types.ModuleType] = importlib.import_module,
 ) -> types.ModuleType:
     """Import a module the config names; one that is not on the path is looked for beside the
     config file too, as ``waypost manifest`` looks for ``schemas``: so the CLI finds an
-    application's own plugin module when run from anywhere."""
+    application's own plugin module when run from anywhere. Only that module (or package) is
+    taken from there: ``sys.path`` is left as it was, so nothing else beside the config file
+    shadows or adds to what the process imports."""
     try:
         return load(name)
     except ModuleNotFoundError as exc:
-        if config_file in (None, "<config>") or exc.name != name.partition(".")[0]:
+        top = name.partition(".")[0]
+        if config_file in (None, "<config>") or exc.name != top:
             raise
+        import importlib.machinery
+        import importlib.util
         import os
         import sys
 
         beside = os.path.dirname(os.path.abspath(str(config_file)))
-        if not os.path.exists(os.path.join(beside, exc.name)) and not os.path.exists(
-            os.path.join(beside, exc.name + ".py")
-        ):
+        spec = importlib.machinery.PathFinder.find_spec(top, [beside])
+        if spec is None or spec.loader is None:
             raise
-        if beside not in sys.path:
-            sys.path.append(beside)
-        return load(name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[top] = module  # as an import does: the module may import itself
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(top, None)
+            raise
+        return load(name)  # a package's submodules are found through its __path__
 
 
 def plugin_label(plugin: object) -> str:
@@ -487,7 +498,7 @@ class PluginLoader:
         mode, except for an instance that only inspects (``start=False``: the CLI), where it is
         recorded in ``errors``: the operator must still see and switch off telemetry."""
         try:
-            module = import_beside(module_name, self.config_file, importlib.import_module)
+            module = import_beside(module_name, self.config_file)
         except Exception as exc:
             self.failed(
                 module_name,
