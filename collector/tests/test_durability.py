@@ -219,6 +219,9 @@ def test_a_spool_row_holds_a_batch_and_gives_back_each_event() -> None:
     ]  # fmt: skip
     row = pack(events, 1700000001.0)
     assert row.name == PACK_NAME and unpack(events[0]) is None
+    # A client's event of that name, with such a property, is one event (never unpacked).
+    forged = Event("id-f", PACK_NAME, 1.0, "i", dict(row.properties), {}, "i", "usage", [])
+    assert unpack(forged) is None
     back = unpack(row)
     assert back is not None
     assert back == events and type(back[0].properties["big"]) is int

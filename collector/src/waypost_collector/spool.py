@@ -123,7 +123,10 @@ def _event_id(event: Event) -> str:
 
 
 PACK_NAME = "waypost.collector.batch"
-"""The name of a spool row that holds a batch of events (``ack: spool``), not one event."""
+"""The name of a spool row that holds a batch of events, not one event."""
+PACK_LEVEL = "waypost.collector.batch"
+"""The level of such a row: what tells it from an event, since every event the collector
+accepts is given the level ``usage`` (a client's event of that name is one event)."""
 PACK_EVENTS = 100
 """Events in one spool row at most: writing and deleting the spool costs a few rows a request,
 not a row an event (each row updates the outbox's four indexes)."""
@@ -147,7 +150,7 @@ def pack(events: Sequence[Event], now: float) -> Event:
         body = wire_dumps(doc).decode()
     except (TypeError, ValueError):  # what orjson cannot write (an int past 64 bits)
         body = core_dumps(doc)
-    return Event(uuid7(now), PACK_NAME, now, "", {_PACKED: body}, {}, "", "usage", [])
+    return Event(uuid7(now), PACK_NAME, now, "", {_PACKED: body}, {}, "", PACK_LEVEL, [])
 
 
 def _packs(events: Sequence[Event], now: float) -> list[tuple[Event, list[Event]]]:
@@ -158,7 +161,7 @@ def _packs(events: Sequence[Event], now: float) -> list[tuple[Event, list[Event]
 
 def unpack(event: Event) -> list[Event] | None:
     """The events a spool row's event holds; None if it is one event (not a pack)."""
-    if event.name != PACK_NAME or not isinstance(event.properties.get(_PACKED), str):
+    if event.level != PACK_LEVEL or not isinstance(event.properties.get(_PACKED), str):
         return None
     doc = json.loads(event.properties[_PACKED])  # (the rare path; every int kept exact)
     contexts = doc["contexts"]
