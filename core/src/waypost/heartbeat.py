@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 from typing_extensions import Required, Unpack
@@ -16,6 +15,7 @@ from waypost import config as _config
 from waypost import datadir
 from waypost.control import Control
 from waypost.events import Payload, base_context
+from waypost.instance import Instance
 from waypost.schedule import Clock, Job, Scheduler, parse_time_of_day
 
 if TYPE_CHECKING:
@@ -89,23 +89,9 @@ class HeartbeatWhen(TypedDict, total=False):
     event: str
 
 
-class Host(Protocol):
+class Host(Instance, Protocol):
     """What :class:`Schedules` reads of its instance (a :class:`waypost.Telemetry`)."""
 
-    @property
-    def enabled(self) -> bool: ...
-    @property
-    def app(self) -> str: ...
-    @property
-    def version(self) -> str: ...
-    @property
-    def instance_id(self) -> str | None: ...
-    @property
-    def data_dir(self) -> Path: ...
-    @property
-    def config(self) -> TelemetryConfig: ...
-    @property
-    def plugins(self) -> PluginManager: ...
     @property
     def clock(self) -> Clock: ...
     @property

@@ -22,6 +22,7 @@ from waypost.delivery.pipeline import Pipeline
 from waypost.delivery.upkeep import OutboxUpkeep
 from waypost.errors import ConfigError, PluginError, WaypostError
 from waypost.gate import Gate
+from waypost.instance import Instance
 from waypost.logs import get_logger
 from waypost.privacy import Decision, StoredConsent, notice, resolve_consent, secrets
 from waypost.sinks import Sink, SinkConfig, SinkContext
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from waypost.heartbeat import Schedules
     from waypost.plugins import PluginLoader, PluginManager
     from waypost.privacy.secrets import SecretHold
-    from waypost.status import Counters, LogOnce
+    from waypost.status import LogOnce
 
 log = get_logger(__name__)
 
@@ -145,15 +146,11 @@ def locate(
         return datadir.Location(app or "app", datadir.default_data_dir(app or "app"), "default")
 
 
-class Deciding(Protocol):
+class Deciding(Instance, Protocol):
     """What :func:`decide` reads of an instance."""
 
     @property
-    def config(self) -> TelemetryConfig: ...
-    @property
     def env(self) -> Mapping[str, str]: ...
-    @property
-    def data_dir(self) -> Path: ...
     @property
     def config_file(self) -> str | None: ...
     @property
@@ -217,20 +214,10 @@ def show_notice(
         log.warning("waypost: %s", note)
 
 
-class SinkHost(Protocol):
+class SinkHost(Instance, Protocol):
     """What :meth:`SinkMaker.make` reads of an instance, and fills (``sinks``,
     ``sink_errors``)."""
 
-    @property
-    def app(self) -> str: ...
-    @property
-    def version(self) -> str: ...
-    @property
-    def instance_id(self) -> str | None: ...
-    @property
-    def data_dir(self) -> Path: ...
-    @property
-    def strict(self) -> bool: ...
     @property
     def sinks(self) -> dict[str, Sink]: ...
     @property
@@ -299,35 +286,15 @@ def kept_for(config: TelemetryConfig, sink_errors: Mapping[str, object]) -> dict
     return kept
 
 
-class Host(Protocol):
+class Host(SinkHost, Protocol):
     """What :func:`start` reads of the instance it starts (a :class:`waypost.Telemetry`)."""
 
     @property
-    def config(self) -> TelemetryConfig: ...
-    @property
-    def plugins(self) -> PluginManager: ...
-    @property
-    def app(self) -> str: ...
-    @property
-    def version(self) -> str: ...
-    @property
     def distinct_id(self) -> str: ...
-    @property
-    def data_dir(self) -> Path: ...
-    @property
-    def counters(self) -> Counters: ...
-    @property
-    def sinks(self) -> dict[str, Sink]: ...
-    @property
-    def sink_errors(self) -> dict[str, tuple[str, str]]: ...
     @property
     def outbox_(self) -> Outbox | None: ...
     @property
     def debug(self) -> bool: ...
-    @property
-    def strict(self) -> bool: ...
-    @property
-    def instance_id(self) -> str | None: ...
     @property
     def decision(self) -> Decision: ...
 

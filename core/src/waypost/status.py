@@ -9,17 +9,16 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, field_validator
 
 from waypost.datadir import read_instance_id
+from waypost.instance import Instance
 from waypost.logs import get_logger
 from waypost.privacy.secrets import sanitise
 
 if TYPE_CHECKING:
-    from waypost.config import TelemetryConfig
     from waypost.delivery.outbox import Outbox
     from waypost.delivery.pipeline import Pipeline
     from waypost.delivery.runner import Runner
@@ -267,19 +266,11 @@ def sink_status(
     )
 
 
-class Source(Protocol):
+class Source(Instance, Protocol):
     """What :func:`snapshot` reads of an instance (a :class:`waypost.Telemetry`)."""
 
     @property
-    def app(self) -> str: ...
-    @property
-    def version(self) -> str: ...
-    @property
-    def enabled(self) -> bool: ...
-    @property
     def decision(self) -> Decision: ...
-    @property
-    def config(self) -> TelemetryConfig: ...
     @property
     def config_file(self) -> str | None: ...
     @property
@@ -291,15 +282,7 @@ class Source(Protocol):
     @property
     def sink_errors(self) -> dict[str, tuple[str, str]]: ...
     @property
-    def counters(self) -> Counters: ...
-    @property
     def debug(self) -> bool: ...
-    @property
-    def strict(self) -> bool: ...
-    @property
-    def data_dir(self) -> Path: ...
-    @property
-    def instance_id(self) -> str | None: ...
     @property
     def outbox_(self) -> Outbox | None: ...
     @property

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from waypost import plugins
 from waypost.errors import ConfigError, PluginError, TrackError, WaypostError
+from waypost.instance import Instance
 from waypost.logs import get_logger
 from waypost.metrics.health import HEALTH, HEALTH_TTL, health_points
 from waypost.metrics.instruments import (
@@ -42,9 +43,9 @@ from waypost.status import LogOnce
 
 if TYPE_CHECKING:
     from waypost.config import TelemetryConfig
-    from waypost.plugins import ExporterFactory, PluginManager
+    from waypost.plugins import ExporterFactory
     from waypost.privacy import Decision, Scrubber
-    from waypost.status import Counters, Status
+    from waypost.status import Status
 
 log = get_logger(__name__)
 
@@ -70,32 +71,16 @@ def _entry_points() -> dict[str, md.EntryPoint]:
     return plugins.entry_points(GROUP)
 
 
-class MetricsHost(Protocol):
+class MetricsHost(Instance, Protocol):
     """What a registry (and the exporters attached to it, through ``registry.telemetry``)
     reads of its :class:`waypost.Telemetry`."""
 
-    @property
-    def config(self) -> TelemetryConfig: ...
     @property
     def config_file(self) -> str | None: ...
     @property
     def env(self) -> Mapping[str, str]: ...
     @property
-    def strict(self) -> bool: ...
-    @property
-    def enabled(self) -> bool: ...
-    @property
     def decision(self) -> Decision: ...
-    @property
-    def counters(self) -> Counters: ...
-    @property
-    def app(self) -> str: ...
-    @property
-    def version(self) -> str: ...
-    @property
-    def instance_id(self) -> str | None: ...
-    @property
-    def plugins(self) -> PluginManager: ...
 
     def status(self) -> Status:
         """The instance's status (the health metrics are computed from it)."""
