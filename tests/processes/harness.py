@@ -347,13 +347,13 @@ PRELUDE = """
 import os, sys, time, threading
 import waypost
 
-def make(url, data_dir, **telemetry):
+def make(url, data_dir, plugins=(), **telemetry):
     section = {"notice": {"enabled": False}, "batch": {"interval": 0.05},
                "retry": {"initial": 0.05, "maximum": 0.5},
                "sinks": {"ingest": {"type": "http", "url": url, "timeout": 5}}}
     section.update(telemetry)
     return waypost.Telemetry(app="proc", version="1", data_dir=data_dir,
-                             config={"telemetry": section}, strict=False)
+                             config={"telemetry": section}, strict=False, plugins=plugins)
 """
 
 

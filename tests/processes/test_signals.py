@@ -25,13 +25,21 @@ HOSTED = """
 import json
 calls = []
 signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
-tel = make({url!r}, {data!r}, batch={{"interval": 5}})
+hooked = set()
+
+class Where:
+    @waypost.hookimpl
+    def waypost_before_send(self, event):
+        if int(event.properties["rid"][1:]) >= 300:
+            hooked.add(threading.current_thread().name)
+
+tel = make({url!r}, {data!r}, plugins=[Where()], batch={{"interval": 5}})
 for i in range(300):
     tel.track("e", {{"rid": "r%d" % i}})
 os.kill(os.getpid(), signal.SIGTERM)
 for i in range(300, 350):
     tel.track("e", {{"rid": "r%d" % i}})  # requests the host finishes after the signal
-print(json.dumps({{"host_handler": calls}}), flush=True)
+print(json.dumps({{"host_handler": calls, "hooked_on": sorted(hooked)}}), flush=True)
 os._exit(0)  # as uvicorn's re-raised SIGTERM does: no atexit
 """
 
@@ -60,7 +68,11 @@ def test_a_host_handler_is_chained_and_later_events_are_stored(
         url = f"{ingest.url}/ingest"
         code, out, err = run(HOSTED, tmp_path, env, url)
         assert code == 0, err[-2000:]
-        assert json.loads(out.splitlines()[-1]) == {"host_handler": [signal.SIGTERM]}
+        said = json.loads(out.splitlines()[-1])
+        assert said["host_handler"] == [signal.SIGTERM]
+        # Each event after the signal is stored before track returns, and its hooks ran on
+        # waypost's worker, not on the host's thread.
+        assert said["hooked_on"] == ["waypost-worker"], said
         sent = set(harness.rids(ingest))
         stored = {r["properties"]["rid"] for r in harness.stored_rows(tmp_path / "d")}
         assert len(sent | stored) == 350, (len(sent), len(stored), err[-2000:])

@@ -79,6 +79,8 @@ class Telemetry(Scheduling):
         self._on = False
         self._fast = False  # on, not strict, not sync: track takes its shortest path
         self._keys = DEFAULT_LIMITS.keys  # telemetry.limits.keys, checked before any copy
+        self._kept = False  # SIGTERM came: every event is stored as it is tracked
+        self._store_now: Callable[[], object] = _nothing
         self._lock = threading.RLock()
         self._closed = False
         # What runs while telemetry is on (waypost.startup.start makes it).
@@ -201,7 +203,7 @@ class Telemetry(Scheduling):
         are discarded; what the outbox holds stays there, unsent, until consent returns or an
         operator purges it."""
         self._on = self._fast = False
-        self._nudge = self._drain = _nothing
+        self._nudge = self._drain = self._store_now = _nothing
         self._process.forget()
         self.schedules.stop(timeout=1.0)
         pipeline, self.pipeline = self.pipeline, None
@@ -272,6 +274,8 @@ class Telemetry(Scheduling):
         buffer.append((event, properties, when, level, distinct_id))
         if self._sync:
             self._drain()
+        elif self._kept:
+            self._store_now()
         elif len(buffer) == self._wake_at or len(buffer) >= self._spill_at:
             self._nudge()
 
@@ -349,7 +353,8 @@ class Telemetry(Scheduling):
         if pipeline is None or not self._on:
             return
         with self._lock:
-            self._sync = True
+            self._store_now = pipeline.store_now
+            self._kept = True  # each event stored as it is tracked, by the worker
             self._fast = False
         pipeline.keep_everything()
 

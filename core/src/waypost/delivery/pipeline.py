@@ -139,6 +139,7 @@ class Pipeline:
         self._drain_done = 0
         self._progress = threading.Condition()
         self._lost_reported = 0  # events lost (counted) that a flush has reported already
+        self._store_behind = 0  # a store_now() ticket the worker did not reach in time
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -257,6 +258,24 @@ class Pipeline:
         if len(self.buffer) >= self.wake_at or self._drain_requested > self._drain_done:
             return 0.0
         return min(self.interval, LINGER) if self._linger else self.interval
+
+    def store_now(self) -> None:
+        """Called by ``track`` once everything is kept (SIGTERM came): the worker builds and
+        stores what is buffered now, on its own thread (hooks and scrubbers never run on the
+        caller's), while the caller waits for it, at most STALL seconds: the event is in the
+        outbox when ``track`` returns, should the host end the process next. Once a wait ran
+        out, the next calls only wake the worker until it has caught up."""
+        worker = self.worker
+        if (
+            worker is None
+            or worker.ident == threading.get_ident()  # a hook of the worker's that tracks
+            or self._drain_done < self._store_behind
+        ):
+            self.wake.set()
+            return
+        ticket = self.request_drain()
+        if not self.wait_drained(ticket, time.monotonic() + STALL):
+            self._store_behind = ticket
 
     def request_drain(self) -> int:
         """Ask the worker to build and hand on everything buffered now; a ticket for
