@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import sys
 import time
@@ -493,3 +494,32 @@ def test_a_flush_on_a_healthy_sink_returns_once_stored_events_arrived(
                 sys.setswitchinterval(switching)
             assert len(arrived) == 150, f"round {round_}: {len(arrived)} of 150 had arrived"
             second.shutdown(timeout=5)
+
+
+def test_accepted_never_dips_while_the_worker_takes_a_chunk(
+    make_telemetry: Any, tmp_path: Any
+) -> None:
+    import threading
+
+    # status() reads what the worker has taken and what is buffered together: an event on its
+    # way from the buffer to the worker is counted once, never missing from both.
+    tel = make_telemetry(sinks={"jsonl": {"path": str(tmp_path / "out.jsonl")}}, strict=False)
+    done = threading.Event()
+
+    def host() -> None:
+        for i in range(60_000):
+            tel.track("burst", {"i": i})
+        done.set()
+
+    thread = threading.Thread(target=host)
+    thread.start()
+    seen = [tel.status().counters.accepted]
+    deadline = time.monotonic() + 120
+    while not done.is_set() and time.monotonic() < deadline:
+        seen.append(tel.status().counters.accepted)
+    thread.join(60)
+    assert tel.flush(60)
+    seen.append(tel.status().counters.accepted)
+    dips = [(a, b) for a, b in itertools.pairwise(seen) if b < a]
+    assert not dips, (len(seen), dips[:5])
+    assert seen[-1] == 60_000

@@ -300,7 +300,8 @@ def snapshot(
     """``source``'s status now: whether it is on and which rule decided, its sinks (``runners``
     by sink name while it runs), depths, counters, the ``control`` block in force, ``notes``."""
     pipeline = source.pipeline
-    buffered = len(pipeline.buffer) if pipeline else 0
+    # What the worker has taken and what is buffered, read together: never a dip.
+    taken, buffered = pipeline.accepted() if pipeline else (source.counters.accepted, 0)
     outbox_counts: dict[str, dict[str, int]] = {}
     rows: dict[str, dict[str, Any]] = {}
     pending_events = 0
@@ -346,7 +347,7 @@ def snapshot(
     ]
     counters = source.counters
     totals = CounterStatus(
-        accepted=counters.accepted + buffered,
+        accepted=taken + buffered,
         stored=counters.stored,
         delivered=sum(s.delivered for s in sinks),
         retried=sum(s.retried for s in sinks),

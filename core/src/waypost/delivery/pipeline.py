@@ -140,6 +140,7 @@ class Pipeline:
         self._progress = threading.Condition()
         self._lost_reported = 0  # events lost (counted) that a flush has reported already
         self._store_behind = 0  # a store_now() ticket the worker did not reach in time
+        self._taking = threading.Lock()  # held while the worker moves a chunk to accepted
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -220,6 +221,12 @@ class Pipeline:
                 HOLD,
                 level=logging.ERROR,
             )
+
+    def accepted(self) -> tuple[int, int]:
+        """Events the worker has taken so far and those buffered now, read together: the
+        worker takes a chunk under the same lock, so their sum never dips meanwhile."""
+        with self._taking:
+            return self.counters.accepted, len(self.buffer)
 
     def count_stored(self, n: int) -> None:
         with self._stored_lock:
@@ -407,17 +414,18 @@ class Pipeline:
             while left > 0 and buffer:
                 items: list[Item] = []
                 pop = buffer.popleft
-                try:
-                    for _ in range(min(left, 1000)):  # small enough that sinks start on it soon
-                        items.append(pop())
-                except IndexError:
-                    pass
+                with self._taking:  # accepted and buffered are read together under it
+                    try:
+                        for _ in range(min(left, 1000)):  # small enough that sinks start soon
+                            items.append(pop())
+                    except IndexError:
+                        pass
+                    self.counters.accepted += len(items)
                 left -= len(items)
                 with self._room:  # a caller held back by a full buffer may go on
                     self._stalled = False
                     self._room.notify_all()
                 moved += len(items)
-                self.counters.accepted += len(items)
                 events = self.build(items)
                 if not events:
                     continue
