@@ -861,3 +861,47 @@ def test_requests_errors_are_retryable_with_a_masked_reason(
         assert session.post(f"{server.url}/in").status_code == 503
     session.close()
     sink.close()
+
+
+def test_keep_forever_keeps_an_inherited_client_even_without_the_list() -> None:
+    import gc
+    import platform
+
+    from waypost.processes import FORK_KEEP
+    from waypost.sinks import keep_forever
+
+    freed: list[str] = []
+
+    class Client:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __del__(self) -> None:
+            freed.append(self.name)
+
+    kept, dropped = Client("kept"), Client("dropped")
+    keep_forever(kept)
+    assert FORK_KEEP[-1] is kept
+    FORK_KEEP.remove(kept)  # as interpreter teardown clears the list
+    del kept, dropped
+    gc.collect()
+    if platform.python_implementation() == "CPython":  # elsewhere only the list keeps it
+        assert freed == ["dropped"]
+
+
+def test_cloudevent_wraps_the_envelope() -> None:
+    from waypost.sinks.cloudevents import cloudevent
+
+    event = make_events(1, name="build_done")[0]
+    shown = cloudevent(event, "/waypost/My%20App", "com.acme.")
+    assert shown == {
+        "specversion": "1.0",
+        "id": event.id,
+        "source": "/waypost/My%20App",
+        "type": "com.acme.build_done",
+        "time": event.iso_timestamp,
+        "datacontenttype": "application/json",
+        "data": event.to_dict(),
+    }
+    assert cloudevent(event, "/s")["type"] == "waypost.build_done"
+    json.dumps(shown)  # plain JSON data

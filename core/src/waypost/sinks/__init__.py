@@ -11,7 +11,10 @@
   :func:`pack`, which cuts a batch into requests under a vendor's count and size limits.
 - :mod:`waypost.sinks.masking`: :func:`mask`, :class:`Masker`, :func:`is_secret_name`,
   :func:`split_url`, :func:`mask_url`, and :func:`clean_message` for a database's errors.
-- :mod:`waypost.sinks.process`: :class:`ProcessLocal`, a resource a forked child rebuilds.
+- :mod:`waypost.sinks.process`: :class:`ProcessLocal`, a resource a forked child rebuilds, and
+  :func:`keep_forever` for a client a child inherited and must never free.
+- :mod:`waypost.sinks.cloudevents`: :func:`~waypost.sinks.cloudevents.cloudevent`, an event as a
+  CloudEvent.
 - :mod:`waypost.sinks.table`: the events table a table sink writes (its ``COLUMNS``, the
   ``distinct_id`` it counts by, the checks of an existing table and its added-column migration).
 
@@ -52,6 +55,7 @@ from waypost.sinks.parts import (
 )
 from waypost.sinks.process import (
     ProcessLocal,
+    keep_forever,
 )
 from waypost.sinks.transport import (
     RESERVED_HEADERS,
@@ -97,6 +101,7 @@ __all__ = [
     "is_loopback_host",
     "is_secret_name",
     "json_object",
+    "keep_forever",
     "mask",
     "mask_url",
     "not_blank",

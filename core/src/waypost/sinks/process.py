@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 from waypost.processes import FORK_KEEP, follow_forks
 
-__all__ = ["ProcessLocal"]
+__all__ = ["ProcessLocal", "keep_forever"]
 
 T = TypeVar("T")
 
@@ -82,3 +82,17 @@ class ProcessLocal(Generic[T]):
         # The lock may have been held by a thread that does not exist in the child.
         self._lock = threading.Lock()
         self._forget()
+
+
+def keep_forever(value: object) -> None:
+    """Keep ``value``, a client or producer a forked child inherited, unused for the life of
+    the process: in :data:`~waypost.processes.FORK_KEEP`, with one reference more than the
+    list's, so that not even interpreter teardown frees it (freeing it would close the
+    parent's connections, or join threads that only exist in the parent)."""
+    FORK_KEEP.append(value)
+    try:
+        import ctypes
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(value))
+    except (AttributeError, ImportError, OSError):  # no C API (PyPy): the list keeps it
+        pass
