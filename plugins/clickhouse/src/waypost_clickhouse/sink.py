@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from waypost.errors import ConfigError, PermanentError, RetryableError, SinkError
 from waypost.events import Event, dumps
-from waypost.sinks import SendResult, Sink, SinkConfig, SinkContext
+from waypost.sinks import SendResult, Sink, SinkConfig, SinkContext, keep_forever
 from waypost_clickhouse.config import ClickHouseConfig, Target
 from waypost_clickhouse.layout import (
     COLUMNS,
@@ -71,8 +71,6 @@ RETRY_CODES = frozenset(
 )
 """ClickHouse error codes that a later attempt can overcome; other server errors are permanent."""
 
-# Clients inherited through fork(): kept for the life of the process (see _ready).
-_INHERITED: list[Any] = []
 _LIVE: weakref.WeakSet[ClickHouseSink] = weakref.WeakSet()
 
 
@@ -98,16 +96,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _keep_forever(client: object) -> None:
-    _INHERITED.append(client)
-    try:  # one reference more than the list's: interpreter teardown never frees it
-        import ctypes
-
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(client))
-    except (AttributeError, ImportError, OSError):  # no C API (PyPy): the list keeps it
-        pass
 
 
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'")
@@ -192,7 +180,7 @@ class ClickHouseSink(Sink):
             if self._client is not None and self._pid != os.getpid():
                 # The parent's: its connections are not ours, and freeing the client here
                 # would close them: it is kept, unused.
-                _keep_forever(self._client)
+                keep_forever(self._client)
                 self._client, self._types = None, None
             if self._client is None:
                 self._claim_engine()
@@ -432,7 +420,7 @@ class ClickHouseSink(Sink):
         if client is None:
             return
         if self._pid != os.getpid():
-            _keep_forever(client)  # the parent's: never closed or freed here
+            keep_forever(client)  # the parent's: never closed or freed here
             return
         try:
             client.close()
