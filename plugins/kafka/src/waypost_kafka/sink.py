@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from waypost.errors import ConfigError, PluginError
 from waypost.events import Event, dumps
-from waypost.sinks import SendResult, Sink, SinkConfig, SinkContext
+from waypost.sinks import SendResult, Sink, SinkConfig, SinkContext, keep_forever
+from waypost.sinks.cloudevents import cloudevent
 from waypost_kafka.config import KafkaConfig, topic_fields, topic_name
 
 if TYPE_CHECKING:
@@ -71,9 +72,6 @@ _RETRY_LOCAL = frozenset(
 )
 _TOPIC_CACHE_MAX = 1024
 
-# Producers inherited through fork(): kept alive for ever, since destroying one in the child
-# would join threads that only exist in the parent.
-_INHERITED: list[Any] = []
 _LIVE: weakref.WeakSet[KafkaSink] = weakref.WeakSet()
 
 
@@ -82,16 +80,6 @@ class _KafkaErrorLike(Protocol):
     def str(self) -> str: ...
     def retriable(self) -> bool: ...
     def fatal(self) -> bool: ...
-
-
-def _keep_forever(producer: object) -> None:
-    _INHERITED.append(producer)
-    try:  # one reference more than the list's: interpreter teardown never frees it
-        import ctypes
-
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(producer))
-    except (AttributeError, ImportError, OSError):  # no C API (PyPy): the list keeps it
-        pass
 
 
 def _after_fork_in_child() -> None:
@@ -170,7 +158,7 @@ class KafkaSink(Sink):
         with self._lock:
             producer = self._producer
             if producer is not None and self._pid != os.getpid():
-                _keep_forever(producer)  # the parent's: never flushed or destroyed here
+                keep_forever(producer)  # the parent's: never flushed or destroyed here
                 producer = self._producer = None
             if producer is not None and self._broken is not None:
                 _discard(producer)
@@ -221,15 +209,7 @@ class KafkaSink(Sink):
     def document(self, event: Event) -> dict[str, Any]:
         """The message value before encoding: the envelope, or a CloudEvent around it."""
         if self.config.format == "cloudevents":
-            return {
-                "specversion": "1.0",
-                "id": event.id,
-                "source": self._source,
-                "type": self.config.cloudevents_type_prefix + event.name,
-                "time": event.iso_timestamp,
-                "datacontenttype": "application/json",
-                "data": event.to_dict(),
-            }
+            return cloudevent(event, self._source, self.config.cloudevents_type_prefix)
         return event.to_dict()
 
     def headers(self, event: Event) -> list[tuple[str, str | bytes | None]]:
@@ -343,7 +323,7 @@ class KafkaSink(Sink):
         if producer is None:
             return
         if self._pid != os.getpid():
-            _keep_forever(producer)
+            keep_forever(producer)
             return
         try:
             producer.flush(min(self.config.timeout, 5.0))
