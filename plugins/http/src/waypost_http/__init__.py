@@ -21,6 +21,7 @@ from pydantic import ConfigDict, Field, SecretStr, field_validator, model_valida
 import waypost
 from waypost.events import Event, dumps
 from waypost.sinks import SendResult, Sink, SinkConfig, SinkContext, check_endpoint
+from waypost.sinks.cloudevents import cloudevent
 from waypost.sinks.transport import (
     HttpTransport,
     check_headers,
@@ -169,19 +170,9 @@ class HttpSink(Sink[HttpConfig]):
 
     def render(self, events: Sequence[Event]) -> Any:
         if self.config.format == "cloudevents":
-            return [self._cloudevent(e) for e in events]
+            prefix = self.config.cloudevents_type_prefix
+            return [cloudevent(e, self._source, prefix) for e in events]
         return [e.to_dict() for e in events]
-
-    def _cloudevent(self, event: Event) -> dict[str, Any]:
-        return {
-            "specversion": "1.0",
-            "id": event.id,
-            "source": self._source,
-            "type": self.config.cloudevents_type_prefix + event.name,
-            "time": event.iso_timestamp,
-            "datacontenttype": "application/json",
-            "data": event.to_dict(),
-        }
 
     def encode(self, events: Sequence[Event]) -> bytes:
         """The body exactly as it is sent (before gzip)."""
