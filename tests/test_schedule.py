@@ -145,6 +145,19 @@ def test_shutdown_payload_carries_the_run_time(make_telemetry: Any, tmp_path: Pa
     assert event["name"] == "shutdown" and event["properties"] == {"timeRunning": 3600}
 
 
+def test_the_shutdown_event_is_sent_once_after_consent_was_withdrawn_and_given_again(
+    waypost_make_telemetry: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "s.jsonl"
+    tel = waypost_make_telemetry(
+        sinks={"s": {"type": "jsonl", "path": str(out)}}, config={"shutdown_event": "shutdown"}
+    )
+    assert not tel.set_consent(False).enabled
+    assert tel.set_consent(True).enabled  # a second start from the same config
+    assert tel.shutdown(5)
+    assert [event["name"] for event in lines(out)] == ["shutdown"]
+
+
 def test_heartbeat_hook_adds_facts(make_telemetry: Any, tmp_path: Path) -> None:
     class Counts:
         @waypost.hookimpl

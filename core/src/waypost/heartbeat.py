@@ -116,6 +116,7 @@ class Schedules:
         """What the last :meth:`send` did (``sent``, ``skipped: ...``)."""
         self._facts: Callable[[], Mapping[str, Any]] | None = None
         self._every: float | None = None  # this installation's own heartbeat period
+        self._shutdown_event = False  # the config's shutdown event is among at_shutdown
 
     def _new_scheduler(self) -> Scheduler:
         host = self.host
@@ -279,8 +280,9 @@ class Schedules:
                 jitter=hb.jitter,
                 event=hb.event,
             )
-        if config.shutdown_event:
-            name = config.shutdown_event
+        name = config.shutdown_event
+        if name and not self._shutdown_event:  # once, however many times consent restarts it
+            self._shutdown_event = True
             self.at_shutdown.append(lambda seconds: (name, {"timeRunning": int(seconds)}))
 
     def heartbeat_event(self) -> str | None:
