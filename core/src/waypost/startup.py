@@ -236,6 +236,14 @@ class SinkMaker:
     notes: list[str]
     hold: SecretHold
 
+    @classmethod
+    def of(
+        cls, loaded: Loaded, plugins: PluginManager, env: Mapping[str, str], hold: SecretHold
+    ) -> SinkMaker:
+        """The sink maker of a loaded config (its warnings receive the sinks' notes)."""
+        return cls(loaded.config, loaded.sink_sources, plugins, env, loaded.file,
+                   loaded.warnings, hold)  # fmt: skip
+
     def make(
         self, host: SinkHost, *, tolerant: bool = False, instance_id: str | None = None
     ) -> None:

@@ -131,10 +131,7 @@ class Telemetry(Scheduling):
             after_fork_in_child=self._after_fork_in_child,
             keep_everything=self._keep_everything,
         )
-        self._sinks = startup.SinkMaker(
-            cfg, loaded.sink_sources, self.plugins, self._env, self.config_file,
-            self.config_warnings, self._secrets,
-        )  # fmt: skip
+        self._sinks = startup.SinkMaker.of(loaded, self.plugins, self._env, self._secrets)
 
         # A loader that failed (not the config's fault) keeps telemetry off whatever is decided.
         self._failed = None if loaded.failure is None else Decision(False, "error", loaded.failure)
@@ -194,14 +191,12 @@ class Telemetry(Scheduling):
         self.schedules.start(cfg)
 
     def _make_sinks(self, *, tolerant: bool = False) -> None:
-        """Create the configured sinks; a sink that cannot be made is recorded in
-        ``sink_errors`` (and raises in strict mode, unless ``tolerant``: inspection)."""
+        """Make the configured sinks (see :meth:`waypost.startup.SinkMaker.make`)."""
         self._sinks.make(self, tolerant=tolerant)
 
     def _stop_running(self) -> None:
-        """Consent was withdrawn: stop collecting and sending at once. Events not yet stored
-        are discarded; what the outbox holds stays there, unsent, until consent returns or an
-        operator purges it."""
+        """Consent was withdrawn: stop at once. Events not yet stored are discarded; the
+        outbox keeps what it holds, unsent, until consent returns or an operator purges it."""
         self._on = self._fast = False
         self._nudge = self._drain = self._store_now = _nothing
         self._process.forget()
@@ -414,9 +409,8 @@ class Telemetry(Scheduling):
         return snapshot(self, self._runners(), self.schedules.control_status(), self._notes)
 
     def open_outbox(self, *, read_only: bool = False) -> Outbox:
-        """The outbox of this data dir: the running instance's, or else opened read-write (to
-        purge) or, ``read_only``, to look (``status``, ``show``: read as it is, nothing written,
-        created or repaired, as with telemetry off)."""
+        """The outbox of this data dir: the running one, else opened to purge or, ``read_only``,
+        to look (see :class:`waypost.delivery.outbox.Outboxes`)."""
         return self._outboxes.open(read_only=read_only)
 
     @property
