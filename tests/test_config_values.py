@@ -368,7 +368,8 @@ _VALID = st.fixed_dictionaries(
 def test_a_valid_section_loads_alike_from_code_json_and_yaml(section: dict[str, Any]) -> None:
     import yaml
 
-    section = {k: v for k, v in section.items() if "\0" not in repr(v)}
+    # Without NULs, and without "${", which starts a reference (a literal one is written $${).
+    section = {k: v for k, v in section.items() if "\0" not in repr(v) and "${" not in repr(v)}
     from_code = cfg.load({"telemetry": section}, {})[0]
     for text in (json.dumps({"telemetry": section}), yaml.safe_dump({"telemetry": section})):
         path = Path(_tmp()) / "t.yml"
