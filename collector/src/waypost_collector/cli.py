@@ -196,7 +196,7 @@ def stats(config_file: str | None, as_json: bool) -> None:
         )
     for sink, states in sorted(data["spool"].items()):
         shown = ", ".join(f"{s} {n}" for s, n in sorted(states.items()))
-        click.echo(f"spool for {sink}: {shown}")
+        click.echo(f"spool rows for {sink} (a batch of up to 100 events each): {shown}")
     lag = data["storage_lag_seconds"]
     click.echo(f"storage lag: {'none' if lag is None else f'{lag:.1f} s'}")
 

@@ -48,7 +48,7 @@ class _Families(PromCollector):
         yield requests
         depth = GaugeMetricFamily(
             "waypost_collector_spool_rows",
-            "Rows in the spool, by storage sink and state.",
+            "Rows in the spool (each a batch of up to 100 events), by storage sink and state.",
             labels=["storage", "state"],
         )
         for sink, states in sorted(c.spool.depth().items()):
