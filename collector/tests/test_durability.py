@@ -270,3 +270,27 @@ def test_storage_that_takes_a_batch_only_in_parts(tmp_path: Path, serve: Any) ->
         wait_for(lambda: len(delivered) == 320 and not _spool_rows(served.collector), 30, "all")
         assert Counter(delivered) == Counter(e["id"] for b in sent for e in b)
         assert served.collector.spool.handed == 240
+
+
+def test_a_spool_of_one_event_a_row_is_handed_over_in_full_batches(
+    tmp_path: Path, serve: Any
+) -> None:
+    """Rows written before a row held a batch (one event each) are leased a sink's batch at a
+    time, not a sink's batch of rows that each hold a batch."""
+    from waypost.delivery.outbox import Outbox
+    from waypost.testing import make_event
+
+    data = tmp_path / "d"
+    old = Outbox(data / "spool", sync=True)
+    events = [make_event(name="run", properties={"i": i}) for i in range(300)]
+    old.add(events, ["relay"])
+    old.close()
+    with RecordingServer() as destination:
+        section = base_section(
+            data, storage={"relay": {"type": "http", "url": destination.url + "/in"}}
+        )
+        served = serve(write_config(tmp_path / "c.yml", section))
+        wait_for(lambda: not _spool_rows(served.collector), 30, "the old rows delivered")
+        ids = [e["id"] for r in destination.requests for e in r.json()]
+        assert Counter(ids) == Counter(e.id for e in events)
+        assert len(destination.requests) <= 3  # 10 rows first, then the sink's batch of 1,000

@@ -230,6 +230,11 @@ class StampedSink(Sink):
         self.recent = recent if recent is not None else Arrivals()
         self.type = inner.type  # type: ignore[misc]
         self.deprecated = inner.deprecated  # type: ignore[misc]
+        self.rows_hold_batches = True
+        """Whether the last rows leased held batches (see pack()), not one event each (rows
+        written before rows held batches)."""
+        self.from_memory: Sink = _Sending(self)
+        """This sink for events the spool holds in memory (not rows leased from it)."""
 
     @property
     def concurrency(self) -> int:
@@ -237,8 +242,11 @@ class StampedSink(Sink):
 
     @property
     def batch_size(self) -> int:
-        # Rows leased from the spool at once: most hold a batch of events (see pack()).
-        return max(1, self.inner.batch_size // PACK_EVENTS)
+        # Rows leased from the spool at once: a sink's batch of events, in rows of a batch each
+        # (see pack()), or of one event each while the rows leased last were such.
+        if self.rows_hold_batches:
+            return max(1, self.inner.batch_size // PACK_EVENTS)
+        return self.inner.batch_size
 
     @property
     def destination(self) -> str:
@@ -281,6 +289,7 @@ class StampedSink(Sink):
 
     def send(self, events: Sequence[Event]) -> SendResult:
         flat, packs = self._unpacked(events)
+        self.rows_hold_batches = bool(packs) or not events
         if not packs:
             return self._send(flat)
         # Within the core's boundary: a 413 splits the events, not the rows that hold them.
@@ -639,7 +648,8 @@ class Spool:
         runner is not ready (the spool keeps them, the runner and its backoff have them)."""
         if not self._ready(name):
             return None
-        result, reason, _ = call_send(self._runners[name].sink, events)
+        sink = self._runners[name].sink
+        result, reason, _ = call_send(getattr(sink, "from_memory", sink), events)
         if result.retry or result.failed:
             self.pipeline.log_once(
                 f"direct:{name}",
