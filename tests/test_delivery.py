@@ -523,3 +523,37 @@ def test_accepted_never_dips_while_the_worker_takes_a_chunk(
     dips = [(a, b) for a, b in itertools.pairwise(seen) if b < a]
     assert not dips, (len(seen), dips[:5])
     assert seen[-1] == 60_000
+
+
+def test_a_locked_outbox_holds_up_no_sink_for_the_events_of_one_that_could_not_be_made(
+    waypost_make_telemetry: Any, tmp_path: Any
+) -> None:
+    import sqlite3
+
+    # Another process holds the outbox's write lock. The events for a sink that could not be
+    # made (its plugin not installed) wait in memory for the storer; the worker hands the
+    # others on at once, nothing is dropped, and they are stored once the lock is let go.
+    out = tmp_path / "out.jsonl"
+    sinks = {
+        "now": {"type": "jsonl", "path": str(out)},
+        "later": {"type": "urltest_not_installed", "url": "http://127.0.0.1:9/x"},
+    }
+    data_dir = tmp_path / "d"
+    tel = waypost_make_telemetry(sinks=sinks, data_dir=data_dir, strict=False)
+    tel.track("warm")
+    assert tel.flush(timeout=30)
+    lines = lambda: out.read_text().splitlines() if out.exists() else []  # noqa: E731
+    holder = sqlite3.connect(data_dir / "outbox.sqlite3", timeout=30, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for i in range(20):
+            tel.track("run", {"i": i})
+        assert wait_until(lambda: len(lines()) == 21)
+        assert tel.status().counters.dropped == {}
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert tel.flush(timeout=30)
+    later = next(s for s in tel.status().sinks if s.name == "later")
+    assert later.pending == 21
+    assert tel.status().counters.dropped == {}

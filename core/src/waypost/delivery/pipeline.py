@@ -141,6 +141,13 @@ class Pipeline:
         self._lost_reported = 0  # events lost (counted) that a flush has reported already
         self._store_behind = 0  # a store_now() ticket the worker did not reach in time
         self._taking = threading.Lock()  # held while the worker moves a chunk to accepted
+        # Events for sinks that could not be made, on their way to the outbox: the storer
+        # writes them (the worker never touches the disk). _kept_room guards the queue and
+        # its count; _kept_write is held by whoever writes its head (the storer, a spill).
+        self._kept: deque[tuple[list[Event], tuple[str, ...]]] = deque()
+        self._kept_n = 0
+        self._kept_room = threading.Condition()
+        self._kept_write = threading.Lock()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -341,7 +348,7 @@ class Pipeline:
                 self._storer_wake.wait(0.5)
 
     def _storer_wait(self) -> float:
-        wait = min(self.interval, 1.0)
+        wait = 0.01 if self._kept else min(self.interval, 1.0)
         oldest = [t for t in (r.oldest_in_memory() for r in self.runners) if t is not None]
         if oldest:
             wait = min(wait, max(0.01, min(oldest) + self.interval - time.monotonic()))
@@ -359,6 +366,8 @@ class Pipeline:
             return
         if not self._started_up:
             self._run_startup()
+        if not self._store_kept():
+            return
         now = time.monotonic()
         older_than = now - self.interval
         for runner in self.runners:
@@ -396,11 +405,12 @@ class Pipeline:
         if outbox is None:
             return not any(runner.in_memory() for runner in self.runners)
         with outbox.budget(time.monotonic() + 2.0 if deadline is None else deadline):
+            kept = self._store_kept(time.monotonic() + 2.0 if deadline is None else deadline)
             for runner in self.runners:
                 while runner.spill(limit=SPILL_CHUNK * 10):
                     if deadline is not None and time.monotonic() >= deadline:
                         break
-        return not any(runner.in_memory() for runner in self.runners)
+        return kept and not any(runner.in_memory() for runner in self.runners)
 
     def drain(self, *, store: bool = False) -> bool:
         """Build everything buffered and hand it to the sinks' threads, or (``store``, a sink
@@ -463,8 +473,12 @@ class Pipeline:
                 self.counters.drop("no_sink", len(group))
                 continue
             # Sinks configured but not made (plugin missing, secret unset) keep their events in
-            # the outbox, for the first start that can make them.
+            # the outbox, for the first start that can make them: written by the storer, or
+            # here with the rest when everything is stored at once (durability: sync, SIGTERM).
             stored_targets = bool(targets) and (store or self.sync)
+            if keep and not (store or self.sync):
+                self._keep(group, keep)
+                keep = ()
             names = ([r.name for r in targets] if stored_targets else []) + list(keep)
             if names:
                 try:
@@ -497,6 +511,53 @@ class Pipeline:
             n,
             level=logging.ERROR,
         )
+
+    def _keep(self, events: list[Event], sinks: tuple[str, ...]) -> None:
+        """Hand events for sinks that could not be made to the storer. At most
+        ``outbox.buffer`` wait in memory: past it the worker waits for the storer (STALL at
+        most), and drops them (counted) when the outbox cannot take any now."""
+        deadline = time.monotonic() + STALL
+        with self._kept_room:
+            while self._kept_n >= self.buffer_size:
+                health = self.outbox.health() if self.outbox is not None else None
+                left = deadline - time.monotonic()
+                if (health is not None and health.memory_only) or left <= 0 or self.stopping:
+                    self._drop_kept(sinks, len(events))
+                    return
+                self.wake_storer()
+                self._kept_room.wait(min(left, LINGER))
+            self._kept.append((events, sinks))
+            self._kept_n += len(events)
+        self.wake_storer()
+
+    def _store_kept(self, deadline: float | None = None) -> bool:
+        """Write what waits for sinks that could not be made (the storer; a spill, which waits
+        for a write under way no later than ``deadline``, monotonic); False if some is left in
+        memory (the outbox refused it, or the deadline came)."""
+        outbox = self.outbox
+        if outbox is None:
+            return True
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._kept_write.acquire(timeout=wait):
+            return not self._kept
+        try:
+            while True:
+                with self._kept_room:
+                    if not self._kept:
+                        return True
+                    events, sinks = self._kept[0]
+                try:
+                    outbox.add(events, list(sinks))
+                except StorageUnavailable as exc:
+                    self.storage_refused(exc)
+                    return False
+                with self._kept_room:
+                    self._kept.popleft()
+                    self._kept_n -= len(events)
+                    self._kept_room.notify_all()
+                self.count_stored(len(events))
+        finally:
+            self._kept_write.release()
 
     def _drop_kept(self, sinks: tuple[str, ...], n: int) -> None:
         """Events for sinks that could not be made, which the outbox cannot take now."""
@@ -602,6 +663,10 @@ class Pipeline:
             ok = self.flush(max(0.0, timeout * 0.9))
         else:
             ok = True
+            with self._kept_room:
+                self._kept.clear()
+                self._kept_n = 0
+                self._kept_room.notify_all()
             for runner in self.runners:
                 runner.discard()
         self.stopping = True
