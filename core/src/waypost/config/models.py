@@ -79,7 +79,10 @@ class OutboxConfig(_Model):
         "track().",
     )
     buffer: int = Field(
-        default=10_000, ge=1, description="Events held in memory before they spill to the outbox."
+        default=10_000,
+        ge=1,
+        description="Events each sink's queue holds in memory before they spill to the outbox "
+        "(the buffer in front of the worker holds five times as many before track() waits).",
     )
 
     _dur = field_validator("max_age", "keep_sent", mode="before")(parse_duration)
