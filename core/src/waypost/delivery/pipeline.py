@@ -702,13 +702,31 @@ class Pipeline:
             if closer.is_alive():
                 log.warning("waypost: closing the sinks outlasted the shutdown budget")
         if self.outbox is not None and not stuck:
-            try:  # nothing is in flight any more: what this process leased is due again
-                with self.outbox.budget(max(time.monotonic(), deadline)):
-                    self.outbox.release()
-            except StorageUnavailable:
-                pass
-            self.outbox.close()
+            busy = [t for t in (self.worker, self.storer) if t is not None and t.is_alive()]
+            if busy:
+                # A thread still inside an outbox write (waiting for a lock another process
+                # holds) keeps its connection until its own wait ends; closing that connection
+                # here would wait as long. It is closed once they are done, off the caller.
+                threading.Thread(
+                    target=_close_after,
+                    args=(self.outbox, busy),
+                    name="waypost-close-outbox",
+                    daemon=True,
+                ).start()
+            else:
+                try:  # nothing is in flight any more: what this process leased is due again
+                    with self.outbox.budget(max(time.monotonic(), deadline)):
+                        self.outbox.release()
+                except StorageUnavailable:
+                    pass
+                self.outbox.close()
         return ok and not stuck
+
+
+def _close_after(outbox: Outbox, threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join()
+    outbox.close()
 
 
 def _close_sinks(runners: list[Runner]) -> None:
