@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from faultkit import (
+    SUPPORT,
     cli,
     make,
     next_process,
@@ -127,6 +128,50 @@ def test_full_disk_past_the_memory_bound_counts_each_event_it_drops(
     # The operator is told, once (not once per event or per attempt).
     lines = [line for line in figures["stderr"].splitlines() if "disk is full" in line]
     assert 1 <= len(lines) <= 3, figures["stderr"]
+
+
+FULL_DISK_FIRST = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+sys.path.insert(0, {support!r})
+from faultkit import make, report
+tel = make({url!r}, {data!r})
+for i in range(10_000):
+    tel.track("full", {{"i": i, "pad": "x" * 200}})
+report(flush=tel.flush(3), shutdown=tel.shutdown(3), dropped=tel.status().counters.dropped)
+"""
+
+
+def test_shutdown_on_a_full_disk_counts_what_memory_held_and_the_next_process_delivers_the_rest(
+    tmp_path: Path, waypost_clean_env: dict[str, str], server: RecordingServer
+) -> None:
+    namespace = require_mount_namespace()
+    data = tmp_path / "mnt" / "d"
+    first = FULL_DISK_FIRST.format(support=str(SUPPORT), url=down_url(), data=str(data))
+    figures = run_scenario(
+        f"""
+        import json, subprocess, sys
+        mount_tmpfs({str(tmp_path / "mnt")!r}, "1m")
+        done = subprocess.run([sys.executable, "-c", {first!r}], capture_output=True, text=True,
+                              timeout=60)
+        for line in done.stdout.splitlines():
+            if line.startswith(MARK):
+                report(**json.loads(line[len(MARK):]))
+        report(first_stderr=done.stderr[-2000:])
+        remount({str(tmp_path / "mnt")!r}, size="64m")
+        report(**next_process({str(data)!r}, {server.url + "/ingest"!r}))
+        """,
+        waypost_clean_env,
+        namespace=namespace,
+    )
+    delivered = len(ids_of(server.requests))
+    summary = {k: v for k, v in figures.items() if k != "stderr"} | {"delivered": delivered}
+    assert figures["flush"] is False and figures["shutdown"] is False, show(summary)
+    # What was only in memory when the process ended is counted, and only that: the next
+    # process delivers every event not counted as dropped.
+    assert set(figures["dropped"]) == {"disk_full"}, show(summary)
+    assert delivered > 0 and delivered + figures["dropped"]["disk_full"] == 10_000, show(summary)
+    assert "lost at shutdown" in figures["first_stderr"], show(summary)
 
 
 # --- the outbox deleted or replaced under a running process -------------------------------------

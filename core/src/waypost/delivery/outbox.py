@@ -502,6 +502,22 @@ class Outbox:
             row = db.execute(query + " ORDER BY next_at LIMIT 1", params).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
+    def holding(self, sink: str, ids: Sequence[str]) -> int:
+        """How many of ``ids`` (distinct) the outbox holds pending for ``sink``."""
+        held = 0
+        unique = list(dict.fromkeys(ids))
+        with self._read() as db:
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                row = db.execute(
+                    "SELECT COUNT(*) FROM outbox WHERE sink = ? AND state = 'pending' "
+                    f"AND event_id IN ({marks})",
+                    (sink, *chunk),
+                ).fetchone()
+                held += int(row[0])
+        return held
+
     # --- inspection and housekeeping --------------------------------------------------------
 
     def sink_rows(self) -> dict[str, dict[str, Any]]:

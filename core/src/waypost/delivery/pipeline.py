@@ -12,6 +12,7 @@ dropped and counted under the outbox's trouble (``disk_full``, ``read_only``, ..
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 import threading
 import time
@@ -582,6 +583,37 @@ class Pipeline:
         self.counters.drop(reason, n)
         return reason, (health.detail if health is not None else None) or reason
 
+    def _count_left_in_memory(self) -> None:
+        """At shutdown, count what is still held only in memory once the threads have stopped:
+        it goes with the process (the outbox could not take it, or the budget ran out first)."""
+        with self._kept_room:
+            n = self._kept_n
+        n += len(self.buffer)
+        outbox = self.outbox
+        for runner in self.runners:
+            ids = runner.memory_ids()
+            n += len(set(ids))
+            if ids and outbox is not None:
+                try:  # what is also in the outbox stays there
+                    with outbox.budget(time.monotonic() + 0.5):
+                        n -= outbox.holding(runner.name, ids)
+                except (StorageUnavailable, sqlite3.Error):
+                    pass
+        if not n:
+            return
+        health = outbox.health() if outbox is not None else None
+        if health is not None and health.memory_only:
+            reason, detail = self._drop_unstorable(n)
+        else:
+            reason, detail = "shutdown", "the shutdown budget ran out before they were stored"
+            self.counters.drop(reason, n)
+        log.error(
+            "waypost: %d events held only in memory are lost at shutdown, counted as %s: %s",
+            n,
+            reason,
+            detail,
+        )
+
     def _make_room(self, runner: Runner) -> bool:
         """Wait for room in a sink's full queue in memory while the outbox takes what it
         holds: the worker is slowed to the storer's pace (the host only once the buffer holds
@@ -701,6 +733,8 @@ class Pipeline:
             closer.join(max(0.0, deadline - time.monotonic()))
             if closer.is_alive():
                 log.warning("waypost: closing the sinks outlasted the shutdown budget")
+        if flush:
+            self._count_left_in_memory()
         if self.outbox is not None and not stuck:
             busy = [t for t in (self.worker, self.storer) if t is not None and t.is_alive()]
             if busy:

@@ -530,6 +530,14 @@ class Runner:
         with self._state:
             return len(self.fresh) + sum(len(f.events) for f in self.flights if not f.stored)
 
+    def memory_ids(self) -> list[str]:
+        """The ids of the events :meth:`in_memory` counts (some may also be stored: a batch
+        stored leased whose outcome could not be written is back in memory)."""
+        with self._state:
+            ids = [event.id for _, event in self.fresh]
+            ids += [e.id for f in self.flights if not f.stored for e in f.events]
+        return ids
+
     def oldest_in_memory(self) -> float | None:
         """When the oldest event held only in memory got there (monotonic), if any."""
         with self._state:
