@@ -16,6 +16,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -636,3 +637,41 @@ def test_exit_holds_its_budget_while_another_process_holds_the_lock(
     # machine, is not the at-exit hook's): the budget is 1 s, the lock never comes free.
     elapsed = exited - figures["script_end"]
     assert elapsed < 1.0 + 3.0, (elapsed, figures["stderr"])
+
+
+def test_a_spill_waits_for_another_threads_write_no_longer_than_its_own_budget(
+    tmp_path: Path,
+) -> None:
+    """The storer holds a sink's spill lock while it waits for the outbox's lock (another
+    process held it at exit: exit took 4.1 s against shutdown_timeout 3 s). A flush or a
+    shutdown spilling behind it waits within its own budget and reports nothing moved."""
+    tel = make(down_url(), tmp_path / "data")
+    try:
+        runner = tel.pipeline.runners[0]
+        outbox = tel.pipeline.outbox
+        held, release = threading.Event(), threading.Event()
+
+        def storer_mid_write() -> None:
+            with runner._spill_lock:
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=storer_mid_write, daemon=True)
+        holder.start()
+        assert held.wait(10)
+        moved: list[int] = []
+
+        def spill_on_a_budget() -> None:
+            with outbox.budget(time.monotonic() + 0.2):
+                moved.append(runner.spill())
+
+        spiller = threading.Thread(target=spill_on_a_budget, daemon=True)
+        spiller.start()
+        spiller.join(10)  # the holder lets go after 30 s: a spill that waits for it fails here
+        returned = not spiller.is_alive()
+        release.set()
+        holder.join(10)
+        assert returned, "spill() waited for another thread's write past its own budget"
+        assert moved == [0]
+    finally:
+        tel.shutdown(2)

@@ -156,6 +156,10 @@ class Outbox:
         """Bound this thread's waits for the lock by ``deadline`` (monotonic) in the block."""
         return self.storage.budget(deadline)
 
+    def time_left(self) -> float:
+        """Seconds this thread may still wait for the lock (its budget, else the default)."""
+        return max(0.0, self.storage.deadline() - time.monotonic())
+
     @property
     def read_only(self) -> bool:
         return self.storage.read_only

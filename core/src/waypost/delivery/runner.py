@@ -562,50 +562,59 @@ class Runner:
         if outbox is None:
             return 0
         # _spill_lock, not _state, is held while writing: a slow disk (or another process's
-        # write) holds up only a batch ending now, which must find its rows in place.
-        with self._spill_lock:
-            with self._spill_then_state():
-                fresh = self.fresh
-                waiting: list[tuple[float, Event]] = []
-                most = len(fresh) if limit is None else limit
-                while (
-                    fresh
-                    and len(waiting) < most
-                    and (older_than is None or fresh[0][0] <= older_than)
-                ):
-                    waiting.append(fresh.popleft())
-                if waiting:
-                    if older_than is not None:
-                        self.behind = True  # events went stale waiting for the sink
-                    self._room.notify_all()
-                flying: list[Flight] = []
-                for flight in self.flights if flights else ():
-                    if not flight.stored and (older_than is None or flight.since <= older_than):
-                        flight.stored = True
-                        flying.append(flight)
-                if not waiting and not flying:
-                    return 0
-                # Neither in memory nor in the outbox until the write ends: a flush waits.
-                self._storing += 1
-            events = [e for _, e in waiting]
-            in_flight = [e for f in flying for e in f.events]
-            try:
-                if events:
-                    outbox.add(events, [self.name])
-                    waiting = []
-                if in_flight:
-                    outbox.add(in_flight, [self.name], lease_seconds=self.settings.lease_seconds)
-            except StorageUnavailable as exc:
-                with self._state:
-                    for flight in flying:
-                        flight.stored = False
-                self._requeue(waiting)
-                self.settings.storage_refused(exc)
+        # write) holds up only a batch ending now, which must find its rows in place. Another
+        # thread's spill may hold it while it waits for the outbox's lock on its own budget:
+        # this one waits no longer than its own (a flush, a shutdown), and moves nothing.
+        if not self._spill_lock.acquire(timeout=outbox.time_left()):
+            return 0
+        try:
+            return self._spill_held(outbox, older_than, flights, limit)
+        finally:
+            self._spill_lock.release()
+
+    def _spill_held(
+        self, outbox: Outbox, older_than: float | None, flights: bool, limit: int | None
+    ) -> int:
+        with self._spill_then_state():
+            fresh = self.fresh
+            waiting: list[tuple[float, Event]] = []
+            most = len(fresh) if limit is None else limit
+            while (
+                fresh and len(waiting) < most and (older_than is None or fresh[0][0] <= older_than)
+            ):
+                waiting.append(fresh.popleft())
+            if waiting:
+                if older_than is not None:
+                    self.behind = True  # events went stale waiting for the sink
+                self._room.notify_all()
+            flying: list[Flight] = []
+            for flight in self.flights if flights else ():
+                if not flight.stored and (older_than is None or flight.since <= older_than):
+                    flight.stored = True
+                    flying.append(flight)
+            if not waiting and not flying:
                 return 0
-            finally:
-                with self._state:
-                    self._storing -= 1
-            self._look_now = True
+            # Neither in memory nor in the outbox until the write ends: a flush waits.
+            self._storing += 1
+        events = [e for _, e in waiting]
+        in_flight = [e for f in flying for e in f.events]
+        try:
+            if events:
+                outbox.add(events, [self.name])
+                waiting = []
+            if in_flight:
+                outbox.add(in_flight, [self.name], lease_seconds=self.settings.lease_seconds)
+        except StorageUnavailable as exc:
+            with self._state:
+                for flight in flying:
+                    flight.stored = False
+            self._requeue(waiting)
+            self.settings.storage_refused(exc)
+            return 0
+        finally:
+            with self._state:
+                self._storing -= 1
+        self._look_now = True
         n = len(events) + len(in_flight)
         self.settings.count_stored(n)
         self.wake()

@@ -220,7 +220,9 @@ class Storage:
         finally:
             self._budget.deadline = before
 
-    def _deadline(self) -> float:
+    def deadline(self) -> float:
+        """The monotonic time this thread's waits for the lock end: its budget's, else
+        ``BACKGROUND_WAIT`` from now."""
         deadline = getattr(self._budget, "deadline", None)
         return time.monotonic() + BACKGROUND_WAIT if deadline is None else float(deadline)
 
@@ -377,7 +379,7 @@ class Storage:
             if self._read_only and time.monotonic() >= self._next_look:
                 self._look_again()
             if not self._ready and not self._read_only:
-                self._open(self._deadline())
+                self._open(self.deadline())
             if self._read_only:
                 db = self._read_only_connection()
             else:
@@ -425,7 +427,7 @@ class Storage:
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (``BEGIN IMMEDIATE``), within this thread's budget."""
-        deadline = self._deadline()
+        deadline = self.deadline()
         if self._read_only:
             with self._lock:
                 if time.monotonic() >= self._next_look:
@@ -520,7 +522,7 @@ class Storage:
     def _with_write_lock(self, repair: Callable[[str], bool], why: str) -> bool:
         """``repair(why)`` holding this process's write lock; False when the lock is not free
         within the caller's budget."""
-        if not self._write_lock.acquire(timeout=max(0.0, self._deadline() - time.monotonic())):
+        if not self._write_lock.acquire(timeout=max(0.0, self.deadline() - time.monotonic())):
             return False
         try:
             return repair(why)
@@ -542,7 +544,7 @@ class Storage:
                     if ident == (st.st_dev, st.st_ino):
                         os.unlink(f"{self.path}{suffix}")
             try:
-                self._open(self._deadline())
+                self._open(self.deadline())
                 restored = self._restore(rows)
             except StorageUnavailable as exc:
                 log.error("waypost: the outbox %s: %s, and cannot be recreated: %s",
@@ -583,7 +585,7 @@ class Storage:
                 os.unlink(f"{self.path}-shm")
             rows = self._salvage(aside)
             try:
-                self._open(self._deadline())
+                self._open(self.deadline())
                 restored = self._restore(rows)
             except StorageUnavailable:
                 restored = 0
@@ -663,7 +665,7 @@ class Storage:
         if not rows or self.on_recover is None or not any(rows.values()):
             return 0
         db = self.connection()
-        self._set_busy(db, self._deadline())
+        self._set_busy(db, self.deadline())
         try:
             db.execute("BEGIN IMMEDIATE")
             n = self.on_recover(db, rows)
