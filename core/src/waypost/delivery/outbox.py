@@ -23,7 +23,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -506,10 +506,10 @@ class Outbox:
             row = db.execute(query + " ORDER BY next_at LIMIT 1", params).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    def holding(self, sink: str, ids: Sequence[str]) -> int:
+    def holding(self, sink: str, ids: Collection[str]) -> int:
         """How many of ``ids`` (distinct) the outbox holds pending for ``sink``."""
         held = 0
-        unique = list(dict.fromkeys(ids))
+        unique = list(ids)
         with self._read() as db:
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]

@@ -12,7 +12,6 @@ dropped and counted under the outbox's trouble (``disk_full``, ``read_only``, ..
 from __future__ import annotations
 
 import logging
-import sqlite3
 import sys
 import threading
 import time
@@ -583,21 +582,22 @@ class Pipeline:
         self.counters.drop(reason, n)
         return reason, (health.detail if health is not None else None) or reason
 
-    def _count_left_in_memory(self) -> None:
+    def _count_left_in_memory(self, deadline: float) -> None:
         """At shutdown, count what is still held only in memory once the threads have stopped:
-        it goes with the process (the outbox could not take it, or the budget ran out first)."""
+        it goes with the process (the outbox could not take it, or the budget ran out first).
+        The outbox is asked, within ``deadline`` (monotonic), which of it it holds too."""
         with self._kept_room:
             n = self._kept_n
         n += len(self.buffer)
         outbox = self.outbox
         for runner in self.runners:
             ids = runner.memory_ids()
-            n += len(set(ids))
+            n += len(ids)
             if ids and outbox is not None:
                 try:  # what is also in the outbox stays there
-                    with outbox.budget(time.monotonic() + 0.5):
+                    with outbox.budget(deadline):
                         n -= outbox.holding(runner.name, ids)
-                except (StorageUnavailable, sqlite3.Error):
+                except StorageUnavailable:
                     pass
         if not n:
             return
@@ -734,7 +734,7 @@ class Pipeline:
             if closer.is_alive():
                 log.warning("waypost: closing the sinks outlasted the shutdown budget")
         if flush:
-            self._count_left_in_memory()
+            self._count_left_in_memory(deadline)
         if self.outbox is not None and not stuck:
             busy = [t for t in (self.worker, self.storer) if t is not None and t.is_alive()]
             if busy:

@@ -530,12 +530,12 @@ class Runner:
         with self._state:
             return len(self.fresh) + sum(len(f.events) for f in self.flights if not f.stored)
 
-    def memory_ids(self) -> list[str]:
+    def memory_ids(self) -> set[str]:
         """The ids of the events :meth:`in_memory` counts (some may also be stored: a batch
         stored leased whose outcome could not be written is back in memory)."""
         with self._state:
-            ids = [event.id for _, event in self.fresh]
-            ids += [e.id for f in self.flights if not f.stored for e in f.events]
+            ids = {event.id for _, event in self.fresh}
+            ids.update(e.id for f in self.flights if not f.stored for e in f.events)
         return ids
 
     def oldest_in_memory(self) -> float | None:
