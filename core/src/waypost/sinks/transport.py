@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import waypost
 from waypost.errors import ConfigError, PayloadTooLarge, PermanentError, RetryableError, SinkError
+from waypost.sinks.bounded import AnswerTooSlow, read_httpx, requests_adapter
 from waypost.sinks.masking import MASK, UrlSecrets, is_secret_name, mask_url
 from waypost.sinks.process import ProcessLocal
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     import httpx
     import requests
     from pydantic import SecretStr
+    from requests.adapters import BaseAdapter
 
     from waypost.events import Event
     from waypost.sinks.base import Sink
@@ -316,16 +318,22 @@ class HttpTransport:
         what: str | None = None,
     ) -> httpx.Response:
         """Send one request and return the answer, whatever its status; a transport error
-        (no answer in time, no connection, a broken answer) raises ``RetryableError``."""
+        (no answer in time, no connection, a broken answer, a body that has not ended within
+        the timeout) raises ``RetryableError``. The body is read up to
+        :data:`~waypost.sinks.bounded.ANSWER_BYTES` (the rest is cut off)."""
         lib = self._httpx
         url = self.url(path, params)
         label = self.what if what is None else what
+        started = time.monotonic()
         try:
-            answer: httpx.Response = self.client.request(
+            with self.client.stream(
                 method, url, content=content, data=data, json=json, headers=headers
-            )
+            ) as answer:
+                read_httpx(answer, started, self.timeout)
             self.answers.keep(answer)
             return answer
+        except AnswerTooSlow:
+            reason = f"the answer from {_where(url)} had not ended within {self.timeout:g} s"
         except lib.TimeoutException as exc:
             name = type(exc).__name__
             reason = f"no answer within {self.timeout:g} s from {_where(url)} ({name})"
@@ -405,19 +413,23 @@ class HttpTransport:
         return self.answers.test_request(self.sink, event)
 
 
-def requests_session(sink: Sink[Any], adapter: Any = None) -> requests.Session:
+def requests_session(sink: Sink[Any], adapter: BaseAdapter | None = None) -> requests.Session:
     """A requests session for a sink on a vendor's requests-based layer: it answers a redirect
     instead of following it (requests' default follows one, credentials and all, to a host
     nobody configured), never retries (the core does: ``adapter``, a requests ``HTTPAdapter``
-    of the sink's own, should be made with ``max_retries=0``), keeps to :func:`body_limit`
-    (with its own adapter) and sends the user info taken out of the configured URL as Basic
-    auth. Make one per process (:class:`ProcessLocal`)."""
-    import requests
+    of the sink's own, should be made with ``max_retries=0``), keeps to :func:`body_limit`,
+    reads every answer within bounds, whatever the adapter (its body up to
+    :data:`~waypost.sinks.bounded.ANSWER_BYTES`, the rest cut off, and ended within the sink's
+    ``timeout`` of the request's start, else ``requests.ReadTimeout``) and sends the user info
+    taken out of the configured URL as Basic auth. Make one per process
+    (:class:`ProcessLocal`)."""
+    from requests.adapters import HTTPAdapter
 
-    session: requests.Session = _no_redirects(requests)()
-    adapter = _limited_adapter(requests)(max_retries=0) if adapter is None else adapter
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
+    session = _session_class()()
+    inner = HTTPAdapter(max_retries=0) if adapter is None else adapter
+    bounded = requests_adapter(inner, float(sink.config.timeout))
+    session.mount("https://", bounded)
+    session.mount("http://", bounded)
     secrets = sink.config.url_secrets
     if secrets.username is not None:
         session.auth = (secrets.username, secrets.password or "")
@@ -425,15 +437,23 @@ def requests_session(sink: Sink[Any], adapter: Any = None) -> requests.Session:
 
 
 @functools.cache
-def _no_redirects(http: Any) -> Any:
-    """The requests session class that never follows a redirect (defined once requests is in)."""
+def _session_class() -> type[requests.Session]:
+    """The requests session class that never follows a redirect and keeps to
+    :func:`body_limit` (defined once requests is in)."""
+    import requests
 
-    class NoRedirects(http.Session):  # type: ignore[misc]
-        def request(self, *args: Any, **kwargs: Any) -> Any:
+    class KeptSession(requests.Session):
+        def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
             kwargs["allow_redirects"] = False
-            return super().request(*args, **kwargs)
+            at_most = getattr(_body_limits, "at_most", 0)
+            body = request.body
+            if at_most and isinstance(body, (str, bytes)):  # a streamed body is not measured
+                size = len(body.encode() if isinstance(body, str) else body)
+                if size > at_most:
+                    raise BodyOverLimit(size, at_most)
+            return super().send(request, **kwargs)
 
-    return NoRedirects
+    return KeptSession
 
 
 @contextlib.contextmanager
@@ -471,7 +491,8 @@ _body_limits = threading.local()
 @contextlib.contextmanager
 def body_limit(at_most: int) -> Iterator[None]:
     """Within it, a request this thread makes through a :func:`requests_session` whose body is
-    over ``at_most`` bytes raises :class:`BodyOverLimit` unsent (0: no limit): a vendor's
+    over ``at_most`` bytes (text or bytes: a streamed body is not measured) raises
+    :class:`BodyOverLimit` unsent (0: no limit): a vendor's
     request layer builds and encodes the body itself, so only the wire knows its size."""
     before = getattr(_body_limits, "at_most", 0)
     _body_limits.at_most = at_most
@@ -479,23 +500,6 @@ def body_limit(at_most: int) -> Iterator[None]:
         yield
     finally:
         _body_limits.at_most = before
-
-
-@functools.cache
-def _limited_adapter(http: Any) -> Any:
-    """The requests adapter class that keeps to :func:`body_limit` (defined once requests is in)."""
-
-    class LimitedAdapter(http.adapters.HTTPAdapter):  # type: ignore[misc]
-        def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-            at_most = getattr(_body_limits, "at_most", 0)
-            body = request.body
-            if at_most and body is not None:
-                size = len(body.encode() if isinstance(body, str) else body)
-                if size > at_most:
-                    raise BodyOverLimit(size, at_most)
-            return super().send(request, *args, **kwargs)
-
-    return LimitedAdapter
 
 
 class Answers:
