@@ -828,6 +828,30 @@ def test_not_blank_refuses_blank_text_and_secrets() -> None:
         assert error["msg"] == f"Value error, {error['loc'][0]} must not be empty"
 
 
+def test_not_blank_has_a_type_that_strict_mypy_checks(tmp_path: Path) -> None:
+    # A plugin names it in a config class's body: that must pass mypy strict, and what it
+    # returns must not be Any (which would let it stand wherever a plugin put it).
+    api = pytest.importorskip("mypy.api")
+    module = tmp_path / "plugin_config.py"
+    module.write_text(
+        "from pydantic import SecretStr\n"
+        "from waypost.sinks import SinkConfig, not_blank\n"
+        "class KeyConfig(SinkConfig):\n"
+        "    api_key: SecretStr\n"
+        '    _filled = not_blank("api_key")\n'
+        'wrong: int = not_blank("api_key")\n',
+        encoding="utf-8",
+    )
+    root = Path(__file__).parent.parent
+    out, err, _ = api.run(
+        ["--config-file", str(root / "pyproject.toml"), "--cache-dir", str(tmp_path / "cache"),
+         str(module)]
+    )  # fmt: skip
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and "plugin_config.py:6:" in errors[0], (out, err)
+    assert "Incompatible types in assignment" in errors[0] and "classmethod" in errors[0], out
+
+
 def test_sift_marks_what_a_rule_refuses_and_keeps_the_rest_in_order() -> None:
     from waypost.sinks import sift
 

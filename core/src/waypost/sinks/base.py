@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeAlias
 
 from pydantic import (
     BaseModel,
@@ -108,7 +108,12 @@ class SinkConfig(BaseModel):
             yield name, mask_url(value) if isinstance(value, str) else value
 
 
-def not_blank(*fields: str) -> Any:
+FieldCheck: TypeAlias = "classmethod[SinkConfig, [Any, ValidationInfo], Any]"
+"""What :func:`not_blank` makes: a field validator to name in a config class's body, typed as
+pydantic's ``field_validator`` types the classmethod it decorates."""
+
+
+def not_blank(*fields: str) -> FieldCheck:
     """A validator for a config model refusing a blank value (text or ``SecretStr``) of
     ``fields``, e.g. ``_key = not_blank("api_key")``: "api_key must not be empty"."""
 
