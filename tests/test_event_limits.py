@@ -9,14 +9,16 @@ what is truncated or refused, and what is dropped.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import show
+from faultkit import show, wait_until
 
 import waypost
 from waypost.errors import ConfigError, TrackError
@@ -172,6 +174,42 @@ def test_a_million_keys_are_refused_and_counted_without_dropping_anything_else(
     assert not by_name("many_keys")
     assert len(by_name("small")) == 30_000, dropped
     assert dropped == {"too_large": 1}, dropped
+
+
+def test_a_million_keys_at_the_top_or_nested_are_refused_uncopied_in_one_log_line(
+    make_tel: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # docs/delivery.md, "Limits on one event": refused, dropped["too_large"], one log line, a
+    # len() and no more. A copy of a million keys allocates some 30 MB: the first refusals,
+    # traced while nothing else is tracked, allocate next to nothing.
+    caplog.set_level(logging.WARNING, logger="waypost")
+    tel = make_tel()
+    many = {f"k{i}": i for i in range(1_000_000)}
+    nested = {"ok": True, "inner": many}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tel.track("many_keys", many)
+        tel.track("nested_keys", nested)
+        assert wait_until(lambda: tel.status().counters.dropped.get("too_large") == 2)
+        allocated = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert allocated < 4 << 20, f"{allocated:,} bytes allocated to refuse them"
+    others = burst(tel, "small", 30_000)
+    for _ in range(5):
+        tel.track("many_keys", many)
+        tel.track("nested_keys", nested)
+    others.join()
+    assert tel.flush(60)
+    dropped = tel.status().counters.dropped
+    assert dropped == {"too_large": 12}, dropped
+    assert len(by_name("small")) == 30_000, dropped
+    assert not by_name("many_keys") and not by_name("nested_keys")
+    assert len(many) == 1_000_000 and nested["inner"] is many  # the caller's dicts untouched
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1, refusals
+    assert "1,000,000 keys" in refusals[0] and "telemetry.limits.keys" in refusals[0]
 
 
 def test_too_many_keys_are_refused_by_track_itself_before_any_copy(
