@@ -170,3 +170,19 @@ def test_a_requests_session_reads_within_bounds_whatever_its_adapter(
             assert len(answer.content) == ANSWER_BYTES and peak < MEMORY, peak
         session.close()
     assert no_reader_thread_left()
+
+
+def test_one_thread_watches_a_run_of_answers_and_ends_after_the_last(
+    sink: Callable[[str], PlainSink],
+) -> None:
+    from waypost.testing import RecordingServer
+
+    with RecordingServer() as server:
+        plain = sink(f"{server.url}/in")
+        seen: list[threading.Thread] = []
+        for _ in range(20):
+            plain.send([])
+            seen += [t for t in threading.enumerate() if t.name == "waypost-answers"]
+        assert len(seen) == 20 and len(set(seen)) == 1, seen  # never one thread per answer
+        assert len(server.requests) == 20
+    assert no_reader_thread_left()

@@ -4,9 +4,9 @@ of bytes neither fills the memory nor holds a sink's thread.
 
 A body longer than that is cut: what was read is the body, the rest is never read and the
 connection is closed. A body still coming at its deadline raises :class:`AnswerTooSlow`: a
-thread of waypost's (alive only while a body is being read) shuts the connection down under
-the read that waits. :class:`~waypost.sinks.HttpTransport` reads every answer so, and so does
-every adapter of a :func:`~waypost.sinks.requests_session`.
+thread of waypost's (alive while bodies are being read, and half a second more) shuts the
+connection down under the read that waits. :class:`~waypost.sinks.HttpTransport` reads every
+answer so, and so does every adapter of a :func:`~waypost.sinks.requests_session`.
 """
 
 from __future__ import annotations
@@ -64,44 +64,68 @@ class _Watch:
                 self.sock.shutdown(socket.SHUT_RDWR)
 
 
+_LINGER = 0.5
+"""Seconds the cutter's thread waits for another body to watch before it ends."""
+
+
 class _Cutter:
     """Shuts down the connections of bodies past their deadline, on one thread that lives while
-    there are bodies to watch (one process's: a forked child has its own)."""
+    there are bodies to watch and half a second more (one process's: a forked child has its
+    own). Watching a body costs two lock acquisitions: the thread is woken only for a deadline
+    earlier than the one it waits for, which a deadline at least a second away seldom is."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._watches: set[_Watch] = set()
         self._running = False
+        self._wakes_at = 0.0
 
     @contextlib.contextmanager
     def watching(self, sock: socket.socket | None, deadline: float) -> Iterator[_Watch]:
         watch = _Watch(sock, deadline)
-        if sock is None:  # nothing to shut down: the reader checks the deadline between reads
+        if sock is None or not self._add(watch):  # the reader checks between reads only
             yield watch
             return
-        with self._changed:
-            self._watches.add(watch)
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._run, name="waypost-answers", daemon=True).start()
-            self._changed.notify()
         try:
             yield watch
         finally:
             with self._changed:
                 self._watches.discard(watch)
+                if not self._watches and self._wakes_at > time.monotonic() + _LINGER:
+                    self._changed.notify()  # to linger from now, not from a deadline passed by
+
+    def _add(self, watch: _Watch) -> bool:
+        with self._changed:
+            if not self._running:
+                thread = threading.Thread(target=self._run, name="waypost-answers", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                    return False
+                self._running = True
+                self._wakes_at = 0.0  # it looks at the watches before it first waits
+            self._watches.add(watch)
+            if watch.deadline < self._wakes_at:
                 self._changed.notify()
+            return True
 
     def _run(self) -> None:
+        idle_since = time.monotonic()
         with self._changed:
-            while self._watches:
+            while True:
                 now = time.monotonic()
                 for watch in [w for w in self._watches if w.deadline <= now]:
                     self._watches.discard(watch)
                     watch.shut()
                 if self._watches:
-                    self._changed.wait(min(w.deadline for w in self._watches) - now)
-            self._running = False
+                    idle_since = now
+                    self._wakes_at = min(w.deadline for w in self._watches)
+                elif now - idle_since >= _LINGER:
+                    self._running = False
+                    return
+                else:
+                    self._wakes_at = idle_since + _LINGER
+                self._changed.wait(self._wakes_at - now)
 
 
 _cutters: ProcessLocal[_Cutter] = ProcessLocal(_Cutter, lambda cutter: None)
