@@ -5,6 +5,8 @@ held past its timeout nor the memory filled."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import tracemalloc
@@ -118,7 +120,7 @@ def test_an_error_answer_with_a_huge_body_is_classified_on_its_first_mib(
         assert server.gone.wait(5)
 
 
-@pytest.mark.parametrize("shape", ["trickle", "trickle_length"])
+@pytest.mark.parametrize("shape", ["trickle", "trickle_length", "stall"])
 def test_a_body_that_trickles_past_the_timeout_is_a_retryable_timeout(
     shape: str, sink: Callable[[str], PlainSink]
 ) -> None:
@@ -143,7 +145,7 @@ def _requests_adapters() -> list[Any]:
 
 
 @pytest.mark.parametrize("own", [False, True], ids=["built-in adapter", "own adapter"])
-@pytest.mark.parametrize("shape", ["huge", "endless", "bomb", "trickle", "trickle_length"])
+@pytest.mark.parametrize("shape", ["huge", "endless", "bomb", "trickle", "trickle_length", "stall"])
 def test_a_requests_session_reads_within_bounds_whatever_its_adapter(
     shape: str, own: bool, sink: Callable[[str], PlainSink]
 ) -> None:
@@ -161,7 +163,7 @@ def test_a_requests_session_reads_within_bounds_whatever_its_adapter(
 
         answer, error, peak = bounded_call(post)
         assert shape == "bomb" or server.gone.wait(5)
-        if shape.startswith("trickle"):
+        if shape.startswith(("trickle", "stall")):
             assert isinstance(error, RetryableError), error
             assert error.reason == f"plain: no answer from {server.url} within 1 s"
         else:
@@ -186,3 +188,50 @@ def test_one_thread_watches_a_run_of_answers_and_ends_after_the_last(
         assert len(seen) == 20 and len(set(seen)) == 1, seen  # never one thread per answer
         assert len(server.requests) == 20
     assert no_reader_thread_left()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_cuts_a_stalled_body_with_a_watcher_of_its_own(
+    sink: Callable[[str], PlainSink],
+) -> None:
+    with BodyServer("stall") as server:  # only a watcher cuts it at 1 s: a read waits for more
+        plain = sink(server.url)
+        raised: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                plain.send([])
+            except BaseException as exc:
+                raised.append(exc)
+
+        reading = threading.Thread(target=read)
+        reading.start()  # forked while the parent's watcher waits for this body's deadline
+        assert wait_until(lambda: any(t.name == "waypost-answers" for t in threading.enumerate()))
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child reports through its exit status)
+            code = 1
+            try:
+                plain.send([])
+            except RetryableError as exc:
+                code = 0 if "had not ended within 1 s" in exc.reason else 2
+            finally:
+                os._exit(code)
+        ended: list[int] = []
+
+        def reaped() -> bool:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                ended.append(status)
+            return bool(done)
+
+        if not wait_until(reaped, 5):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child was still reading its answer after 5 s")
+        status = ended[0]
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert time.monotonic() - started < BUDGET
+        reading.join(BUDGET)
+        assert not reading.is_alive() and isinstance(raised[0], RetryableError), raised
+        assert "had not ended within 1 s" in raised[0].reason

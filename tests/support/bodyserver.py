@@ -11,10 +11,11 @@ from typing import Any
 
 GIB = 1 << 30
 
-SHAPES = ("huge", "endless", "trickle", "trickle_length", "bomb")
+SHAPES = ("huge", "endless", "trickle", "trickle_length", "stall", "bomb")
 """``huge``: a Content-Length of 2 GiB, sent as fast as the client reads; ``endless``: chunked,
 never ending; ``trickle``: chunked, a byte every 50 ms; ``trickle_length``: a Content-Length of
-1 MB, a byte every 50 ms; ``bomb``: 64 MiB of zeros, gzipped (64 KiB on the wire)."""
+1 MB, a byte every 50 ms; ``stall``: chunked, a byte every 50 ms for 0.9 s, then nothing (a
+read waits for the next byte in vain); ``bomb``: 64 MiB of zeros, gzipped (64 KiB on the wire)."""
 
 _BOMB: list[bytes] = []
 
@@ -112,6 +113,10 @@ class BodyServer:
         elif shape == "trickle":
             self._head(conn, Transfer_Encoding="chunked")
             while not self._stop.is_set():
+                self._body(conn, b"1\r\nx\r\n", 0.05)
+        elif shape == "stall":
+            self._head(conn, Transfer_Encoding="chunked")
+            for _ in range(18):
                 self._body(conn, b"1\r\nx\r\n", 0.05)
         elif shape == "trickle_length":
             self._head(conn, Content_Length=1_000_000)
