@@ -420,9 +420,10 @@ def requests_session(sink: Sink[Any], adapter: BaseAdapter | None = None) -> req
     of the sink's own, should be made with ``max_retries=0``), keeps to :func:`body_limit`,
     reads every answer within bounds, whatever the adapter (its body up to
     :data:`~waypost.sinks.bounded.ANSWER_BYTES`, the rest cut off, and ended within the sink's
-    ``timeout`` of the request's start, else ``requests.ReadTimeout``) and sends the user info
-    taken out of the configured URL as Basic auth. Make one per process
-    (:class:`ProcessLocal`)."""
+    ``timeout`` of the request's start or a second after its headers, whichever is later, else
+    ``requests.ReadTimeout``; the adapter is asked to stream, so that it leaves the body unread,
+    as ``HTTPAdapter`` and its subclasses do) and sends the user info taken out of the
+    configured URL as Basic auth. Make one per process (:class:`ProcessLocal`)."""
     from requests.adapters import HTTPAdapter
 
     session = _session_class()()
