@@ -130,9 +130,10 @@ class Schedules:
     def _emit_job(self, job: Job, payload: Any) -> bool:
         return self.emit(job.event or job.name, payload)
 
-    def emit(self, name: str | None, payload: object) -> bool:
+    def emit(self, name: str | None, payload: object, *, store: bool = True) -> bool:
         """Track what a job returned (a Payload, a dict of properties for event ``name``, a
-        ``(name, properties)`` pair, or None: nothing) and store it; False if not tracked."""
+        ``(name, properties)`` pair, or None: nothing) and, with ``store``, have the worker
+        store it (waiting two seconds at most); False if not tracked."""
         host = self.host
         if not host.enabled or payload is None:
             return False
@@ -143,15 +144,19 @@ class Schedules:
         else:
             host.track(name or "event", cast("Mapping[str, Any] | None", payload))  # it checks
         pipeline = host.pipeline
-        if pipeline is not None:
-            pipeline.drain(store=True)  # stored before the run is recorded as done
+        if store and pipeline is not None:
+            # Stored before the run is recorded as done, by the worker (the job's own thread
+            # never runs hooks). Past the wait it is tracked all the same: delivered, or
+            # stored with the next batch.
+            pipeline.store_now()
         return True
 
     def shutdown(self, seconds_running: float) -> None:
         """Track what each :attr:`at_shutdown` callback returns."""
         if self.host.enabled:
             for callback in self.at_shutdown:
-                self.emit(None, callback(seconds_running))
+                # Not waited for: shutdown's own flush delivers or stores it, on its budget.
+                self.emit(None, callback(seconds_running), store=False)
 
     def schedule(
         self,

@@ -217,12 +217,14 @@ def sink_status(
     running: bool,
     rows: Mapping[str, Any] | None = None,
     enabled: bool | None = None,
+    in_memory: int = 0,
 ) -> SinkStatus:
     """One sink's status: its runner's snapshot while it runs, completed by what its outbox
     ``rows`` say (:meth:`Outbox.sink_rows`: written by any process); else, from the rows
     alone, ``error`` (it could not be made), ``off`` (telemetry is off: ``enabled`` false, or
     not ``running`` when ``enabled`` is not given), ``retrying`` (pending rows tried before),
-    ``pending`` or ``idle``."""
+    ``pending`` or ``idle``; ``in_memory``: events held for it, without a runner, on their way
+    to the outbox."""
     rows = rows or {}
     from_rows = {
         "refused": int(rows.get("refused", 0)),
@@ -263,6 +265,7 @@ def sink_status(
         last_success=as_datetime(from_rows["last_success"]),
         last_error=from_rows["last_error"],
         last_error_at=as_datetime(from_rows["last_error_at"]),
+        in_memory=in_memory,
     )
 
 
@@ -302,6 +305,7 @@ def snapshot(
     pipeline = source.pipeline
     # What the worker has taken and what is buffered, read together: never a dip.
     taken, buffered = pipeline.accepted() if pipeline else (source.counters.accepted, 0)
+    kept = pipeline.kept_in_memory() if pipeline else {}
     outbox_counts: dict[str, dict[str, int]] = {}
     rows: dict[str, dict[str, Any]] = {}
     pending_events = 0
@@ -342,6 +346,7 @@ def snapshot(
             running=running,
             rows=rows.get(name),
             enabled=decision.enabled,
+            in_memory=kept.get(name, 0),
         )
         for name, spec in specs.items()
     ]

@@ -90,7 +90,6 @@ class Telemetry(Scheduling):
         # The pipeline's methods that track calls: a host thread that passed the checks just
         # before consent was withdrawn calls a no-op, never a pipeline that is gone.
         self._nudge: Callable[[], object] = _nothing
-        self._drain: Callable[[], object] = _nothing
         self.counters = Counters()
         self.instance_id: str | None = None
         self._log_once = LogOnce(log)
@@ -176,14 +175,16 @@ class Telemetry(Scheduling):
         self.pipeline = pipeline = run.pipeline
         self._outboxes.running = run.outbox
         self._buffer = pipeline.buffer
-        self._nudge, self._drain = pipeline.nudge, pipeline.drain  # for the hot path
+        self._nudge, self._store_now = pipeline.nudge, pipeline.store_now  # for the hot path
         self._wake_at = min(cfg.batch.size, cfg.outbox.buffer)
         self._spill_at = cfg.outbox.buffer
         self._keys = cfg.limits.keys
         self._sync = sync
         pipeline.start()
         self._on = True
-        self._fast = not self.strict and not self._sync
+        self._fast = not self.strict and not self._sync and not self._kept
+        if self._kept:  # consent came back after SIGTERM: the process is still ending
+            pipeline.keep_everything()
         startup.record_installation(
             self.config_file, app=self.app, version=self._version_given, data_dir=self.data_dir
         )
@@ -198,7 +199,7 @@ class Telemetry(Scheduling):
         """Consent was withdrawn: stop at once. Events not yet stored are discarded; the
         outbox keeps what it holds, unsent, until consent returns or an operator purges it."""
         self._on = self._fast = False
-        self._nudge = self._drain = self._store_now = _nothing
+        self._nudge = self._store_now = _nothing
         self._process.forget()
         self.schedules.stop(timeout=1.0)
         pipeline, self.pipeline = self.pipeline, None
@@ -267,9 +268,7 @@ class Telemetry(Scheduling):
             properties = properties.copy()
         buffer = self._buffer
         buffer.append((event, properties, when, level, distinct_id))
-        if self._sync:
-            self._drain()
-        elif self._kept:
+        if self._sync or self._kept:  # stored by the worker before this returns (STALL at most)
             self._store_now()
         elif len(buffer) == self._wake_at or len(buffer) >= self._spill_at:
             self._nudge()
@@ -348,7 +347,6 @@ class Telemetry(Scheduling):
         if pipeline is None or not self._on:
             return
         with self._lock:
-            self._store_now = pipeline.store_now
             self._kept = True  # each event stored as it is tracked, by the worker
             self._fast = False
         pipeline.keep_everything()

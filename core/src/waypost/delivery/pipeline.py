@@ -2,10 +2,12 @@
 its delivery threads, each inside its own error boundary, with retries and a circuit breaker;
 and the storer, which writes to the outbox what cannot go at once.
 
-The worker never touches the disk: a slow, full, locked or broken outbox holds up only the
-storer. The host never waits for the worker, nor so for the disk, before the buffer holds
-``HOLD`` times ``outbox.buffer`` items: a burst waits there, as ``track`` made it, while the
-worker builds it at the pace of the sinks and the storer. Events the outbox cannot take stay
+The worker writes the outbox only when asked to store at once (``durability: sync``, SIGTERM,
+a scheduled job): a slow, full, locked or broken outbox holds up the storer, and the worker as
+far as it waits for room in memory. The host never waits for the worker, nor so for the disk,
+before the buffer holds ``HOLD`` times ``outbox.buffer`` items (a caller that asks to store at
+once waits STALL seconds at most): a burst waits there, as ``track`` made it, while the worker
+builds it at the pace of the sinks and the storer. Events the outbox cannot take stay
 in memory (each sink's queue is bounded by ``outbox.buffer``); past that bound they are
 dropped and counted under the outbox's trouble (``disk_full``, ``read_only``, ...)."""
 
@@ -43,6 +45,9 @@ worker (which is woken at a batch): a buffered item is what ``track`` made (the 
 of the properties, the time), a few hundred bytes, one object for the garbage collector."""
 STALL = 2.0
 """Seconds ``track`` waits for room in a full buffer before it drops instead."""
+STUCK = 10.0
+"""Seconds the storer may go without storing anything, on an outbox that takes writes, before
+the worker waiting for room in memory drops instead (a write of a slow disk is waited for)."""
 STORAGE_RETRY = 1.0
 """Seconds between attempts to write what the outbox refused (a full disk, a lock)."""
 DROP_REASONS = {
@@ -137,12 +142,16 @@ class Pipeline:
         self._drains = threading.Condition()
         self._drain_requested = 0
         self._drain_done = 0
+        self._store_asked = 0  # the last ticket whose drain is to be stored
+        self._stored_done = 0  # the last ticket whose drain was stored, all of it
         self._progress = threading.Condition()
         self._lost_reported = 0  # events lost (counted) that a flush has reported already
         self._store_behind = 0  # a store_now() ticket the worker did not reach in time
         self._taking = threading.Lock()  # held while the worker moves a chunk to accepted
+        self._in_hand = 0  # taken from the buffer, not yet handed to the sinks or stored
+        self._abandoned = False  # shutdown counted what is left: take and hand on no more
         # Events for sinks that could not be made, on their way to the outbox: the storer
-        # writes them (the worker never touches the disk). _kept_room guards the queue and
+        # writes them (the worker only when it stores at once). _kept_room guards the queue and
         # its count; _kept_write is held by whoever writes its head (the storer, a spill).
         self._kept: deque[tuple[list[Event], tuple[str, ...]]] = deque()
         self._kept_n = 0
@@ -174,11 +183,14 @@ class Pipeline:
 
     def keep_everything(self) -> None:
         """From now on every event is stored in the outbox as it is handed over, and what is
-        held in memory now is stored: the process may end at any moment (SIGTERM came)."""
+        held in memory now is stored: the process may end at any moment (SIGTERM came). The
+        worker builds and stores what is buffered (hooks never run on the caller's thread);
+        the caller waits STALL seconds at most."""
         self.sync = True
         self.interval = min(self.interval, LINGER)
-        self.drain(store=True)
-        self.spill()
+        deadline = time.monotonic() + STALL
+        self.store_now(deadline)
+        self.spill(deadline)
 
     def contract_error(self, error: SinkContractError) -> None:
         self.log_once(f"contract:{error}", "waypost: %s", error, level=logging.ERROR)
@@ -246,9 +258,12 @@ class Pipeline:
             try:
                 with self._drains:
                     asked = self._drain_requested
-                self.drain()
+                    store = self._store_asked > self._drain_done
+                stored = self.drain(store=store)
                 with self._drains:
                     self._drain_done = max(self._drain_done, asked)
+                    if stored:
+                        self._stored_done = max(self._stored_done, asked)
                     self._drains.notify_all()
                 if self.debug:
                     with self._drains:
@@ -262,8 +277,12 @@ class Pipeline:
                     level=logging.ERROR,
                 )
                 time.sleep(0.5)
-            if self.stopping and not self.buffer:
+            if self.stopping and (not self.buffer or self._abandoned):
                 return
+
+    def abandoned(self) -> bool:
+        """Shutdown counted what is left in memory as lost: nothing more is taken or handed on."""
+        return self._abandoned
 
     def _next_wait(self) -> float:
         """Until the next drain: ``batch.interval``; sooner while a burst goes on (the last
@@ -273,30 +292,36 @@ class Pipeline:
             return 0.0
         return min(self.interval, LINGER) if self._linger else self.interval
 
-    def store_now(self) -> None:
-        """Called by ``track`` once everything is kept (SIGTERM came): the worker builds and
-        stores what is buffered now, on its own thread (hooks and scrubbers never run on the
-        caller's), while the caller waits for it, at most STALL seconds: the event is in the
-        outbox when ``track`` returns, should the host end the process next. Once a wait ran
-        out, the next calls only wake the worker until it has caught up."""
+    def store_now(self, deadline: float | None = None) -> bool:
+        """Have the worker build what is buffered now and store it in the outbox, on its own
+        thread (hooks and scrubbers never run on the caller's), while the caller waits until
+        ``deadline`` (monotonic; STALL seconds from now by default): called by ``track`` under
+        ``durability: sync`` or once SIGTERM came, and by a scheduled job before its run is
+        recorded. True when it is stored. Once a wait ran out, the next calls do not wait
+        until the worker has caught up; the buffer stays bounded as in a burst."""
         worker = self.worker
-        if (
-            worker is None
-            or worker.ident == threading.get_ident()  # a hook of the worker's that tracks
-            or self._drain_done < self._store_behind
-        ):
+        if worker is None or worker.ident == threading.get_ident():  # a hook that tracks
             self.wake.set()
-            return
-        ticket = self.request_drain()
-        if not self.wait_drained(ticket, time.monotonic() + STALL):
+            return False
+        if self._drain_done < self._store_behind:
+            self.nudge()
+            return False
+        ticket = self.request_drain(store=True)
+        if deadline is None:
+            deadline = time.monotonic() + STALL
+        if not self.wait_drained(ticket, deadline):
             self._store_behind = ticket
+            return False
+        return self._stored_done >= ticket
 
-    def request_drain(self) -> int:
-        """Ask the worker to build and hand on everything buffered now; a ticket for
-        :meth:`wait_drained`."""
+    def request_drain(self, *, store: bool = False) -> int:
+        """Ask the worker to build and hand on everything buffered now (``store``: and to write
+        it to the outbox); a ticket for :meth:`wait_drained`."""
         with self._drains:
             self._drain_requested += 1
             ticket = self._drain_requested
+            if store:
+                self._store_asked = ticket
         self.wake.set()
         return ticket
 
@@ -321,11 +346,21 @@ class Pipeline:
         with self._progress:
             self._progress.notify_all()
 
-    def storage_refused(self, exc: StorageUnavailable) -> None:
-        """The outbox refused a write: what it was for stays in memory; try again soon."""
+    def storage_refused(self, exc: Exception) -> None:
+        """The outbox refused a write (``StorageUnavailable``), or failed in it with any other
+        error: what it was for stays in memory; try again soon."""
         self._storage_retry_at = time.monotonic() + STORAGE_RETRY
-        # The outbox logged the trouble itself (once); this is for whoever debugs.
-        log.debug("waypost: the outbox cannot take events now (%s)", exc.reason)
+        if isinstance(exc, StorageUnavailable):
+            # The outbox logged the trouble itself (once); this is for whoever debugs.
+            log.debug("waypost: the outbox cannot take events now (%s)", exc.reason)
+            return
+        self.log_once(
+            f"outbox-failed:{type(exc).__name__}",
+            "waypost: writing to the outbox failed (%s: %s); the events stay in memory",
+            type(exc).__name__,
+            exc,
+            level=logging.ERROR,
+        )
 
     def _store(self) -> None:
         """The storer's loop: write to the outbox what waited in memory for ``batch.interval``
@@ -414,7 +449,9 @@ class Pipeline:
 
     def drain(self, *, store: bool = False) -> bool:
         """Build everything buffered and hand it to the sinks' threads, or (``store``, a sink
-        behind, or ``durability: sync``) write it to the outbox; in debug mode, print it."""
+        behind, or ``durability: sync``) write it to the outbox; in debug mode, print it.
+        False if some of what was to be stored could not be (it stays in memory)."""
+        stored = True
         with self.lock:
             buffer = self.buffer
             moved = 0
@@ -425,33 +462,44 @@ class Pipeline:
                 items: list[Item] = []
                 pop = buffer.popleft
                 with self._taking:  # accepted and buffered are read together under it
+                    if self.abandoned():
+                        break
                     try:
                         for _ in range(min(left, 1000)):  # small enough that sinks start soon
                             items.append(pop())
                     except IndexError:
                         pass
                     self.counters.accepted += len(items)
+                    self._in_hand = len(items)
                 left -= len(items)
                 with self._room:  # a caller held back by a full buffer may go on
                     self._stalled = False
                     self._room.notify_all()
                 moved += len(items)
-                events = self.build(items)
-                if not events:
-                    continue
-                if self.debug:
-                    self._print_debug(events)
-                    continue
-                assert self.outbox is not None
-                self._dispatch(events, store=store)
+                try:
+                    events = self.build(items)
+                    with self._taking:
+                        if self.abandoned():  # shutdown counted them as lost
+                            continue
+                        self._in_hand = len(events)
+                    if not events:
+                        continue
+                    if self.debug:
+                        self._print_debug(events)
+                        continue
+                    assert self.outbox is not None
+                    stored = self._dispatch(events, store=store) and stored
+                finally:
+                    self._in_hand = 0
             self._linger = moved >= self.wake_at
-        return True
+        return stored
 
-    def _dispatch(self, events: list[Event], *, store: bool) -> None:
+    def _dispatch(self, events: list[Event], *, store: bool) -> bool:
         """Hand events to each sink that takes them, in memory; with ``store`` (or
         ``durability: sync``) write them to the outbox first (one row per sink instance, in one
-        transaction), keeping them in memory if it refuses."""
+        transaction), keeping them in memory if it refuses. False if it refused any."""
         assert self.outbox is not None
+        stored = True
         now = time.monotonic()
         runners = self.runners
         kept = self.kept_for
@@ -483,10 +531,11 @@ class Pipeline:
             if names:
                 try:
                     self.outbox.add(group, names)
-                except StorageUnavailable as exc:
+                except Exception as exc:  # refused (or a defect in the write): kept in memory
                     self.storage_refused(exc)
+                    stored = False
                     if keep:
-                        self._drop_kept(keep, len(group))
+                        self._keep(group, keep)  # the storer tries again
                 else:
                     self.count_stored(len(group))
                     if stored_targets:
@@ -498,6 +547,7 @@ class Pipeline:
                     self._drop_for(runner, len(group))
                     continue
                 runner.offer(group, now)
+        return stored
 
     def _drop_for(self, runner: Runner, n: int) -> None:
         reason, detail = self._drop_unstorable(n)
@@ -514,18 +564,17 @@ class Pipeline:
 
     def _keep(self, events: list[Event], sinks: tuple[str, ...]) -> None:
         """Hand events for sinks that could not be made to the storer. At most
-        ``outbox.buffer`` wait in memory: past it the worker waits for the storer (STALL at
-        most), and drops them (counted) when the outbox cannot take any now."""
-        deadline = time.monotonic() + STALL
+        ``outbox.buffer`` wait in memory: past it the worker waits for the storer while it
+        stores, and drops them (counted) when the outbox cannot take any now or has taken
+        nothing for STUCK seconds."""
+        watch = _Watch(self)
         with self._kept_room:
             while self._kept_n >= self.buffer_size:
-                health = self.outbox.health() if self.outbox is not None else None
-                left = deadline - time.monotonic()
-                if (health is not None and health.memory_only) or left <= 0 or self.stopping:
+                if watch.hopeless():
                     self._drop_kept(sinks, len(events))
                     return
                 self.wake_storer()
-                self._kept_room.wait(min(left, LINGER))
+                self._kept_room.wait(LINGER)
             self._kept.append((events, sinks))
             self._kept_n += len(events)
         self.wake_storer()
@@ -551,13 +600,27 @@ class Pipeline:
                 except StorageUnavailable as exc:
                     self.storage_refused(exc)
                     return False
+                except Exception as exc:  # not the disk: these events would fail again
+                    self.storage_refused(exc)
+                    self._drop_kept(sinks, len(events))
+                else:
+                    self.count_stored(len(events))
                 with self._kept_room:
                     self._kept.popleft()
                     self._kept_n -= len(events)
                     self._kept_room.notify_all()
-                self.count_stored(len(events))
         finally:
             self._kept_write.release()
+
+    def kept_in_memory(self) -> dict[str, int]:
+        """Events waiting in memory for each sink that could not be made, on their way to the
+        outbox (the storer writes them; they go with the process until it has)."""
+        counts: dict[str, int] = {}
+        with self._kept_room:
+            for events, sinks in self._kept:
+                for name in sinks:
+                    counts[name] = counts.get(name, 0) + len(events)
+        return counts
 
     def _drop_kept(self, sinks: tuple[str, ...], n: int) -> None:
         """Events for sinks that could not be made, which the outbox cannot take now."""
@@ -572,6 +635,11 @@ class Pipeline:
             level=logging.ERROR,
         )
 
+    def memory_only(self) -> bool:
+        """The outbox takes no writes now (full disk, read-only, locked): delivery from memory."""
+        health = self.outbox.health() if self.outbox is not None else None
+        return health is not None and health.memory_only
+
     def _drop_unstorable(self, n: int) -> tuple[str, str]:
         """Count ``n`` events dropped because the outbox cannot take them, under the reason
         for what is wrong with it; that reason and what to tell the operator."""
@@ -585,10 +653,13 @@ class Pipeline:
     def _count_left_in_memory(self, deadline: float) -> None:
         """At shutdown, count what is still held only in memory once the threads have stopped:
         it goes with the process (the outbox could not take it, or the budget ran out first).
-        The outbox is asked, within ``deadline`` (monotonic), which of it it holds too."""
+        From now on the worker takes and hands on nothing more (what it has in hand is counted
+        here). The outbox is asked, within ``deadline`` (monotonic), which of it it holds too."""
+        with self._taking:
+            self._abandoned = True
+            n = len(self.buffer) + self._in_hand
         with self._kept_room:
-            n = self._kept_n
-        n += len(self.buffer)
+            n += self._kept_n
         outbox = self.outbox
         for runner in self.runners:
             ids = runner.memory_ids()
@@ -616,16 +687,14 @@ class Pipeline:
 
     def _make_room(self, runner: Runner) -> bool:
         """Wait for room in a sink's full queue in memory while the outbox takes what it
-        holds: the worker is slowed to the storer's pace (the host only once the buffer holds
-        ``HOLD`` times ``outbox.buffer``), never made to wait on a stuck disk. When the outbox
-        cannot take anything (full disk, read-only, locked), events past the bound are
-        dropped, and counted under that cause. True if there is room now."""
-        outbox = self.outbox
-        deadline = time.monotonic() + STALL
-        while not runner.wait_room(min(deadline, time.monotonic() + LINGER)):
-            health = outbox.health() if outbox is not None else None
-            refused = health is not None and health.memory_only
-            if refused or time.monotonic() >= deadline or self.stopping:
+        holds: the worker is slowed to the storer's pace, however slow (the host only once the
+        buffer holds ``HOLD`` times ``outbox.buffer``), never made to wait on a stuck disk.
+        When the outbox cannot take anything (full disk, read-only, locked) or has taken
+        nothing for STUCK seconds, events past the bound are dropped, and counted under that
+        cause. True if there is room now."""
+        watch = _Watch(self)
+        while not runner.wait_room(time.monotonic() + LINGER):
+            if watch.hopeless():
                 return False
         return True
 
@@ -668,8 +737,10 @@ class Pipeline:
         with self._progress:
             while time.monotonic() < until:
                 # A starting instance's own work on the outbox first: until the storer has
-                # voided dead processes' leases, their rows look taken.
-                if self._started_up and all(r.settled(wall_deadline, since) for r in self.runners):
+                # voided dead processes' leases, their rows look taken (unless the outbox takes
+                # no writes: then that work waits, and so does what is stored).
+                started = self._started_up or self.memory_only()
+                if started and all(r.settled(wall_deadline, since) for r in self.runners):
                     break
                 self._progress.wait(min(0.1, max(0.0, until - time.monotonic())))
         stored = self.spill(deadline)
@@ -693,8 +764,10 @@ class Pipeline:
         deadline = time.monotonic() + max(0.0, timeout)
         if flush:
             ok = self.flush(max(0.0, timeout * 0.9))
-        else:
+        else:  # consent withdrawn: what is not stored is discarded, by design
             ok = True
+            with self._taking:
+                self._abandoned = True
             with self._kept_room:
                 self._kept.clear()
                 self._kept_n = 0
@@ -755,6 +828,27 @@ class Pipeline:
                     pass
                 self.outbox.close()
         return ok and not stuck
+
+
+class _Watch:
+    """Whether waiting for the storer to make room is hopeless: the outbox refuses writes
+    (delivery from memory only), shutdown came, or nothing was stored for STUCK seconds. A
+    slow but working outbox is waited for."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.stored = pipeline.counters.stored
+        self.since = time.monotonic()
+
+    def hopeless(self) -> bool:
+        pipeline = self.pipeline
+        if pipeline.stopping or pipeline.memory_only():
+            return True
+        now = time.monotonic()
+        stored = pipeline.counters.stored
+        if stored != self.stored:
+            self.stored, self.since = stored, now
+        return now - self.since >= STUCK
 
 
 def _close_after(outbox: Outbox, threads: list[threading.Thread]) -> None:

@@ -69,7 +69,8 @@ class Settings:
     """Ask the storer to write what waits in memory to the outbox now."""
     progress: Callable[[], None]
     """Tell a waiting flush that a batch ended."""
-    storage_refused: Callable[[StorageUnavailable], None]
+    storage_refused: Callable[[Exception], None]
+    """The outbox refused a write (``StorageUnavailable``) or failed in it (any other error)."""
     """Report a write the outbox refused (the events stay in memory)."""
     on_control: Callable[[str, dict[str, Any]], None] | None = None
     """Called with a sink's name and the control block its destination answered, if any."""
@@ -604,7 +605,7 @@ class Runner:
                 waiting = []
             if in_flight:
                 outbox.add(in_flight, [self.name], lease_seconds=self.settings.lease_seconds)
-        except StorageUnavailable as exc:
+        except Exception as exc:  # refused (or a defect in the write): all stays in memory
             with self._state:
                 for flight in flying:
                     flight.stored = False

@@ -1,0 +1,385 @@
+"""What is stored at a caller's request (``durability: sync``, after SIGTERM, a scheduled job)
+is built and written by the worker, never on the caller's thread, and the caller waits for it no
+longer than its bound; what the outbox is slow to take is waited for, what it fails to take is
+kept or counted, and what shutdown leaves in memory is counted, never built or sent after it.
+
+Faults are real where they can be (a write lock held by another connection, a destination that
+is down, hooks that block); a slow disk and a write that fails for another reason than the disk
+are injected at the storage's seam, the only place they can be made to happen at will.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faultkit import make, pending_rows, show, wait_until
+
+import waypost
+from waypost import processes
+from waypost.testing import free_port
+
+MARGIN = 2.0
+"""Seconds a call may overrun its bound on a busy machine; real overruns are far larger."""
+
+
+class Hooks:
+    """A before_send hook that notes the thread it runs on, and holds events named ``block``
+    until released."""
+
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+        self.release = threading.Event()
+        self.blocked = threading.Event()
+
+    @waypost.hookimpl
+    def waypost_before_send(self, event: waypost.Event) -> waypost.Event:
+        self.threads.add(threading.current_thread().name)
+        if event.name == "block":
+            self.blocked.set()
+            self.release.wait(30)
+        return event
+
+
+class Keeper(waypost.Sink):
+    """Delivers at once, and notes what it was sent."""
+
+    type = "keeper"
+    delivered: list[str] = []
+
+    def send(self, events: Sequence[waypost.Event]) -> waypost.SendResult:
+        Keeper.delivered.extend(e.id for e in events)
+        return waypost.SendResult.ok()
+
+
+@pytest.fixture
+def make_tel(tmp_path: Path, clean_env: dict[str, str]) -> Iterator[Callable[..., Any]]:
+    made: list[Any] = []
+    counter = itertools.count()
+    Keeper.delivered = []
+
+    def factory(**section: Any) -> Any:
+        plugins = section.pop("plugins", ())
+        section.setdefault("notice", {"enabled": False})
+        section.setdefault("sinks", {"k": {"type": "keeper"}})
+        tel = waypost.Telemetry(
+            app="stores",
+            data_dir=tmp_path / f"d{next(counter)}",
+            env=clean_env,
+            plugins=plugins,
+            sink_classes=[Keeper],
+            config={"telemetry": section},
+        )
+        made.append(tel)
+        return tel
+
+    yield factory
+    for tel in made:
+        tel.shutdown(2)
+
+
+@contextlib.contextmanager
+def sigterm_kept(tel: Any) -> Iterator[list[int]]:
+    """SIGTERM sent to this process, whose own handler only notes it: waypost's, chained
+    before it, keeps everything from then on."""
+    noted: list[int] = []
+    chained = processes._previous
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+    try:
+        processes.install_sigterm(tel._process)  # over the host's handler, as at start
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_until(lambda: noted, 5), "the host's handler did not run"
+        yield noted
+    finally:
+        processes.uninstall_sigterm(tel._process)
+        signal.signal(signal.SIGTERM, previous)
+        processes._previous = chained
+
+
+def stored(tel: Any) -> int:
+    return int(tel.status().counters.stored)
+
+
+# --- stored at a caller's request, on the worker ----------------------------------------------
+
+
+def test_durability_sync_stores_each_event_before_track_returns_with_hooks_on_the_worker(
+    make_tel: Callable[..., Any],
+) -> None:
+    hooks = Hooks()
+    tel = make_tel(plugins=[hooks], outbox={"durability": "sync"})
+    caller = threading.current_thread().name
+    for i in range(20):
+        tel.track("sync_event", {"i": i})
+        assert stored(tel) == i + 1, (i, tel.status().counters)
+    assert hooks.threads and caller not in hooks.threads, hooks.threads
+    assert tel.flush(10) is True
+    assert len(Keeper.delivered) == 20
+
+
+def test_durability_sync_waits_for_a_stuck_hook_no_longer_than_its_bound(
+    make_tel: Callable[..., Any],
+) -> None:
+    hooks = Hooks()
+    tel = make_tel(plugins=[hooks], outbox={"durability": "sync", "buffer": 20})
+    try:
+        started = time.monotonic()
+        tel.track("block", {})
+        first = time.monotonic() - started
+        assert hooks.blocked.is_set()
+        # The worker is stuck in the hook: later calls neither wait again nor grow the
+        # buffer past its bound (five times outbox.buffer); past it they are counted.
+        started = time.monotonic()
+        for i in range(500):
+            tel.track("after", {"i": i})
+        rest = time.monotonic() - started
+        st = tel.status()
+    finally:
+        hooks.release.set()
+    figures = {"first": first, "rest": rest, "buffered": st.buffered,
+               "dropped": st.counters.dropped}  # fmt: skip
+    assert first < 2.0 + MARGIN, show(figures)
+    assert rest < 2.0 + MARGIN, show(figures)  # one more wait for room, at most
+    assert st.buffered <= 5 * 20, show(figures)
+    assert st.counters.dropped.get("buffer_full", 0) == 500 - st.buffered, show(figures)
+
+
+def test_a_scheduled_job_is_stored_by_the_worker_before_its_run_is_recorded(
+    make_tel: Callable[..., Any],
+) -> None:
+    hooks = Hooks()
+    tel = make_tel(plugins=[hooks])
+    caller = threading.current_thread().name
+    assert tel.send_heartbeat(force=True) is True
+    assert stored(tel) == 1, tel.status().counters
+    assert hooks.threads and caller not in hooks.threads, hooks.threads
+
+
+def test_after_sigterm_each_event_is_stored_by_the_worker_and_the_buffer_stays_bounded(
+    make_tel: Callable[..., Any],
+) -> None:
+    hooks = Hooks()
+    tel = make_tel(plugins=[hooks], outbox={"buffer": 20}, batch={"interval": 60})
+    caller = threading.current_thread().name
+    for i in range(30):
+        tel.track("before", {"i": i})
+    with sigterm_kept(tel):
+        for i in range(10):
+            before = stored(tel)
+            tel.track("after", {"i": i})
+            assert stored(tel) == before + 1, tel.status().counters
+        assert caller not in hooks.threads, hooks.threads
+        # Now the worker sticks in a hook: the buffer is still bounded, as in a burst.
+        try:
+            tel.track("block", {})
+            for i in range(500):
+                tel.track("later", {"i": i})
+            st = tel.status()
+        finally:
+            hooks.release.set()
+    assert st.buffered <= 5 * 20, (st.buffered, st.counters.dropped)
+    assert st.counters.dropped.get("buffer_full", 0) > 0, st.counters.dropped
+
+
+def test_consent_back_after_sigterm_still_keeps_everything(
+    make_tel: Callable[..., Any],
+) -> None:
+    tel = make_tel(batch={"interval": 60}, mode="opt-in")
+    tel.set_consent(True)
+    with sigterm_kept(tel):
+        tel.set_consent(False)
+        tel.set_consent(True)
+        tel.track("after", {})
+        assert stored(tel) == 1, tel.status().counters
+
+
+# --- shutdown -----------------------------------------------------------------------------------
+
+
+def test_shutdown_counts_what_the_worker_holds_and_never_hands_it_on_after(
+    make_tel: Callable[..., Any],
+) -> None:
+    hooks = Hooks()
+    tel = make_tel(plugins=[hooks])
+    data_dir = Path(tel.data_dir)
+    worker = tel.pipeline.worker
+    tel.track("block", {})
+    for i in range(9):
+        tel.track("held", {"i": i})
+    assert hooks.blocked.wait(10)
+    started = time.monotonic()
+    ok = tel.shutdown(1.0)
+    elapsed = time.monotonic() - started
+    dropped = tel.status().counters.dropped
+    hooks.release.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert ok is False and elapsed < 1.0 + MARGIN, (ok, elapsed)
+    assert dropped.get("shutdown") == 10, dropped
+    # Built after shutdown gave up on them: neither sent nor stored.
+    assert Keeper.delivered == [] and pending_rows(data_dir) == 0, Keeper.delivered
+
+
+# --- an outbox that is slow, or fails -----------------------------------------------------------
+
+
+def down_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/ingest"
+
+
+def slow_writes(tel: Any, seconds: float, count: int) -> list[int]:
+    """Make the next ``count`` outbox writes each take ``seconds`` (a slow disk's fsync),
+    holding the write transaction meanwhile; the list counts those made."""
+    storage = tel.pipeline.outbox.storage
+    original = storage.write
+    made: list[int] = []
+
+    @contextlib.contextmanager
+    def write() -> Iterator[sqlite3.Connection]:
+        with original() as db:
+            if len(made) < count:
+                made.append(1)
+                time.sleep(seconds)
+            yield db
+
+    storage.write = write
+    return made
+
+
+def test_a_slow_but_working_outbox_is_waited_for_not_dropped(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    tel = make(down_url(), tmp_path / "d", outbox={"buffer": 20})
+    try:
+        assert wait_until(lambda: tel.status().storage.state == "ok", 10)
+        made = slow_writes(tel, 3.0, 3)  # each longer than the 2 s a full buffer waits
+        for i in range(200):
+            tel.track("slow_disk", {"i": i})
+            if i % 20 == 19:  # a chunk at a time: the sink's queue (20) fills, and waits
+                assert wait_until(lambda: tel.status().buffered == 0, 30)
+        ok = tel.flush(8)  # the sink is down: at the deadline, all is stored
+        st = tel.status()
+    finally:
+        tel.shutdown(5)
+    figures = {"flush": ok, "slow_writes": len(made), "dropped": st.counters.dropped,
+               "pending": pending_rows(tmp_path / "d")}  # fmt: skip
+    assert len(made) == 3, show(figures)
+    assert st.counters.dropped == {}, show(figures)
+    assert ok is True and figures["pending"] == 200, show(figures)
+
+
+def failing_adds(tel: Any, fails: Callable[[Sequence[waypost.Event], Sequence[str]], bool]) -> None:
+    """Make ``outbox.add`` fail, with an error that is not the disk's, when ``fails`` says."""
+    outbox = tel.pipeline.outbox
+    original = outbox.add
+
+    def add(events: Sequence[waypost.Event], sinks: Sequence[str], **kw: Any) -> None:
+        if fails(events, sinks):
+            raise ValueError("a defect in writing these events")
+        original(events, sinks, **kw)
+
+    outbox.add = add
+
+
+def test_an_event_the_outbox_fails_on_never_stops_the_storer_for_a_sink_not_made(
+    make_tel: Callable[..., Any],
+) -> None:
+    tel = make_tel(sinks={"k": {"type": "keeper"}, "gone": {"type": "no_such_plugin"}})
+    failing_adds(
+        tel, lambda events, sinks: "gone" in sinks and any(e.name == "poison" for e in events)
+    )
+    tel.track("poison", {})
+    assert wait_until(lambda: tel.status().counters.dropped.get("outbox_error") == 1, 10), (
+        tel.status().counters
+    )
+    tel.track("fine", {})
+    assert tel.flush(10) is False  # the poison event was lost, and said so
+    gone = {s.name: s for s in tel.status().sinks}["gone"]
+    assert gone.pending == 1 and gone.in_memory == 0, gone
+
+
+class Holding(waypost.Sink):
+    """Holds its first batch until released (a slow destination); delivers the others."""
+
+    type = "holding"
+    release = threading.Event()
+    delivered: list[str] = []
+
+    def send(self, events: Sequence[waypost.Event]) -> waypost.SendResult:
+        if any(e.name == "block" for e in events):
+            Holding.release.wait(30)
+        Holding.delivered.extend(e.id for e in events)
+        return waypost.SendResult.ok()
+
+
+def test_a_spill_that_fails_for_another_reason_than_the_disk_keeps_the_events(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    Holding.release, Holding.delivered = threading.Event(), []
+    tel = waypost.Telemetry(
+        app="stores",
+        data_dir=tmp_path / "d",
+        env=clean_env,
+        sink_classes=[Holding],
+        config={"telemetry": {"notice": {"enabled": False}, "batch": {"interval": 0.2},
+                              "sinks": {"h": {"type": "holding"}}}},
+    )  # fmt: skip
+    try:
+        adds: list[int] = []
+        failing_adds(tel, lambda events, sinks: not adds.append(len(events)) and len(adds) <= 5)
+        tel.track("block", {})
+        assert wait_until(lambda: tel.status().sinks[0].in_memory == 0, 10)  # in flight
+        for i in range(30):  # wait in memory behind it, then are spilled: the writes fail
+            tel.track("behind", {"i": i})
+        assert wait_until(lambda: len(adds) > 5, 10), adds
+        Holding.release.set()
+        ok = tel.flush(10)
+        st = tel.status()
+    finally:
+        Holding.release.set()
+        tel.shutdown(5)
+    assert ok is True and len(set(Holding.delivered)) == 31, (ok, adds, st.counters)
+    assert st.counters.dropped == {}, st.counters.dropped
+
+
+def test_durability_sync_delivers_from_memory_when_a_write_fails_for_another_reason(
+    make_tel: Callable[..., Any],
+) -> None:
+    tel = make_tel(outbox={"durability": "sync"})
+    failing_adds(tel, lambda events, sinks: True)
+    for i in range(5):
+        tel.track("unstored", {"i": i})
+    assert wait_until(lambda: len(Keeper.delivered) == 5, 10), Keeper.delivered
+    assert tel.status().counters.dropped == {}
+
+
+def test_status_shows_what_waits_in_memory_for_a_sink_not_made(
+    make_tel: Callable[..., Any],
+) -> None:
+    tel = make_tel(sinks={"k": {"type": "keeper"}, "gone": {"type": "no_such_plugin"}})
+    path = Path(tel.data_dir) / "outbox.sqlite3"
+    assert wait_until(path.exists, 10)
+    holder = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as another process would hold it
+        for i in range(5):
+            tel.track("kept", {"i": i})
+
+        def gone() -> Any:
+            return {s.name: s for s in tel.status().sinks}["gone"]
+
+        assert wait_until(lambda: gone().in_memory == 5, 10), gone()
+        assert tel.status().pending()["gone"]["in_memory"] == 5
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert wait_until(lambda: gone().in_memory == 0 and gone().pending == 5, 15), gone()
