@@ -175,6 +175,38 @@ def test_shutdown_on_a_full_disk_counts_what_memory_held_and_the_next_process_de
     assert "lost at shutdown" in figures["first_stderr"], show(summary)
 
 
+def test_a_full_disk_is_not_called_writable_again_while_it_has_no_room(
+    tmp_path: Path, waypost_clean_env: dict[str, str]
+) -> None:
+    # A small write (a lease, a retry's new due time) reuses pages the -wal already holds and
+    # succeeds on a disk with no byte free: that is no reason to log that the outbox "can be
+    # written again", nor to tell status and the CLI that it is fine.
+    namespace = require_mount_namespace()
+    figures = run_scenario(
+        f"""
+        import json, os
+        from pathlib import Path
+        root = Path({str(tmp_path / "mnt")!r})
+        mount_tmpfs(root, "1m")
+        data = root / "d"
+        tel = make({down_url()!r}, data)
+        for i in range(10_000):
+            tel.track("full", {{"i": i, "pad": "x" * 200}})
+        report(flush=tel.flush(3), shutdown=tel.shutdown(3))
+        fs = os.statvfs(root)
+        code, out, err = cli(data, "status", "--json")
+        report(free=fs.f_bavail * fs.f_frsize, after=tel.status().storage.state, cli=code,
+               cli_storage=json.loads(out)["storage"] if code == 0 else err[-800:])
+        """,
+        waypost_clean_env,
+        namespace=namespace,
+    )
+    assert figures["flush"] is False and figures["free"] < 65536, show(figures)
+    assert "can be written again" not in figures["stderr"], show(figures)
+    assert figures["after"] == "disk_full", show(figures)
+    assert figures["cli"] == 0 and figures["cli_storage"]["state"] == "disk_full", show(figures)
+
+
 # --- the outbox deleted or replaced under a running process -------------------------------------
 
 
@@ -310,6 +342,45 @@ def test_corrupt_outbox_is_moved_aside_and_telemetry_goes_on(
         assert figures[f"cli {command}"] == (0, False), show(figures)
 
 
+def _bad_leaf_page(path: Path, marker: bytes) -> int:
+    """Overwrite with junk the middle one of the pages holding ``marker`` (rows of the outbox
+    table); how many times the page held it."""
+    raw = bytearray(path.read_bytes())
+    size = int.from_bytes(raw[16:18], "big") or 65536
+    pages = [n for n in range(len(raw) // size) if marker in raw[n * size : (n + 1) * size]]
+    victim = pages[len(pages) // 2]
+    held = raw[victim * size : (victim + 1) * size].count(marker)
+    raw[victim * size : (victim + 1) * size] = random.Random(18).randbytes(size)
+    path.write_bytes(bytes(raw))
+    return held
+
+
+@pytest.mark.parametrize("how", ["bad_page", "truncated"])
+def test_a_corrupt_outbox_loses_only_the_rows_that_cannot_be_read(
+    tmp_path: Path, waypost_clean_env: dict[str, str], server: RecordingServer, how: str
+) -> None:
+    # One bad page in the middle of the rows, or the file cut short: the rows on the other
+    # pages are salvaged into the new outbox and delivered (before, a failed chunk of 500
+    # rows was skipped whole, and a schema naming a page past the end stopped every read).
+    data = tmp_path / "d"
+    _stored_outbox(data, 500)
+    path = data / "outbox.sqlite3"
+    lost = 500
+    if how == "bad_page":
+        lost = _bad_leaf_page(path, b"stored_before")
+    else:
+        _corrupt(path, "truncated")
+    figures = next_process(data, server.url + "/ingest")
+    names = [e["name"] for r in server.requests if r.body for e in r.json()]
+    figures["salvaged"] = names.count("stored_before")
+    figures["aside"] = sorted(p.name for p in data.glob("outbox.sqlite3.corrupt-*"))
+    assert figures["aside"], show(figures)
+    if how == "bad_page":
+        assert figures["salvaged"] >= 500 - lost, show(figures)
+    else:  # a third of the file is left: about a third of the rows
+        assert figures["salvaged"] >= 100, show(figures)
+
+
 def test_corruption_found_while_running_moves_the_file_aside_and_keeps_what_is_in_memory(
     tmp_path: Path, clean_env: dict[str, str], server: RecordingServer
 ) -> None:
@@ -387,6 +458,45 @@ def test_read_only_data_dir_delivers_from_memory_and_says_so(
     assert figures["pending"] == 200, show(figures)  # what the read-only outbox holds, still shown
     for command in ("status", "status --json", "show"):
         assert figures[f"cli {command}"] == [0, False], show(figures)
+
+
+@pytest.mark.parametrize("how", ["bind_ro", "chmod"])
+def test_the_cli_says_a_read_only_data_dir_delivers_from_memory_only(
+    tmp_path: Path, waypost_clean_env: dict[str, str], how: str
+) -> None:
+    # The CLI inspects without writing: it must still tell the operator that a process using
+    # this data dir can store nothing (before, it said "ok").
+    namespace = require_mount_namespace()
+    data = tmp_path / "d"
+    _stored_outbox(data, 20)
+    figures = run_scenario(
+        f"""
+        import json, os, subprocess, sys
+        from pathlib import Path
+        data = Path({str(data)!r})
+        prefix = []
+        if {how!r} == "bind_ro":
+            bind_read_only(data)
+        else:  # file modes, for a root that cannot override them
+            for p in [data, *data.iterdir()]:
+                p.chmod(0o555 if p.is_dir() else 0o444)
+            prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+        exe = str(Path(sys.executable).with_name("waypost"))
+        done = subprocess.run([*prefix, exe, "--app", "faults", "--data-dir", str(data),
+                               "status", "--json"], capture_output=True, text=True, timeout=60)
+        storage = json.loads(done.stdout)["storage"] if done.returncode == 0 else done.stderr
+        report(cli=done.returncode, storage=storage, traceback="Traceback" in done.stderr)
+        """,
+        waypost_clean_env,
+        namespace=namespace,
+    )
+    if how == "chmod":
+        for p in [data, *data.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert figures["cli"] == 0 and not figures["traceback"], show(figures)
+    storage = figures["storage"]
+    assert storage["state"] == "read_only" and storage["memory_only"] is True, show(figures)
+    assert "memory only" in storage["detail"], show(figures)
 
 
 def test_fresh_read_only_data_dir_still_delivers(

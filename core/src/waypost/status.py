@@ -328,7 +328,8 @@ def snapshot(
         health = outbox.health()
         storage = StorageStatus(
             state=health.state,
-            memory_only=health.memory_only and running,
+            # Seen from outside (the CLI), it says what a process using the data dir would do.
+            memory_only=health.memory_only and (running or outbox.inspecting),
             detail=health.detail,
             since=as_datetime(health.since),
             moved_aside=health.moved_aside,

@@ -165,6 +165,12 @@ class Outbox:
         return self.storage.read_only
 
     @property
+    def inspecting(self) -> bool:
+        """Opened to look at from outside (``waypost status``, telemetry off): its health says
+        what a process using the file would find."""
+        return self.storage.inspect
+
+    @property
     def _conns(self) -> list[sqlite3.Connection]:
         return self.storage.parent_connections()
 

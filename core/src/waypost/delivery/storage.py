@@ -45,6 +45,9 @@ RECHECK = 10.0
 SALVAGE_CHUNK = 500
 LOG_PERIOD = 60.0
 """Seconds between two log lines for the same trouble with the file."""
+ROOM = 64 * 1024
+"""Bytes free on the data dir's filesystem under which a full disk is still called full after
+a write succeeded (a small write reuses pages the -wal already holds and needs none)."""
 
 _PRIMARY_CODES = {
     5: "locked",  # SQLITE_BUSY
@@ -159,6 +162,7 @@ class Storage:
         self.inspect = inspect
         if inspect:
             self._read_only, self._next_look = True, math.inf
+            self._look_from_outside()
             return
         with contextlib.suppress(StorageUnavailable):
             # Quick: an existing outbox needs no lock to open; only a new file (or an older one
@@ -207,6 +211,43 @@ class Storage:
     @property
     def read_only(self) -> bool:
         return self._read_only
+
+    def _free(self) -> int | None:
+        """Bytes free for this process on the data dir's filesystem (None: cannot tell)."""
+        try:
+            fs = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return fs.f_bavail * fs.f_frsize
+
+    def _has_room(self) -> bool:
+        free = self._free()
+        return free is None or free >= ROOM
+
+    def _look_from_outside(self) -> None:
+        """Inspection: what a process using this data dir would find, without writing (a
+        read-only data dir or file, a full disk)."""
+        directory = self.path.parent
+        if not directory.is_dir():
+            return
+        writable = os.access(directory, os.W_OK) and (
+            not self.path.exists() or os.access(self.path, os.W_OK)
+        )
+        if not writable:
+            self._health = Health(
+                "read_only",
+                f"the data dir {directory} is read-only: a process using it delivers events "
+                "from memory only; nothing can be stored, and the records already stored "
+                "cannot be sent until it is writable",
+                time.time(),
+            )
+        elif not self._has_room():
+            self._health = Health(
+                "disk_full",
+                f"the disk of the data dir {directory} is full ({self._free()} bytes free): "
+                "a process using it keeps events in memory only",
+                time.time(),
+            )
 
     # --- budgets ---------------------------------------------------------------------------
 
@@ -457,8 +498,9 @@ class Storage:
                     _rollback(db)
                     raise
             # Still holding the lock: the next writer's failure (a full disk) is never undone
-            # by this success.
-            if self._health.state in ("disk_full", "locked", "unavailable"):
+            # by this success, nor is a full disk called writable while it has no room.
+            state = self._health.state
+            if state in ("locked", "unavailable") or (state == "disk_full" and self._has_room()):
                 self._set_health("ok", None)
         finally:
             self._write_lock.release()
@@ -624,39 +666,20 @@ class Storage:
         return out
 
     def _salvage(self, path: Path) -> dict[str, list[dict[str, Any]]]:
-        """The rows that can still be read from a corrupt file, a chunk at a time (a chunk
-        that cannot be read is skipped)."""
+        """The rows that can still be read from a corrupt file, a chunk at a time; a chunk
+        that cannot be read is read again one row at a time, so that a bad page costs only the
+        rows it held."""
         out: dict[str, list[dict[str, Any]]] = {t: [] for t in self.required}
         try:
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
+            # A schema naming a page past the end (a truncated file) is then no reason to
+            # refuse every read; nothing is written through this connection.
+            db.execute("PRAGMA writable_schema=ON")
         except sqlite3.Error:
             return out
         try:
             for table in self.required:
-                last, failures = -(2**62), 0
-                try:
-                    top = db.execute(f"SELECT MAX(rowid) FROM {table}").fetchone()[0]
-                except sqlite3.Error:
-                    top = None
-                while failures < 50:
-                    try:
-                        cursor = db.execute(
-                            f"SELECT rowid, * FROM {table} WHERE rowid > ? "
-                            f"ORDER BY rowid LIMIT {SALVAGE_CHUNK}",
-                            (last,),
-                        )
-                        names = [d[0] for d in cursor.description][1:]
-                        chunk = cursor.fetchall()
-                    except sqlite3.Error:
-                        failures += 1
-                        if top is None or last >= top:
-                            break
-                        last = max(last, 0) + SALVAGE_CHUNK  # past the part that cannot be read
-                        continue
-                    if not chunk:
-                        break
-                    out[table].extend(dict(zip(names, row[1:], strict=True)) for row in chunk)
-                    last = chunk[-1][0]
+                out[table] = _salvage_table(db, table)
         finally:
             db.close()
         return out
@@ -710,3 +733,45 @@ def _rollback(db: sqlite3.Connection) -> None:
     if db.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
+
+
+def _salvage_table(db: sqlite3.Connection, table: str) -> list[dict[str, Any]]:
+    """What can be read of ``table`` in a corrupt file, in rowid order."""
+    rows: list[dict[str, Any]] = []
+    try:
+        top = db.execute(f"SELECT MAX(rowid) FROM {table}").fetchone()[0]
+    except sqlite3.Error:
+        top = None  # the rightmost pages are gone (a truncated file): read until nothing is
+    last, failures = 0, 0
+    while failures < 50:
+        try:
+            cursor = db.execute(
+                f"SELECT rowid, * FROM {table} WHERE rowid > ? ORDER BY rowid "
+                f"LIMIT {SALVAGE_CHUNK}",
+                (last,),
+            )
+            names = [d[0] for d in cursor.description][1:]
+            chunk = cursor.fetchall()
+        except sqlite3.Error:
+            failures += 1
+            # One row at a time through the window: only the rows on a bad page are lost.
+            found = 0
+            for rowid in range(last + 1, last + SALVAGE_CHUNK + 1):
+                try:
+                    cursor = db.execute(f"SELECT rowid, * FROM {table} WHERE rowid = ?", (rowid,))
+                    row = cursor.fetchone()
+                except sqlite3.Error:
+                    continue
+                if row is not None:
+                    names = [d[0] for d in cursor.description][1:]
+                    rows.append(dict(zip(names, row[1:], strict=True)))
+                    found += 1
+            last += SALVAGE_CHUNK
+            if (top is None and not found) or (top is not None and last >= top):
+                break
+            continue
+        if not chunk:
+            break
+        rows.extend(dict(zip(names, row[1:], strict=True)) for row in chunk)
+        last = chunk[-1][0]
+    return rows
