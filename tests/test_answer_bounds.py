@@ -10,41 +10,21 @@ import signal
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bodyserver import BodyServer
+from bodyserver import BodyServer, PlainConfig, PlainSink
 from faultkit import wait_until
 
 from waypost.errors import RetryableError
-from waypost.events import Event
-from waypost.sinks import HttpTransport, SendResult, Sink, SinkConfig, SinkContext
+from waypost.sinks import SinkContext
 from waypost.sinks.bounded import ANSWER_BYTES
 
 TIMEOUT = 1.0
 BUDGET = TIMEOUT + 1.5  # what a read may take at most, generously
 MEMORY = 16 << 20  # what reading one answer may hold at most (a MiB of body, a few chunks)
-
-
-class PlainConfig(SinkConfig):
-    url: str
-
-
-class PlainSink(Sink[PlainConfig]):
-    """Posts through the toolkit's transport and keeps the answer it got."""
-
-    type = "plain"
-
-    def __init__(self, name: str, config: PlainConfig, context: SinkContext) -> None:
-        super().__init__(name, config, context)
-        self.http = HttpTransport(self, what="plain")
-        self.answer: Any = None
-
-    def send(self, events: Sequence[Event]) -> SendResult:
-        self.answer = self.http.request("POST", content=b"[]")
-        return SendResult.ok()
 
 
 @pytest.fixture

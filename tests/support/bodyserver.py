@@ -7,9 +7,33 @@ import gzip
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from waypost.events import Event
+from waypost.sinks import HttpTransport, SendResult, Sink, SinkConfig, SinkContext
+
 GIB = 1 << 30
+
+
+class PlainConfig(SinkConfig):
+    url: str
+
+
+class PlainSink(Sink[PlainConfig]):
+    """Posts ``[]`` through the toolkit's transport and keeps the answer it got."""
+
+    type = "plain"
+
+    def __init__(self, name: str, config: PlainConfig, context: SinkContext) -> None:
+        super().__init__(name, config, context)
+        self.http = HttpTransport(self, what="plain")
+        self.answer: Any = None
+
+    def send(self, events: Sequence[Event]) -> SendResult:
+        self.answer = self.http.request("POST", content=b"[]")
+        return SendResult.ok()
+
 
 SHAPES = ("huge", "endless", "trickle", "trickle_length", "stall", "bomb")
 """``huge``: a Content-Length of 2 GiB, sent as fast as the client reads; ``endless``: chunked,
