@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import socket
+import threading
 import urllib.error
 import urllib.request
 import wsgiref.util
@@ -387,3 +388,48 @@ def test_attach_in_code(make_telemetry, collector):
     assert list(point.bucket_counts) == [0, 1, 0]
     tel.metrics.close()
     assert not math.isnan(point.sum)
+
+
+class EndlessCollector:
+    """A loopback collector that answers 200 with a body that never ends (chunked, sent as
+    fast as it is read); ``gone`` is set once the client closed the connection."""
+
+    def __init__(self) -> None:
+        self.gone = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536) or b"\r\n\r\n"
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+                chunk = b"%x\r\n%s\r\n" % (65536, b"\0" * 65536)
+                while True:
+                    conn.sendall(chunk)
+            except OSError:
+                self.gone.set()
+
+
+def test_an_endless_answer_is_cut_and_never_holds_the_exporter(make_metrics):
+    server = EndlessCollector()
+    try:
+        tel = make_metrics({"host": server.url, "interval": "1h", "timeout": 1})
+        tel.metrics.counter("runs").add(1)
+        tel.metrics.exporter("otel").flush(timeout=5)
+        # The exporter read at most its bound, then closed the connection.
+        assert server.gone.wait(10), "the exporter kept reading an endless answer"
+    finally:
+        server.sock.close()

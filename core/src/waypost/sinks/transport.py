@@ -424,16 +424,24 @@ def requests_session(sink: Sink[Any], adapter: BaseAdapter | None = None) -> req
     ``requests.ReadTimeout``; the adapter is asked to stream, so that it leaves the body unread,
     as ``HTTPAdapter`` and its subclasses do) and sends the user info taken out of the
     configured URL as Basic auth. Make one per process (:class:`ProcessLocal`)."""
+    session = bounded_session(float(sink.config.timeout), adapter)
+    secrets = sink.config.url_secrets
+    if secrets.username is not None:
+        session.auth = (secrets.username, secrets.password or "")
+    return session
+
+
+def bounded_session(timeout: float, adapter: BaseAdapter | None = None) -> requests.Session:
+    """A requests session as :func:`requests_session` makes it (no redirect followed, no retry,
+    every answer read within bounds of ``timeout`` seconds), for a requests-based layer that is
+    not a sink's, such as a metrics exporter's."""
     from requests.adapters import HTTPAdapter
 
     session = _session_class()()
     inner = HTTPAdapter(max_retries=0) if adapter is None else adapter
-    bounded = requests_adapter(inner, float(sink.config.timeout))
+    bounded = requests_adapter(inner, timeout)
     session.mount("https://", bounded)
     session.mount("http://", bounded)
-    secrets = sink.config.url_secrets
-    if secrets.username is not None:
-        session.auth = (secrets.username, secrets.password or "")
     return session
 
 

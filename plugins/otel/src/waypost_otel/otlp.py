@@ -20,6 +20,7 @@ from opentelemetry.sdk.resources import Resource
 
 import waypost
 from waypost.metrics import LabelValues, MetricInfo, MetricRegistry
+from waypost.sinks.transport import bounded_session
 from waypost_otel.config import OtelMetricsConfig
 
 log = logging.getLogger("waypost.metrics.otel")
@@ -81,7 +82,11 @@ class OtlpBridge:
         tel = registry.telemetry
         assert config.endpoint is not None
         inner = exporter or OTLPMetricExporter(
-            endpoint=config.endpoint, headers=config.header_values(), timeout=config.timeout
+            endpoint=config.endpoint,
+            headers=config.header_values(),
+            timeout=config.timeout,
+            # Answers read within bounds (1 MiB, the timeout), redirects never followed.
+            session=bounded_session(config.timeout),
         )
         self.exporter = GatedExporter(inner, lambda: bool(tel.enabled))
         self.reader = PeriodicExportingMetricReader(
