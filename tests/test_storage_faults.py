@@ -207,6 +207,36 @@ def test_a_full_disk_is_not_called_writable_again_while_it_has_no_room(
     assert figures["cli"] == 0 and figures["cli_storage"]["state"] == "disk_full", show(figures)
 
 
+def test_a_checkpoint_puts_the_rows_into_the_main_file_while_another_thread_keeps_its_connection(
+    tmp_path: Path,
+) -> None:
+    # A shutdown that cannot close the outbox (a send() hung at exit) leaves every row in the
+    # -wal alone: SQLite checkpoints when the last connection closes. A checkpoint does it
+    # while another thread still holds its connection.
+    from waypost.delivery.outbox import Outbox
+    from waypost.testing import make_event
+
+    outbox = Outbox(tmp_path)
+    outbox.add([make_event("kept") for _ in range(300)], ["s"])
+    other = threading.Thread(target=outbox.counts)  # a connection of its own
+    other.start()
+    other.join()
+    copy = tmp_path / "main-only.sqlite3"
+
+    def rows_in_main_file() -> int | str:
+        copy.write_bytes((tmp_path / "outbox.sqlite3").read_bytes())
+        try:
+            with sqlite3.connect(copy) as db:
+                return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        except sqlite3.Error as exc:
+            return str(exc)
+
+    assert rows_in_main_file() != 300  # in the -wal only, so far
+    assert outbox.checkpoint() is True
+    assert rows_in_main_file() == 300
+    outbox.close()
+
+
 # --- the outbox deleted or replaced under a running process -------------------------------------
 
 

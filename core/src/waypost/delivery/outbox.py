@@ -201,6 +201,10 @@ class Outbox:
     def close(self) -> None:
         self.storage.close()
 
+    def checkpoint(self) -> bool:
+        """Put what the -wal holds into the main file (see :meth:`Storage.checkpoint`)."""
+        return self.storage.checkpoint()
+
     # --- writing ----------------------------------------------------------------------------
 
     def _context_id(self, db: sqlite3.Connection, context: dict[str, Any]) -> int:

@@ -552,9 +552,11 @@ class Storage:
             if not gone:
                 self._identity = now
                 return
-            self._rescue(f"its {' and '.join(gone)} file was deleted or replaced")
+            self._rescue(f"its {' and '.join(gone)} file was deleted or replaced while in use")
             return
-        self._rescue("it was deleted" if now is None else "it was replaced by another file")
+        self._rescue(
+            "it was deleted while in use" if now is None else "it was replaced while in use"
+        )
 
     def _rescue(self, why: str) -> bool:
         """The file at the path is not (all of) the one this process has open: copy what the
@@ -592,7 +594,7 @@ class Storage:
                 log.error("waypost: the outbox %s: %s, and cannot be recreated: %s",
                           self.path, why, exc)  # fmt: skip
                 return False
-        text = f"the outbox file {why} while in use; recreated with the {restored} records "
+        text = f"the outbox {self.path.name}: {why}; recreated with the {restored} records "
         text += "this process still held"
         self._note(text)
         log.error("waypost: %s (%s)", text, self.path)
@@ -714,6 +716,21 @@ class Storage:
 
     def parent_connections(self) -> list[sqlite3.Connection]:
         return list(self._conns)
+
+    def checkpoint(self) -> bool:
+        """Copy what the -wal holds into the main file, without waiting for any reader or
+        writer (``PASSIVE``); True when all of it was copied. For a shutdown that cannot close
+        the file (a thread still uses it): SQLite checkpoints only when the last connection
+        closes, and the rows would stay in the -wal alone."""
+        if self._read_only:
+            return False
+        try:
+            with GATE.section("checkpointing the outbox"):
+                db = self.connection()
+                row = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except (sqlite3.Error, StorageUnavailable):
+            return False
+        return row is not None and row[0] == 0 and row[1] == row[2]
 
     def close(self) -> None:
         with self._lock:
