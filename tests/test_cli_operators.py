@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -556,3 +560,72 @@ def test_invalid_yaml_names_line_and_column_and_never_the_line(
         text = out.stdout + out.stderr
         assert "invalid YAML" in text and "line " in text and "column " in text, text
         assert secret not in text and "<unicode string>" not in text
+
+
+@pytest.mark.http_sink
+@pytest.mark.parametrize("command", ["flush", "send-heartbeat"])
+def test_a_command_with_the_destination_down_returns_within_its_timeout(
+    tmp_path: Path, env: dict[str, str], command: str
+) -> None:
+    # `--timeout` is the wait at most: the shutdown after the flush gets what is left of it
+    # (it took 5 s more: `waypost flush --timeout 1` ended after 5 to 7 s).
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def reset_every_connection() -> None:  # a destination whose host drops every connection
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    thread = threading.Thread(target=reset_every_connection, daemon=True)
+    thread.start()
+    try:
+        # Retries fall due often: a flush has something to do until its deadline.
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/ingest"
+        write(
+            tmp_path / "telemetry.yml",
+            f"""
+            telemetry:
+              app: exitapp
+              data_dir: data
+              notice: {{enabled: false}}
+              batch: {{interval: 0.05}}
+              retry: {{initial: 0.05, maximum: 1.0}}
+              sinks:
+                remote: {{type: http, url: "{url}"}}
+            """,
+        )
+        _a_command_within_its_timeout(tmp_path, env, command)
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def _a_command_within_its_timeout(tmp_path: Path, env: dict[str, str], command: str) -> None:
+    run_app(
+        """
+        import waypost
+        tel = waypost.Telemetry(config="telemetry.yml")
+        for i in range(50):
+            tel.track("kept", {"i": i})
+        tel.flush(3)
+        tel.shutdown(2)
+        """,
+        env,
+        tmp_path,
+    )
+    started = time.monotonic()
+    down = run([command, "--timeout", "1", "--json"], env, tmp_path)
+    elapsed = time.monotonic() - started
+    assert down.returncode == 1, down.stdout + down.stderr
+    data = as_json(down)
+    if command == "flush":
+        assert data["pending_after"] == 50 and data["lost"] == {}, data
+    # the interpreter's start and waypost's import come on top of the budget
+    assert elapsed < 1 + 3.0, (elapsed, data)

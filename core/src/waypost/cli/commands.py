@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -238,6 +239,15 @@ def show(
     )
 
 
+SHUTDOWN_MARGIN = 0.5
+"""Seconds a command's shutdown may take past its ``--timeout`` (what it leased is released)."""
+
+
+def _left(deadline: float) -> float:
+    """The shutdown budget left before ``deadline``, at least :data:`SHUTDOWN_MARGIN`."""
+    return max(SHUTDOWN_MARGIN, deadline - time.monotonic())
+
+
 @cli.command()
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait at most.")
 @json_option
@@ -248,6 +258,7 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
     Exits 0 when nothing is left pending, 1 when something is (a destination down), a sink
     cannot be made here (its plugin or secret missing) or telemetry is off.
     """
+    deadline = time.monotonic() + max(0.0, timeout)
     probe = obj.telemetry()
     if not probe.decision.enabled:
         _refuse(probe, as_json, "nothing is sent")
@@ -261,7 +272,7 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
     result: dict[str, Any] = {}
 
     def work() -> None:
-        result["ok"] = tel.flush(timeout, force=True)
+        result["ok"] = tel.flush(max(0.0, deadline - time.monotonic()), force=True)
         done.set()
 
     threading.Thread(target=work, daemon=True).start()
@@ -270,7 +281,7 @@ def flush(obj: Ctx, timeout: float, as_json: bool) -> None:
             while not done.wait(0.2):
                 update(max(0, before - tel.open_outbox().pending_events()))
     done.wait()
-    tel.shutdown(timeout=5)
+    tel.shutdown(timeout=_left(deadline))
     st = tel.status()
     pending = st.pending()
     lost = st.lost()
@@ -498,15 +509,16 @@ def send_heartbeat(obj: Ctx, force: bool, timeout: float, as_json: bool) -> None
     when it was refused, is not delivered yet (kept in the outbox for the next run) or
     telemetry is off.
     """
+    deadline = time.monotonic() + max(0.0, timeout)
     probe = obj.telemetry()
     if not probe.decision.enabled:
         _refuse(probe, as_json, "no heartbeat is sent")
         return
     tel = obj.telemetry(start=True, strict=False)
     sent = tel.send_heartbeat(force=force)
-    delivered = tel.flush(timeout)
+    delivered = tel.flush(max(0.0, deadline - time.monotonic()))
     receipts = tel.receipts()
-    tel.shutdown(timeout=5)
+    tel.shutdown(timeout=_left(deadline))
     st = tel.status()
     data = {
         "sent": sent,
