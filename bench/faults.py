@@ -243,6 +243,50 @@ def cli(cfg: str, data: Path, *args: str, prefix: tuple[str, ...] = ()) -> dict[
     return result
 
 
+def cli_sweep(c: Check, label: str, cfg: str, data: Path, prefix: tuple[str, ...] = ()) -> None:
+    """``status``, ``show`` and ``flush --timeout 5`` (all ``--json``): each answers, exit 0
+    (flush: 1 when something is still pending, and it says what), no traceback, in time."""
+    results = {}
+    for command in (
+        ("status", "--json"),
+        ("show", "--json"),
+        ("flush", "--timeout", "5", "--json"),
+    ):
+        r = cli(cfg, data, *command, prefix=prefix)
+        name = command[0]
+        results[name] = {k: v for k, v in r.items() if k != "json"}
+        ok = not r["traceback"] and "json" in r
+        if name == "flush":
+            left = _pending_of(r.get("json"))
+            results[name]["pending"] = left
+            ok = ok and r["rc"] == (1 if left else 0) and r["seconds"] <= 5 + MARGIN + 1.5
+        else:
+            ok = ok and r["rc"] == 0
+        c.expect(
+            f"{label}: `waypost {' '.join(command)}` answers (exit code, JSON, no traceback)", ok
+        )
+    c.line(f"  CLI: {json.dumps(results, default=str)[:600]}")
+    c.figures.setdefault("cli_sweep", {})[label] = results
+
+
+def _pending_of(answer: Any) -> int | None:
+    """Events ``waypost flush --json`` says are still pending."""
+    if not isinstance(answer, dict):
+        return None
+    for key in ("pending", "still_pending", "outbox_pending_events"):
+        value = answer.get(key)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, dict):
+            return sum(
+                v.get("pending", 0) if isinstance(v, dict) else int(v) for v in value.values()
+            )
+    status = answer.get("status")
+    if isinstance(status, dict) and isinstance(status.get("outbox_pending_events"), int):
+        return int(status["outbox_pending_events"])
+    return None
+
+
 def mount(path: Path, size: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
@@ -598,6 +642,7 @@ def check_read_only(c: Check, root: Path) -> None:
         storage = (status_cli.get("json") or {}).get("storage", {})
         arrived = dest.has(range(1_000_000, 1_000_100))
         c.figures[how] = {"first": first, "next": n, "cli": status_cli}
+        cli_sweep(c, how, cfg, data, prefix)
         c.line(
             f"{how}: stored {first.get('status', {}).get('pending')} before; next process: "
             f"flush {n.get('flush')} in {n.get('flush_s')} s, 100 new -> {arrived} arrived; "
@@ -719,6 +764,7 @@ def check_corrupt(c: Check, root: Path) -> None:
         before_cli = cli(cfg, data, "status", "--json")
         n = spawn("deliver", cfg=cfg, data=str(data), base=dest.base, n=100, timeout=10.0)
         after_cli = cli(cfg, data, "status", "--json")
+        cli_sweep(c, how, cfg, data)
         st = n.get("status", {})
         new = dest.has(range(1_000_000, 1_000_100))
         old = dest.has(range(500))
@@ -780,10 +826,11 @@ def check_lock(c: Check, root: Path) -> None:
         except (OSError, ValueError):
             e["exit_s"] = None
         status_cli = cli(cfg, data, "status", "--json")
+        cli_sweep(c, "lock held", cfg, data)
     finally:
         holder.kill()
         holder.wait()
-    c.figures = {"calls": a, "exit": e, "cli": status_cli}
+    c.figures.update(calls=a, exit=e, cli=status_cli)
     c.line(
         f"flush(2.0) {a.get('flush')} in {a.get('flush_s')} s; shutdown(1.0) {a.get('shutdown')} "
         f"in {a.get('shutdown_s')} s; dropped {a.get('after', {}).get('dropped')}"
