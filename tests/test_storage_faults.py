@@ -385,13 +385,14 @@ def _bad_leaf_page(path: Path, marker: bytes) -> int:
     return held
 
 
-@pytest.mark.parametrize("how", ["bad_page", "truncated"])
+@pytest.mark.parametrize("how", ["bad_page", "truncated", "random_header"])
 def test_a_corrupt_outbox_loses_only_the_rows_that_cannot_be_read(
     tmp_path: Path, waypost_clean_env: dict[str, str], server: RecordingServer, how: str
 ) -> None:
-    # One bad page in the middle of the rows, or the file cut short: the rows on the other
-    # pages are salvaged into the new outbox and delivered (before, a failed chunk of 500
-    # rows was skipped whole, and a schema naming a page past the end stopped every read).
+    # One bad page in the middle of the rows, the file cut short, or its header junk: the rows
+    # on the other pages are salvaged into the new outbox and delivered (before, a failed chunk
+    # of 500 rows was skipped whole, a schema naming a page past the end stopped every read,
+    # and a junk header every open).
     data = tmp_path / "d"
     _stored_outbox(data, 500)
     path = data / "outbox.sqlite3"
@@ -399,7 +400,7 @@ def test_a_corrupt_outbox_loses_only_the_rows_that_cannot_be_read(
     if how == "bad_page":
         lost = _bad_leaf_page(path, b"stored_before")
     else:
-        _corrupt(path, "truncated")
+        _corrupt(path, how)
     figures = next_process(data, server.url + "/ingest")
     names = [e["name"] for r in server.requests if r.body for e in r.json()]
     figures["salvaged"] = names.count("stored_before")
@@ -407,6 +408,8 @@ def test_a_corrupt_outbox_loses_only_the_rows_that_cannot_be_read(
     assert figures["aside"], show(figures)
     if how == "bad_page":
         assert figures["salvaged"] >= 500 - lost, show(figures)
+    elif how == "random_header":  # the pages are intact: read under a header of SQLite's own
+        assert figures["salvaged"] == 500, show(figures)
     else:  # a third of the file is left: about a third of the rows
         assert figures["salvaged"] >= 100, show(figures)
 

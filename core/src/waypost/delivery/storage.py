@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -670,7 +671,25 @@ class Storage:
     def _salvage(self, path: Path) -> dict[str, list[dict[str, Any]]]:
         """The rows that can still be read from a corrupt file, a chunk at a time; a chunk
         that cannot be read is read again one row at a time, so that a bad page costs only the
-        rows it held."""
+        rows it held. A file whose 100-byte header is junk is read through a copy with a
+        header of SQLite's own."""
+        out = self._salvage_from(path)
+        if any(out.values()) or not path.is_file():
+            return out
+        copy = path.with_name(path.name + ".header")
+        try:
+            for page_size in _PAGE_SIZES:
+                if not _copy_with_header(path, copy, page_size):
+                    break
+                out = self._salvage_from(copy)
+                if any(out.values()):
+                    break
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(copy)
+        return out
+
+    def _salvage_from(self, path: Path) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {t: [] for t in self.required}
         try:
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
@@ -792,3 +811,33 @@ def _salvage_table(db: sqlite3.Connection, table: str) -> list[dict[str, Any]]:
         rows.extend(dict(zip(names, row[1:], strict=True)) for row in chunk)
         last = chunk[-1][0]
     return rows
+
+
+_PAGE_SIZES = (4096, 1024, 2048, 8192, 16384, 32768, 65536, 512)
+"""Page sizes to try under a junk header, SQLite's default first."""
+
+
+def _copy_with_header(path: Path, copy: Path, page_size: int) -> bool:
+    """Copy ``path`` to ``copy`` with the 100-byte header of an empty database of
+    ``page_size`` (the schema and the rows are in the pages: page 1 holds the schema after its
+    header). False when the copy cannot be made."""
+    empty = copy.with_name(copy.name + "-empty")
+    try:
+        with contextlib.closing(sqlite3.connect(empty)) as db:
+            db.execute(f"PRAGMA page_size={page_size}")
+            db.execute("VACUUM")
+        header = bytearray(empty.read_bytes()[:100])
+        # The page count from the file's size; no free list (the pages are read, not reused).
+        header[28:32] = bytes(4)
+        header[32:40] = bytes(8)
+        header[92:96] = (int.from_bytes(header[24:28], "big") + 1).to_bytes(4, "big")
+        with open(path, "rb") as src, open(copy, "wb") as dst:
+            src.seek(100)
+            dst.write(bytes(header))
+            shutil.copyfileobj(src, dst)
+    except (OSError, sqlite3.Error):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(empty)
+    return True
