@@ -495,6 +495,11 @@ def check_disk_full(c: Check, root: Path) -> None:
         "grow: `waypost status --json` answers on the full disk, no traceback",
         wrote.get("rc") == 0 and not wrote.get("traceback"),
     )
+    c.expect(
+        "grow: `waypost status --json` says disk_full, memory-only",
+        (wrote.get("storage") or {}).get("state") == "disk_full"
+        and (wrote.get("storage") or {}).get("memory_only") is True,
+    )
     # (b) the process exits on the full disk; the next one finds a bigger one
     dest2 = Dest()
     dest2.set(down=True)
@@ -737,10 +742,11 @@ def _bad_page(path: Path) -> str:
 
 def check_corrupt(c: Check, root: Path) -> None:
     """An outbox of 500 events (checkpointed into the main file) corrupted before a process
-    starts: one bad page in the middle, truncated to a third, a random header, random bytes."""
+    starts: one bad page in the middle, truncated to a third, a random header, random bytes;
+    and junk in instance_id and notice.json beside a good outbox."""
     import sqlite3
 
-    for how in ("bad_page", "truncated", "random_header", "random_file"):
+    for how in ("junk_ids", "bad_page", "truncated", "random_header", "random_file"):
         dest = Dest()
         dest.set(down=True)
         cfg = config_file(root / f"{how}.yml", dest.url)
@@ -753,7 +759,10 @@ def check_corrupt(c: Check, root: Path) -> None:
             Path(str(path) + suffix).unlink(missing_ok=True)
         raw = path.read_bytes()
         what = how
-        if how == "bad_page":
+        if how == "junk_ids":  # junk in instance_id and notice.json; the outbox is fine
+            for name in ("instance_id", "notice.json"):
+                (data / name).write_bytes(os.urandom(64))
+        elif how == "bad_page":
             what = _bad_page(path)
         elif how == "truncated":
             path.write_bytes(raw[: len(raw) // 3])
@@ -793,6 +802,12 @@ def check_corrupt(c: Check, root: Path) -> None:
             f"{how}: the operator is told (moved aside / notes), or nothing was lost",
             bool(told) or old == 500,
         )
+        if how == "junk_ids":
+            c.expect(f"{how}: the stored 500 arrive", old == 500)
+        elif how == "bad_page":
+            c.expect(
+                f"{how}: one bad page costs only the rows it held (450 of 500 arrive)", old >= 450
+            )
         dest.close()
 
 
