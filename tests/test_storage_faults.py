@@ -738,7 +738,13 @@ def test_a_held_write_lock_never_breaks_flush_or_shutdown_budgets(
         started = time.monotonic()
         figures["shutdown"] = tel.shutdown(1.0)
         figures["shutdown_s"] = time.monotonic() - started
+        st = tel.status()
+        figures["dropped"] = st.counters.dropped
+        figures["stored"] = st.counters.stored
     _release(locker)
+    # The destination is down and nothing could be stored: every event is counted as lost
+    # (also those a spill was still trying to write when shutdown counted).
+    assert figures["stored"] == 0 and figures["dropped"] == {"outbox_locked": 500}, show(figures)
     assert figures["init_s"] < 2.0, show(figures)
     assert figures["flush_s"] < 2.0 + 2.0, figures
     assert figures["flush"] is False, show(figures)  # nothing could be stored: not safe

@@ -137,6 +137,7 @@ class Runner:
         self._busy = 0
         self._turns = 0  # batches taken so far (settled() sees whether one began meanwhile)
         self._storing = 0  # spills writing events they took from memory (for settled())
+        self._moving: list[Event] = []  # what those spills write: in neither place until done
         self._state = threading.Lock()
         self._room = threading.Condition(self._state)  # notified as the queue in memory shrinks
         self.behind = False
@@ -537,6 +538,7 @@ class Runner:
         with self._state:
             ids = {event.id for _, event in self.fresh}
             ids.update(e.id for f in self.flights if not f.stored for e in f.events)
+            ids.update(e.id for e in self._moving)  # a spill's write not ended yet
         return ids
 
     def oldest_in_memory(self) -> float | None:
@@ -599,6 +601,8 @@ class Runner:
             self._storing += 1
         events = [e for _, e in waiting]
         in_flight = [e for f in flying for e in f.events]
+        with self._state:  # for a shutdown that counts what this process holds meanwhile
+            self._moving = events + in_flight
         try:
             if events:
                 outbox.add(events, [self.name])
@@ -615,6 +619,7 @@ class Runner:
         finally:
             with self._state:
                 self._storing -= 1
+                self._moving = []
         self._look_now = True
         n = len(events) + len(in_flight)
         self.settings.count_stored(n)
