@@ -187,6 +187,22 @@ def test_slow_hooks_never_run_on_the_callers_thread_nor_stretch_flush(
     assert caller not in hooks.threads, hooks.threads
 
 
+def test_behind_slow_hooks_the_sinks_get_what_is_built_as_it_is_built(
+    make_tel: Callable[..., Any],
+) -> None:
+    hooks = Recorder(delay=0.005)
+    ThreadNotingSink.delivered = []
+    tel = make_tel(plugins=[hooks], sinks={"t": {"type": "thread_noting"}})
+    for i in range(400):  # two seconds of hook work, all buffered at once
+        tel.track("slow_hook", {"i": i})
+    tel.flush(1.0)
+    delivered = len(ThreadNotingSink.delivered)
+    tel.shutdown(5.0)
+    # Built in slices the sinks get at once, not one chunk of 400 they get after two seconds.
+    assert delivered > 0, delivered
+    assert len(ThreadNotingSink.delivered) == 400, len(ThreadNotingSink.delivered)
+
+
 def test_a_big_value_never_stretches_flush(make_tel: Callable[..., Any]) -> None:
     tel = make_tel(sinks={"t": {"type": "thread_noting"}})
     tel.track("big", {"blob": "a b c d " * (5 * 2**20 // 8)})  # 5 MiB of text to scan

@@ -43,6 +43,14 @@ HOLD = 5
 """How many times ``outbox.buffer`` the buffer holds in a burst before ``track`` waits for the
 worker (which is woken at a batch): a buffered item is what ``track`` made (the name, a copy
 of the properties, the time), a few hundred bytes, one object for the garbage collector."""
+CHUNK = 1000
+"""The most events the worker builds at once before handing them on: small enough that the
+sinks start soon."""
+CHUNK_SECONDS = 0.05
+"""About how long the worker builds at once: slow hooks or scrubbers (5 ms an event) make the
+chunks smaller, down to 10 events, so that the sinks get what is built as it is built."""
+FIRST_CHUNK = 50
+"""The first chunk, before the pace is known; each next one is at most four times the last."""
 STALL = 2.0
 """Seconds ``track`` waits for room in a full buffer before it drops instead."""
 STUCK = 10.0
@@ -149,6 +157,7 @@ class Pipeline:
         self._store_behind = 0  # a store_now() ticket the worker did not reach in time
         self._taking = threading.Lock()  # held while the worker moves a chunk to accepted
         self._in_hand = 0  # taken from the buffer, not yet handed to the sinks or stored
+        self._chunk = FIRST_CHUNK  # what the worker builds at once (fewer while hooks are slow)
         self._abandoned = False  # shutdown counted what is left: take and hand on no more
         # Events for sinks that could not be made, on their way to the outbox: the storer
         # writes them (the worker only when it stores at once). _kept_room guards the queue and
@@ -279,6 +288,11 @@ class Pipeline:
                 time.sleep(0.5)
             if self.stopping and (not self.buffer or self._abandoned):
                 return
+
+    def _pace(self, n: int, seconds: float) -> None:
+        """Size the next chunk so that building it takes about CHUNK_SECONDS."""
+        paced = int(CHUNK_SECONDS * n / seconds) if n and seconds > 0 else CHUNK
+        self._chunk = max(10, min(CHUNK, 4 * max(n, 10), paced))
 
     def abandoned(self) -> bool:
         """Shutdown counted what is left in memory as lost: nothing more is taken or handed on."""
@@ -465,7 +479,7 @@ class Pipeline:
                     if self.abandoned():
                         break
                     try:
-                        for _ in range(min(left, 1000)):  # small enough that sinks start soon
+                        for _ in range(min(left, self._chunk)):
                             items.append(pop())
                     except IndexError:
                         pass
@@ -477,7 +491,9 @@ class Pipeline:
                     self._room.notify_all()
                 moved += len(items)
                 try:
+                    began = time.monotonic()
                     events = self.build(items)
+                    self._pace(len(items), time.monotonic() - began)
                     with self._taking:
                         if self.abandoned():  # shutdown counted them as lost
                             continue
