@@ -255,6 +255,30 @@ def slow_writes(tel: Any, seconds: float, count: int) -> list[int]:
     return made
 
 
+def test_what_the_worker_stores_after_shutdown_counted_it_is_not_counted_lost(
+    make_tel: Callable[..., Any],
+) -> None:
+    tel = make_tel(outbox={"durability": "sync"})
+    data_dir = Path(tel.data_dir)
+    worker = tel.pipeline.worker
+    assert wait_until(lambda: tel.status().storage.state == "ok", 10)
+    made = slow_writes(tel, 4.0, 1)  # the worker's write of the event outlasts shutdown
+    tel.track("slow", {})  # returns after its own bound, the write still under way
+    ok = tel.shutdown(1.0)  # counts what the worker holds: it is writing it
+    worker.join(15)
+    for thread in threading.enumerate():  # then the outbox is closed
+        if thread.name == "waypost-close-outbox":
+            thread.join(10)
+    st = tel.status()
+    figures = {"shutdown": ok, "slow_writes": len(made), "stored": st.counters.stored,
+               "dropped": st.counters.dropped, "pending": pending_rows(data_dir)}  # fmt: skip
+    assert not worker.is_alive() and len(made) == 1, show(figures)
+    # The write ended after shutdown had counted the event as lost: it is in the outbox (the
+    # next start delivers it), so it is stored, and no longer counted as lost.
+    assert figures["pending"] == 1 and st.counters.stored == 1, show(figures)
+    assert st.counters.dropped == {}, show(figures)
+
+
 def test_a_slow_but_working_outbox_is_waited_for_not_dropped(
     tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
@@ -383,3 +407,4 @@ def test_status_shows_what_waits_in_memory_for_a_sink_not_made(
         holder.execute("ROLLBACK")
         holder.close()
     assert wait_until(lambda: gone().in_memory == 0 and gone().pending == 5, 15), gone()
+

@@ -76,6 +76,17 @@ class Counters:
             with self._lock:
                 self.dropped[reason] = self.dropped.get(reason, 0) + n
 
+    def undrop(self, reason: str, n: int) -> None:
+        """``n`` events counted as dropped for ``reason`` were kept after all (stored by a
+        write that ended after shutdown had counted them)."""
+        if n:
+            with self._lock:
+                left = self.dropped.get(reason, 0) - n
+                if left > 0:
+                    self.dropped[reason] = left
+                else:
+                    self.dropped.pop(reason, None)
+
     def after_fork(self) -> None:
         """In a forked child: counts of its own, from zero."""
         self._lock = threading.Lock()

@@ -159,6 +159,10 @@ class Pipeline:
         self._in_hand = 0  # taken from the buffer, not yet handed to the sinks or stored
         self._chunk = FIRST_CHUNK  # what the worker builds at once (fewer while hooks are slow)
         self._abandoned = False  # shutdown counted what is left: take and hand on no more
+        # What shutdown counted of _in_hand while the worker was writing it, and as what: the
+        # write may still succeed (the event is stored, then no longer counted as lost).
+        self._counted_hand = 0
+        self._counted_as = "shutdown"
         # Events for sinks that could not be made, on their way to the outbox: the storer
         # writes them (the worker only when it stores at once). _kept_room guards the queue and
         # its count; _kept_write is held by whoever writes its head (the storer, a spill).
@@ -533,37 +537,74 @@ class Pipeline:
                 )
                 groups.setdefault(key, []).append(event)
         for (targets, keep), group in groups.items():
+            held = len(group)  # what the worker holds of it until it is handed on, or counted
             if not targets and not keep:
-                self.counters.drop("no_sink", len(group))
+                self._hand_on(held, self.counters.drop, "no_sink", held)
                 continue
             # Sinks configured but not made (plugin missing, secret unset) keep their events in
             # the outbox, for the first start that can make them: written by the storer, or
             # here with the rest when everything is stored at once (durability: sync, SIGTERM).
             stored_targets = bool(targets) and (store or self.sync)
             if keep and not (store or self.sync):
-                self._keep(group, keep)
-                keep = ()
+                if not self._keep(group, keep, held):
+                    return stored  # shutdown counted what is left
+                keep, held = (), 0
             names = ([r.name for r in targets] if stored_targets else []) + list(keep)
             if names:
+                if self.abandoned():
+                    return stored
                 try:
                     self.outbox.add(group, names)
                 except Exception as exc:  # refused (or a defect in the write): kept in memory
                     self.storage_refused(exc)
                     stored = False
                     if keep:
-                        self._keep(group, keep)  # the storer tries again
+                        if not self._keep(group, keep, held):  # the storer tries again
+                            return stored
+                        held = 0
                 else:
                     self.count_stored(len(group))
+                    self._written(held)
+                    held = 0
                     if stored_targets:
                         for runner in targets:
                             runner.outbox_written()
                         continue
             for runner in targets:
                 if not runner.room() and not self._make_room(runner):
-                    self._drop_for(runner, len(group))
-                    continue
-                runner.offer(group, now)
+                    if not self._hand_on(held, self._drop_for, runner, len(group)):
+                        return stored
+                elif not self._hand_on(held, runner.offer, group, now):
+                    return stored
+                held = 0
         return stored
+
+    def _hand_on(self, held: int, handover: Callable[..., object], *args: Any) -> bool:
+        """Call ``handover(*args)`` (hand events to a sink's queue or the storer, or count them
+        dropped) unless shutdown has counted what the worker holds, then False: every event is
+        counted once. ``held``: how many of what the worker holds it hands on."""
+        with self._taking:
+            if self._abandoned:
+                return False
+            handover(*args)
+            self._in_hand = max(0, self._in_hand - held)
+        return True
+
+    def _written(self, held: int) -> None:
+        """The worker wrote ``held`` events it holds to the outbox: no longer in hand, or, if
+        shutdown counted them as lost meanwhile, no longer counted (the next start delivers
+        them)."""
+        with self._taking:
+            if not self._abandoned:
+                self._in_hand = max(0, self._in_hand - held)
+                return
+            counted = min(held, self._counted_hand)
+            self._counted_hand -= counted
+            self.counters.undrop(self._counted_as, counted)
+        if counted:
+            log.info(
+                "waypost: %d events counted as lost at shutdown were stored after all", counted
+            )
 
     def _drop_for(self, runner: Runner, n: int) -> None:
         reason, detail = self._drop_unstorable(n)
@@ -578,22 +619,24 @@ class Pipeline:
             level=logging.ERROR,
         )
 
-    def _keep(self, events: list[Event], sinks: tuple[str, ...]) -> None:
+    def _keep(self, events: list[Event], sinks: tuple[str, ...], held: int) -> bool:
         """Hand events for sinks that could not be made to the storer. At most
         ``outbox.buffer`` wait in memory: past it the worker waits for the storer while it
         stores, and drops them (counted) when the outbox cannot take any now or has taken
-        nothing for STUCK seconds."""
+        nothing for STUCK seconds. False if shutdown counted them first (``held``: how many of
+        them the worker holds)."""
         watch = _Watch(self)
         with self._kept_room:
             while self._kept_n >= self.buffer_size:
                 if watch.hopeless():
-                    self._drop_kept(sinks, len(events))
-                    return
+                    return self._hand_on(held, self._drop_kept, sinks, len(events))
                 self.wake_storer()
                 self._kept_room.wait(LINGER)
-            self._kept.append((events, sinks))
+            if not self._hand_on(held, self._kept.append, (events, sinks)):
+                return False
             self._kept_n += len(events)
         self.wake_storer()
+        return True
 
     def _store_kept(self, deadline: float | None = None) -> bool:
         """Write what waits for sinks that could not be made (the storer; a spill, which waits
@@ -659,21 +702,36 @@ class Pipeline:
     def _drop_unstorable(self, n: int) -> tuple[str, str]:
         """Count ``n`` events dropped because the outbox cannot take them, under the reason
         for what is wrong with it; that reason and what to tell the operator."""
+        reason, detail = self._unstorable()
+        self.counters.drop(reason, n)
+        return reason, detail
+
+    def _unstorable(self, *, at_shutdown: bool = False) -> tuple[str, str]:
+        """Why events cannot be stored now, and what to tell the operator: what is wrong with
+        the outbox (``at_shutdown``, when it takes writes: the budget ran out first)."""
         outbox = self.outbox
         health = outbox.health() if outbox is not None else None
-        kind = health.state if health is not None and health.memory_only else "unavailable"
-        reason = DROP_REASONS.get(kind, "outbox_error")
-        self.counters.drop(reason, n)
+        if health is not None and health.memory_only:
+            reason = DROP_REASONS.get(health.state, "outbox_error")
+            return reason, health.detail or reason
+        if at_shutdown:
+            return "shutdown", "the shutdown budget ran out before they were stored"
+        reason = DROP_REASONS["unavailable"]
         return reason, (health.detail if health is not None else None) or reason
 
     def _count_left_in_memory(self, deadline: float) -> None:
         """At shutdown, count what is still held only in memory once the threads have stopped:
         it goes with the process (the outbox could not take it, or the budget ran out first).
         From now on the worker takes and hands on nothing more (what it has in hand is counted
-        here). The outbox is asked, within ``deadline`` (monotonic), which of it it holds too."""
+        here, and no longer if a write of it under way ends well). The outbox is asked, within
+        ``deadline`` (monotonic), which of it it holds too."""
+        reason, detail = self._unstorable(at_shutdown=True)
         with self._taking:
             self._abandoned = True
-            n = len(self.buffer) + self._in_hand
+            self._counted_hand, self._counted_as = self._in_hand, reason
+            self.counters.drop(reason, self._in_hand)
+            hand = self._in_hand
+            n = len(self.buffer)
         with self._kept_room:
             n += self._kept_n
         outbox = self.outbox
@@ -686,17 +744,12 @@ class Pipeline:
                         n -= outbox.holding(runner.name, ids)
                 except StorageUnavailable:
                     pass
-        if not n:
+        self.counters.drop(reason, n)
+        if not n + hand:
             return
-        health = outbox.health() if outbox is not None else None
-        if health is not None and health.memory_only:
-            reason, detail = self._drop_unstorable(n)
-        else:
-            reason, detail = "shutdown", "the shutdown budget ran out before they were stored"
-            self.counters.drop(reason, n)
         log.error(
             "waypost: %d events held only in memory are lost at shutdown, counted as %s: %s",
-            n,
+            n + hand,
             reason,
             detail,
         )
