@@ -408,3 +408,35 @@ def test_status_shows_what_waits_in_memory_for_a_sink_not_made(
         holder.close()
     assert wait_until(lambda: gone().in_memory == 0 and gone().pending == 5, 15), gone()
 
+
+def test_shutdown_beside_a_hung_send_puts_the_stored_rows_into_the_main_file(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    Holding.release, Holding.delivered = threading.Event(), []
+    data = tmp_path / "d"
+    tel = waypost.Telemetry(
+        app="stores",
+        data_dir=data,
+        env=clean_env,
+        sink_classes=[Holding],
+        config={"telemetry": {"notice": {"enabled": False}, "batch": {"interval": 0.05},
+                              "sinks": {"h": {"type": "holding"}}}},
+    )  # fmt: skip
+    try:
+        tel.track("block", {})
+        assert wait_until(lambda: tel.status().sinks[0].in_memory == 0, 10)  # in flight
+        for i in range(49):
+            tel.track("behind", {"i": i})
+        assert tel.flush(2.0) is True  # stored: the send hangs
+        assert tel.shutdown(1.0) is False  # the sink is still busy
+        # The main file alone (a copy, a -wal lost) holds them.
+        copy = tmp_path / "copy.sqlite3"
+        copy.write_bytes((data / "outbox.sqlite3").read_bytes())
+        with contextlib.closing(sqlite3.connect(copy)) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            rows = (
+                db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] if "outbox" in tables else 0
+            )
+    finally:
+        Holding.release.set()
+    assert rows == 50, rows

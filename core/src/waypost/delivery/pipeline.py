@@ -877,8 +877,13 @@ class Pipeline:
                 log.warning("waypost: closing the sinks outlasted the shutdown budget")
         if flush:
             self._count_left_in_memory(deadline)
+        busy = [t for t in (self.worker, self.storer) if t is not None and t.is_alive()]
+        if self.outbox is not None and (stuck or busy):
+            # The file stays open for a thread still using it, and SQLite copies its -wal into
+            # the main file only when the last connection closes: done now, waiting for nobody
+            # (else the rows would be in the -wal alone, should the process end first).
+            self.outbox.checkpoint()
         if self.outbox is not None and not stuck:
-            busy = [t for t in (self.worker, self.storer) if t is not None and t.is_alive()]
             if busy:
                 # A thread still inside an outbox write (waiting for a lock another process
                 # holds) keeps its connection until its own wait ends; closing that connection
