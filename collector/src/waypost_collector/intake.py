@@ -14,7 +14,7 @@ from typing import Any
 from waypost_http import verify_signature
 
 from waypost.config import TelemetryConfig
-from waypost.events import Event, uuid7
+from waypost.events import NO_REMARKS, Event, uuid7
 from waypost.plugins import PluginManager
 from waypost.privacy import IpHasher, Scrubber
 from waypost_collector.config import AppConfig, CollectorConfig
@@ -253,7 +253,7 @@ class Collector:
             events.append(
                 Event(
                     arrival.id, arrival.name, arrival.time, instance_id, properties, context,
-                    distinct_id, "usage", remarks,
+                    distinct_id, "usage", remarks or NO_REMARKS,
                 )
             )  # fmt: skip
         if rejections:

@@ -38,7 +38,7 @@ from waypost.delivery.boundary import call_send
 from waypost.delivery.outbox import Outbox
 from waypost.delivery.pipeline import Pipeline
 from waypost.errors import ConfigError, PluginError
-from waypost.events import Event, uuid7
+from waypost.events import NO_REMARKS, Event, remarks_of, uuid7
 from waypost.events import dumps as core_dumps
 from waypost.plugins import PluginManager
 from waypost.sinks import SendResult, Sink, SinkContext
@@ -144,13 +144,13 @@ def pack(events: Sequence[Event], now: float) -> Event:
             k = index[id(e.context)] = len(contexts)
             contexts.append(e.context)
         rows.append((e.id, e.name, e.time, e.instance_id, e.distinct_id, e.level,
-                     e.properties, k, e.remarks))  # fmt: skip
+                     e.properties, k, remarks_of(e)))  # fmt: skip
     doc = {"contexts": contexts, "events": rows}
     try:
         body = wire_dumps(doc).decode()
     except (TypeError, ValueError):  # what orjson cannot write (an int past 64 bits)
         body = core_dumps(doc)
-    return Event(uuid7(now), PACK_NAME, now, "", {_PACKED: body}, {}, "", PACK_LEVEL, [])
+    return Event(uuid7(now), PACK_NAME, now, "", {_PACKED: body}, {}, "", PACK_LEVEL)
 
 
 def _packs(events: Sequence[Event], now: float) -> list[tuple[Event, list[Event]]]:
@@ -166,8 +166,8 @@ def unpack(event: Event) -> list[Event] | None:
     doc = json.loads(event.properties[_PACKED])  # (the rare path; every int kept exact)
     contexts = doc["contexts"]
     return [
-        Event(i, name, t, instance_id, properties, contexts[k], distinct_id, level, remarks)
-        for i, name, t, instance_id, distinct_id, level, properties, k, remarks in doc["events"]
+        Event(i, name, t, instance_id, properties, contexts[k], distinct_id, level, r or NO_REMARKS)
+        for i, name, t, instance_id, distinct_id, level, properties, k, r in doc["events"]
     ]
 
 
@@ -282,7 +282,7 @@ class StampedSink(Sink):
             out.append(
                 Event(
                     e.id, e.name, e.time, e.instance_id, e.properties, context, e.distinct_id,
-                    e.level, e.remarks,
+                    e.level, e.remarks if remarks_of(e) else NO_REMARKS,
                 )
             )  # fmt: skip
         return out

@@ -292,6 +292,12 @@ def normalise_name(name: str) -> str:
 
 # --- the envelope -----------------------------------------------------------------------------
 
+NO_REMARKS: Any = ()
+"""What an event holds as its remarks while it has none (pass it for an event without remarks):
+the list is made when ``remarks`` is first read. A list per event would be one more object for
+the garbage collector to visit for each event waiting in memory, and make each full collection
+the host goes through during a burst longer."""
+
 
 @dataclasses.dataclass(slots=True)
 class Event:
@@ -310,7 +316,7 @@ class Event:
     context: dict[str, Any]
     distinct_id: str = ""
     level: str = "usage"
-    remarks: list[str] = dataclasses.field(default_factory=list)
+    remarks: list[str] = dataclasses.field(default=NO_REMARKS)
 
     @property
     def timestamp(self) -> _dt.datetime:
@@ -365,8 +371,34 @@ class Event:
             context=dict(data.get("context") or {}),
             distinct_id=data.get("distinct_id") or "",
             level=data.get("level", "usage"),
-            remarks=list(data.get("remarks") or []),
+            remarks=list(data.get("remarks") or ()) or NO_REMARKS,
         )
+
+
+_REMARKS_SLOT: Any = Event.__dict__["remarks"]
+
+
+def _remarks(event: Event) -> list[str]:
+    held: list[str] = _REMARKS_SLOT.__get__(event, Event)
+    if held is NO_REMARKS:
+        held = []
+        _REMARKS_SLOT.__set__(event, held)
+    return held
+
+
+# ``remarks`` stays a plain list to every reader and writer; until one asks for it, the event
+# holds the shared empty NO_REMARKS instead (what the slot holds is read by remarks_of).
+setattr(
+    Event,
+    _REMARKS_SLOT.__name__,
+    property(_remarks, _REMARKS_SLOT.__set__, doc="What the privacy gate redacted, where."),
+)
+
+
+def remarks_of(event: Event) -> Sequence[str]:
+    """An event's remarks, read without making a list for an event that has none."""
+    held: Sequence[str] = _REMARKS_SLOT.__get__(event, Event)
+    return held
 
 
 # --- typed payloads ---------------------------------------------------------------------------

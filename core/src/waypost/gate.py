@@ -16,6 +16,7 @@ from waypost.config import LimitsConfig
 from waypost.errors import PluginError, TrackError
 from waypost.events import (
     NAME_MAX,
+    NO_REMARKS,
     Event,
     Payload,
     base_context,
@@ -528,7 +529,7 @@ class Gate:
                 # Positional (the fields' order): a third cheaper than keywords, per event.
                 built = Event(
                     ids[i], name, when, instance_id, props, context, who,
-                    level or "usage", remarks,
+                    level or "usage", remarks or NO_REMARKS,
                 )  # fmt: skip
                 if self._before_send:
                     result = self._apply_before_send(built)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from waypost.delivery.storage import Health, Storage, StorageUnavailable
-from waypost.events import Event, dumps
+from waypost.events import NO_REMARKS, Event, dumps, remarks_of
 from waypost.privacy.secrets import sanitise
 from waypost.processes import owner, owner_alive
 
@@ -331,7 +331,8 @@ class Outbox:
                     "level": e.level,
                 }
             )
-            remarks = dumps(e.remarks) if e.remarks else None
+            held = remarks_of(e)
+            remarks = dumps(held) if held else None
             rows.append((e.id, e.name, e.time, body, cid, remarks))
         return rows
 
@@ -384,7 +385,7 @@ class Outbox:
                         context=context,
                         distinct_id=data.get("distinct_id") or "",
                         level=data.get("level", "usage"),
-                        remarks=json.loads(remarks) if remarks else [],
+                        remarks=json.loads(remarks) if remarks else NO_REMARKS,
                     ),
                 )
             )

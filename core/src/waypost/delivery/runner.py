@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from waypost.delivery.boundary import call_send
 from waypost.delivery.breaker import Breaker
 from waypost.delivery.storage import StorageUnavailable
+from waypost.delivery.waiting import Taken, Waiting
 from waypost.events import Event
 from waypost.logs import get_logger
 from waypost.privacy.secrets import guard_loggers, sanitise
@@ -145,7 +146,7 @@ class Runner:
         self._spill_lock = threading.RLock()  # re-entered by spill() through the helper below
         self._requested = 0
         self._completed = 0
-        self.fresh: deque[tuple[float, Event]] = deque()
+        self.fresh = Waiting()  # arrival times kept per offered group, not per event
         self.flights: set[Flight] = set()
         self.outbox_due_at = 0.0  # monotonic: when the outbox may next hold due rows for us
         # Someone wrote rows for us or asks for a look (a flush): set by them, cleared by this
@@ -484,7 +485,8 @@ class Runner:
     def offer(self, events: list[Event], now: float) -> None:
         """Hand fresh events to this sink's threads (and, should it fail or fall behind, to
         the storer: they stay in memory until one of them takes them)."""
-        self.fresh.extend([(now, e) for e in events])
+        with self._state:  # the events and their arrival mark go in together
+            self.fresh.add(events, now)
         if self.breaker.failures or self.open_error or self.paused_for() > 0:
             if not self.memory_only:
                 self.settings.wake_storer()
@@ -510,10 +512,8 @@ class Runner:
                 self.memory_only and time.time() >= self.memory_retry_at
             ):
                 return None  # a failing sink retries from the outbox, with its backoff
-            since = fresh[0][0]
-            pop = fresh.popleft
-            events = [pop()[1] for _ in range(min(len(fresh), self.sink.batch_size))]
-            flight = Flight(events, since)
+            since = fresh.oldest()
+            flight = Flight(fresh.take(self.sink.batch_size).events, since)
             self.flights.add(flight)
             self._busy += 1
             self._turns += 1
@@ -522,10 +522,10 @@ class Runner:
             self._room.notify_all()
         return flight
 
-    def _requeue(self, events: list[tuple[float, Event]]) -> None:
+    def _requeue(self, taken: Taken) -> None:
         """Put events back at the front of the queue in memory, in their order."""
         with self._state:
-            self.fresh.extendleft(reversed(events))
+            self.fresh.put_back(taken)
 
     def in_memory(self) -> int:
         """Events of this sink held only in memory: waiting, or in flight and not stored."""
@@ -536,7 +536,7 @@ class Runner:
         """The ids of the events :meth:`in_memory` counts (some may also be stored: a batch
         stored leased whose outcome could not be written is back in memory)."""
         with self._state:
-            ids = {event.id for _, event in self.fresh}
+            ids = {event.id for event in self.fresh}
             ids.update(e.id for f in self.flights if not f.stored for e in f.events)
             ids.update(e.id for e in self._moving)  # a spill's write not ended yet
         return ids
@@ -546,7 +546,7 @@ class Runner:
         with self._state:
             times = [f.since for f in self.flights if not f.stored]
             if self.fresh:
-                times.append(self.fresh[0][0])
+                times.append(self.fresh.oldest())
         return min(times) if times else None
 
     def spill(
@@ -580,12 +580,7 @@ class Runner:
     ) -> int:
         with self._spill_then_state():
             fresh = self.fresh
-            waiting: list[tuple[float, Event]] = []
-            most = len(fresh) if limit is None else limit
-            while (
-                fresh and len(waiting) < most and (older_than is None or fresh[0][0] <= older_than)
-            ):
-                waiting.append(fresh.popleft())
+            waiting = fresh.take(len(fresh) if limit is None else limit, older_than)
             if waiting:
                 if older_than is not None:
                     self.behind = True  # events went stale waiting for the sink
@@ -599,14 +594,14 @@ class Runner:
                 return 0
             # Neither in memory nor in the outbox until the write ends: a flush waits.
             self._storing += 1
-        events = [e for _, e in waiting]
+        events = waiting.events
         in_flight = [e for f in flying for e in f.events]
         with self._state:  # for a shutdown that counts what this process holds meanwhile
             self._moving = events + in_flight
         try:
             if events:
                 outbox.add(events, [self.name])
-                waiting = []
+                waiting = Taken()
             if in_flight:
                 outbox.add(in_flight, [self.name], lease_seconds=self.settings.lease_seconds)
         except Exception as exc:  # refused (or a defect in the write): all stays in memory
@@ -671,7 +666,7 @@ class Runner:
             # stored as soon as the outbox takes them (a row stored leased for the batch
             # takes the new state then).
             if retry:
-                self._requeue([(flight.since, events[i]) for i, _, _ in retry])
+                self._requeue(Taken.since(flight.since, [events[i] for i, _, _ in retry]))
                 self.memory_retry_at = min(next_at for _, next_at, _ in retry)
             self.settings.storage_refused(exc)
         with self._spill_then_state():
