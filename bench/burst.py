@@ -12,7 +12,9 @@
 2. **Huge values** (waypost only): one ``track()`` with a 20 MB string, then one with 1,000,000
    keys, each while another thread of the host ticks every 10 ms and 30,000 small events are
    tracked beside it; reported: the longest the ticker waited from the call on (and, apart,
-   while the bench made the value, before waypost saw it), the slowest call, the drops.
+   while the bench made the value, before waypost saw it), the slowest call, the drops, and
+   the garbage collections meanwhile (how many were full, and each one over 2 ms: its
+   generation, milliseconds and thread), which hold every thread as long as they last.
 
 Targets (issue 18): no call over 50 ms in the flaky burst; waypost's mean cost a call at most a
 tenth of the fastest SDK's; the ticker never waits more than a few milliseconds. Results go to
@@ -38,7 +40,7 @@ EVERY = 4
 """The sink server fails every EVERY-th request of a contender."""
 
 HUGE = r"""
-import json, sys, tempfile, threading, time
+import gc, json, sys, tempfile, threading, time
 import waypost
 
 which = sys.argv[1]
@@ -63,6 +65,19 @@ def small():
     for i in range(30_000):
         tel.track("small", {"i": i})
 
+# The garbage collections of the same span, whichever thread ran them: a collection holds every
+# thread of the process, and a full one visits every object the collector tracks.
+pauses, full, began = [], [0], [0.0]
+
+def collected(phase, info):
+    if phase == "start":
+        began[0] = time.perf_counter()
+        return
+    ms = (time.perf_counter() - began[0]) * 1000
+    full[0] += info["generation"] == 2
+    if ms > 2:
+        pauses.append([info["generation"], round(ms, 1), threading.current_thread().name])
+
 ticker = threading.Thread(target=tick)
 ticker.start()
 time.sleep(0.2)
@@ -72,6 +87,7 @@ value = {"blob": "x" * 20_000_000} if which == "string" else {f"k{i}": i for i i
 time.sleep(0.1)
 building = longest
 longest = 0.0
+gc.callbacks.append(collected)
 beside = threading.Thread(target=small)
 beside.start()
 started = time.perf_counter()
@@ -81,11 +97,13 @@ beside.join()
 flushed = tel.flush(120)
 stop.set()
 ticker.join()
+gc.callbacks.remove(collected)
 st = tel.status()
 print(json.dumps({"case": which, "track_s": round(call_s, 4), "ticker_longest_ms":
                   round(longest * 1000, 1), "building_ms": round(building * 1000, 1),
                   "flushed": flushed, "dropped": st.counters.dropped,
-                  "delivered": st.counters.delivered}))
+                  "delivered": st.counters.delivered, "full_collections": full[0],
+                  "gc_pauses": pauses}))
 tel.shutdown(5)
 """
 
@@ -123,15 +141,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {fmt(r['track_calls_mean_us'], 2)} | {fmt(r['delivered'])} | {fmt(r['lost'])} |"
         )
     lines += ["", "| huge value | track() s | ticker waited ms "
-              "| (while the bench made the value) ms | dropped | flushed |",
-              "| --- | ---: | ---: | ---: | --- | --- |"]  # fmt: skip
+              "| (while the bench made the value) ms | dropped | flushed "
+              "| full collections | collections over 2 ms (generation: ms, thread) |",
+              "| --- | ---: | ---: | ---: | --- | --- | ---: | --- |"]  # fmt: skip
     for r in results["huge"]:
         if "error" in r:
-            lines.append(f"| {r['case']} | error: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['case']} | error: {r['error'][:80]} | | | | | | |")
             continue
+        pauses = ", ".join(f"{g}: {ms} ({thread})" for g, ms, thread in r["gc_pauses"])
         lines.append(
             f"| {r['case']} | {fmt(r['track_s'], 3)} | {fmt(r['ticker_longest_ms'], 1)} "
-            f"| {fmt(r['building_ms'], 1)} | {json.dumps(r['dropped'])} | {r['flushed']} |"
+            f"| {fmt(r['building_ms'], 1)} | {json.dumps(r['dropped'])} | {r['flushed']} "
+            f"| {r['full_collections']} | {pauses or '-'} |"
         )
     lines += ["", *(f"- {t}" for t in results["targets"])]
     return "\n".join(lines) + "\n"
