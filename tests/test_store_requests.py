@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import make, pending_rows, show, wait_until
+from faultkit import make, pending_rows, run_scenario, show, wait_until
 
 import waypost
 from waypost import processes
@@ -440,3 +440,43 @@ def test_shutdown_beside_a_hung_send_puts_the_stored_rows_into_the_main_file(
     finally:
         Holding.release.set()
     assert rows == 50, rows
+
+
+# --- status while shutdown closes the outbox --------------------------------------------------
+
+
+def test_status_from_other_threads_while_shutdown_closes_the_outbox_never_crashes(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    """Closing the outbox let go of every thread's connection at once, one a status() call was
+    reading through: the process died of a segmentation fault."""
+    figures = run_scenario(
+        f"""
+        import threading, time
+        rounds = statuses = 0
+        for n in range(12):
+            tel = make({down_url()!r}, {str(tmp_path)!r} + f"/d{{n}}")
+            for i in range(100):
+                tel.track("closing", {{"i": i}})
+            stop = threading.Event()
+            counts = []
+            def poll():
+                while not stop.is_set():
+                    tel.status()
+                    counts.append(1)
+            pollers = [threading.Thread(target=poll) for _ in range(2)]
+            for poller in pollers:
+                poller.start()
+            time.sleep(0.05)
+            tel.shutdown(2)
+            time.sleep(0.05)
+            stop.set()
+            for poller in pollers:
+                poller.join(10)
+            rounds, statuses = rounds + 1, statuses + len(counts)
+        report(rounds=rounds, statuses=statuses)
+        """,
+        clean_env,
+        timeout=240,
+    )
+    assert figures.get("rounds") == 12 and figures["statuses"] > 0, show(figures)

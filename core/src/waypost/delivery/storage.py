@@ -178,6 +178,12 @@ class Storage:
         # a write may find the file gone and repair it on the way.
         self._write_lock = threading.RLock()
         self._budget = threading.local()
+        # Connections a thread is reading through now (how many reads), and those of them
+        # close() left to be closed by the last of those reads: closing a connection under
+        # another thread's read crashes the process (a status() call during shutdown).
+        self._use_lock = threading.Lock()
+        self._reading: dict[sqlite3.Connection, int] = {}
+        self._closing: set[sqlite3.Connection] = set()
 
     # --- health ----------------------------------------------------------------------------
 
@@ -458,13 +464,30 @@ class Storage:
             # Inspection opens a connection a look: one kept open would go on showing the
             # file as it was.
             db = self._read_only_connection() if self.inspect else self.connection()
+            self._use(db, 1)
             try:
                 yield db
             except sqlite3.Error as exc:
                 raise self._failed(exc, "cannot read the outbox") from None
             finally:
+                self._use(db, -1)
                 if self.inspect:
                     db.close()
+
+    def _use(self, db: sqlite3.Connection, step: int) -> None:
+        """A read through ``db`` begins (1) or ends (-1); the last to end closes it if
+        close() came meanwhile."""
+        with self._use_lock:
+            n = self._reading.get(db, 0) + step
+            if n > 0:
+                self._reading[db] = n
+                return
+            self._reading.pop(db, None)
+            if db not in self._closing:
+                return
+            self._closing.discard(db)
+        with contextlib.suppress(sqlite3.Error):
+            db.close()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -752,16 +775,22 @@ class Storage:
         return row is not None and row[0] == 0 and row[1] == row[2]
 
     def close(self) -> None:
+        """Close every connection; one another thread is reading through now is closed by
+        that read when it ends."""
         with self._lock:
             conns, self._conns = self._conns, []
             self._primary = None
             self._local = threading.local()
             self.generation += 1
             self._ready = False
+        with self._use_lock:
+            busy = {db for db in conns if db in self._reading}
+            self._closing |= busy
         with GATE.section("closing the outbox"):
             for db in conns:
-                with contextlib.suppress(sqlite3.Error):
-                    db.close()
+                if db not in busy:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.close()
 
 
 def _rollback(db: sqlite3.Connection) -> None:
