@@ -42,6 +42,8 @@ SPILL_CHUNK = 1000
 """Events written to the outbox per transaction: the lock is never held long."""
 HUNG_GRACE = 1.0
 """Seconds past twice the sink's request timeout after which a ``send`` counts as hung."""
+RECORD_RETRY = 1.0
+"""Seconds between attempts to write an outcome the outbox refused."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,25 @@ class Flight:
     events: list[Event]
     since: float
     stored: bool = False
+
+
+@dataclass(eq=False)
+class Unrecorded:
+    """What became of a batch whose rows are stored, and which the outbox refused to record
+    (a full disk, another process's lock): the rows stay leased to this process, hidden from
+    every reader of the outbox, until the rest of ``steps`` is written or the lease ends."""
+
+    steps: list[Callable[[], None]]
+    expires: float
+    """Monotonic: the rows' lease has ended by then, and they are due again without it."""
+
+
+def _write_steps(steps: list[Callable[[], None]]) -> None:
+    """Write ``steps`` in order, each taken off the list once written (``StorageUnavailable``
+    leaves the rest on it)."""
+    while steps:
+        steps[0]()
+        steps.pop(0)
 
 
 @dataclass(eq=False)
@@ -154,6 +175,9 @@ class Runner:
         self._look_now = True
         self._turn = False
         self.sending: dict[int, Sending] = {}  # by thread ident
+        self._unrecorded: deque[Unrecorded] = deque()  # under _state
+        self._record_lock = threading.Lock()  # one thread writes them at a time
+        self._record_at = 0.0  # monotonic: when to try writing them again
 
     @contextmanager
     def _spill_then_state(self) -> Iterator[None]:
@@ -253,6 +277,8 @@ class Runner:
                 return  # a thread that came back from a hang, now one too many
             seen = self._wakes  # before looking for work: a wake-up after this is not missed
             try:
+                if self._unrecorded and time.monotonic() >= self._record_at:
+                    self.record_held()
                 if not self.opened:
                     # Opened when there is something to send, not before: a process that forks
                     # soon after starting (gunicorn --preload) has built no client to share.
@@ -305,6 +331,7 @@ class Runner:
                     self._busy += 1
                     self._turns += 1
                 try:
+                    leased_at = time.monotonic()  # no later than the lease's start
                     try:
                         leased = outbox.lease(
                             self.name, self.sink.batch_size, lease_seconds=settings.lease_seconds
@@ -323,7 +350,7 @@ class Runner:
                         )
                     if backlog:
                         self._add_threads(1)  # a backlog: more batches in flight at once
-                    self._deliver(leased)
+                    self._deliver(leased, leased_at)
                 finally:
                     with self._state:
                         self._busy -= 1
@@ -372,7 +399,10 @@ class Runner:
             self._complete_pass()
 
     def _sleep(self, seconds: float, seen: int) -> None:
-        """Sleep until woken after ``seen`` (the wake count when this turn began), or a stop."""
+        """Sleep until woken after ``seen`` (the wake count when this turn began), or a stop;
+        while outcomes wait to be written, no longer than until the next try."""
+        if self._unrecorded:
+            seconds = min(seconds, max(0.01, self._record_at - time.monotonic()))
         with self._signal:
             self._signal.wait_for(lambda: self._wakes != seen or self.stop, timeout=seconds)
 
@@ -631,6 +661,7 @@ class Runner:
 
     def _deliver_fresh(self, flight: Flight) -> None:
         events = flight.events
+        leased_at = time.monotonic()  # a spill stores the batch leased no earlier than this
         result, batch_error = self._send(events)
         retry, failed, ok = self._classify(events, {}, result)
         now = time.time()
@@ -643,45 +674,52 @@ class Runner:
         delivered: list[tuple[Event, str, float, str | None]] = [
             (events[i], "sent", 0.0, None) for i in ok
         ]
+        ok_ids = [events[i].id for i in ok]
         outbox = settings.outbox
         assert outbox is not None
+        name, receipt = self.name, result.receipt
         # The batch stays among the flights until its outcome is written: until then a flush or
         # the worker may still store it (leased), and nothing is left only in memory.
         with self._spill_then_state():  # a spill writing this batch has finished
             stored = flight.stored
-        settled = False
+        steps: list[Callable[[], None]] = []
+        if stored and not keep:
+            steps.append(lambda: outbox.forget(name, ok_ids))
+        written = outcomes + (delivered if keep else [])
+        if written:
+            steps.append(lambda: outbox.settle(name, written, now=now, receipt=receipt))
+        refused: StorageUnavailable | None = None
         try:
-            if stored and not keep:
-                outbox.forget(self.name, [events[i].id for i in ok])
-            if outcomes or (keep and delivered):
-                outbox.settle(
-                    self.name,
-                    outcomes + (delivered if keep else []),
-                    now=now,
-                    receipt=result.receipt,
-                )
-                settled = True
+            _write_steps(steps)
         except StorageUnavailable as exc:
-            # Events to retry stay in memory: tried again from there after the backoff, or
-            # stored as soon as the outbox takes them (a row stored leased for the batch
-            # takes the new state then).
-            if retry:
-                self._requeue(Taken.since(flight.since, [events[i] for i, _, _ in retry]))
-                self.memory_retry_at = min(next_at for _, next_at, _ in retry)
-            self.settings.storage_refused(exc)
+            refused = exc
         with self._spill_then_state():
             self.flights.discard(flight)
             late = flight.stored and not stored
-        if settled and not stored and not late:  # (a spill that stored the batch counted it)
-            settings.count_stored(len(retry) + len(failed))
+            # Never stored: what is to be retried stays in memory, tried again from there after
+            # the backoff or stored as soon as the outbox takes it. A batch stored (leased)
+            # meanwhile is in the outbox: its outcome is written later, never sent twice.
+            requeued = refused is not None and not flight.stored and bool(retry)
+            if requeued:
+                self.fresh.put_back(Taken.since(flight.since, [events[i] for i, _, _ in retry]))
+        if refused is None and written and not stored and not late:
+            settings.count_stored(len(retry) + len(failed))  # (a spill that stored it counted)
         if late:  # stored while its outcome was being written: the delivered rows go too
-            try:
-                if keep:
-                    outbox.settle(self.name, delivered, now=now, receipt=result.receipt)
-                else:
-                    outbox.forget(self.name, [events[i].id for i in ok])
-            except StorageUnavailable as exc:  # they stay leased, and are sent again later
-                self.settings.storage_refused(exc)
+            if keep:
+                steps.append(lambda: outbox.settle(name, delivered, now=now, receipt=receipt))
+            else:
+                steps.append(lambda: outbox.forget(name, ok_ids))
+            if refused is None:
+                try:
+                    _write_steps(steps)
+                except StorageUnavailable as exc:
+                    refused = exc
+        if refused is not None:
+            if requeued:
+                self.memory_retry_at = min(next_at for _, next_at, _ in retry)
+            elif flight.stored:
+                self._hold(steps, leased_at)
+            settings.storage_refused(refused)
         if retry:
             self.outbox_due_at = min(self.outbox_due_at, time.monotonic() + 0.01)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
@@ -689,7 +727,7 @@ class Runner:
             # The sink is failing: what waits in memory goes to the outbox and its backoff.
             self.settings.wake_storer()
 
-    def _deliver(self, leased: list[tuple[int, int, Event]]) -> None:
+    def _deliver(self, leased: list[tuple[int, int, Event]], leased_at: float) -> None:
         events = [e for _, _, e in leased]
         attempts = {i: a for i, (_, a, _) in enumerate(leased)}
         result, batch_error = self._send(events)
@@ -697,18 +735,55 @@ class Runner:
         now = time.time()
         outbox = self.settings.outbox
         assert outbox is not None
+        keep, receipt = self.settings.keep_sent > 0, result.receipt
+        sent = [leased[i][0] for i in ok]
+        again = [(leased[i][0], next_at, reason) for i, next_at, reason in retry]
+        refused = [(leased[i][0], reason) for i, reason in failed]
+        steps: list[Callable[[], None]] = [
+            lambda: outbox.delivered(sent, keep=keep, now=now, receipt=receipt),
+            lambda: outbox.retry(again),
+            lambda: outbox.failed(refused, now=now),
+        ]
         try:
-            outbox.delivered(
-                [leased[i][0] for i in ok],
-                keep=self.settings.keep_sent > 0,
-                now=now,
-                receipt=result.receipt,
-            )
-            outbox.retry([(leased[i][0], next_at, reason) for i, next_at, reason in retry])
-            outbox.failed([(leased[i][0], reason) for i, reason in failed], now=now)
-        except StorageUnavailable as exc:  # the rows stay leased, and are sent again later
+            _write_steps(steps)
+        except StorageUnavailable as exc:  # the rows stay leased: written on a later turn
+            self._hold(steps, leased_at)
             self.settings.storage_refused(exc)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
+
+    def _hold(self, steps: list[Callable[[], None]], leased_at: float) -> None:
+        """Keep what the outbox refused of a stored batch's outcome, for :meth:`record_held`."""
+        with self._state:
+            self._unrecorded.append(Unrecorded(steps, leased_at + self.settings.lease_seconds))
+        self._record_at = time.monotonic() + RECORD_RETRY
+
+    def record_held(self) -> bool:
+        """Write the outcomes the outbox refused before (the rows are leased to this process
+        until then, hidden from a flush and from this sink); one whose lease has ended is
+        forgotten, its rows due again. True when none is left."""
+        if not self._record_lock.acquire(blocking=False):
+            return False  # another of this runner's threads is writing them
+        try:
+            while True:
+                now = time.monotonic()
+                with self._state:
+                    while self._unrecorded and self._unrecorded[0].expires <= now:
+                        self._unrecorded.popleft()
+                    if not self._unrecorded:
+                        return True
+                    head = self._unrecorded[0]
+                try:
+                    _write_steps(head.steps)
+                except StorageUnavailable as exc:
+                    self._record_at = time.monotonic() + RECORD_RETRY
+                    self.settings.storage_refused(exc)
+                    return False
+                with self._state:
+                    self._unrecorded.popleft()
+                self._look_now = True  # rows to retry may be due now
+                self.settings.progress()
+        finally:
+            self._record_lock.release()
 
     def _classify(
         self, events: Sequence[Event], attempts: dict[int, int], result: SendResult
@@ -841,14 +916,16 @@ class Runner:
 
     def settled(self, deadline: float, since: float) -> bool:
         """Whether a flush that began at ``since`` has nothing more to wait for from this sink
-        before ``deadline`` (both wall clock): nothing in memory or in flight, and no stored
-        row of an event tracked before the flush falls due before the deadline (or the sink's
-        circuit stays open past it). Events tracked since (by this process or another one
+        before ``deadline`` (both wall clock): nothing in memory or in flight, no outcome
+        waiting to be written (its rows are leased until then), and no stored row of an event
+        tracked before the flush falls due before the deadline (or the sink's circuit stays
+        open past it). Events tracked since (by this process or another one
         sharing the outbox) are the next flush's business."""
         with self._state:
             if self.fresh or self.flights or self._busy or self._storing:
                 return False
             turns = self._turns
+            unrecorded = bool(self._unrecorded)
         # Wall clock, as the outbox's; a pause the destination asked for holds like a circuit.
         open_until = time.time() + max(self.breaker.remaining(), self.paused_for())
         if open_until > deadline or not self.alive:
@@ -856,6 +933,8 @@ class Runner:
         outbox = self.settings.outbox
         if outbox is None or outbox.health().memory_only:
             return True
+        if unrecorded:  # rows leased to this process until their outcome is written
+            return False
         try:
             due = outbox.next_due(self.name, tracked_before=since)
         except StorageUnavailable:
