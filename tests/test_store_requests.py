@@ -164,6 +164,25 @@ def test_a_scheduled_job_is_stored_by_the_worker_before_its_run_is_recorded(
     assert hooks.threads and caller not in hooks.threads, hooks.threads
 
 
+def test_a_scheduled_job_is_stored_even_when_the_worker_takes_it_before_the_store_is_asked(
+    make_tel: Callable[..., Any],
+) -> None:
+    # The worker's own drain (a batch due, a burst) may take the job's event between its append
+    # and the wait for it to be stored: made to happen here, that drain must store it too.
+    tel = make_tel()
+    pipeline = tel.pipeline
+    own_store_now = pipeline.store_now
+
+    def taken_first(*args: Any, **kwargs: Any) -> bool:
+        pipeline.wait_drained(pipeline.request_drain(), time.monotonic() + 5)
+        assert not pipeline.buffer
+        return bool(own_store_now(*args, **kwargs))
+
+    pipeline.store_now = taken_first
+    assert tel.send_heartbeat(force=True) is True
+    assert stored(tel) == 1, tel.status().counters
+
+
 def test_after_sigterm_each_event_is_stored_by_the_worker_and_the_buffer_stays_bounded(
     make_tel: Callable[..., Any],
 ) -> None:

@@ -139,16 +139,19 @@ class Schedules:
             return False
         if isinstance(payload, tuple):
             name, payload = payload
-        if isinstance(payload, Payload):
-            host.track(payload)
-        else:
-            host.track(name or "event", cast("Mapping[str, Any] | None", payload))  # it checks
-        pipeline = host.pipeline
-        if store and pipeline is not None:
-            # Stored before the run is recorded as done, by the worker (the job's own thread
-            # never runs hooks). Past the wait it is tracked all the same: delivered, or
-            # stored with the next batch.
-            pipeline.store_now()
+        # Stored before the run is recorded as done, by the worker (the job's own thread never
+        # runs hooks), asked before it is tracked so that no drain takes it to memory alone.
+        # Past the wait it is tracked all the same: delivered, or stored with the next batch.
+        pipeline = host.pipeline if store else None
+        ask = pipeline.ask_to_store() if pipeline is not None else None
+        try:
+            if isinstance(payload, Payload):
+                host.track(payload)
+            else:
+                host.track(name or "event", cast("Mapping[str, Any] | None", payload))  # it checks
+        finally:
+            if pipeline is not None:
+                pipeline.store_now(ask=ask)
         return True
 
     def shutdown(self, seconds_running: float) -> None:

@@ -150,8 +150,7 @@ class Pipeline:
         self._drains = threading.Condition()
         self._drain_requested = 0
         self._drain_done = 0
-        self._store_asked = 0  # the last ticket whose drain is to be stored
-        self._stored_done = 0  # the last ticket whose drain was stored, all of it
+        self._asking: set[StoreAsk] = set()  # callers waiting for what they track to be stored
         self._progress = threading.Condition()
         self._lost_reported = 0  # events lost (counted) that a flush has reported already
         self._store_behind = 0  # a store_now() ticket the worker did not reach in time
@@ -271,16 +270,16 @@ class Pipeline:
             try:
                 with self._drains:
                     asked = self._drain_requested
-                    store = self._store_asked > self._drain_done
-                stored = self.drain(store=store)
+                stored = self.drain()  # stores what it takes while a caller asks (_dispatch)
                 with self._drains:
                     self._drain_done = max(self._drain_done, asked)
-                    if stored:
-                        self._stored_done = max(self._stored_done, asked)
-                    self._drains.notify_all()
-                if self.debug:
-                    with self._drains:
+                    if self.debug:
                         self._drain_done = max(self._drain_done, self._drain_requested)
+                    for ask in list(self._asking):
+                        ask.failed = ask.failed or not stored
+                        if ask.ticket and ask.ticket <= self._drain_done:
+                            self._asking.discard(ask)  # served
+                    self._drains.notify_all()
             except Exception as exc:
                 self.log_once(
                     f"worker:{type(exc).__name__}",
@@ -310,36 +309,50 @@ class Pipeline:
             return 0.0
         return min(self.interval, LINGER) if self._linger else self.interval
 
-    def store_now(self, deadline: float | None = None) -> bool:
+    def ask_to_store(self) -> StoreAsk:
+        """Have everything the worker takes from now on stored, until :meth:`store_now` (given
+        what this returns) is served: asked before an event is buffered, so that no drain of
+        the worker's own hands it to the sinks in memory alone before the store is asked."""
+        ask = StoreAsk()
+        with self._drains:
+            self._asking.add(ask)
+        return ask
+
+    def store_now(self, deadline: float | None = None, ask: StoreAsk | None = None) -> bool:
         """Have the worker build what is buffered now and store it in the outbox, on its own
         thread (hooks and scrubbers never run on the caller's), while the caller waits until
         ``deadline`` (monotonic; STALL seconds from now by default): called by ``track`` under
         ``durability: sync`` or once SIGTERM came, and by a scheduled job before its run is
-        recorded. True when it is stored. Once a wait ran out, the next calls do not wait
-        until the worker has caught up; the buffer stays bounded as in a burst."""
+        recorded (``ask``: from :meth:`ask_to_store` before it tracked). True when all of it
+        is stored. Once a wait ran out, the next calls do not wait until the worker has caught
+        up; the buffer stays bounded as in a burst."""
         worker = self.worker
-        if worker is None or worker.ident == threading.get_ident():  # a hook that tracks
-            self.wake.set()
+        mine = worker is None or worker.ident == threading.get_ident()  # a hook that tracks
+        if mine or self._drain_done < self._store_behind:
+            if ask is not None:
+                with self._drains:
+                    self._asking.discard(ask)
+            if mine:
+                self.wake.set()
+            else:
+                self.nudge()
             return False
-        if self._drain_done < self._store_behind:
-            self.nudge()
-            return False
-        ticket = self.request_drain(store=True)
-        if deadline is None:
-            deadline = time.monotonic() + STALL
-        if not self.wait_drained(ticket, deadline):
+        ask = ask or self.ask_to_store()
+        ticket = self.request_drain()
+        ask.ticket = ticket  # served by the first drain that begins after this
+        if not self.wait_drained(
+            ticket, time.monotonic() + STALL if deadline is None else deadline
+        ):
             self._store_behind = ticket
             return False
-        return self._stored_done >= ticket
+        return not ask.failed
 
-    def request_drain(self, *, store: bool = False) -> int:
-        """Ask the worker to build and hand on everything buffered now (``store``: and to write
-        it to the outbox); a ticket for :meth:`wait_drained`."""
+    def request_drain(self) -> int:
+        """Ask the worker to build and hand on everything buffered now; a ticket for
+        :meth:`wait_drained`."""
         with self._drains:
             self._drain_requested += 1
             ticket = self._drain_requested
-            if store:
-                self._store_asked = ticket
         self.wake.set()
         return ticket
 
@@ -519,6 +532,8 @@ class Pipeline:
         ``durability: sync``) write them to the outbox first (one row per sink instance, in one
         transaction), keeping them in memory if it refuses. False if it refused any."""
         assert self.outbox is not None
+        # Read once these events were taken: a caller asks before it buffers what it tracks.
+        store = store or bool(self._asking)
         stored = True
         now = time.monotonic()
         runners = self.runners
@@ -904,6 +919,17 @@ class Pipeline:
                     pass
                 self.outbox.close()
         return ok and not stuck
+
+
+class StoreAsk:
+    """A caller waiting for what it tracks to be stored (:meth:`Pipeline.ask_to_store`): the
+    worker stores all it takes while any is asked, and notes here whether all of it was."""
+
+    __slots__ = ("failed", "ticket")
+
+    def __init__(self) -> None:
+        self.ticket = 0  # the drain it waits for, once it tracked; 0 until then
+        self.failed = False  # a store while it was asked failed: some of it stays in memory
 
 
 class _Watch:
