@@ -155,12 +155,12 @@ class Pipeline:
         self._lost_reported = 0  # events lost (counted) that a flush has reported already
         self._store_behind = 0  # a store_now() ticket the worker did not reach in time
         self._taking = threading.Lock()  # held while the worker moves a chunk to accepted
-        self._in_hand = 0  # taken from the buffer, not yet handed to the sinks or stored
+        # Taken from the buffer, not yet handed to the sinks or stored; once abandoned, what
+        # shutdown counted of it as _counted_as while the worker was writing it: the write may
+        # still succeed (the event is stored, then no longer counted as lost).
+        self._in_hand = 0
         self._chunk = FIRST_CHUNK  # what the worker builds at once (fewer while hooks are slow)
         self._abandoned = False  # shutdown counted what is left: take and hand on no more
-        # What shutdown counted of _in_hand while the worker was writing it, and as what: the
-        # write may still succeed (the event is stored, then no longer counted as lost).
-        self._counted_hand = 0
         self._counted_as = "shutdown"
         # Events for sinks that could not be made, on their way to the outbox: the storer
         # writes them (the worker only when it stores at once). _kept_room guards the queue and
@@ -613,8 +613,8 @@ class Pipeline:
             if not self._abandoned:
                 self._in_hand = max(0, self._in_hand - held)
                 return
-            counted = min(held, self._counted_hand)
-            self._counted_hand -= counted
+            counted = min(held, self._in_hand)
+            self._in_hand -= counted
             self.counters.undrop(self._counted_as, counted)
         if counted:
             log.info(
@@ -743,7 +743,7 @@ class Pipeline:
         reason, detail = self._unstorable(at_shutdown=True)
         with self._taking:
             self._abandoned = True
-            self._counted_hand, self._counted_as = self._in_hand, reason
+            self._counted_as = reason
             self.counters.drop(reason, self._in_hand)
             hand = self._in_hand
             n = len(self.buffer)
@@ -852,6 +852,7 @@ class Pipeline:
             ok = True
             with self._taking:
                 self._abandoned = True
+                self._in_hand = 0  # not counted: nothing to take back off the count
             with self._kept_room:
                 self._kept.clear()
                 self._kept_n = 0
