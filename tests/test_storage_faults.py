@@ -61,13 +61,8 @@ def test_full_disk_keeps_events_in_memory_and_writes_them_when_space_returns(
     namespace = require_mount_namespace()
     figures = run_scenario(
         f"""
-        from pathlib import Path
-        root = Path({str(tmp_path / "mnt")!r})
-        mount_tmpfs(root, "1m")
-        data = root / "d"
-        tel = make({down_url()!r}, data)
-        for i in range(10_000):
-            tel.track("full", {{"i": i, "pad": "x" * 40}})
+        root = {str(tmp_path / "mnt")!r}
+        tel, data = full_disk(root, {down_url()!r}, pad=40)
         ok = tel.flush(10)
         st = tel.status()
         code, out, err = cli(data, "status", "--json")
@@ -101,13 +96,8 @@ def test_full_disk_past_the_memory_bound_counts_each_event_it_drops(
     namespace = require_mount_namespace()
     figures = run_scenario(
         f"""
-        from pathlib import Path
-        root = Path({str(tmp_path / "mnt")!r})
-        mount_tmpfs(root, "1m")
-        data = root / "d"
-        tel = make({down_url()!r}, data, outbox={{"buffer": 2000}})
-        for i in range(10_000):
-            tel.track("full", {{"i": i, "pad": "x" * 40}})
+        root = {str(tmp_path / "mnt")!r}
+        tel, data = full_disk(root, {down_url()!r}, pad=40, outbox={{"buffer": 2000}})
         ok = tel.flush(10)
         st = tel.status()
         report(flush=ok, dropped=st.counters.dropped, rows=pending_rows(data))
@@ -135,10 +125,8 @@ FULL_DISK_FIRST = """
 import logging, sys
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 sys.path.insert(0, {support!r})
-from faultkit import make, report
-tel = make({url!r}, {data!r})
-for i in range(10_000):
-    tel.track("full", {{"i": i, "pad": "x" * 200}})
+from faultkit import full_disk, report
+tel, data = full_disk({root!r}, {url!r}, pad=200, mount=False)
 report(flush=tel.flush(3), shutdown=tel.shutdown(3), dropped=tel.status().counters.dropped)
 """
 
@@ -148,7 +136,7 @@ def test_shutdown_on_a_full_disk_counts_what_memory_held_and_the_next_process_de
 ) -> None:
     namespace = require_mount_namespace()
     data = tmp_path / "mnt" / "d"
-    first = FULL_DISK_FIRST.format(support=str(SUPPORT), url=down_url(), data=str(data))
+    first = FULL_DISK_FIRST.format(support=str(SUPPORT), url=down_url(), root=str(data.parent))
     figures = run_scenario(
         f"""
         import json, subprocess, sys
@@ -185,13 +173,8 @@ def test_a_full_disk_is_not_called_writable_again_while_it_has_no_room(
     figures = run_scenario(
         f"""
         import json, os
-        from pathlib import Path
-        root = Path({str(tmp_path / "mnt")!r})
-        mount_tmpfs(root, "1m")
-        data = root / "d"
-        tel = make({down_url()!r}, data)
-        for i in range(10_000):
-            tel.track("full", {{"i": i, "pad": "x" * 200}})
+        root = {str(tmp_path / "mnt")!r}
+        tel, data = full_disk(root, {down_url()!r}, pad=200)
         report(flush=tel.flush(3), shutdown=tel.shutdown(3))
         fs = os.statvfs(root)
         code, out, err = cli(data, "status", "--json")

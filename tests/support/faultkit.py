@@ -168,6 +168,22 @@ def make(url: str, data_dir: Path | str, *, strict: bool = False, sink: Mapping[
     )
 
 
+def full_disk(
+    root: Path | str, url: str, *, pad: int, mount: bool = True, **section: Any
+) -> tuple[Any, Path]:
+    """A Telemetry for ``url`` (see :func:`make`) whose data dir is ``root``/d on a 1 MiB tmpfs
+    (mounted at ``root`` here unless ``mount`` is False), with 10,000 events of ``pad`` bytes
+    each tracked: more than the disk holds. The Telemetry and its data dir."""
+    root = Path(root)
+    if mount:
+        mount_tmpfs(root, "1m")
+    data = root / "d"
+    tel = make(url, data, **section)
+    for i in range(10_000):
+        tel.track("full", {"i": i, "pad": "x" * pad})
+    return tel, data
+
+
 def pending_rows(data_dir: Path | str) -> int | None:
     """Pending rows in the outbox file, read straight from SQLite (None if unreadable)."""
     path = Path(data_dir) / "outbox.sqlite3"
