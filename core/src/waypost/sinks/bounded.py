@@ -6,7 +6,8 @@ A body longer than that is cut: what was read is the body, the rest is never rea
 connection is closed. A body still coming at its deadline raises :class:`AnswerTooSlow`: a
 thread of waypost's (alive while bodies are being read, and half a second more) shuts the
 connection down under the read that waits. :class:`~waypost.sinks.HttpTransport` reads every
-answer so, and so does every adapter of a :func:`~waypost.sinks.requests_session`.
+answer so, and so does every adapter of a :func:`~waypost.sinks.requests_session`;
+:func:`read_urllib3` reads one for a layer on urllib3 alone.
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ from waypost.sinks.process import ProcessLocal
 
 if TYPE_CHECKING:
     import httpx
+    import urllib3
     from requests.adapters import BaseAdapter
 
-__all__ = ["ANSWER_BYTES", "AnswerTooSlow", "body_deadline", "read_httpx", "requests_adapter"]
+__all__ = [
+    "ANSWER_BYTES",
+    "AnswerTooSlow",
+    "body_deadline",
+    "read_httpx",
+    "read_urllib3",
+    "requests_adapter",
+]
 
 ANSWER_BYTES = 1 << 20
 """Bytes of an answer's body read at most, after decoding (1 MiB: a verdict on a batch of a
@@ -182,6 +191,25 @@ def _inflated(chunks: Iterable[bytes], *, raw_fallback: bool) -> Iterator[bytes]
                 break
 
 
+def _read(
+    raw: Iterable[bytes],
+    encoding: str | None,
+    sock: socket.socket | None,
+    started: float,
+    seconds: float,
+    limit: int,
+) -> tuple[bytes, bool]:
+    """The body that ``raw`` (chunks as they came off ``sock``) makes, decoded and within
+    bounds, and whether it was whole; :class:`AnswerTooSlow` past :func:`body_deadline`."""
+    with _cutters.get().watching(sock, body_deadline(started, seconds)) as watch:
+        try:
+            return _gather(_decoded(raw, encoding), watch, limit, seconds)
+        except Exception:
+            if watch.cut:
+                raise AnswerTooSlow(seconds) from None
+            raise
+
+
 def read_httpx(
     answer: httpx.Response, started: float, seconds: float, limit: int = ANSWER_BYTES
 ) -> bool:
@@ -191,16 +219,26 @@ def read_httpx(
     answer was not read to its end)."""
     stream = answer.extensions.get("network_stream")
     sock = stream.get_extra_info("socket") if stream is not None else None
-    with _cutters.get().watching(sock, body_deadline(started, seconds)) as watch:
-        try:
-            chunks = _decoded(answer.iter_raw(), answer.headers.get("Content-Encoding"))
-            body, whole = _gather(chunks, watch, limit, seconds)
-        except Exception:
-            if watch.cut:
-                raise AnswerTooSlow(seconds) from None
-            raise
+    encoding = answer.headers.get("Content-Encoding")
+    body, whole = _read(answer.iter_raw(), encoding, sock, started, seconds, limit)
     answer._content = body
     return whole
+
+
+def read_urllib3(
+    answer: urllib3.BaseHTTPResponse, started: float, seconds: float, limit: int = ANSWER_BYTES
+) -> tuple[bytes, bool]:
+    """The body of a urllib3 ``answer`` (asked with ``preload_content=False`` and
+    ``decode_content=False``) read within bounds and decoded as gzip and deflate are, and
+    whether it was whole; :class:`AnswerTooSlow` when it had not ended by
+    :func:`body_deadline`. The caller closes an answer that was not whole (its connection
+    goes) and releases one that was."""
+    connection = getattr(answer, "connection", None)
+    sock = getattr(connection, "sock", None)
+    encoding = answer.headers.get("Content-Encoding")
+    return _read(
+        answer.stream(_CHUNK, decode_content=False), encoding, sock, started, seconds, limit
+    )
 
 
 @functools.cache

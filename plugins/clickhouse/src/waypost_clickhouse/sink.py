@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from waypost.errors import ConfigError, PermanentError, RetryableError, SinkError
 from waypost.events import Event, dumps
 from waypost.sinks import SendResult, Sink, SinkConfig, SinkContext, keep_forever
+from waypost_clickhouse.answers import BoundedPool
 from waypost_clickhouse.config import ClickHouseConfig, Target
 from waypost_clickhouse.layout import (
     COLUMNS,
@@ -98,7 +99,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'")
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*(?:'|$)")  # or one the message's cut leaves open
 _SPACE = re.compile(r"\s+")
 _REFUSED_SETTINGS = ("insert_deduplication_token", "session_id")
 
@@ -127,6 +128,7 @@ class ClickHouseSink(Sink):
         self.target: Target = self.config.target(context.data_dir)
         self._secrets = sorted(self.config.secrets(), key=len, reverse=True)
         self._client: Client | None = None
+        self._pool: BoundedPool | None = None  # the client's connections
         self._pid = 0
         self._engine_owner = 0  # the process that may open the embedded engine
         self._types: list[str] | None = None  # column types, known once the table is ready
@@ -244,6 +246,7 @@ class ClickHouseSink(Sink):
         }
         if self.config.ca_cert:
             options["ca_cert"] = self.config.ca_cert
+        options["pool_mgr"] = self._bounded_pool()
         if self.config.dsn is not None:
             client = self._cc.get_client(
                 dsn=self.config.dsn.get_secret_value(),
@@ -259,7 +262,24 @@ class ClickHouseSink(Sink):
                 database=target.database,
                 **options,
             )
+        client.compression = None  # answers come plain: a compressed one could be a bomb
         return client
+
+    def _bounded_pool(self) -> BoundedPool:
+        """This client's own urllib3 pool manager, made as clickhouse-connect makes one (the
+        TLS options, a proxy from the environment), whose answers are read within bounds."""
+        from clickhouse_connect.driver import httputil
+
+        target = self.target
+        verify, ca_cert = bool(self.config.verify), self.config.ca_cert or None
+        if target.secure:
+            proxy = httputil.check_env_proxy("https", target.host, target.port)
+            inner = httputil.get_pool_manager(verify=verify, ca_cert=ca_cert, https_proxy=proxy)
+        else:
+            proxy = httputil.check_env_proxy("http", target.host, target.port)
+            inner = httputil.get_pool_manager(http_proxy=proxy)
+        self._pool = BoundedPool(inner, float(self.config.timeout))
+        return self._pool
 
     def _prepare(self) -> list[str]:
         """Create the table if allowed and missing, check it, and return its column types."""
@@ -399,11 +419,16 @@ class ClickHouseSink(Sink):
 
     def _clean(self, exc: Exception, limit: int = 300) -> str:
         """The error's message, fit for logs: quoted values (event data) replaced by '…',
-        except the names of the table and its columns; secrets masked; cut to ``limit``."""
+        except the names of the table and its columns; secrets masked; cut to ``limit``. Only
+        the head of a long message is looked at (a server's answer of a megabyte in it took
+        150 MB to scrub whole)."""
         known = {self.config.table, self.target.database, *COLUMNS}
-        text = _SPACE.sub(" ", str(exc)).strip()
+        head = 4 * limit + max((len(s) for s in self._secrets), default=0)
+        text = _SPACE.sub(" ", str(exc)[:head]).strip()
 
         def keep(match: re.Match[str]) -> str:
+            if len(match.group(0)) < 2 or not match.group(0).endswith("'"):
+                return "'…'"
             inner = match.group(0)[1:-1]
             parts = inner.replace("`", "").split(".")
             return match.group(0) if all(p in known for p in parts) else "'…'"
@@ -424,6 +449,8 @@ class ClickHouseSink(Sink):
             return
         try:
             client.close()
+            if self._pool is not None:
+                self._pool.inner.clear()  # the client leaves a pool it was given open
         except Exception as exc:
             log.debug("clickhouse sink %r: close: %s", self.name, exc)
 
