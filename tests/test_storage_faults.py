@@ -736,6 +736,22 @@ def test_a_held_write_lock_never_breaks_flush_or_shutdown_budgets(
     assert figures["cli_status"] == (0, False), figures
 
 
+def test_waypost_status_says_another_process_holds_the_lock(
+    locked_outbox: tuple[Path, subprocess.Popen[str]],
+) -> None:
+    data, locker = locked_outbox
+    code, out, err = cli(data, "status", "--json", timeout=30)
+    assert (code, "Traceback" in err) == (0, False), err
+    storage = json.loads(out)["storage"]
+    assert storage["state"] == "locked" and storage["memory_only"] is True, storage
+    assert f"pid {locker.pid}" in storage["detail"], storage
+    code, out, _err = cli(data, "status", timeout=30)
+    assert code == 0 and "outbox locked" in out and f"pid {locker.pid}" in out, out
+    _release(locker)
+    code, out, _err = cli(data, "status", "--json", timeout=30)
+    assert code == 0 and json.loads(out)["storage"]["state"] == "ok", out
+
+
 def test_events_waiting_for_a_held_lock_are_stored_once_it_is_released(
     locked_outbox: tuple[Path, subprocess.Popen[str]], server: RecordingServer
 ) -> None:

@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -92,6 +93,44 @@ def classify(exc: BaseException) -> str:
     if isinstance(code, int):
         return _PRIMARY_CODES.get(code & 0xFF, "other")
     return "other"
+
+
+_WAL_WRITE_LOCK = 120
+"""The byte of a WAL file's ``-shm`` that a writer locks (SQLite's ``WALINDEX_LOCK_OFFSET``)."""
+
+_FLOCK = "hhqqi4x"
+"""Linux's ``struct flock``: type, whence, start, length, pid."""
+
+
+def _write_lock_holder(path: Path) -> int | None:
+    """The process that holds the write lock of the SQLite file ``path`` (in WAL mode), seen
+    twice 0.1 s apart (not a write passing by), or None: none, or this platform cannot tell
+    (only Linux's lock records are read). Asks the kernel (``F_GETLK``): nothing is locked
+    or written."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import fcntl
+    import struct
+
+    def holder() -> int | None:
+        try:
+            fd = os.open(f"{path}-shm", os.O_RDONLY)
+        except OSError:  # no process has the file open in WAL mode, or it cannot be read
+            return None
+        try:
+            asked = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _WAL_WRITE_LOCK, 1, 0)
+            kind, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, asked))
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return pid if kind != fcntl.F_UNLCK and pid > 0 else None
+
+    first = holder()
+    if first is None:
+        return None
+    time.sleep(0.1)
+    return holder()
 
 
 class StorageUnavailable(Exception):
@@ -253,6 +292,14 @@ class Storage:
                 "disk_full",
                 f"the disk of the data dir {directory} is full ({self._free()} bytes free): "
                 "a process using it keeps events in memory only",
+                time.time(),
+            )
+        elif (holder := _write_lock_holder(self.path)) is not None:
+            self._health = Health(
+                "locked",
+                f"another process (pid {holder}) holds the outbox's write lock: a process "
+                "using the data dir waits for it no longer than its budget and keeps events "
+                "in memory meanwhile",
                 time.time(),
             )
 
