@@ -148,6 +148,7 @@ class Runner:
         self.boundary_error: str | None = None  # the last batch broke the plugin contract
         self.hung_error: str | None = None
         self.memory_retry_at = 0.0  # wall clock: a failed batch held in memory is tried again
+        self.refused_at = 0.0  # wall clock: the outbox last refused one of this sink's writes
         self.receipts: deque[str] = deque(maxlen=20)
         self._reset_sync()
 
@@ -338,6 +339,7 @@ class Runner:
                         )
                         due = None if leased else outbox.next_due(self.name)
                     except StorageUnavailable:
+                        self.refused_at = time.time()
                         leased, due = [], time.time() + 1.0  # the outbox is unusable now: later
                     if not leased:
                         wait = idle_wait if due is None else max(0.01, min(idle_wait, due - now))
@@ -639,7 +641,7 @@ class Runner:
                 for flight in flying:
                     flight.stored = False
             self._requeue(waiting)
-            self.settings.storage_refused(exc)
+            self._refused(exc)
             return 0
         finally:
             with self._state:
@@ -719,7 +721,7 @@ class Runner:
                 self.memory_retry_at = min(next_at for _, next_at, _ in retry)
             elif flight.stored:
                 self._hold(steps, leased_at)
-            settings.storage_refused(refused)
+            self._refused(refused)
         if retry:
             self.outbox_due_at = min(self.outbox_due_at, time.monotonic() + 0.01)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
@@ -748,8 +750,13 @@ class Runner:
             _write_steps(steps)
         except StorageUnavailable as exc:  # the rows stay leased: written on a later turn
             self._hold(steps, leased_at)
-            self.settings.storage_refused(exc)
+            self._refused(exc)
         self._account(events, result, batch_error, len(ok), len(retry), failed, now)
+
+    def _refused(self, exc: Exception) -> None:
+        """The outbox refused (or failed in) one of this sink's writes."""
+        self.refused_at = time.time()
+        self.settings.storage_refused(exc)
 
     def _hold(self, steps: list[Callable[[], None]], leased_at: float) -> None:
         """Keep what the outbox refused of a stored batch's outcome, for :meth:`record_held`."""
@@ -776,7 +783,7 @@ class Runner:
                     _write_steps(head.steps)
                 except StorageUnavailable as exc:
                     self._record_at = time.monotonic() + RECORD_RETRY
-                    self.settings.storage_refused(exc)
+                    self._refused(exc)
                     return False
                 with self._state:
                     self._unrecorded.popleft()
@@ -931,7 +938,12 @@ class Runner:
         if open_until > deadline or not self.alive:
             return True
         outbox = self.settings.outbox
-        if outbox is None or outbox.health().memory_only:
+        if outbox is None:
+            return True
+        # An outbox that takes no writes holds its rows back: once it refused one of this
+        # sink's writes since the flush began (the sink tries at once when it has something
+        # to write), not before: the trouble may be over since its last write failed.
+        if outbox.health().memory_only and self.refused_at >= since:
             return True
         if unrecorded:  # rows leased to this process until their outcome is written
             return False
