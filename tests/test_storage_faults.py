@@ -220,6 +220,48 @@ def test_a_checkpoint_puts_the_rows_into_the_main_file_while_another_thread_keep
     outbox.close()
 
 
+def test_a_read_that_got_its_connection_just_before_close_reads_through_an_open_one(
+    tmp_path: Path,
+) -> None:
+    # close() leaves a connection another thread reads through to that read, which closes it
+    # when it ends. A read that had its connection but had not yet said so was not seen, and
+    # its connection was closed under it: a read already inside SQLite then crashes the
+    # process. Here the read is held at that point while close() runs.
+    from waypost.delivery.outbox import Outbox
+    from waypost.testing import make_event
+
+    outbox = Outbox(tmp_path)
+    outbox.add([make_event("kept") for _ in range(3)], ["s"])
+    storage = outbox.storage
+    own = storage.connection
+    got, go = threading.Event(), threading.Event()
+
+    def connection() -> sqlite3.Connection:
+        db = own()
+        if threading.current_thread().name == "reader" and not got.is_set():
+            got.set()
+            go.wait(10)
+        return db
+
+    storage.connection = connection  # type: ignore[method-assign]
+    answers: list[object] = []
+    reader = threading.Thread(target=lambda: answers.append(_counts(outbox)), name="reader")
+    reader.start()
+    assert got.wait(10)
+    outbox.close()
+    go.set()
+    reader.join(10)
+    assert answers == [{"s": {"pending": 3}}], answers
+    outbox.close()
+
+
+def _counts(outbox: Any) -> object:
+    try:
+        return outbox.counts()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 # --- the outbox deleted or replaced under a running process -------------------------------------
 
 

@@ -510,31 +510,40 @@ class Storage:
         with GATE.section("reading the outbox"):
             # Inspection opens a connection a look: one kept open would go on showing the
             # file as it was.
-            db = self._read_only_connection() if self.inspect else self.connection()
-            self._use(db, 1)
+            if self.inspect:
+                db = self._read_only_connection()
+            else:
+                db = self.connection()
+                while not self._use(db, 1):  # close() came since: this thread opens another
+                    db = self.connection()
             try:
                 yield db
             except sqlite3.Error as exc:
                 raise self._failed(exc, "cannot read the outbox") from None
             finally:
-                self._use(db, -1)
                 if self.inspect:
                     db.close()
+                else:
+                    self._use(db, -1)
 
-    def _use(self, db: sqlite3.Connection, step: int) -> None:
+    def _use(self, db: sqlite3.Connection, step: int) -> bool:
         """A read through ``db`` begins (1) or ends (-1); the last to end closes it if
-        close() came meanwhile."""
+        close() came meanwhile. False when a read cannot begin through it: close() took it
+        (and closes it) before this read said it began."""
         with self._use_lock:
+            if step > 0 and db not in self._conns:
+                return False
             n = self._reading.get(db, 0) + step
             if n > 0:
                 self._reading[db] = n
-                return
+                return True
             self._reading.pop(db, None)
             if db not in self._closing:
-                return
+                return True
             self._closing.discard(db)
         with contextlib.suppress(sqlite3.Error):
             db.close()
+        return True
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
