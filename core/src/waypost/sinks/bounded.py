@@ -266,17 +266,14 @@ def _adapter_class() -> Callable[[BaseAdapter, float, int], BaseAdapter]:
             answer = self.inner.send(request, *args, **kwargs)
             connection = getattr(answer.raw, "connection", None)  # urllib3's
             sock = getattr(connection, "sock", None)
-            deadline = body_deadline(started, self.seconds)
-            with _cutters.get().watching(sock, deadline) as watch:
-                try:
-                    body, whole = _gather(
-                        answer.iter_content(_CHUNK), watch, self.limit, self.seconds
-                    )
-                except Exception as exc:
-                    answer.close()
-                    if watch.cut or isinstance(exc, AnswerTooSlow):
-                        raise requests.ReadTimeout(str(AnswerTooSlow(self.seconds))) from None
-                    raise
+            try:  # decoded by requests already
+                chunks = answer.iter_content(_CHUNK)
+                body, whole = _read(chunks, None, sock, started, self.seconds, self.limit)
+            except Exception as exc:
+                answer.close()
+                if isinstance(exc, AnswerTooSlow):
+                    raise requests.ReadTimeout(str(exc)) from None
+                raise
             if not whole:
                 answer.close()  # the rest is never read: the connection goes
             answer._content, answer._content_consumed = body, True
