@@ -333,6 +333,39 @@ def failing_adds(tel: Any, fails: Callable[[Sequence[waypost.Event], Sequence[st
     outbox.add = add
 
 
+def test_what_the_storer_stores_for_a_sink_not_made_after_shutdown_counted_it_is_counted_once(
+    make_tel: Callable[..., Any],
+) -> None:
+    tel = make_tel(sinks={"k": {"type": "keeper"}, "gone": {"type": "no_such_plugin"}})
+    data_dir = Path(tel.data_dir)
+    storer, outbox = tel.pipeline.storer, tel.pipeline.outbox
+    own_add = outbox.add
+    writing = threading.Event()
+
+    def slow_add(events: Any, sinks: Any) -> Any:
+        if "gone" in sinks:  # the storer's write of what waits for the sink not made
+            writing.set()
+            time.sleep(3.0)
+        return own_add(events, sinks)
+
+    outbox.add = slow_add
+    for i in range(5):
+        tel.track("kept", {"i": i})
+    assert writing.wait(10)
+    ok = tel.shutdown(1.0)  # counts what waits in memory: the storer is writing it
+    storer.join(15)
+    for thread in threading.enumerate():  # then the outbox is closed
+        if thread.name == "waypost-close-outbox":
+            thread.join(10)
+    st = tel.status()
+    figures = {"shutdown": ok, "stored": st.counters.stored, "dropped": st.counters.dropped,
+               "pending": pending_rows(data_dir)}  # fmt: skip
+    assert not storer.is_alive(), show(figures)
+    # The write ended after shutdown counted the events as lost; it went on with no more.
+    assert figures["stored"] == figures["pending"], show(figures)
+    assert figures["stored"] + sum(figures["dropped"].values()) == 5, show(figures)
+
+
 def test_an_event_the_outbox_fails_on_never_stops_the_storer_for_a_sink_not_made(
     make_tel: Callable[..., Any],
 ) -> None:

@@ -167,6 +167,7 @@ class Pipeline:
         # its count; _kept_write is held by whoever writes its head (the storer, a spill).
         self._kept: deque[tuple[list[Event], tuple[str, ...]]] = deque()
         self._kept_n = 0
+        self._kept_counted = 0  # what shutdown counted as lost of it while its head was written
         self._kept_room = threading.Condition()
         self._kept_write = threading.Lock()
 
@@ -615,8 +616,12 @@ class Pipeline:
                 return
             counted = min(held, self._in_hand)
             self._in_hand -= counted
-            self.counters.undrop(self._counted_as, counted)
+        self._stored_after_all(counted)
+
+    def _stored_after_all(self, counted: int) -> None:
+        """``counted`` events shutdown counted as lost were written meanwhile: off that count."""
         if counted:
+            self.counters.undrop(self._counted_as, counted)
             log.info(
                 "waypost: %d events counted as lost at shutdown were stored after all", counted
             )
@@ -666,9 +671,10 @@ class Pipeline:
         try:
             while True:
                 with self._kept_room:
-                    if not self._kept:
-                        return True
-                    events, sinks = self._kept[0]
+                    if not self._kept or self._abandoned:  # shutdown counted what is left
+                        return not self._kept
+                    head = self._kept[0]
+                events, sinks = head
                 try:
                     outbox.add(events, list(sinks))
                 except StorageUnavailable as exc:
@@ -676,15 +682,31 @@ class Pipeline:
                     return False
                 except Exception as exc:  # not the disk: these events would fail again
                     self.storage_refused(exc)
-                    self._drop_kept(sinks, len(events))
+                    self._kept_done(head, written=False)
                 else:
                     self.count_stored(len(events))
-                with self._kept_room:
-                    self._kept.popleft()
-                    self._kept_n -= len(events)
-                    self._kept_room.notify_all()
+                    self._kept_done(head, written=True)
         finally:
             self._kept_write.release()
+
+    def _kept_done(self, head: tuple[list[Event], tuple[str, ...]], *, written: bool) -> None:
+        """The head of what waits for sinks not made was written, or failed for good: off the
+        queue, counted once. Shutdown may have counted it as lost meanwhile: written, it is
+        no longer; failed, it stays counted (consent withdrawn: discarded, not counted)."""
+        events, sinks = head
+        n = len(events)
+        with self._kept_room:
+            queued = bool(self._kept) and self._kept[0] is head
+            if queued:
+                self._kept.popleft()
+                self._kept_n -= n
+                self._kept_room.notify_all()
+            counted = min(n, self._kept_counted)
+            self._kept_counted -= counted
+        if written:
+            self._stored_after_all(counted)
+        elif queued and not counted:
+            self._drop_kept(sinks, n)
 
     def kept_in_memory(self) -> dict[str, int]:
         """Events waiting in memory for each sink that could not be made, on their way to the
@@ -748,7 +770,10 @@ class Pipeline:
             hand = self._in_hand
             n = len(self.buffer)
         with self._kept_room:
-            n += self._kept_n
+            # Counted as the storer sees it: a write of its head under way that ends well
+            # takes that off the count again (_kept_done).
+            kept = self._kept_counted = self._kept_n
+            self.counters.drop(reason, kept)
         outbox = self.outbox
         for runner in self.runners:
             ids = runner.memory_ids()
@@ -760,11 +785,11 @@ class Pipeline:
                 except StorageUnavailable:
                     pass
         self.counters.drop(reason, n)
-        if not n + hand:
+        if not n + hand + kept:
             return
         log.error(
             "waypost: %d events held only in memory are lost at shutdown, counted as %s: %s",
-            n + hand,
+            n + hand + kept,
             reason,
             detail,
         )
