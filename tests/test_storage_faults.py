@@ -716,13 +716,7 @@ def locked_outbox(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]
     to stop, by a line on its stdin)."""
     data = tmp_path / "d"
     _stored_outbox(data, 10)
-    locker = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(data / "outbox.sqlite3")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+    locker = _lock(data)
     try:
         yield data, locker
     finally:
@@ -731,6 +725,18 @@ def locked_outbox(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]
             locker.stdin.write("\n")
             locker.stdin.flush()
             locker.wait(10)
+
+
+def _lock(data: Path) -> subprocess.Popen[str]:
+    """Another process holding ``BEGIN IMMEDIATE`` on the outbox of ``data``, until released."""
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(data / "outbox.sqlite3")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+    return locker
 
 
 def _release(locker: subprocess.Popen[str]) -> None:
@@ -792,6 +798,75 @@ def test_waypost_status_says_another_process_holds_the_lock(
     _release(locker)
     code, out, _err = cli(data, "status", "--json", timeout=30)
     assert code == 0 and json.loads(out)["storage"]["state"] == "ok", out
+
+
+CLI_WRITES = (
+    ("status", "--json"),
+    ("show", "--json"),
+    ("purge", "--sent", "--json"),
+    ("purge", "--all", "--yes", "--json"),
+    ("consent", "off", "--json"),
+    ("send-heartbeat", "--timeout", "2", "--json"),
+)
+
+
+def _cli_answers(data: Path, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Each command of :data:`CLI_WRITES` on ``data``: exit code, JSON or not, a traceback or
+    not (``prefix``: a command to run it under)."""
+    exe = str(Path(sys.executable).with_name("waypost"))
+    answers: dict[str, Any] = {}
+    for command in CLI_WRITES:
+        done = subprocess.run(
+            [*prefix, exe, "--app", "faults", "--data-dir", str(data), *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        try:
+            answer = json.loads(done.stdout)
+        except ValueError:
+            answer = None
+        answers[" ".join(command)] = {
+            "rc": done.returncode,
+            "json": isinstance(answer, dict),
+            "traceback": "Traceback" in done.stderr,
+            "storage": answer.get("storage", {}).get("state") if isinstance(answer, dict) else None,
+        }
+    return answers
+
+
+@pytest.mark.parametrize("how", ["locked", "corrupt", "read_only", "data_dir_a_file"])
+def test_every_cli_command_answers_whatever_the_outbox_is(tmp_path: Path, how: str) -> None:
+    data = tmp_path / "d"
+    prefix: tuple[str, ...] = ()
+    locker = None
+    if how == "data_dir_a_file":
+        data.write_text("not a directory")
+    else:
+        _stored_outbox(data, 10)
+    if how == "locked":
+        locker = _lock(data)
+    elif how == "corrupt":
+        _corrupt(data / "outbox.sqlite3", "random_header")
+    elif how == "read_only":
+        for p in [data, *data.iterdir()]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        if os.geteuid() == 0:  # root writes anyway, unless it gives up overriding file modes
+            prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+    try:
+        answers = _cli_answers(data, prefix)
+    finally:
+        if locker is not None:
+            _release(locker)
+        if how == "read_only":
+            for p in [data, *data.iterdir()]:
+                p.chmod(0o755 if p.is_dir() else 0o644)
+    for command, answer in answers.items():
+        # Done (0) or not done (1), said as JSON: never a traceback.
+        assert answer["rc"] in (0, 1) and answer["json"], (command, show(answers))
+        assert not answer["traceback"], (command, show(answers))
+    if how == "corrupt":  # seen before any process repaired it: not ok
+        assert answers["status --json"]["storage"] == "unavailable", show(answers)
 
 
 def test_events_waiting_for_a_held_lock_are_stored_once_it_is_released(

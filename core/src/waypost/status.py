@@ -330,17 +330,23 @@ def snapshot(
         storage = StorageStatus(state="unavailable", detail=f"{type(exc).__name__}: {exc}")
     running = source.enabled
     if outbox is not None:
+        unreadable: str | None = None
         try:
             outbox_counts = outbox.counts()
             rows = outbox.sink_rows()
             pending_events = outbox.pending_events()
         except Exception as exc:
             log.warning("waypost: cannot read the outbox: %s", exc)
+            unreadable = f"cannot read the outbox: {exc}"
         health = outbox.health()
+        memory_only = health.memory_only and (running or outbox.inspecting)
+        if health.state == "ok" and unreadable is not None:
+            # A corrupt file: the next process using it moves it aside and stores anew.
+            health.state, health.detail, memory_only = "unavailable", unreadable, False
         storage = StorageStatus(
             state=health.state,
             # Seen from outside (the CLI), it says what a process using the data dir would do.
-            memory_only=health.memory_only and (running or outbox.inspecting),
+            memory_only=memory_only,
             detail=health.detail,
             since=as_datetime(health.since),
             moved_aside=health.moved_aside,

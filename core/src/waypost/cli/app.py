@@ -8,6 +8,7 @@ usage or configuration.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import warnings
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from waypost.delivery.storage import StorageUnavailable
 from waypost.errors import ConfigError, WaypostError
 
 if TYPE_CHECKING:
@@ -209,6 +211,10 @@ class _Group(click.Group):
             _fail(str(exc), 2, as_json, exc)
         except click.exceptions.Abort:
             _fail("aborted", 1, as_json, None)
+        except (OSError, sqlite3.Error, StorageUnavailable) as exc:
+            # The data dir or the outbox refused (read-only, locked, corrupt, not a directory):
+            # the action did not complete, said in one line, never with a traceback.
+            _fail(_storage_message(exc), 1, as_json, exc)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         found = super().get_command(ctx, cmd_name)
@@ -240,6 +246,15 @@ def cli(ctx: click.Context, config: str | None, app: str | None, data_dir: str |
 
 
 cli.plugin_commands = PluginCommands(cli)
+
+
+def _storage_message(exc: Exception) -> str:
+    """What the data dir or the outbox refused, in one line."""
+    if isinstance(exc, StorageUnavailable):
+        return f"the outbox: {exc.reason}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"the data dir: {exc.strerror or exc}: {exc.filename}"
+    return f"the data dir: {type(exc).__name__}: {exc}"
 
 
 def _fail(message: str, code: int, as_json: bool, exc: BaseException | None) -> NoReturn:
