@@ -158,6 +158,23 @@ def test_a_misbehaving_sink_is_contained_and_its_events_delivered_later(
     )
 
 
+def test_a_result_whose_keys_are_no_ids_is_retried_not_taken_as_delivered(
+    make_tel: Callable[..., Any],
+) -> None:
+    # Keys that are not text match no event: read as they were, every event looked delivered.
+    tel = make_tel(lambda events: waypost.SendResult(retry={object(): "x"}, failed={1: "y"}))
+    for i in range(120):
+        tel.track("contained", {"i": i})
+    assert wait_until(lambda: Misbehaving.calls >= 2), Misbehaving.calls
+    assert tel.status().sinks[0].state == "error", tel.status().sinks[0]
+    Misbehaving.bad.clear()
+    assert wait_until(lambda: len(Misbehaving.delivered) == 120 and tel.flush(0.5)), (
+        len(Misbehaving.delivered),
+        tel.status().counters,
+    )
+    assert tel.status().counters.delivered == 120, tel.status().counters
+
+
 def test_a_sink_that_hangs_is_replaced_and_named_in_status(
     make_tel: Callable[..., Any],
 ) -> None:

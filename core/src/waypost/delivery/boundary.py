@@ -118,6 +118,12 @@ def _checked(
         if all(type(k) is str and type(v) is str for k, v in value.items()):
             maps[field] = value if type(value) is dict else dict(value)
             continue
+        if not all(type(k) is str for k in value):
+            # Keys that are no event ids say nothing of the events: none of them is done.
+            error = _contract(
+                sink, f"returned a SendResult whose {field} has keys that are not ids"
+            )
+            return SendResult.retry_all(events, str(error)), str(error), error
         wrong.append(f"{field} maps ids to text")
         maps[field] = {str(k): _text(v) for k, v in value.items()}
     retry_after, bad = _retry_after(result.retry_after)
