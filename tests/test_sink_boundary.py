@@ -201,3 +201,50 @@ def test_a_sink_that_hangs_is_replaced_and_named_in_status(
     finally:
         release.set()
     assert wait_until(lambda: len(Misbehaving.delivered) == 120 and tel.flush(0.5))
+
+
+class ExitsWhenMade(waypost.Sink):
+    type = "exits_when_made"
+
+    def __init__(self, *args: Any) -> None:
+        raise SystemExit(3)
+
+    def send(self, events: Sequence[waypost.Event]) -> waypost.SendResult:
+        return waypost.SendResult.ok()
+
+
+class RaisesAtClose(waypost.Sink):
+    type = "raises_at_close"
+
+    def send(self, events: Sequence[waypost.Event]) -> waypost.SendResult:
+        return waypost.SendResult.ok()
+
+    def close(self) -> None:
+        raise Custom("close")
+
+
+def test_a_base_exception_from_a_sinks_constructor_or_close_is_contained(
+    tmp_path: Path, clean_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    escaped: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(repr(args.exc_value)))
+    tel = waypost.Telemetry(
+        app="boundary",
+        data_dir=tmp_path / "d",
+        env=clean_env,
+        sink_classes=[ExitsWhenMade, RaisesAtClose],
+        config={"telemetry": {
+            "notice": {"enabled": False}, "batch": {"interval": 0.05},
+            "sinks": {"exits": {"type": "exits_when_made"}, "closes": {"type": "raises_at_close"}},
+        }},
+    )  # fmt: skip
+    try:
+        tel.track("contained", {})
+        assert tel.flush(5) is True  # delivered by one, stored for the other
+        sinks = {s.name: s for s in tel.status().sinks}
+        assert sinks["exits"].state == "error" and "SystemExit" in str(sinks["exits"].error)
+    finally:
+        assert tel.shutdown(5) is True
+    closing = lambda: any(t.name == "waypost-close" for t in threading.enumerate())  # noqa: E731
+    assert wait_until(lambda: not closing())
+    assert escaped == [], escaped  # close() raised on waypost's thread: logged, not escaped

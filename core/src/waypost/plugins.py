@@ -328,7 +328,9 @@ class PluginManager:
                 sink = cls(name, sink_config, context)
                 _ = sink.masker  # the sink's secrets known from now on, as long as it lives
                 made[name] = sink
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise  # the user's, on the caller's thread
+            except BaseException as exc:  # SystemExit or any other, from a plugin's code
                 if not isinstance(exc, (ConfigError, PluginError)):
                     exc = PluginError(
                         f"sink {name!r} (type {sink_type!r}) could not be made: "

@@ -989,8 +989,8 @@ def _close_sinks(runners: list[Runner]) -> None:
     for runner in runners:
         try:
             runner.sink.close()
-        except Exception as exc:
-            log.warning("waypost: sink %r failed to close: %s", runner.name, exc)
+        except BaseException as exc:  # on a thread of its own: nothing to raise to
+            log.warning("waypost: sink %r failed to close: %r", runner.name, exc)
         # Done with: its secrets no longer mask the process's texts (a sink stuck at shutdown,
         # which may still log, keeps them known; its own reasons are masked either way).
         runner.sink.masker.release()
