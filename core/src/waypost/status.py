@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, field_validator
@@ -329,6 +330,14 @@ def snapshot(
         outbox = None
         storage = StorageStatus(state="unavailable", detail=f"{type(exc).__name__}: {exc}")
     running = source.enabled
+    data_dir = Path(source.data_dir)
+    if outbox is None and data_dir.exists() and not data_dir.is_dir():
+        storage = StorageStatus(
+            state="unavailable",
+            memory_only=True,
+            detail=f"the data dir {data_dir} is not a directory: a process using it delivers "
+            "events from memory only and can store nothing",
+        )
     if outbox is not None:
         unreadable: str | None = None
         try:
