@@ -248,3 +248,43 @@ def test_a_base_exception_from_a_sinks_constructor_or_close_is_contained(
     closing = lambda: any(t.name == "waypost-close" for t in threading.enumerate())  # noqa: E731
     assert wait_until(lambda: not closing())
     assert escaped == [], escaped  # close() raised on waypost's thread: logged, not escaped
+
+
+class HangsAtOpen(waypost.Sink):
+    type = "hangs_at_open"
+    release = threading.Event()
+
+    def open(self) -> None:
+        HangsAtOpen.release.wait(30)
+
+    def send(self, events: Sequence[waypost.Event]) -> waypost.SendResult:
+        return waypost.SendResult.ok()
+
+
+def test_a_sink_whose_open_hangs_is_named_in_status(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    HangsAtOpen.release.clear()
+    tel = waypost.Telemetry(
+        app="boundary",
+        data_dir=tmp_path / "d",
+        env=clean_env,
+        sink_classes=[HangsAtOpen],
+        config={"telemetry": {
+            "notice": {"enabled": False},
+            "sinks": {"h": {"type": "hangs_at_open", "timeout": 1}},
+        }},
+    )  # fmt: skip
+    try:
+        tel.track("waiting", {})
+        # It said ok, with the event pending, for as long as open() hung.
+        assert wait_until(lambda: tel.status().sinks[0].state == "error", timeout=15), (
+            tel.status().sinks[0]
+        )
+        assert "open() hung" in str(tel.status().sinks[0].error)
+        HangsAtOpen.release.set()
+        assert tel.flush(10) is True
+        assert tel.status().sinks[0].state == "ok", tel.status().sinks[0]
+    finally:
+        HangsAtOpen.release.set()
+        tel.shutdown(5)

@@ -145,6 +145,7 @@ class Runner:
         self.breaker = Breaker(settings.breaker_threshold, settings.backoff)
         self.opened = False
         self.open_error: str | None = None
+        self.opening_since: float | None = None  # monotonic: while open() runs
         self.boundary_error: str | None = None  # the last batch broke the plugin contract
         self.hung_error: str | None = None
         self.memory_retry_at = 0.0  # wall clock: a failed batch held in memory is tried again
@@ -469,7 +470,11 @@ class Runner:
             # What open() imports and builds is never forked across.
             with GATE.section(f"opening sink {self.name!r}"):
                 warm_imports()
-                self.sink.open()
+                self.opening_since = time.monotonic()
+                try:
+                    self.sink.open()
+                finally:
+                    self.opening_since = None
         except BaseException as exc:
             self.open_error = sanitise(f"{type(exc).__name__}: {exc}")
             self.breaker.open_failed()
@@ -905,6 +910,9 @@ class Runner:
         sink's other events still go."""
         limit = 2 * float(getattr(self.sink.config, "timeout", 10.0)) + HUNG_GRACE
         now = time.monotonic()
+        opening = self.opening_since
+        if opening is not None and now - opening > limit and not self.open_error:
+            self.open_error = f"open() hung: no answer for {now - opening:.0f} s"
         found = False
         for sending in list(self.sending.values()):
             if not sending.hung and now - sending.started > limit:
