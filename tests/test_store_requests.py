@@ -69,6 +69,7 @@ def make_tel(tmp_path: Path, clean_env: dict[str, str]) -> Iterator[Callable[...
 
     def factory(**section: Any) -> Any:
         plugins = section.pop("plugins", ())
+        sink_classes = section.pop("sink_classes", [Keeper])
         section.setdefault("notice", {"enabled": False})
         section.setdefault("sinks", {"k": {"type": "keeper"}})
         tel = waypost.Telemetry(
@@ -76,7 +77,7 @@ def make_tel(tmp_path: Path, clean_env: dict[str, str]) -> Iterator[Callable[...
             data_dir=tmp_path / f"d{next(counter)}",
             env=clean_env,
             plugins=plugins,
-            sink_classes=[Keeper],
+            sink_classes=sink_classes,
             config={"telemetry": section},
         )
         made.append(tel)
@@ -364,6 +365,100 @@ def test_what_the_storer_stores_for_a_sink_not_made_after_shutdown_counted_it_is
     # The write ended after shutdown counted the events as lost; it went on with no more.
     assert figures["stored"] == figures["pending"], show(figures)
     assert figures["stored"] + sum(figures["dropped"].values()) == 5, show(figures)
+
+
+class Holder(waypost.Sink):
+    """Holds a batch with an event named ``block`` until released; delivers the rest."""
+
+    type = "holder"
+    sending = threading.Event()
+    release = threading.Event()
+
+    def send(self, events: Sequence[waypost.Event]) -> waypost.SendResult:
+        if any(e.name == "block" for e in events):
+            Holder.sending.set()
+            Holder.release.wait(30)
+        return waypost.SendResult.ok()
+
+
+@pytest.fixture
+def held(make_tel: Callable[..., Any]) -> Iterator[Any]:
+    """A Telemetry whose one sink is a Holder, released at the end."""
+    Holder.sending.clear()
+    Holder.release.clear()
+    yield make_tel(sink_classes=[Holder], batch={"interval": 0.2}, sinks={"h": {"type": "holder"}})
+    Holder.release.set()
+
+
+def spilled_behind_a_held_batch(tel: Any) -> None:
+    """A batch the sink holds, then 50 events named ``spilled`` waiting behind it (the storer
+    writes them, and the batch leased, once they have waited ``batch.interval``)."""
+    tel.track("block", {})
+    assert Holder.sending.wait(10)
+    for i in range(50):
+        tel.track("spilled", {"i": i})
+
+
+def test_what_a_sink_spills_after_shutdown_counted_it_is_counted_once(held: Any) -> None:
+    tel = held
+    data_dir = Path(tel.data_dir)
+    storer, outbox = tel.pipeline.storer, tel.pipeline.outbox
+    own_add = outbox.add
+    writing, go = threading.Event(), threading.Event()
+
+    def held_add(events: Any, sinks: Any, **kw: Any) -> Any:
+        if any(e.name == "spilled" for e in events) and not writing.is_set():
+            writing.set()  # the storer's spill of what waits behind the held batch
+            go.wait(15)
+        return own_add(events, sinks, **kw)
+
+    outbox.add = held_add
+    try:
+        spilled_behind_a_held_batch(tel)
+        assert writing.wait(10)
+        ok = tel.shutdown(1.0)  # counts what the sink holds: the spill is writing it
+        counted = dict(tel.status().counters.dropped)
+    finally:
+        go.set()
+        Holder.release.set()
+    storer.join(15)
+    for runner in tel.pipeline.runners:
+        for thread in runner.threads:
+            thread.join(15)
+    for thread in threading.enumerate():  # then the outbox is closed
+        if thread.name == "waypost-close-outbox":
+            thread.join(10)
+    st = tel.status()
+    pending = pending_rows(data_dir)
+    figures = {"shutdown": ok, "counted at shutdown": counted, "stored": st.counters.stored,
+               "dropped": st.counters.dropped, "pending": pending}  # fmt: skip
+    assert not storer.is_alive(), show(figures)
+    # The spill ended after shutdown counted its events as lost: they are in the outbox (the
+    # next start delivers them), so they are no longer counted as lost; nothing began after.
+    assert pending is not None and pending + sum(st.counters.dropped.values()) == 50, show(figures)
+
+
+def test_a_spill_whose_batch_in_flight_is_refused_counts_what_it_stored_before(held: Any) -> None:
+    tel = held
+    data_dir = Path(tel.data_dir)
+    outbox = tel.pipeline.outbox
+    own_add = outbox.add
+    steps: list[str] = []  # "fresh" once the waiting events are written, then "refused"
+
+    def add(events: Any, sinks: Any, **kw: Any) -> Any:
+        if "lease_seconds" in kw and steps != ["fresh", "refused"]:
+            if steps == ["fresh"]:  # right after the waiting events, in the same spill
+                steps.append("refused")
+            raise ValueError("a defect in writing the batch in flight")
+        own_add(events, sinks, **kw)
+        if any(e.name == "spilled" for e in events) and not steps:
+            steps.append("fresh")
+
+    outbox.add = add
+    spilled_behind_a_held_batch(tel)
+    assert wait_until(lambda: steps == ["fresh", "refused"], 15), steps
+    # The 50 written before the batch in flight was refused are in the outbox: stored.
+    assert wait_until(lambda: stored(tel) >= 50, 10), (stored(tel), pending_rows(data_dir))
 
 
 def test_an_event_the_outbox_fails_on_never_stops_the_storer_for_a_sink_not_made(

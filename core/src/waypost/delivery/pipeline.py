@@ -125,6 +125,7 @@ class Pipeline:
             wake_storer=self.wake_storer,
             progress=self.progress,
             storage_refused=self.storage_refused,
+            stored_after_all=self._stored_after_all,
             on_control=on_control,
             paused_for=paused_for,
         )
@@ -776,8 +777,9 @@ class Pipeline:
             self.counters.drop(reason, kept)
         outbox = self.outbox
         for runner in self.runners:
-            ids = runner.memory_ids()
-            n += len(ids)
+            # What a spill is writing is counted as lost: one that ends well takes it off.
+            ids, moving = runner.left_at_shutdown()
+            n += len(ids) + moving
             if ids and outbox is not None:
                 try:  # what is also in the outbox stays there
                     with outbox.budget(deadline):

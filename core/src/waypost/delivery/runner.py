@@ -75,6 +75,8 @@ class Settings:
     storage_refused: Callable[[Exception], None]
     """The outbox refused a write (``StorageUnavailable``) or failed in it (any other error)."""
     """Report a write the outbox refused (the events stay in memory)."""
+    stored_after_all: Callable[[int], None]
+    """Events shutdown counted as lost were written meanwhile: take them off that count."""
     on_control: Callable[[str, dict[str, Any]], None] | None = None
     """Called with a sink's name and the control block its destination answered, if any."""
     paused_for: Callable[[], float] | None = None
@@ -162,6 +164,8 @@ class Runner:
         self._turns = 0  # batches taken so far (settled() sees whether one began meanwhile)
         self._storing = 0  # spills writing events they took from memory (for settled())
         self._moving: list[Event] = []  # what those spills write: in neither place until done
+        self._moving_counted = 0  # what shutdown counted as lost of it while it was written
+        self._counted = False  # shutdown counted what is left in memory: no spill begins
         self._state = threading.Lock()
         self._room = threading.Condition(self._state)  # notified as the queue in memory shrinks
         self.behind = False
@@ -569,14 +573,17 @@ class Runner:
         with self._state:
             return len(self.fresh) + sum(len(f.events) for f in self.flights if not f.stored)
 
-    def memory_ids(self) -> set[str]:
-        """The ids of the events :meth:`in_memory` counts (some may also be stored: a batch
-        stored leased whose outcome could not be written is back in memory)."""
+    def left_at_shutdown(self) -> tuple[set[str], int]:
+        """At shutdown: the ids of the events waiting or in flight only in memory (some may
+        also be stored: a batch stored leased whose outcome could not be written is back in
+        memory), and how many a spill is writing now, counted as lost. From now on no spill
+        begins, and one under way that ends well takes what it wrote off that count."""
         with self._state:
+            self._counted = True
             ids = {event.id for event in self.fresh}
             ids.update(e.id for f in self.flights if not f.stored for e in f.events)
-            ids.update(e.id for e in self._moving)  # a spill's write not ended yet
-        return ids
+            self._moving_counted = len(self._moving)
+        return ids, self._moving_counted
 
     def oldest_in_memory(self) -> float | None:
         """When the oldest event held only in memory got there (monotonic), if any."""
@@ -616,6 +623,8 @@ class Runner:
         self, outbox: Outbox, older_than: float | None, flights: bool, limit: int | None
     ) -> int:
         with self._spill_then_state():
+            if self._counted:  # shutdown counted what is left: it stays as counted
+                return 0
             fresh = self.fresh
             waiting = fresh.take(len(fresh) if limit is None else limit, older_than)
             if waiting:
@@ -635,28 +644,34 @@ class Runner:
         in_flight = [e for f in flying for e in f.events]
         with self._state:  # for a shutdown that counts what this process holds meanwhile
             self._moving = events + in_flight
+        n, refused = 0, False  # written so far; the outbox refused the rest
         try:
             if events:
                 outbox.add(events, [self.name])
                 waiting = Taken()
+                n = len(events)
             if in_flight:
                 outbox.add(in_flight, [self.name], lease_seconds=self.settings.lease_seconds)
-        except Exception as exc:  # refused (or a defect in the write): all stays in memory
+                n += len(in_flight)
+        except Exception as exc:  # refused (or a defect in the write): the rest stays in memory
             with self._state:
                 for flight in flying:
                     flight.stored = False
             self._requeue(waiting)
             self._refused(exc)
-            return 0
+            refused = True
         finally:
             with self._state:
                 self._storing -= 1
                 self._moving = []
-        self._look_now = True
-        n = len(events) + len(in_flight)
-        self.settings.count_stored(n)
-        self.wake()
-        return n
+                counted = min(n, self._moving_counted)  # in the outbox: not lost after all
+                self._moving_counted = 0
+        if n:
+            self._look_now = True
+            self.settings.count_stored(n)
+            self.settings.stored_after_all(counted)
+            self.wake()
+        return 0 if refused else n
 
     def discard(self) -> None:
         """Forget the events waiting in memory (consent was withdrawn)."""
