@@ -18,7 +18,7 @@ from waypost.config import TelemetryConfig
 from waypost.control import ControlState
 from waypost.datadir import default_data_dir
 from waypost.delivery.outbox import Outbox, Outboxes
-from waypost.delivery.pipeline import Pipeline
+from waypost.delivery.pipeline import FIELDS, Pipeline
 from waypost.delivery.runner import Runner
 from waypost.errors import TrackError
 from waypost.events import Payload
@@ -176,8 +176,9 @@ class Telemetry(Scheduling):
         self._outboxes.running = run.outbox
         self._buffer = pipeline.buffer
         self._nudge, self._store_now = pipeline.nudge, pipeline.store_now  # for the hot path
-        self._wake_at = min(cfg.batch.size, cfg.outbox.buffer)
-        self._spill_at = cfg.outbox.buffer
+        # Lengths of the buffer, which holds FIELDS entries an event.
+        self._wake_at = min(cfg.batch.size, cfg.outbox.buffer) * FIELDS
+        self._spill_at = cfg.outbox.buffer * FIELDS
         self._keys = cfg.limits.keys
         self._sync = sync
         pipeline.start()
@@ -234,7 +235,7 @@ class Telemetry(Scheduling):
                     return
                 properties = properties.copy()
             buffer = self._buffer
-            buffer.append((event, properties, _now(), level, distinct_id))
+            buffer.extend((event, properties, _now(), level, distinct_id))
             # Wake the worker once, as the buffer reaches a batch (an Event.set on every call
             # past that point tripled the cost of track), and spill when it is full.
             n = len(buffer)
@@ -267,7 +268,7 @@ class Telemetry(Scheduling):
                 return
             properties = properties.copy()
         buffer = self._buffer
-        buffer.append((event, properties, when, level, distinct_id))
+        buffer.extend((event, properties, when, level, distinct_id))
         if self._sync or self._kept:  # stored by the worker before this returns (STALL at most)
             self._store_now()
         elif len(buffer) == self._wake_at or len(buffer) >= self._spill_at:
