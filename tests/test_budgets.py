@@ -98,7 +98,7 @@ def make_tel(tmp_path: Path, clean_env: dict[str, str]) -> Iterator[Callable[...
             data_dir=tmp_path / f"d{next(counter)}",
             env=clean_env,
             plugins=plugins,
-            sink_classes=[ThreadNotingSink],
+            sink_classes=[ThreadNotingSink, FlushingSink],
             config={"telemetry": {**section, "sinks": sinks}},
         )
         made.append(tel)
@@ -228,3 +228,111 @@ def test_flush_and_shutdown_hold_their_budget_when_the_sink_hangs(
     assert flush_s < 1.0 + MARGIN, flush_s
     assert ok is True  # in flight, and stored (leased) meanwhile: safe
     assert shutdown_s < 1.0 + MARGIN, shutdown_s
+
+
+class CallsBack:
+    """A hook that calls ``flush`` or ``shutdown`` of the Telemetry it runs in, and notes what
+    the call returned and how long it took."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.tel: Any = None
+        self.calls: list[tuple[bool, float]] = []
+
+    @waypost.hookimpl
+    def waypost_before_send(self, event: waypost.Event) -> waypost.Event:
+        if event.name == "call_back" and self.tel is not None:
+            started = time.monotonic()
+            result = getattr(self.tel, self.method)(30.0)
+            self.calls.append((result, time.monotonic() - started))
+        return event
+
+
+class FlushingSink(waypost.Sink):
+    """A sink whose ``send`` calls its Telemetry's ``flush`` first."""
+
+    type = "flushing"
+    tel: Any = None
+    calls: list[tuple[bool, float]] = []
+    delivered: list[str] = []
+
+    def send(self, events: Sequence[waypost.Event]) -> waypost.SendResult:
+        started = time.monotonic()
+        FlushingSink.calls.append((FlushingSink.tel.flush(30.0), time.monotonic() - started))
+        FlushingSink.delivered.extend(e.id for e in events)
+        return waypost.SendResult.ok()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_flush_from_a_hook_returns_false_at_once_instead_of_waiting_for_itself(
+    make_tel: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    hook = CallsBack("flush")
+    tel = make_tel(plugins=[hook], sinks={"t": {"type": "thread_noting"}})
+    hook.tel = tel
+    ThreadNotingSink.delivered = []
+    tel.track("call_back", {"i": 1})
+    tel.track("call_back", {"i": 2})
+    assert tel.flush(30.0) is True
+    # Waiting for the worker it runs on would have taken the hook's whole 30 s budget, twice.
+    assert [result for result, _ in hook.calls] == [False, False], hook.calls
+    assert all(seconds < 30.0 / 2 for _, seconds in hook.calls), hook.calls
+    assert len(ThreadNotingSink.delivered) == 2
+    said = [r.getMessage() for r in caplog.records if "own thread" in r.getMessage()]
+    assert len(said) == 1, said
+
+
+def test_flush_from_a_sink_returns_false_at_once(make_tel: Callable[..., Any]) -> None:
+    FlushingSink.calls, FlushingSink.delivered = [], []
+    tel = make_tel(sinks={"f": {"type": "flushing"}})
+    FlushingSink.tel = tel
+    tel.track("sent", {"i": 1})
+    assert tel.flush(30.0) is True
+    assert len(FlushingSink.delivered) == 1
+    assert [result for result, _ in FlushingSink.calls] == [False], FlushingSink.calls
+    assert FlushingSink.calls[0][1] < 30.0 / 2, FlushingSink.calls
+
+
+def test_shutdown_from_a_hook_shuts_down_off_the_worker_and_loses_nothing(
+    make_tel: Callable[..., Any],
+) -> None:
+    hook = CallsBack("shutdown")
+    tel = make_tel(plugins=[hook], sinks={"t": {"type": "thread_noting"}})
+    hook.tel = tel
+    ThreadNotingSink.delivered = []
+    for i in range(20):
+        tel.track("before", {"i": i})
+    tel.track("call_back", {"i": 0})
+    wait_for(lambda: len(hook.calls) == 1)
+    # It could not join the thread it ran on: the shutdown went on beside it, and the event
+    # that asked for it was sent rather than dropped as the hook's error.
+    assert hook.calls[0][0] is False, hook.calls
+    wait_for(lambda: len(ThreadNotingSink.delivered) == 21)
+    assert tel.shutdown(10.0) is True  # a second call waits for the first and tells its result
+    assert tel.status().counters.dropped == {}
+    tel.track("after", {"i": 0})  # off now: not accepted
+    assert len(ThreadNotingSink.delivered) == 21
+
+
+def test_a_second_shutdown_waits_for_the_first(make_tel: Callable[..., Any]) -> None:
+    hooks = Recorder(delay=0.005)
+    ThreadNotingSink.delivered = []
+    tel = make_tel(plugins=[hooks], sinks={"t": {"type": "thread_noting"}})
+    for i in range(200):  # a second of hook work
+        tel.track("slow_hook", {"i": i})
+    first: list[bool] = []
+    thread = threading.Thread(target=lambda: first.append(tel.shutdown(30.0)))
+    thread.start()
+    wait_for(lambda: tel._closed)
+    # Before, the second call returned True at once while the first was still delivering
+    # (an exit then cut it short).
+    assert tel.shutdown(30.0) is True
+    assert len(ThreadNotingSink.delivered) == 200
+    thread.join(30)
+    assert first == [True]

@@ -83,6 +83,8 @@ class Telemetry(Scheduling):
         self._store_now: Callable[[], object] = _nothing
         self._lock = threading.RLock()
         self._closed = False
+        self._shut: tuple[threading.Event, list[bool]] = (threading.Event(), [])
+        """Set when the first shutdown ended, with its result: a second waits for it."""
         # What runs while telemetry is on (waypost.startup.start makes it).
         self.pipeline: Pipeline | None = None
         self.gate: Gate | None = None
@@ -290,6 +292,14 @@ class Telemetry(Scheduling):
         pipeline = self.pipeline
         if pipeline is None or not self._on:
             return True
+        if pipeline.on_own_thread():
+            # A hook or a sink: what it would wait for is the thread it runs on.
+            self._log_once(
+                "flush:own-thread",
+                "waypost: flush() called from waypost's own thread (a hook, a scrubber or a "
+                "sink) returns False at once: that thread cannot wait for itself",
+            )
+            return False
         deadline = time.monotonic() + max(0.0, timeout)
         if force:  # within the budget: a held outbox lock takes a share of it, not more
             pipeline.force_due(time.monotonic() + min(1.0, timeout / 2))
@@ -300,12 +310,31 @@ class Telemetry(Scheduling):
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Flush, stop the threads and close the sinks, within ``timeout`` seconds. Events not
-        delivered by then stay in the outbox for the next run. Safe to call twice."""
+        delivered by then stay in the outbox for the next run. Safe to call twice.
+
+        Called from waypost's own thread (a hook, a scrubber or a sink), which it would have to
+        wait for, it runs on a thread of its own instead and returns False at once."""
+        pipeline = self.pipeline
+        if pipeline is not None and pipeline.on_own_thread():
+            threading.Thread(
+                target=self.shutdown, args=(timeout,), name="waypost-shutdown", daemon=True
+            ).start()
+            return False
         deadline = time.monotonic() + max(0.0, timeout)
         with self._lock:
-            if self._closed:
-                return True
-            self._closed = True
+            ended, result = self._shut
+            first, self._closed = not self._closed, True
+        if not first:  # another call is at it (an exit meanwhile would cut it short): wait
+            return ended.wait(max(0.0, timeout)) and all(result)
+        try:
+            ok = self._shutdown(deadline)
+            result.append(ok)
+            return ok
+        finally:
+            ended.set()
+
+    def _shutdown(self, deadline: float) -> bool:
+        timeout = max(0.0, deadline - time.monotonic())
         # A job that is running (a slow heartbeat query) gets a share of the budget, not a
         # budget of its own; if it finishes later, its event is not tracked.
         self.schedules.stop(timeout=min(1.0, timeout / 4))
@@ -331,6 +360,9 @@ class Telemetry(Scheduling):
         """The child starts afresh: its own locks, threads, sink instances and counters; what
         the parent had buffered is the parent's to send."""
         self._lock = threading.RLock()
+        if not self._shut[0].is_set():  # a shutdown under way was the parent thread's
+            self._shut = (threading.Event(), [])
+            self._closed = False
         self._log_once.after_fork()
         self.counters.after_fork()
         if self.pipeline is not None and self._on:

@@ -263,6 +263,14 @@ class Pipeline:
             level=logging.ERROR,
         )
 
+    def on_own_thread(self) -> bool:
+        """Whether the caller runs on one of this pipeline's threads (in a hook, a scrubber or
+        a sink), which a flush or a shutdown cannot wait for."""
+        me = threading.current_thread()
+        if me is self.worker or me is self.storer:
+            return True
+        return any(me in runner.threads for runner in self.runners)
+
     def accepted(self) -> tuple[int, int]:
         """Events the worker has taken so far and those buffered now, read together: the
         worker takes a chunk under the same lock, so their sum never dips meanwhile."""
