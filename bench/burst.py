@@ -10,16 +10,18 @@
    ``Retry-After: 1``, 429, a connection reset, 500 and a slow answer (200 after 2 s).
    Reported: the slowest call, calls over 50 ms and 100 ms, p99.9, the mean cost a call, and
    what arrived.
-2. **Huge values** (waypost only): one ``track()`` with a 20 MB string, or with 1,000,000 keys,
-   while another thread of the host ticks every 10 ms; each case alone, and beside 30,000 small
-   events tracked by another thread. The same 30,000 events without a huge value (``none``)
-   are the reference: what a burst costs the ticker anyway (the interpreter hands a busy
-   thread's turn on every 5 ms, and with three busy threads a waiting one can miss two turns;
-   the garbage collections a burst brings hold every thread as long as they last). Each case
-   runs ``--huge-runs`` times (5), in turn with the others, in a fresh process. Reported per case:
-   the longest the ticker waited from the call on in each run (and, apart, while the bench made
-   the value, before waypost saw it), the slowest call, the drops, and the garbage collections
-   (how many were full, and each one over 2 ms: generation, milliseconds and thread).
+2. **Huge values**: one ``track()`` with a 20 MB string, or with 1,000,000 keys, through
+   waypost's ``http`` sink while another thread of the host ticks every 10 ms; each case
+   alone, and beside 30,000 events (five properties each) tracked by another thread. The same
+   30,000 events with no huge value are the reference: what a burst costs the ticker anyway
+   (the interpreter hands a busy thread's turn on every 5 ms, and with three busy threads a
+   waiting one can miss two turns; the garbage collections a burst brings hold every thread as
+   long as they last), through waypost and through the posthog and segment SDKs. Each case
+   runs ``--huge-runs`` times (7), in turn with the others, in a fresh process, against the
+   sink server. Reported per case: the longest the ticker waited from the call on in each run
+   (and, apart, while the bench made the value, before waypost saw it), the slowest call, the
+   drops, and the garbage collections (how many were full, and each one over 2 ms:
+   generation, milliseconds and thread).
 
 Targets (issue 18): no call over 50 ms in the flaky burst; waypost's mean cost a call at most a
 tenth of the fastest SDK's; the ticker never waits more than a few milliseconds for a huge
@@ -49,15 +51,12 @@ EVERY = 4
 
 HUGE = r"""
 import gc, json, sys, tempfile, threading, time
-import waypost
+from contenders import Server, properties, setup
 
-which, crowded = sys.argv[1], sys.argv[2] == "beside"
-tel = waypost.Telemetry(
-    app="bench-huge",
-    config={"telemetry": {"notice": {"enabled": False},
-                          "sinks": {"j": {"type": "jsonl", "path": "events.jsonl"}}}},
-    data_dir=tempfile.mkdtemp(prefix="waypost-bench-huge-"),
-)
+which, crowded, name, port, label = sys.argv[1], sys.argv[2] == "beside", *sys.argv[3:6]
+server = Server(int(port), label)
+track, finish, wait_first, client = setup(name, server, tempfile.mkdtemp(prefix="bench-huge-"))
+events = 30_000 if crowded else 0
 longest = 0.0
 stop = threading.Event()
 
@@ -70,8 +69,8 @@ def tick():
         last = now
 
 def small():
-    for i in range(30_000 if crowded else 0):
-        tel.track("small", {"i": i})
+    for i in range(events):
+        track(properties(i))
 
 # The garbage collections of the same span, whichever thread ran them: a collection holds every
 # thread of the process, and a full one visits every object the collector tracks.
@@ -86,6 +85,7 @@ def collected(phase, info):
     if ms > 2:
         pauses.append([info["generation"], round(ms, 1), threading.current_thread().name])
 
+time.sleep(1.0)  # the client finishes starting, as in the burst
 ticker = threading.Thread(target=tick)
 ticker.start()
 time.sleep(0.2)
@@ -105,52 +105,75 @@ beside = threading.Thread(target=small)
 beside.start()
 started = time.perf_counter()
 if value is not None:
-    tel.track("huge", value)
+    client.track("huge", value)  # waypost only
 call_s = time.perf_counter() - started
 beside.join()
-flushed = tel.flush(120)
+if wait_first:  # waypost: until the server holds every event, then its own flush
+    server.wait(events + (which == "string"), 120)
+    flushed = client.flush(120)
+else:  # an SDK's documented flush or shutdown
+    finish()
+    flushed = None
 stop.set()
 ticker.join()
 gc.callbacks.remove(collected)
-st = tel.status()
-print(json.dumps({"case": which, "beside": crowded, "track_s": round(call_s, 4),
-                  "ticker_longest_ms":
-                  round(longest * 1000, 1), "building_ms": round(building * 1000, 1),
-                  "flushed": flushed, "dropped": st.counters.dropped,
-                  "delivered": st.counters.delivered, "full_collections": full[0],
-                  "gc_pauses": pauses}))
-tel.shutdown(5)
+dropped = client.status().counters.dropped if wait_first else {}
+print(json.dumps({"case": which, "beside": crowded, "contender": name,
+                  "track_s": round(call_s, 4), "ticker_longest_ms": round(longest * 1000, 1),
+                  "building_ms": round(building * 1000, 1), "flushed": flushed,
+                  "dropped": dropped, "delivered": server.wait(events, 2.0)["distinct"],
+                  "full_collections": full[0], "gc_pauses": pauses}))
+if wait_first:
+    client.shutdown(5)
 """
 
 
-HUGE_CASES = (("string", False), ("keys", False), ("none", True), ("string", True), ("keys", True))
-"""(value, beside the burst): ``none`` beside the burst is the reference for the other two."""
+HUGE_CASES = (
+    ("string", False, "waypost-http"),
+    ("keys", False, "waypost-http"),
+    ("none", True, "waypost-http"),
+    ("string", True, "waypost-http"),
+    ("keys", True, "waypost-http"),
+    ("none", True, "posthog"),
+    ("none", True, "segment"),
+)
+"""(value, beside the burst, contender): waypost's ``none`` beside the burst is the reference
+for its huge values beside it; the SDKs' rows say what the same burst costs the ticker through
+them."""
 
 
-def huge_run(which: str, beside: bool, env: dict[str, str]) -> dict[str, Any]:
-    """One case in a fresh process."""
+def huge_run(
+    case: tuple[str, bool, str], server: SinkServer, label: str, env: dict[str, str]
+) -> dict[str, Any]:
+    """One case in a fresh process, its events sent to ``server`` under ``label``."""
+    which, beside, name = case
     mode = "beside" if beside else "alone"
     done = subprocess.run(
-        [sys.executable, "-c", HUGE, which, mode],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", HUGE, which, mode, name, str(server.port), label],
+        env=env, capture_output=True, text=True, timeout=600, cwd=HERE,
     )  # fmt: skip
+    server.post(f"/_forget/{label}")
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
-        return {"case": which, "beside": beside, "error": done.stderr[-800:]}
+        return {"case": which, "beside": beside, "contender": name, "error": done.stderr[-800:]}
     return dict(json.loads(lines[-1]))
 
 
-def huge(runs: int, env: dict[str, str]) -> list[dict[str, Any]]:
+def huge(runs: int, server: SinkServer, env: dict[str, str]) -> list[dict[str, Any]]:
     """Every case ``runs`` times, in turn with the others, so that the machine's load falls on
     all of them alike; one row a case, with each run's figures."""
     rows: list[dict[str, Any]] = [
-        {"case": which, "beside": beside, "runs": []} for which, beside in HUGE_CASES
+        {"case": which, "beside": beside, "contender": name, "runs": []}
+        for which, beside, name in HUGE_CASES
     ]
     for n in range(runs):
         for row in rows:
-            label = f"{row['case']} {'beside' if row['beside'] else 'alone'}"
+            case = (row["case"], row["beside"], row["contender"])
+            label = (
+                f"huge-{row['contender']}-{row['case']}-{'beside' if row['beside'] else 'alone'}"
+            )
             print(f"[huge] {label} ({n + 1} of {runs}) ...", file=sys.stderr, flush=True)
-            row["runs"].append(huge_run(row["case"], row["beside"], env))
+            row["runs"].append(huge_run(case, server, f"{label}-{n}", env))
             print("   ", row["runs"][-1], file=sys.stderr, flush=True)
     for row in rows:
         good = [r for r in row["runs"] if "error" not in r]
@@ -181,17 +204,20 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {fmt(r['track_over_100ms'])} | {fmt(r['track_p999_us'], 1)} "
             f"| {fmt(r['track_calls_mean_us'], 2)} | {fmt(r['delivered'])} | {fmt(r['lost'])} |"
         )
-    lines += ["", "| huge value | beside | ticker waited ms, each run | median ms "
+    lines += ["", "| through | huge value | beside | ticker waited ms, each run | median ms "
               "| (while the bench made the value) ms | slowest track() s | dropped | flushed "
               "| full collections | collections over 2 ms in the worst run "
               "(generation: ms, thread) |",
-              "| --- | --- | --- | ---: | --- | ---: | --- | --- | --- | --- |"]  # fmt: skip
+              "| --- | --- | --- | --- | ---: | --- | ---: | --- | --- | --- | --- |"]  # fmt: skip
     for row in results["huge"]:
         beside = "30,000 events" if row["beside"] else "-"
         good = [r for r in row["runs"] if "error" not in r]
         errors = [r["error"][:80] for r in row["runs"] if "error" in r]
         if not good:
-            lines.append(f"| {row['case']} | {beside} | error: {errors[0]} | | | | | | | |")
+            lines.append(
+                f"| {row['contender']} | {row['case']} | {beside} | error: {errors[0]} "
+                "| | | | | | | |"
+            )
             continue
         worst = max(good, key=lambda r: r["ticker_longest_ms"])
         pauses = ", ".join(f"{g}: {ms} ({thread})" for g, ms, thread in worst["gc_pauses"])
@@ -200,12 +226,12 @@ def markdown(results: dict[str, Any]) -> str:
             for reason, n in r["dropped"].items():
                 dropped[reason] = dropped.get(reason, 0) + n
         lines.append(
-            f"| {row['case']} | {beside} "
+            f"| {row['contender']} | {row['case']} | {beside} "
             f"| {' / '.join(fmt(r['ticker_longest_ms'], 1) for r in good)} "
             f"| {fmt(row['ticker_median_ms'], 1)} "
             f"| {' / '.join(fmt(r['building_ms'], 1) for r in good)} "
             f"| {fmt(max(r['track_s'] for r in good), 3)} | {json.dumps(dropped)} "
-            f"| {all(r['flushed'] for r in good)} "
+            f"| {'-' if good[0]['flushed'] is None else all(r['flushed'] for r in good)} "
             f"| {' / '.join(str(r['full_collections']) for r in good)} | {pauses or '-'} |"
             + (f" errors: {'; '.join(errors)}" if errors else "")
         )
@@ -235,7 +261,11 @@ def targets(results: dict[str, Any]) -> list[str]:
                 f"{fastest['name']}'s {fmt(fastest['track_calls_mean_us'], 2)} µs: "
                 f"{'met' if mean <= limit else 'NOT met'} (a tenth)"
             )
-    rows = {(r["case"], r["beside"]): r for r in results["huge"] if "ticker_median_ms" in r}
+    rows = {
+        (r["case"], r["beside"]): r
+        for r in results["huge"]
+        if "ticker_median_ms" in r and r["contender"] == "waypost-http"
+    }
     reference = rows.get(("none", True))
     for (case, beside), r in rows.items():
         if case == "none":
@@ -253,6 +283,15 @@ def targets(results: dict[str, Any]) -> list[str]:
                 f"against {fmt(floor, 1)} ms for the same events alone: "
                 f"{'met' if median <= floor + 5 else 'NOT met'} (a few ms more: 5)"
             )
+    sdks = [r for r in results["huge"] if r["contender"] in SDKS and "ticker_median_ms" in r]
+    if reference is not None and sdks:
+        out.append(
+            "the same 30,000 events: ticker waited "
+            + ", ".join(
+                f"{fmt(r['ticker_median_ms'], 1)} ms through {r['contender']}" for r in sdks
+            )
+            + f", {fmt(reference['ticker_median_ms'], 1)} ms through waypost-http (medians)"
+        )
     return out
 
 
@@ -261,7 +300,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--bound", type=float, default=180.0, help="seconds per contender")
     parser.add_argument("--only", help="comma-separated contenders (and 'huge') to run")
-    parser.add_argument("--huge-runs", type=int, default=5, help="runs of each huge-value case")
+    parser.add_argument("--huge-runs", type=int, default=7, help="runs of each huge-value case")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
     env = child_env()
@@ -291,10 +330,10 @@ def main() -> None:
             results["flaky"].append(row)
             keys = ("track_max_us", "track_over_50ms", "track_calls_mean_us", "lost", "error")
             print("   ", {k: row.get(k) for k in keys}, file=sys.stderr, flush=True)
+        if not only or "huge" in only:
+            results["huge"] = huge(args.huge_runs, server, env)
     finally:
         server.stop()
-    if not only or "huge" in only:
-        results["huge"] = huge(args.huge_runs, env)
     results["duration_s"] = round(time.time() - started, 1)
     results["targets"] = targets(results)
     out = HERE / "results" / "burst.json"
