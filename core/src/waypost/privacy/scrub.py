@@ -494,17 +494,19 @@ _SEPARATORS = (" ", "\t", '"', "'", ",", ";")
 """Blanks, and the separators of JSON, CSV and headers."""
 _CHUNK = 16 * 1024
 """A scan for single characters takes this many at a time."""
-_RUN_FOR = 0.002
+_RUN_FOR = 0.001
 """The longest the scrubbers work through a long text before they let other threads run."""
 _ran_since = [0.0]
 
 
 def _let_others_run() -> None:
     """Between slices of a long text: every ``_RUN_FOR`` seconds, let any other thread of the
-    host that waits for the interpreter run (one slice of work is the longest it then waits)."""
+    host that waits for the interpreter run (one slice of work is the longest it then waits).
+    A real sleep, however short: ``sleep(0)`` takes the interpreter back before a waiting
+    thread wakes, which then waits its whole switch interval (5 ms) again."""
     now = time.perf_counter()
     if now - _ran_since[0] >= _RUN_FOR:
-        time.sleep(0)
+        time.sleep(0.00005)
         _ran_since[0] = time.perf_counter()
 
 
