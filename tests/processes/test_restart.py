@@ -21,7 +21,10 @@ from waypost.testing import RecordingServer, Response
 EVENTS = 1500
 
 FIRST = """
-tel = make({url!r}, {data!r})
+# A send outlives the test: every batch stays leased until the kill (a send that timed out
+# would go back to the outbox unleased, to be retried, and the count would move under us).
+sinks = {{"ingest": {{"type": "http", "url": {url!r}, "timeout": 300}}}}
+tel = make({url!r}, {data!r}, sinks=sinks)
 for i in range({n}):
     tel.track("e", {{"rid": "r%d" % i}})
 print(os.getpid(), flush=True)
@@ -62,9 +65,11 @@ def first_run(argv: list[str], url: str, data: Path, env: dict[str, str]) -> Non
     )
     try:
         deadline = time.monotonic() + 30
-        while leased(data) < EVENTS and time.monotonic() < deadline:
+        count = leased(data)
+        while count < EVENTS and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert leased(data) == EVENTS
+            count = leased(data)
+        assert count == EVENTS
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
