@@ -325,9 +325,14 @@ def run_server(
                 rids = server.load(requests)
                 if submit_now:
                     answers: list[Any] = []
-                    thread = threading.Thread(
-                        target=lambda: answers.append(server.submit_now()), daemon=True
-                    )
+
+                    def ask() -> None:
+                        try:
+                            answers.append(server.submit_now())
+                        except (ConnectionError, http.client.HTTPException):
+                            pass  # the worker stopped before it answered: "no answer"
+
+                    thread = threading.Thread(target=ask, daemon=True)
                     thread.start()
                     time.sleep(0.05)  # the POST is under way
                 took = server.stop(sig)
